@@ -1,0 +1,32 @@
+"""`slimtune info`: which backend every op uses on each device, and why."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from . import __version__, _ext
+from .ops import OPS, backend_unavailable
+
+
+def info() -> str:
+    """A human-readable report of versions and per-op backends (also printed by `slimtune info`)."""
+    lines = [
+        f"slimtune {__version__}  python {platform.python_version()}  torch {torch.__version__}",
+        f"extension slimtune._C: {'built' if _ext.available() else 'missing: ' + str(_ext.load_error())}"
+        + (f", CUDA kernels {'compiled' if _ext.cuda_compiled() else 'not compiled'}" if _ext.available() else ""),
+        f"CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
+    ]
+    triton_problem = backend_unavailable("triton", torch.device("cuda"))
+    lines.append(f"triton: {'usable on CUDA' if triton_problem is None else triton_problem}")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    lines.append("")
+    lines.append(f"{'op':<16} {'device':<7} {'backend':<7} why")
+    for op in OPS.values():
+        for device in devices:
+            backend, reason = op.choose(device)
+            lines.append(f"{op.name:<16} {device.type:<7} {backend:<7} {reason}")
+        if not torch.cuda.is_available():
+            lines.append(f"{op.name:<16} {'cuda':<7} {'-':<7} no CUDA device here (prefers {op.prefer_cuda or ('torch',)})")
+    return "\n".join(lines)

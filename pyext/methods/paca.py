@@ -1,0 +1,78 @@
+"""PaCA: pick `r` random input columns per targeted linear, reproducibly from the seed."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+from torch import Tensor, nn
+
+from ..config import PaCAConfig
+from ..layers.paca import PaCALinear
+from ..targets import check_plain_linear, match_targets
+from .base import Replacement
+
+
+def column_index(name: str, in_features: int, r: int, seed: int) -> Tensor:
+    """The sorted columns of module `name`: a pure function of (seed, name, shape), device-independent."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return torch.randperm(in_features, generator=generator)[:r].sort().values
+
+
+class PaCAMethod:
+    name = "paca"
+
+    def plan(self, model: nn.Module, config: PaCAConfig, saved: dict[str, Tensor] | None = None) -> list[Replacement]:
+        targets = match_targets(model, config.target_modules)
+        plan = []
+        for name, module in targets:
+            linear = check_plain_linear(name, module)
+            if config.r > linear.in_features:
+                raise ValueError(
+                    f"PaCAConfig.r={config.r} exceeds the {linear.in_features} input columns of {name!r}; "
+                    f"use r <= {linear.in_features} or exclude {name!r} from target_modules"
+                )
+            if saved is None:
+                index, columns = column_index(name, linear.in_features, config.r, config.seed), None
+            else:
+                index, columns = self._saved_columns(name, linear, config.r, saved)
+            plan.append(Replacement(name, _builder(linear, index, columns)))
+        return plan
+
+    @staticmethod
+    def _saved_columns(name: str, linear: nn.Linear, r: int, saved: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        try:
+            index, columns = saved[f"{name}.index"], saved[f"{name}.columns"]
+        except KeyError as err:
+            raise ValueError(f"checkpoint has no tensor {err.args[0]!r} for module {name!r}") from None
+        expected = (linear.out_features, r)
+        if tuple(columns.shape) != expected or tuple(index.shape) != (r,):
+            raise ValueError(
+                f"checkpoint columns of {name!r} have shape {tuple(columns.shape)} but this model's layer needs "
+                f"{expected}: the checkpoint belongs to another model"
+            )
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= linear.in_features):
+            raise ValueError(
+                f"checkpoint index of {name!r} points outside its {linear.in_features} input columns: "
+                f"the checkpoint belongs to another model"
+            )
+        return index, columns
+
+    def state_tensors(self, name: str, layer: PaCALinear) -> dict[str, Tensor]:
+        layer.sync_()
+        return {f"{name}.index": layer.paca_index, f"{name}.columns": layer.paca_columns.detach()}
+
+    def is_layer(self, module: nn.Module) -> bool:
+        return isinstance(module, PaCALinear)
+
+
+def _builder(linear: nn.Linear, index: Tensor, columns: Tensor | None):
+    def build() -> PaCALinear:
+        layer = PaCALinear(linear, index)
+        if columns is not None:
+            with torch.no_grad():
+                layer.paca_columns.copy_(columns)
+            layer.sync_()
+        return layer
+
+    return build

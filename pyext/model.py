@@ -1,0 +1,98 @@
+"""Patch a model in place (`apply`), inspect it, and turn it back into plain modules (`merge`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from .config import MethodConfig
+from .methods import Replacement, method_for
+
+_STATE = "_slimtune_state"
+
+
+@dataclass
+class PatchState:
+    """What `apply` did to a model: the config, the swapped module names, the prior grad flags."""
+
+    config: MethodConfig
+    modules: list[str]
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+
+
+def patch_state(model: nn.Module) -> PatchState | None:
+    return getattr(model, _STATE, None)
+
+
+def _check_model(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module (e.g. a transformers model), got {type(model).__name__}")
+    state = patch_state(model)
+    if state is not None:
+        raise ValueError(
+            f"{type(model).__name__} is already patched by slimtune ({state.config.method}, "
+            f"{len(state.modules)} modules); call slimtune.merge(model) first, or start from a fresh model"
+        )
+
+
+def apply(model: nn.Module, config: MethodConfig) -> nn.Module:
+    """Swap the targeted modules of `model` in place for the method's layers and freeze the rest.
+
+    Every check runs before the first change, so a refused call leaves the model exactly as it was.
+    """
+    if not isinstance(config, MethodConfig):
+        raise TypeError(f"expected a slimtune config such as slimtune.PaCAConfig, got {type(config).__name__}")
+    _check_model(model)
+    return commit(model, config, method_for(config).plan(model, config))
+
+
+def commit(model: nn.Module, config: MethodConfig, plan: list[Replacement]) -> nn.Module:
+    """Carry out a validated plan: build every layer first, then swap and freeze."""
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    built = [(r.name, r.build()) for r in plan]
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for name, layer in built:
+        model.set_submodule(name, layer)
+    setattr(model, _STATE, PatchState(config, [name for name, _ in built], requires_grad))
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters an optimizer should get: exactly those the method trains."""
+    if patch_state(model) is None:
+        raise ValueError(f"{type(model).__name__} is not patched by slimtune; call slimtune.apply(model, config) first")
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def patched_layers(model: nn.Module) -> dict[str, nn.Module]:
+    state = patch_state(model)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} is not patched by slimtune; call slimtune.apply(model, config) first")
+    return {name: model.get_submodule(name) for name in state.modules}
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Replace every slimtune layer by a plain module holding the trained weights (same outputs).
+
+    Parameters get back the `requires_grad` flags they had before `apply`.
+    """
+    layers = patched_layers(model)
+    state = patch_state(model)
+    for name, layer in layers.items():
+        model.set_submodule(name, layer.to_linear())
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(state.requires_grad.get(name, True))
+    delattr(model, _STATE)
+    return model
+
+
+def state_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """Every tensor a checkpoint of the patched model keeps, keyed by module name."""
+    state = patch_state(model)
+    method = method_for(state.config)
+    tensors: dict[str, Tensor] = {}
+    for name, layer in patched_layers(model).items():
+        tensors.update(method.state_tensors(name, layer))
+    return tensors

@@ -1,0 +1,231 @@
+"""Backend dispatch for slimtune's kernels.
+
+CUDA tensors go to Triton or the CUDA extension, CPU tensors to the C++ extension, and anything
+else (another device, a missing backend, an explicit override) to exact PyTorch code. Every op
+has a PyTorch reference with the same semantics, which is also what the tests compare against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+from torch import Tensor
+
+from . import _ext
+
+BACKENDS = ("triton", "cuda", "cpp", "torch")
+
+
+@cache
+def _triton_kernels():
+    """The Triton kernel module, or the reason it cannot be used."""
+    try:
+        return importlib.import_module(".triton_kernels", __package__), None
+    except Exception as err:  # triton missing or broken: fall back, and say why in info()
+        return None, f"slimtune.triton_kernels failed to import: {type(err).__name__}: {err}"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backend_unavailable(backend: str, device: torch.device) -> str | None:
+    """Why `backend` cannot run on `device`, or None when it can."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        module, error = _triton_kernels()
+        if module is None:
+            return error
+        if device.type == "cuda" or (device.type == "cpu" and _interpreting()):
+            return None
+        return "Triton runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1)"
+    if not _ext.available():
+        return f"slimtune._C unavailable ({_ext.load_error()})"
+    if backend == "cpp":
+        return None if device.type == "cpu" else "the C++ kernels take CPU tensors"
+    if backend == "cuda":
+        if not _ext.cuda_compiled():
+            return "slimtune._C was built without CUDA (no CUDA compiler, or SLIMTUNE_WITH_CUDA=0)"
+        return None if device.type == "cuda" else "the CUDA kernels take CUDA tensors"
+    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+
+
+@dataclass
+class Op:
+    """One kernel: its implementations and the order in which they are preferred per device."""
+
+    name: str
+    impls: dict[str, Callable]
+    prefer_cuda: tuple[str, ...]
+    prefer_cpu: tuple[str, ...]
+    note: str = ""
+
+    def choose(self, device: torch.device) -> tuple[str, str]:
+        """(backend, reason) for tensors on `device`."""
+        forced = _forced.get(self.name) or os.environ.get(f"SLIMTUNE_BACKEND_{self.name.upper()}") or os.environ.get(
+            "SLIMTUNE_BACKEND"
+        )
+        if forced:
+            if forced not in self.impls:
+                raise ValueError(f"op {self.name} has no {forced!r} backend; it has {sorted(self.impls)}")
+            problem = backend_unavailable(forced, device)
+            if problem:
+                raise RuntimeError(f"backend {forced!r} was forced for {self.name} but cannot run: {problem}")
+            return forced, "forced"
+        order = self.prefer_cuda if device.type == "cuda" else self.prefer_cpu if device.type == "cpu" else ()
+        skipped = []
+        for backend in order:
+            problem = backend_unavailable(backend, device)
+            if problem is None:
+                return backend, "preferred" if not skipped else "; ".join(skipped)
+            skipped.append(f"{backend}: {problem}")
+        if skipped:
+            return "torch", "; ".join(skipped)
+        return "torch", self.note or f"no native kernel for {device.type} tensors"
+
+    def __call__(self, *args, **kwargs):
+        device = next(a.device for a in args if isinstance(a, Tensor))
+        backend, _ = self.choose(device)
+        return self.impls[backend](*args, **kwargs)
+
+
+_forced: dict[str, str] = {}
+
+
+@contextlib.contextmanager
+def use_backend(op_name: str, backend: str) -> Iterator[None]:
+    """Force one op onto one backend inside the block (tests and benchmarks compare backends so)."""
+    if op_name not in OPS:
+        raise ValueError(f"unknown op {op_name!r}; ops are {sorted(OPS)}")
+    previous = _forced.get(op_name)
+    _forced[op_name] = backend
+    try:
+        yield
+    finally:
+        if previous is None:
+            _forced.pop(op_name, None)
+        else:
+            _forced[op_name] = previous
+
+
+# ---- PyTorch references -------------------------------------------------------------------------
+
+
+def gather_columns_ref(x: Tensor, idx: Tensor, out: Tensor | None = None) -> Tensor:
+    """out[n, j] = x[n, idx[j]]."""
+    result = x.index_select(1, idx)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+def scatter_columns_ref(weight: Tensor, idx: Tensor, cols: Tensor) -> None:
+    """weight[:, idx[j]] = cols[:, j], in place."""
+    with torch.no_grad():
+        weight.index_copy_(1, idx, cols)
+
+
+def column_grad_ref(dy: Tensor, x: Tensor, idx: Tensor | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
+    """dy^T @ x[:, idx]: the gradient of the trained columns (BLAS accumulates in float32)."""
+    cols = x if idx is None else x.index_select(1, idx)
+    return (dy.t() @ cols).to(out_dtype or x.dtype)
+
+
+def partial_adamw_ref(
+    cols: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    weight: Tensor | None,
+    idx: Tensor | None,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+) -> None:
+    """torch.optim.AdamW's update of `cols` in float32, then the new columns written into `weight`."""
+    with torch.no_grad():
+        g = grad.float()
+        if maximize:
+            g = -g
+        p = cols.float()
+        p.mul_(1 - lr * weight_decay)
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        cols.copy_(p)
+        if weight is not None:
+            weight.index_copy_(1, idx, cols)
+
+
+def _triton(name: str) -> Callable:
+    def call(*args, **kwargs):
+        module, error = _triton_kernels()
+        if module is None:
+            raise RuntimeError(error)
+        return getattr(module, name)(*args, **kwargs)
+
+    call.__name__ = f"triton_{name}"
+    return call
+
+
+def _extension(name: str) -> Callable:
+    def call(*args, **kwargs):
+        return getattr(_ext, name)(*args, **kwargs)
+
+    call.__name__ = f"ext_{name}"
+    return call
+
+
+def _op(
+    name: str,
+    reference: Callable,
+    prefer_cuda: tuple[str, ...],
+    prefer_cpu: tuple[str, ...],
+    selectable: tuple[str, ...] = (),
+    note: str = "",
+) -> Op:
+    """An op with its reference and its native backends (`selectable` ones run only when forced)."""
+    impls: dict[str, Callable] = {"torch": reference}
+    for backend in (*prefer_cuda, *prefer_cpu, *selectable):
+        impls[backend] = _triton(name) if backend == "triton" else _extension(name)
+    return Op(name, impls, prefer_cuda, prefer_cpu, note)
+
+
+OPS: dict[str, Op] = {
+    op.name: op
+    for op in (
+        _op("gather_columns", gather_columns_ref, ("triton", "cuda"), ("cpp",)),
+        _op("scatter_columns", scatter_columns_ref, ("triton", "cuda"), ("cpp",)),
+        _op(
+            "column_grad",
+            column_grad_ref,
+            (),
+            (),
+            selectable=("triton",),
+            note="the layer saves a compact (N, r) buffer, for which cuBLAS/MKL are the reference speed; "
+            "the Triton kernel reads x through the index list and is selectable",
+        ),
+        _op("partial_adamw", partial_adamw_ref, ("cuda",), ("cpp",)),
+    )
+}
+
+gather_columns = OPS["gather_columns"]
+scatter_columns = OPS["scatter_columns"]
+column_grad = OPS["column_grad"]
+partial_adamw = OPS["partial_adamw"]

@@ -1,0 +1,131 @@
+"""Which modules of a model a method targets: "all-linear", a list of name suffixes, or a regex."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .config import TargetModules
+
+
+def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The outermost ModuleLists of same-class modules that hold linears: the model's block stacks.
+
+    This finds `model.layers` of Llama-style decoders and `transformer.h` of GPT-2 without a
+    per-family table, and skips lists nested inside a block (MoE experts belong to their block).
+    """
+    stacks: list[tuple[str, nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if any(name.startswith(prefix + ".") for prefix, _ in stacks):
+            continue
+        if len({type(block) for block in module}) != 1:
+            continue
+        if any(isinstance(m, nn.Linear) or _is_conv1d(m) for m in module.modules()):
+            stacks.append((name, module))
+    return stacks
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def describe_type(module: nn.Module) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def match_targets(model: nn.Module, target_modules: TargetModules) -> list[tuple[str, nn.Module]]:
+    """Names and modules selected by `target_modules`, in model order; raises if nothing matches."""
+    model_name = type(model).__name__
+    if target_modules == "all-linear":
+        stacks = transformer_blocks(model)
+        if not stacks:
+            raise ValueError(
+                f"target_modules='all-linear' found no transformer block list (an nn.ModuleList of "
+                f"same-class blocks) in {model_name}; pass target_modules as a list of module-name "
+                f"suffixes such as ['q_proj', 'v_proj'] or a regex"
+            )
+        output_embeddings = _output_embeddings(model)
+        found = [
+            (f"{prefix}.{name}", module)
+            for prefix, stack in stacks
+            for name, module in stack.named_modules()
+            if (isinstance(module, nn.Linear) or _is_conv1d(module)) and module is not output_embeddings
+        ]
+        if not found:
+            raise ValueError(f"target_modules='all-linear' found no linear layer inside the blocks of {model_name}")
+        return found
+
+    if isinstance(target_modules, str):
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as err:
+            raise ValueError(f"target_modules {target_modules!r} is not a valid regex: {err}") from err
+        found = [(n, m) for n, m in model.named_modules() if n and pattern.fullmatch(n)]
+        what = f"regex {target_modules!r} (matched with re.fullmatch against full module names)"
+    else:
+        suffixes = tuple(target_modules)
+        found = [(n, m) for n, m in model.named_modules() if n and any(_has_suffix(n, s) for s in suffixes)]
+        unmatched = [s for s in suffixes if not any(_has_suffix(n, s) for n, _ in found)]
+        if unmatched and found:
+            raise ValueError(
+                f"target_modules entries {unmatched} match no module of {model_name}; "
+                f"linear names there include {_linear_name_examples(model)}"
+            )
+        what = f"suffixes {list(suffixes)}"
+    if not found:
+        raise ValueError(
+            f"target_modules {what} match no module of {model_name}; "
+            f"linear names there include {_linear_name_examples(model)}"
+        )
+    return found
+
+
+def _has_suffix(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def _output_embeddings(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    return getter() if callable(getter) else None
+
+
+def _linear_name_examples(model: nn.Module, limit: int = 8) -> list[str]:
+    leaf_names = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or _is_conv1d(module):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in leaf_names:
+                leaf_names.append(leaf)
+    return leaf_names[:limit]
+
+
+def check_plain_linear(name: str, module: nn.Module) -> nn.Linear:
+    """Refuse anything but a floating-point `nn.Linear` with a message naming the module and the fix."""
+    if _is_conv1d(module):
+        raise ValueError(
+            f"module {name!r} is a transformers Conv1D (GPT-2 style, weight stored as in x out), which "
+            f"slimtune does not patch; convert the model's Conv1D layers to nn.Linear first or target "
+            f"other modules"
+        )
+    if type(module) is not nn.Linear:
+        if isinstance(module, nn.Linear):
+            reason = "a subclass of nn.Linear (quantized or otherwise customised layers are not supported)"
+        else:
+            reason = "not an nn.Linear"
+        raise ValueError(
+            f"module {name!r} of type {describe_type(module)} is {reason}; exclude it from target_modules "
+            f"(or dequantize the model) and apply again"
+        )
+    weight = module.weight
+    if not weight.is_floating_point():
+        raise ValueError(
+            f"module {name!r} has a {weight.dtype} weight (quantized?); slimtune trains float32, "
+            f"float16 or bfloat16 weights: dequantize the model first"
+        )
+    if weight.device.type == "meta":
+        raise ValueError(f"module {name!r} has its weight on the meta device; load real weights before applying")
+    return module

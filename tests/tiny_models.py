@@ -1,0 +1,40 @@
+"""Tiny random-init Hugging Face models of several families, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+COMMON = {
+    "vocab_size": 97,
+    "hidden_size": 64,
+    "intermediate_size": 88,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": False,
+}
+
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),  # q/k/v projections with bias
+    "qwen3": ("Qwen3Config", {"head_dim": 24}),  # per-head q/k norms, head_dim != hidden/heads
+    "mistral": ("MistralConfig", {}),
+    "gemma": ("GemmaConfig", {"head_dim": 24}),  # head_dim != hidden/heads, GeGLU
+    "phi3": ("Phi3Config", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),  # fused qkv_proj and gate_up_proj
+}
+
+
+def make_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> torch.nn.Module:
+    """A CausalLM of `family` with random weights drawn from `seed`."""
+    config_class, extra = FAMILIES[family]
+    config = getattr(transformers, config_class)(**{**COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return model.to(dtype).eval()
+
+
+def make_batch(vocab_size: int = COMMON["vocab_size"], batch: int = 3, seq: int = 11, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, seq), generator=generator)
