@@ -1,0 +1,10 @@
+"""Triton kernels for PaCA: column gather/scatter and the partial-column gradient GEMM.
+
+Importable as ``slimtune.triton_kernels``. Set ``TRITON_INTERPRET=1`` before import
+to run them on CPU tensors (slow; for tests only).
+"""
+
+from .column_grad import column_grad
+from .columns import gather_columns, scatter_columns
+
+__all__ = ["column_grad", "gather_columns", "scatter_columns"]
