@@ -85,5 +85,3 @@ def _check_shapes(model: nn.Module, modules: dict[str, list[int]], base_class: s
                 f"checkpoint module {name!r} is {out_features}x{in_features} (out x in) but the model's is "
                 f"{shape[0]}x{shape[1]} {where}: load it onto the base model it was trained from"
             )
-
-

@@ -13,7 +13,9 @@ def _normalise_targets(target_modules: str | list[str] | tuple[str, ...]) -> Tar
     """Accept a regex/"all-linear" string or a list of name suffixes; keep lists hashable."""
     if isinstance(target_modules, str):
         if not target_modules:
-            raise ValueError("target_modules is empty: use 'all-linear', a regex, or a list of module-name suffixes")
+            raise ValueError(
+                "target_modules is empty: use 'all-linear', a regex, or a list of module-name suffixes"
+            )
         return target_modules
     if isinstance(target_modules, list | tuple) and all(isinstance(t, str) and t for t in target_modules):
         if not target_modules:
@@ -48,7 +50,9 @@ class MethodConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - fields
         if unknown:
-            raise ValueError(f"unknown {method} config keys {sorted(unknown)}; expected a subset of {sorted(fields)}")
+            raise ValueError(
+                f"unknown {method} config keys {sorted(unknown)}; expected a subset of {sorted(fields)}"
+            )
         return cls(**data)
 
 

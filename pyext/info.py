@@ -15,7 +15,11 @@ def info() -> str:
     lines = [
         f"slimtune {__version__}  python {platform.python_version()}  torch {torch.__version__}",
         f"extension slimtune._C: {'built' if _ext.available() else 'missing: ' + str(_ext.load_error())}"
-        + (f", CUDA kernels {'compiled' if _ext.cuda_compiled() else 'not compiled'}" if _ext.available() else ""),
+        + (
+            f", CUDA kernels {'compiled' if _ext.cuda_compiled() else 'not compiled'}"
+            if _ext.available()
+            else ""
+        ),
         f"CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
     ]
     triton_problem = backend_unavailable("triton", torch.device("cuda"))
@@ -28,5 +32,6 @@ def info() -> str:
             backend, reason = op.choose(device)
             lines.append(f"{op.name:<16} {device.type:<7} {backend:<7} {reason}")
         if not torch.cuda.is_available():
-            lines.append(f"{op.name:<16} {'cuda':<7} {'-':<7} no CUDA device here (prefers {op.prefer_cuda or ('torch',)})")
+            prefers = ", ".join(op.prefer_cuda or ("torch",))
+            lines.append(f"{op.name:<16} {'cuda':<7} {'-':<7} no CUDA device here (would use {prefers})")
     return "\n".join(lines)

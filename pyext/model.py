@@ -42,7 +42,9 @@ def apply(model: nn.Module, config: MethodConfig) -> nn.Module:
     Every check runs before the first change, so a refused call leaves the model exactly as it was.
     """
     if not isinstance(config, MethodConfig):
-        raise TypeError(f"expected a slimtune config such as slimtune.PaCAConfig, got {type(config).__name__}")
+        raise TypeError(
+            f"expected a slimtune config such as slimtune.PaCAConfig, got {type(config).__name__}"
+        )
     _check_model(model)
     return commit(model, config, method_for(config).plan(model, config))
 
@@ -62,14 +64,18 @@ def commit(model: nn.Module, config: MethodConfig, plan: list[Replacement]) -> n
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters an optimizer should get: exactly those the method trains."""
     if patch_state(model) is None:
-        raise ValueError(f"{type(model).__name__} is not patched by slimtune; call slimtune.apply(model, config) first")
+        raise ValueError(
+            f"{type(model).__name__} is not patched by slimtune; call slimtune.apply(model, config) first"
+        )
     return [p for p in model.parameters() if p.requires_grad]
 
 
 def patched_layers(model: nn.Module) -> dict[str, nn.Module]:
     state = patch_state(model)
     if state is None:
-        raise ValueError(f"{type(model).__name__} is not patched by slimtune; call slimtune.apply(model, config) first")
+        raise ValueError(
+            f"{type(model).__name__} is not patched by slimtune; call slimtune.apply(model, config) first"
+        )
     return {name: model.get_submodule(name) for name in state.modules}
 
 

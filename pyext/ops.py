@@ -69,8 +69,10 @@ class Op:
 
     def choose(self, device: torch.device) -> tuple[str, str]:
         """(backend, reason) for tensors on `device`."""
-        forced = _forced.get(self.name) or os.environ.get(f"SLIMTUNE_BACKEND_{self.name.upper()}") or os.environ.get(
-            "SLIMTUNE_BACKEND"
+        forced = (
+            _forced.get(self.name)
+            or os.environ.get(f"SLIMTUNE_BACKEND_{self.name.upper()}")
+            or os.environ.get("SLIMTUNE_BACKEND")
         )
         if forced:
             if forced not in self.impls:
@@ -133,7 +135,9 @@ def scatter_columns_ref(weight: Tensor, idx: Tensor, cols: Tensor) -> None:
         weight.index_copy_(1, idx, cols)
 
 
-def column_grad_ref(dy: Tensor, x: Tensor, idx: Tensor | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
+def column_grad_ref(
+    dy: Tensor, x: Tensor, idx: Tensor | None = None, out_dtype: torch.dtype | None = None
+) -> Tensor:
     """dy^T @ x[:, idx]: the gradient of the trained columns (BLAS accumulates in float32)."""
     cols = x if idx is None else x.index_select(1, idx)
     return (dy.t() @ cols).to(out_dtype or x.dtype)

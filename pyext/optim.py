@@ -30,7 +30,9 @@ class PartialAdamW(torch.optim.Optimizer):
         maximize: bool = False,
     ) -> None:
         if lr < 0 or eps < 0 or weight_decay < 0:
-            raise ValueError(f"PartialAdamW needs lr, eps, weight_decay >= 0; got {lr}, {eps}, {weight_decay}")
+            raise ValueError(
+                f"PartialAdamW needs lr, eps, weight_decay >= 0; got {lr}, {eps}, {weight_decay}"
+            )
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"PartialAdamW betas must lie in [0, 1), got {betas}")
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "maximize": maximize}
@@ -52,7 +54,9 @@ class PartialAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+                    state["exp_avg"] = torch.zeros_like(
+                        p, dtype=torch.float32, memory_format=torch.contiguous_format
+                    )
                     state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
                 state["step"] += 1
                 owner = getattr(p, "_slimtune_owner", None)

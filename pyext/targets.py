@@ -56,7 +56,9 @@ def match_targets(model: nn.Module, target_modules: TargetModules) -> list[tuple
             if (isinstance(module, nn.Linear) or _is_conv1d(module)) and module is not output_embeddings
         ]
         if not found:
-            raise ValueError(f"target_modules='all-linear' found no linear layer inside the blocks of {model_name}")
+            raise ValueError(
+                f"target_modules='all-linear' found no linear layer inside the blocks of {model_name}"
+            )
         return found
 
     if isinstance(target_modules, str):
@@ -127,5 +129,7 @@ def check_plain_linear(name: str, module: nn.Module) -> nn.Linear:
             f"float16 or bfloat16 weights: dequantize the model first"
         )
     if weight.device.type == "meta":
-        raise ValueError(f"module {name!r} has its weight on the meta device; load real weights before applying")
+        raise ValueError(
+            f"module {name!r} has its weight on the meta device; load real weights before applying"
+        )
     return module

@@ -5,12 +5,11 @@ from __future__ import annotations
 import copy
 
 import pytest
+import slimtune
 import torch
+from slimtune.layers import PaCALinear
 from tiny_models import FAMILIES, make_batch, make_model
 from torch import nn
-
-import slimtune
-from slimtune.layers import PaCALinear
 
 FAMILY_NAMES = sorted(FAMILIES)
 R = 5
@@ -74,7 +73,9 @@ def test_indices_are_reproducible_and_seed_dependent():
     c = paca_layers(slimtune.apply(make_model("llama"), slimtune.PaCAConfig(r=R, seed=2)))
     assert all(torch.equal(a[n].paca_index, b[n].paca_index) for n in a)
     assert any(not torch.equal(a[n].paca_index, c[n].paca_index) for n in a)
-    assert len({tuple(layer.paca_index.tolist()) for layer in a.values()}) > 1, "layers must draw their own columns"
+    assert len({tuple(layer.paca_index.tolist()) for layer in a.values()}) > 1, (
+        "layers must draw their own columns"
+    )
 
 
 def train_against_masked_dense(model, ref, steps, accumulate=1, lr=1e-2):
@@ -87,7 +88,7 @@ def train_against_masked_dense(model, ref, steps, accumulate=1, lr=1e-2):
     opt = torch.optim.AdamW(slimtune.trainable_parameters(model), lr=lr, weight_decay=0.0)
     ref_opt = torch.optim.AdamW(ref_weights.values(), lr=lr, weight_decay=0.0)
     losses = []
-    for step in range(steps):
+    for _ in range(steps):
         for micro in range(accumulate):
             ids = make_batch(seed=100 + micro)  # a fixed set of micro-batches: a learnable target
             (model(ids, labels=ids).loss / accumulate).backward()
@@ -188,7 +189,10 @@ def test_save_load_and_merge_round_trip(family, tmp_path):
     with torch.no_grad():
         trained_logits = model(ids).logits
     slimtune.save(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["slimtune_config.json", "slimtune_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "slimtune_config.json",
+        "slimtune_model.safetensors",
+    ]
 
     loaded = slimtune.load(copy.deepcopy(base), tmp_path)
     with torch.no_grad():
@@ -208,7 +212,7 @@ def test_save_load_and_merge_round_trip(family, tmp_path):
 
 
 def test_generate_uses_trained_columns():
-    base, model = patched("llama")
+    _, model = patched("llama")
     with torch.no_grad():
         for layer in paca_layers(model).values():
             layer.paca_columns.mul_(1.5)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import re
 
 import pytest
+import slimtune
 import torch
 import transformers
 from tiny_models import make_model
 from torch import nn
-
-import slimtune
 
 
 def snapshot(model: nn.Module) -> dict:
@@ -57,7 +56,12 @@ def test_bad_configs_are_refused(kwargs, error, match):
 def test_r_larger_than_a_layer_is_refused_naming_it():
     model = make_model("llama")
     config = slimtune.PaCAConfig(r=80)  # hidden 64 < 80 <= intermediate 88: only some layers are too narrow
-    refused(model, lambda: slimtune.apply(model, config), ValueError, r"r=80 exceeds the 64 input columns of 'model")
+    refused(
+        model,
+        lambda: slimtune.apply(model, config),
+        ValueError,
+        r"r=80 exceeds the 64 input columns of 'model",
+    )
 
 
 @pytest.mark.parametrize(
@@ -71,21 +75,32 @@ def test_r_larger_than_a_layer_is_refused_naming_it():
 )
 def test_patterns_matching_nothing_are_refused(targets, match):
     model = make_model("llama")
-    refused(model, lambda: slimtune.apply(model, slimtune.PaCAConfig(r=2, target_modules=targets)), ValueError, match)
+    refused(
+        model,
+        lambda: slimtune.apply(model, slimtune.PaCAConfig(r=2, target_modules=targets)),
+        ValueError,
+        match,
+    )
 
 
 def test_suffix_and_regex_targets_select_exactly_those_modules():
-    model = slimtune.apply(make_model("llama"), slimtune.PaCAConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    model = slimtune.apply(
+        make_model("llama"), slimtune.PaCAConfig(r=2, target_modules=["q_proj", "down_proj"])
+    )
     names = {n for n, m in model.named_modules() if isinstance(m, slimtune.layers.PaCALinear)}
     assert names == {f"model.layers.{i}.{s}" for i in range(2) for s in ("self_attn.q_proj", "mlp.down_proj")}
-    model = slimtune.apply(make_model("llama"), slimtune.PaCAConfig(r=2, target_modules=r".*\.1\.mlp\.up_proj"))
+    model = slimtune.apply(
+        make_model("llama"), slimtune.PaCAConfig(r=2, target_modules=r".*\.1\.mlp\.up_proj")
+    )
     names = {n for n, m in model.named_modules() if isinstance(m, slimtune.layers.PaCALinear)}
     assert names == {"model.layers.1.mlp.up_proj"}
 
 
 def test_patching_twice_is_refused():
     model = slimtune.apply(make_model("llama"), slimtune.PaCAConfig(r=2))
-    refused(model, lambda: slimtune.apply(model, slimtune.PaCAConfig(r=3)), ValueError, r"already patched.*merge")
+    refused(
+        model, lambda: slimtune.apply(model, slimtune.PaCAConfig(r=3)), ValueError, r"already patched.*merge"
+    )
 
 
 def test_wrong_types_are_refused():
@@ -115,13 +130,20 @@ def test_integer_weights_are_refused():
     model = make_model("llama")
     linear = model.model.layers[0].self_attn.k_proj
     linear.weight = nn.Parameter(torch.zeros(linear.weight.shape, dtype=torch.int8), requires_grad=False)
-    refused(model, lambda: slimtune.apply(model, slimtune.PaCAConfig(r=2)), ValueError, r"k_proj.*int8.*dequantize")
+    refused(
+        model,
+        lambda: slimtune.apply(model, slimtune.PaCAConfig(r=2)),
+        ValueError,
+        r"k_proj.*int8.*dequantize",
+    )
 
 
 def test_gpt2_conv1d_is_refused_by_name():
     config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=32)
     model = transformers.GPT2LMHeadModel(config)
-    refused(model, lambda: slimtune.apply(model, slimtune.PaCAConfig(r=2)), ValueError, r"transformer.h.0.*Conv1D")
+    refused(
+        model, lambda: slimtune.apply(model, slimtune.PaCAConfig(r=2)), ValueError, r"transformer.h.0.*Conv1D"
+    )
 
 
 def test_checkpoint_for_another_model_is_refused(tmp_path):
@@ -130,7 +152,9 @@ def test_checkpoint_for_another_model_is_refused(tmp_path):
     narrower = make_model("llama", intermediate_size=40)
     refused(narrower, lambda: slimtune.load(narrower, tmp_path), ValueError, r"mlp.gate_proj.*88x64.*40x64")
     other_family = make_model("phi3")
-    refused(other_family, lambda: slimtune.load(other_family, tmp_path), ValueError, r"q_proj.*does not exist")
+    refused(
+        other_family, lambda: slimtune.load(other_family, tmp_path), ValueError, r"q_proj.*does not exist"
+    )
     already = slimtune.apply(make_model("llama"), slimtune.PaCAConfig(r=3))
     refused(already, lambda: slimtune.load(already, tmp_path), ValueError, r"already patched")
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nowhere"))):

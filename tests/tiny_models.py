@@ -22,11 +22,16 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "qwen3": ("Qwen3Config", {"head_dim": 24}),  # per-head q/k norms, head_dim != hidden/heads
     "mistral": ("MistralConfig", {}),
     "gemma": ("GemmaConfig", {"head_dim": 24}),  # head_dim != hidden/heads, GeGLU
-    "phi3": ("Phi3Config", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),  # fused qkv_proj and gate_up_proj
+    "phi3": (
+        "Phi3Config",
+        {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    ),  # fused qkv_proj and gate_up_proj
 }
 
 
-def make_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> torch.nn.Module:
+def make_model(
+    family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides
+) -> torch.nn.Module:
     """A CausalLM of `family` with random weights drawn from `seed`."""
     config_class, extra = FAMILIES[family]
     config = getattr(transformers, config_class)(**{**COMMON, **extra, **overrides})
@@ -35,6 +40,8 @@ def make_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, *
     return model.to(dtype).eval()
 
 
-def make_batch(vocab_size: int = COMMON["vocab_size"], batch: int = 3, seq: int = 11, seed: int = 1) -> torch.Tensor:
+def make_batch(
+    vocab_size: int = COMMON["vocab_size"], batch: int = 3, seq: int = 11, seed: int = 1
+) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch, seq), generator=generator)

@@ -15,12 +15,11 @@ from __future__ import annotations
 import itertools
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import ops
-
 
 _optimizer_steps = itertools.count(1)
 _step_epoch = 0
@@ -44,7 +43,9 @@ class _PaCAMatmul(torch.autograd.Function):
     """y = x W^T + b; saves only x[..., idx]; grads: dx through dense W, d(columns) = dy^T x[..., idx]."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, columns: Tensor, index: Tensor) -> Tensor:
+    def forward(
+        ctx, x: Tensor, weight: Tensor, bias: Tensor | None, columns: Tensor, index: Tensor
+    ) -> Tensor:
         y = F.linear(x, weight, bias)
         ctx.weight = weight  # by reference: the column sync mutates it in place between steps
         ctx.columns_dtype = columns.dtype

@@ -22,7 +22,9 @@ def column_index(name: str, in_features: int, r: int, seed: int) -> Tensor:
 class PaCAMethod:
     name = "paca"
 
-    def plan(self, model: nn.Module, config: PaCAConfig, saved: dict[str, Tensor] | None = None) -> list[Replacement]:
+    def plan(
+        self, model: nn.Module, config: PaCAConfig, saved: dict[str, Tensor] | None = None
+    ) -> list[Replacement]:
         targets = match_targets(model, config.target_modules)
         plan = []
         for name, module in targets:
@@ -40,7 +42,9 @@ class PaCAMethod:
         return plan
 
     @staticmethod
-    def _saved_columns(name: str, linear: nn.Linear, r: int, saved: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def _saved_columns(
+        name: str, linear: nn.Linear, r: int, saved: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
         try:
             index, columns = saved[f"{name}.index"], saved[f"{name}.columns"]
         except KeyError as err:
@@ -48,8 +52,8 @@ class PaCAMethod:
         expected = (linear.out_features, r)
         if tuple(columns.shape) != expected or tuple(index.shape) != (r,):
             raise ValueError(
-                f"checkpoint columns of {name!r} have shape {tuple(columns.shape)} but this model's layer needs "
-                f"{expected}: the checkpoint belongs to another model"
+                f"checkpoint columns of {name!r} have shape {tuple(columns.shape)} but this model's layer "
+                f"needs {expected}: the checkpoint belongs to another model"
             )
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= linear.in_features):
             raise ValueError(

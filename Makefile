@@ -1,0 +1,40 @@
+# Two entry points from a fresh clone: `make demo` and `make test`. Both create .venv, install
+# slimtune in editable mode and build its compiled module slimtune._C (C++ always, CUDA when nvcc is found).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU wheel this project's machines keep on disk; only installed where the venv has no torch yet,
+# so a venv with a CUDA torch is left alone.
+TORCH_SPEC ?= torch==2.13.0
+BUILD_TOOLS := setuptools wheel "pybind11>=2.12" "cmake>=3.24" ninja
+SOURCES := pyproject.toml setup.py CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: install test demo bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install $(BUILD_TOOLS)
+	$(PIP) install --no-build-isolation -e ".[dev]"
+	touch $@
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(VENV)/bin/slimtune demo
+
+bench: install
+	$(VENV)/bin/slimtune bench
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info pyext/_C*.so
