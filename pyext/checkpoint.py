@@ -55,7 +55,7 @@ def load(model: nn.Module, directory: str | Path) -> nn.Module:
     saved = load_file(tensors_path)
     _check_shapes(model, meta["modules"], meta.get("base_model_class"))
     plan = method_for(config).plan(model, config, saved)
-    planned = {r.name for r in plan}
+    planned = {r.name for r in plan.replacements}
     if planned != set(meta["modules"]):
         extra = sorted(planned - set(meta["modules"]))[:5]
         raise ValueError(

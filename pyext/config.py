@@ -80,4 +80,50 @@ class PaCAConfig(MethodConfig):
         object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
 
 
-CONFIG_CLASSES: dict[str, type[MethodConfig]] = {PaCAConfig.method: PaCAConfig}
+def _check_units(owner: str, value: int | float) -> None:
+    """A unit amount is an int count >= 0 or a float fraction in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{owner} must be an int count or a float fraction in (0, 1], got {value!r}")
+    if value < 0:
+        raise ValueError(f"{owner} must not be negative, got {value}")
+    if isinstance(value, float) and not 0 <= value <= 1:
+        raise ValueError(f"{owner}={value} is a fraction > 1; use a fraction in (0, 1] or an int count")
+
+
+@dataclass(frozen=True)
+class S2FTConfig(MethodConfig):
+    """Structured sparse fine-tuning: train a few attention heads and FFN channels of every block.
+
+    `heads` and `channels` are each a fraction in (0, 1] of the block's units (at least one unit)
+    or an int count; 0 turns that part off. By default the `o_proj` input columns of the selected
+    heads and the `down_proj` input columns of the selected channels train; `train_v_rows` and
+    `train_gate_up_rows` also train the matching `v_proj` rows and `gate_proj`/`up_proj` rows.
+    `selection` is "random" (from `seed`) or "weight-norm" (the units with the largest output-side
+    weight norms).
+    """
+
+    method: ClassVar[str] = "s2ft"
+
+    heads: int | float = 0
+    channels: int | float = 0
+    seed: int = 0
+    train_v_rows: bool = False
+    train_gate_up_rows: bool = False
+    selection: str = "random"
+
+    def __post_init__(self) -> None:
+        _check_units("S2FTConfig.heads", self.heads)
+        _check_units("S2FTConfig.channels", self.channels)
+        if not self.heads and not self.channels:
+            raise ValueError("S2FTConfig needs heads > 0 or channels > 0 (both are 0: nothing would train)")
+        if self.selection not in ("random", "weight-norm"):
+            raise ValueError(f"S2FTConfig.selection is 'random' or 'weight-norm', not {self.selection!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"S2FTConfig.seed must be an int, got {self.seed!r}")
+        if self.train_v_rows and not self.heads:
+            raise ValueError("S2FTConfig.train_v_rows needs heads > 0 (the v rows follow the selected heads)")
+        if self.train_gate_up_rows and not self.channels:
+            raise ValueError("S2FTConfig.train_gate_up_rows needs channels > 0")
+
+
+CONFIG_CLASSES: dict[str, type[MethodConfig]] = {cls.method: cls for cls in (PaCAConfig, S2FTConfig)}

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor, nn
 
 from .config import MethodConfig
-from .methods import Replacement, method_for
+from .methods import Plan, method_for
 
 _STATE = "_slimtune_state"
 
@@ -19,6 +20,7 @@ class PatchState:
     config: MethodConfig
     modules: list[str]
     requires_grad: dict[str, bool] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def patch_state(model: nn.Module) -> PatchState | None:
@@ -49,15 +51,17 @@ def apply(model: nn.Module, config: MethodConfig) -> nn.Module:
     return commit(model, config, method_for(config).plan(model, config))
 
 
-def commit(model: nn.Module, config: MethodConfig, plan: list[Replacement]) -> nn.Module:
-    """Carry out a validated plan: build every layer first, then swap and freeze."""
+def commit(model: nn.Module, config: MethodConfig, plan: Plan) -> nn.Module:
+    """Carry out a validated plan: prepare, build every layer, then swap and freeze."""
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    built = [(r.name, r.build()) for r in plan]
+    if plan.prepare is not None:
+        plan.prepare()
+    built = [(r.name, r.build()) for r in plan.replacements]
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for name, layer in built:
         model.set_submodule(name, layer)
-    setattr(model, _STATE, PatchState(config, [name for name, _ in built], requires_grad))
+    setattr(model, _STATE, PatchState(config, [name for name, _ in built], requires_grad, plan.extra))
     return model
 
 
@@ -86,8 +90,7 @@ def merge(model: nn.Module) -> nn.Module:
     """
     layers = patched_layers(model)
     state = patch_state(model)
-    for name, layer in layers.items():
-        model.set_submodule(name, layer.to_linear())
+    method_for(state.config).unpatch(model, layers, state.extra)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(state.requires_grad.get(name, True))
     delattr(model, _STATE)
@@ -97,8 +100,4 @@ def merge(model: nn.Module) -> nn.Module:
 def state_tensors(model: nn.Module) -> dict[str, Tensor]:
     """Every tensor a checkpoint of the patched model keeps, keyed by module name."""
     state = patch_state(model)
-    method = method_for(state.config)
-    tensors: dict[str, Tensor] = {}
-    for name, layer in patched_layers(model).items():
-        tensors.update(method.state_tensors(name, layer))
-    return tensors
+    return method_for(state.config).checkpoint_tensors(patched_layers(model), state.extra)

@@ -8,17 +8,19 @@ import torch
 from torch.autograd.graph import increment_version
 
 from . import ops
+from .layers.partial import COLUMNS
 
 
 class PartialAdamW(torch.optim.Optimizer):
     """torch.optim.AdamW semantics (decoupled weight decay), one fused pass per trained tensor.
 
-    For PaCA columns the pass also writes the new columns into the layer's dense weight, so the next
-    forward needs no separate scatter. Moments are kept in float32 whatever the parameter dtype.
+    For trained columns of a partial layer (PaCA, S2FT) the pass also writes the new columns into the
+    layer's dense weight, so the next forward needs no separate scatter; trained rows are written by
+    the layer's own sync. Moments are kept in float32 whatever the parameter dtype.
     Any other parameter gets the same update without the weight write.
     """
 
-    keeps_paca_weights_in_sync = True
+    keeps_partial_weights_in_sync = True
 
     def __init__(
         self,
@@ -60,7 +62,8 @@ class PartialAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
                 state["step"] += 1
                 owner = getattr(p, "_slimtune_owner", None)
-                weight, index = (owner.weight, owner.paca_index) if owner is not None else (None, None)
+                fused = owner is not None and owner.axis == COLUMNS
+                weight, index = (owner.weight, owner.index) if fused else (None, None)
                 ops.partial_adamw(
                     p,
                     p.grad.contiguous(),
@@ -78,7 +81,9 @@ class PartialAdamW(torch.optim.Optimizer):
                 )
                 # Kernels write through raw pointers: tell autograd and the layers that p changed.
                 increment_version(p)
-                if owner is not None:
+                if fused:
                     increment_version(weight)
                     owner.mark_synced()
+                elif owner is not None:
+                    owner.sync_()
         return loss

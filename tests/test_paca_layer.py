@@ -85,7 +85,8 @@ def test_backward_saves_only_the_selected_columns():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         layer(x)
-    assert [tuple(t.shape) for t in saved] == [(45, 4)], "only x[..., idx] (compact) may be saved"
+    assert [tuple(t.shape) for t in saved] == [(45, 4), (4,)], "only x[..., idx] (compact) may be saved"
+    assert saved[1].data_ptr() == layer.paca_index.data_ptr(), "besides, only the layer's own index buffer"
 
 
 def test_bf16_autocast_runs_in_bf16_and_grads_land_in_param_dtype():

@@ -1,5 +1,6 @@
 """Drop-in replacements for `nn.Linear`, one module per method."""
 
 from .paca import PaCALinear
+from .partial import PartialLinear
 
-__all__ = ["PaCALinear"]
+__all__ = ["PaCALinear", "PartialLinear"]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from ..config import MethodConfig
-from .base import Method, Replacement
+from .base import Method, Plan, Replacement
 from .paca import PaCAMethod
+from .s2ft import S2FTMethod
 
-METHODS: dict[str, Method] = {PaCAMethod.name: PaCAMethod()}
+METHODS: dict[str, Method] = {method.name: method for method in (PaCAMethod(), S2FTMethod())}
 
 
 def method_for(config: MethodConfig) -> Method:
@@ -16,4 +17,4 @@ def method_for(config: MethodConfig) -> Method:
         raise ValueError(f"no slimtune method named {config.method!r}; known: {sorted(METHODS)}") from None
 
 
-__all__ = ["METHODS", "Method", "Replacement", "method_for"]
+__all__ = ["METHODS", "Method", "Plan", "Replacement", "method_for"]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -19,16 +19,41 @@ class Replacement:
     build: Callable[[], nn.Module]
 
 
-class Method(Protocol):
-    name: str
+@dataclass
+class Plan:
+    """Everything `apply`/`load` will do, decided before the model is touched.
 
-    def plan(
-        self, model: nn.Module, config: MethodConfig, saved: dict[str, Tensor] | None = None
-    ) -> list[Replacement]:
-        """Validate and plan every swap without touching the model; `saved` restores a checkpoint."""
+    `prepare` runs first (e.g. S2FT's co-permutation of coupled weights), then the swaps are built
+    and installed; `extra` is kept in the model's patch state for `merge` and `save`.
+    """
 
-    def state_tensors(self, name: str, layer: nn.Module) -> dict[str, Tensor]:
-        """The tensors of `layer` a checkpoint keeps (keys are prefixed with the module name)."""
+    replacements: list[Replacement]
+    prepare: Callable[[], None] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
-    def is_layer(self, module: nn.Module) -> bool:
-        """Whether `module` is one of this method's layers."""
+
+class Method:
+    """Default behaviour for methods that swap modules for layers with a `to_linear()`."""
+
+    name: str = ""
+    config_class: type[MethodConfig]
+
+    def plan(self, model: nn.Module, config: MethodConfig, saved: dict[str, Tensor] | None = None) -> Plan:
+        """Validate and plan every change without touching the model; `saved` restores a checkpoint."""
+        raise NotImplementedError
+
+    def checkpoint_tensors(self, layers: dict[str, nn.Module], extra: dict[str, Any]) -> dict[str, Tensor]:
+        """The tensors a checkpoint keeps, keyed `<module name>.<tensor>`."""
+        tensors: dict[str, Tensor] = {}
+        for name, layer in layers.items():
+            tensors.update({f"{name}.{key}": value for key, value in layer.checkpoint_tensors().items()})
+        return tensors
+
+    def original_index(self, name: str, layer: nn.Module, extra: dict[str, Any]) -> Tensor:
+        """Where the trained entries of layer `name` sit in the original model's layout."""
+        return layer.index.cpu()
+
+    def unpatch(self, model: nn.Module, layers: dict[str, nn.Module], extra: dict[str, Any]) -> None:
+        """Put plain modules holding the trained weights back in place of the method's layers."""
+        for name, layer in layers.items():
+            model.set_submodule(name, layer.to_linear())

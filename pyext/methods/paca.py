@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..config import PaCAConfig
 from ..layers.paca import PaCALinear
 from ..targets import check_plain_linear, match_targets
-from .base import Replacement
+from .base import Method, Plan, Replacement
 
 
 def column_index(name: str, in_features: int, r: int, seed: int) -> Tensor:
@@ -19,12 +19,11 @@ def column_index(name: str, in_features: int, r: int, seed: int) -> Tensor:
     return torch.randperm(in_features, generator=generator)[:r].sort().values
 
 
-class PaCAMethod:
+class PaCAMethod(Method):
     name = "paca"
+    config_class = PaCAConfig
 
-    def plan(
-        self, model: nn.Module, config: PaCAConfig, saved: dict[str, Tensor] | None = None
-    ) -> list[Replacement]:
+    def plan(self, model: nn.Module, config: PaCAConfig, saved: dict[str, Tensor] | None = None) -> Plan:
         targets = match_targets(model, config.target_modules)
         plan = []
         for name, module in targets:
@@ -39,14 +38,14 @@ class PaCAMethod:
             else:
                 index, columns = self._saved_columns(name, linear, config.r, saved)
             plan.append(Replacement(name, _builder(linear, index, columns)))
-        return plan
+        return Plan(plan)
 
     @staticmethod
     def _saved_columns(
         name: str, linear: nn.Linear, r: int, saved: dict[str, Tensor]
     ) -> tuple[Tensor, Tensor]:
         try:
-            index, columns = saved[f"{name}.index"], saved[f"{name}.columns"]
+            index, columns = saved[f"{name}.index"], saved[f"{name}.trained"]
         except KeyError as err:
             raise ValueError(f"checkpoint has no tensor {err.args[0]!r} for module {name!r}") from None
         expected = (linear.out_features, r)
@@ -61,13 +60,6 @@ class PaCAMethod:
                 f"the checkpoint belongs to another model"
             )
         return index, columns
-
-    def state_tensors(self, name: str, layer: PaCALinear) -> dict[str, Tensor]:
-        layer.sync_()
-        return {f"{name}.index": layer.paca_index, f"{name}.columns": layer.paca_columns.detach()}
-
-    def is_layer(self, module: nn.Module) -> bool:
-        return isinstance(module, PaCALinear)
 
 
 def _builder(linear: nn.Linear, index: Tensor, columns: Tensor | None):

@@ -1,0 +1,338 @@
+"""S2FT: select heads and FFN channels per block, co-permute coupled weights, train dense blocks.
+
+Co-permutation reorders attention heads (q rows, k/v rows, o columns) and FFN channels (gate/up
+rows, down columns) so that the selected units come first: the model computes the same function,
+and the trained entries of `o_proj`/`down_proj` (and optionally `v_proj`, `gate_proj`/`up_proj`)
+become one contiguous block. Grouped-query attention constrains the head order: a q head must stay
+with its k/v head, so kv groups move as a whole and heads move freely only inside their group.
+Heads are therefore selected group by group (a random, or weight-ranked, order of groups; heads
+inside each group likewise), filling one group before the next, which makes the selection a
+prefix of the permuted order.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import S2FTConfig
+from ..layers.partial import COLUMNS, ROWS
+from ..layers.s2ft import S2FTLinear
+from ..targets import check_plain_linear, transformer_blocks
+from .base import Method, Plan, Replacement
+
+
+@dataclass(frozen=True)
+class Permutation:
+    """new = old.index_select(dim, order) for one parameter: how co-permutation moves a tensor."""
+
+    module: str
+    param: str
+    dim: int
+    order: Tensor
+
+    def apply(self, model: nn.Module, inverse: bool = False) -> None:
+        tensor = getattr(model.get_submodule(self.module), self.param)
+        order = torch.argsort(self.order) if inverse else self.order
+        with torch.no_grad():
+            tensor.copy_(tensor.index_select(self.dim, order.to(tensor.device)))
+
+
+@dataclass
+class BlockLayout:
+    """The modules of one transformer block that S2FT touches, with their unit geometry."""
+
+    name: str
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    qkv: str | None = None
+    o: str | None = None
+    gate: str | None = None
+    up: str | None = None
+    gate_up: str | None = None
+    down: str | None = None
+
+
+def _units(amount: int | float, available: int, what: str, where: str) -> int:
+    if isinstance(amount, float):
+        return max(1, round(amount * available)) if amount > 0 else 0
+    if amount > available:
+        raise ValueError(
+            f"S2FTConfig asks for {amount} {what} but {where} has {available}; use at most {available}"
+        )
+    return amount
+
+
+def _expand(units: Tensor, size: int) -> Tensor:
+    """Unit order -> element order for units of `size` consecutive rows/columns."""
+    return (units[:, None] * size + torch.arange(size)).reshape(-1)
+
+
+class S2FTMethod(Method):
+    name = "s2ft"
+    config_class = S2FTConfig
+
+    def plan(self, model: nn.Module, config: S2FTConfig, saved: dict[str, Tensor] | None = None) -> Plan:
+        geometry = _geometry(model)
+        stacks = transformer_blocks(model)
+        if not stacks:
+            raise ValueError(f"S2FT found no transformer block list in {type(model).__name__}")
+        replacements: list[Replacement] = []
+        permutations: list[Permutation] = []
+        selections: dict[str, Tensor] = {}
+        for prefix, stack in stacks:
+            for i, block in enumerate(stack):
+                layout = _layout(model, f"{prefix}.{i}", block, config)
+                generator = torch.Generator().manual_seed(
+                    (config.seed * 1_000_003 + zlib.crc32(layout.name.encode())) % 2**63
+                )
+                if config.heads:
+                    heads = self._heads(model, layout, geometry, config, generator, saved)
+                    selections[f"{layout.name}.heads"] = heads
+                    self._plan_heads(
+                        model, layout, geometry, config, heads, permutations, replacements, saved
+                    )
+                if config.channels:
+                    channels = self._channels(model, layout, config, generator, saved)
+                    selections[f"{layout.name}.channels"] = channels
+                    self._plan_channels(model, layout, config, channels, permutations, replacements, saved)
+
+        def prepare() -> None:
+            for permutation in permutations:
+                permutation.apply(model)
+
+        return Plan(replacements, prepare, {"permutations": permutations, "selections": selections})
+
+    # ---- selection ------------------------------------------------------------------------------
+
+    def _heads(self, model, layout, geometry, config, generator, saved) -> Tensor:
+        n_heads, n_kv, head_dim = geometry
+        group = n_heads // n_kv
+        key = f"{layout.name}.heads"
+        if saved is not None:
+            return _saved_units(saved, key, n_heads)
+        count = _units(config.heads, n_heads, "heads", f"block {layout.name!r}")
+        if config.selection == "random":
+            group_order = torch.randperm(n_kv, generator=generator)
+            within = [torch.randperm(group, generator=generator) for _ in range(n_kv)]
+        else:  # weight-norm: rank heads by the norm of their o_proj columns
+            o_weight = model.get_submodule(layout.o).weight.detach().float()
+            score = (
+                o_weight.reshape(o_weight.shape[0], n_heads, head_dim).norm(dim=(0, 2)).reshape(n_kv, group)
+            )
+            group_order = torch.argsort(score.max(dim=1).values, descending=True, stable=True)
+            within = [torch.argsort(score[g], descending=True, stable=True) for g in range(n_kv)]
+        chosen = []
+        for g in group_order.tolist():
+            take = min(group, count - len(chosen))
+            chosen.extend((g * group + within[g][:take]).tolist())
+            if len(chosen) == count:
+                break
+        return torch.tensor(chosen, dtype=torch.long)
+
+    def _channels(self, model, layout, config, generator, saved) -> Tensor:
+        down = model.get_submodule(layout.down)
+        key = f"{layout.name}.channels"
+        if saved is not None:
+            return _saved_units(saved, key, down.in_features)
+        count = _units(config.channels, down.in_features, "FFN channels", f"block {layout.name!r}")
+        if config.selection == "random":
+            return torch.randperm(down.in_features, generator=generator)[:count]
+        score = down.weight.detach().float().norm(dim=0)
+        return torch.argsort(score, descending=True, stable=True)[:count]
+
+    # ---- co-permutation and layers --------------------------------------------------------------
+
+    def _plan_heads(self, model, layout, geometry, config, heads, permutations, replacements, saved) -> None:
+        n_heads, n_kv, head_dim = geometry
+        group = n_heads // n_kv
+        _check_head_shapes(model, layout, geometry)
+        used_groups = list(dict.fromkeys((heads // group).tolist()))
+        group_order = torch.tensor(used_groups + [g for g in range(n_kv) if g not in used_groups])
+        chosen = set(heads.tolist())
+        q_order = []
+        for g in group_order.tolist():
+            members = range(g * group, (g + 1) * group)
+            q_order += [h for h in heads.tolist() if h // group == g] + [
+                h for h in members if h not in chosen
+            ]
+        q_rows = _expand(torch.tensor(q_order), head_dim)
+        kv_rows = _expand(group_order, head_dim)
+        if layout.qkv:
+            q_size, kv_size = n_heads * head_dim, n_kv * head_dim
+            rows = torch.cat([q_rows, q_size + kv_rows, q_size + kv_size + kv_rows])
+            permutations += _permute(model, layout.qkv, rows, dim=0)
+        else:
+            permutations += _permute(model, layout.q, q_rows, dim=0)
+            permutations += _permute(model, layout.k, kv_rows, dim=0)
+            permutations += _permute(model, layout.v, kv_rows, dim=0)
+        permutations += _permute(model, layout.o, q_rows, dim=1)
+        trained = torch.arange(len(heads) * head_dim)
+        replacements.append(_replacement(model, layout.o, trained, COLUMNS, saved))
+        if config.train_v_rows:
+            v_rows = torch.arange(len(used_groups) * head_dim)
+            if layout.qkv:
+                v_offset = (n_heads + n_kv) * head_dim
+                replacements.append(_replacement(model, layout.qkv, v_offset + v_rows, ROWS, saved))
+            else:
+                replacements.append(_replacement(model, layout.v, v_rows, ROWS, saved))
+
+    def _plan_channels(self, model, layout, config, channels, permutations, replacements, saved) -> None:
+        down = model.get_submodule(layout.down)
+        size = down.in_features
+        chosen = set(channels.tolist())
+        order = torch.cat(
+            [channels, torch.tensor([c for c in range(size) if c not in chosen], dtype=torch.long)]
+        )
+        trained = torch.arange(len(channels))
+        if layout.gate_up:
+            permutations += _permute(model, layout.gate_up, torch.cat([order, size + order]), dim=0)
+        else:
+            for name in (layout.gate, layout.up):
+                if name:
+                    permutations += _permute(model, name, order, dim=0)
+        permutations += _permute(model, layout.down, order, dim=1)
+        replacements.append(_replacement(model, layout.down, trained, COLUMNS, saved))
+        if config.train_gate_up_rows:
+            if layout.gate_up:
+                replacements.append(
+                    _replacement(model, layout.gate_up, torch.cat([trained, size + trained]), ROWS, saved)
+                )
+            else:
+                for name in (layout.gate, layout.up):
+                    if name:
+                        replacements.append(_replacement(model, name, trained, ROWS, saved))
+
+    # ---- checkpoints and merge ------------------------------------------------------------------
+
+    def checkpoint_tensors(self, layers: dict[str, nn.Module], extra: dict[str, Any]) -> dict[str, Tensor]:
+        tensors = super().checkpoint_tensors(layers, extra)
+        tensors.update(extra["selections"])
+        return tensors
+
+    def unpatch(self, model: nn.Module, layers: dict[str, nn.Module], extra: dict[str, Any]) -> None:
+        super().unpatch(model, layers, extra)
+        for permutation in reversed(extra["permutations"]):
+            permutation.apply(model, inverse=True)
+
+    def original_index(self, name: str, layer: S2FTLinear, extra: dict[str, Any]) -> Tensor:
+        """Where the trained entries of `name` sit in the original (unpermuted) layout."""
+        index = layer.index.cpu()
+        for permutation in extra["permutations"]:
+            if permutation.module == name and permutation.param == "weight" and permutation.dim == layer.axis:
+                index = permutation.order[index]
+        return index
+
+
+def _check_head_shapes(model: nn.Module, layout: BlockLayout, geometry: tuple[int, int, int]) -> None:
+    """The projections must have the sizes the config's heads imply, or co-permutation breaks the model."""
+    n_heads, n_kv, head_dim = geometry
+    expected = {layout.o: ("in_features", n_heads * head_dim)}
+    if layout.qkv:
+        expected[layout.qkv] = ("out_features", (n_heads + 2 * n_kv) * head_dim)
+    else:
+        expected.update({layout.q: ("out_features", n_heads * head_dim)})
+        expected.update({name: ("out_features", n_kv * head_dim) for name in (layout.k, layout.v)})
+    for name, (attribute, size) in expected.items():
+        actual = getattr(model.get_submodule(name), attribute)
+        if actual != size:
+            raise ValueError(
+                f"{name!r} has {attribute}={actual} but the config's {n_heads} heads, {n_kv} kv heads and "
+                f"head_dim {head_dim} imply {size}; S2FT heads cannot co-permute this attention (set heads=0)"
+            )
+
+
+def _saved_units(saved: dict[str, Tensor], key: str, available: int) -> Tensor:
+    if key not in saved:
+        raise ValueError(f"checkpoint has no selection {key!r}: it was saved from another model or config")
+    units = saved[key].long()
+    if units.numel() and (int(units.max()) >= available or int(units.min()) < 0):
+        raise ValueError(f"checkpoint selection {key!r} exceeds the {available} units there: another model")
+    return units
+
+
+def _permute(model: nn.Module, name: str, order: Tensor, dim: int) -> list[Permutation]:
+    module = model.get_submodule(name)
+    perms = [Permutation(name, "weight", dim, order)]
+    if dim == 0 and module.bias is not None:
+        perms.append(Permutation(name, "bias", 0, order))
+    return perms
+
+
+def _replacement(model: nn.Module, name: str, index: Tensor, axis: int, saved) -> Replacement:
+    linear = check_plain_linear(name, model.get_submodule(name))
+    block = None
+    if saved is not None:
+        block = saved.get(f"{name}.trained")
+        expected = (linear.out_features, len(index)) if axis == COLUMNS else (len(index), linear.in_features)
+        if block is None or tuple(block.shape) != expected:
+            raise ValueError(
+                f"checkpoint block of {name!r} is missing or not {expected}: another model or config"
+            )
+
+    def build() -> S2FTLinear:
+        layer = S2FTLinear(model.get_submodule(name), index, axis)
+        if block is not None:
+            with torch.no_grad():
+                layer.s2ft_block.copy_(block)
+            layer.sync_()
+        return layer
+
+    return Replacement(name, build)
+
+
+def _geometry(model: nn.Module) -> tuple[int, int, int]:
+    """(heads, kv heads, head_dim) from the model's (text) config."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    n_heads = getattr(config, "num_attention_heads", None)
+    if n_heads is None:
+        raise ValueError(
+            f"S2FT needs model.config.num_attention_heads; {type(model).__name__} has no such config"
+        )
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    if n_heads % n_kv:
+        raise ValueError(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
+    return n_heads, n_kv, head_dim
+
+
+def _layout(model: nn.Module, name: str, block: nn.Module, config: S2FTConfig) -> BlockLayout:
+    """Find the attention and MLP projections of a block, refusing layouts S2FT cannot co-permute."""
+    layout = BlockLayout(name)
+    for child_name, child in block.named_modules():
+        path = f"{name}.{child_name}" if child_name else name
+        if hasattr(child, "o_proj") and (hasattr(child, "q_proj") or hasattr(child, "qkv_proj")):
+            layout.o = f"{path}.o_proj"
+            if hasattr(child, "qkv_proj"):
+                layout.qkv = f"{path}.qkv_proj"
+            else:
+                layout.q, layout.k, layout.v = (f"{path}.{p}" for p in ("q_proj", "k_proj", "v_proj"))
+        if hasattr(child, "down_proj"):
+            layout.down = f"{path}.down_proj"
+            if hasattr(child, "gate_up_proj"):
+                layout.gate_up = f"{path}.gate_up_proj"
+            else:
+                layout.gate = f"{path}.gate_proj" if hasattr(child, "gate_proj") else None
+                layout.up = f"{path}.up_proj" if hasattr(child, "up_proj") else None
+    if config.heads and layout.o is None:
+        raise ValueError(
+            f"S2FT heads: block {name!r} has no attention module with q_proj/k_proj/v_proj (or qkv_proj) and "
+            f"o_proj; set heads=0 or use a Llama-style model"
+        )
+    if config.channels and (layout.down is None or not (layout.up or layout.gate_up)):
+        raise ValueError(
+            f"S2FT channels: block {name!r} has no MLP with up_proj/gate_proj (or gate_up_proj) and "
+            f"down_proj; set channels=0 or use a Llama-style model"
+        )
+    for field in ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down"):
+        module_name = getattr(layout, field)
+        if module_name:
+            check_plain_linear(module_name, model.get_submodule(module_name))
+    return layout

@@ -1,0 +1,152 @@
+"""Sparse diffs: what a partial fine-tune changed, in the base model's original layout.
+
+A diff holds, per weight, the trained rows or columns (indices in the original, unpermuted
+layout) and the change of their values. It applies to and reverts from a plain base model in
+place, saves to one safetensors file, and adds to other diffs, so several fine-tunes can be
+switched or fused without keeping a full copy of each. Changes are stored in float64 and applied
+in float64 before rounding to the weight's dtype, so base + diff reproduces the trained weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .layers.partial import PartialLinear
+from .methods import method_for
+from .model import patch_state, patched_layers
+
+
+@dataclass(frozen=True)
+class DeltaEntry:
+    """The change of `weight[:, index]` (axis 1) or `weight[index, :]` (axis 0) of one module."""
+
+    axis: int
+    index: Tensor
+    values: Tensor
+
+
+class SparseDelta:
+    """A sparse diff over the linears of a base model; see the module docstring."""
+
+    def __init__(self, entries: dict[str, DeltaEntry]) -> None:
+        self.entries = entries
+
+    def __repr__(self) -> str:
+        count = sum(e.values.numel() for e in self.entries.values())
+        return f"SparseDelta({len(self.entries)} weights, {count} entries)"
+
+    def _check(self, model: nn.Module) -> list[tuple[Tensor, DeltaEntry]]:
+        """Resolve every target weight first, so a bad diff leaves the model untouched."""
+        if patch_state(model) is not None:
+            raise ValueError("apply a SparseDelta to a plain base model; call slimtune.merge(model) first")
+        resolved = []
+        for name, entry in self.entries.items():
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"delta module {name!r} does not exist in {type(model).__name__}") from None
+            weight = getattr(module, "weight", None)
+            if not isinstance(module, nn.Linear) or weight is None:
+                raise ValueError(f"delta module {name!r} is {type(module).__name__}, not an nn.Linear")
+            expected = list(weight.shape)
+            expected[entry.axis] = entry.index.numel()
+            if list(entry.values.shape) != expected or int(entry.index.max()) >= weight.shape[entry.axis]:
+                raise ValueError(
+                    f"delta of {name!r} is {tuple(entry.values.shape)} over indices up to "
+                    f"{int(entry.index.max())} but the weight is {tuple(weight.shape)}: "
+                    f"the delta belongs to another model"
+                )
+            resolved.append((weight, entry))
+        return resolved
+
+    def apply(self, model: nn.Module, scale: float = 1.0) -> nn.Module:
+        """weight[entries] += scale * change, in place; returns the model."""
+        with torch.no_grad():
+            for weight, entry in self._check(model):
+                index = entry.index.to(weight.device)
+                current = weight.index_select(entry.axis, index).double()
+                updated = current + scale * entry.values.to(weight.device)
+                weight.index_copy_(entry.axis, index, updated.to(weight.dtype))
+        return model
+
+    def revert(self, model: nn.Module) -> nn.Module:
+        """Undo `apply` (weight[entries] -= change), in place; returns the model."""
+        return self.apply(model, scale=-1.0)
+
+    def __add__(self, other: SparseDelta) -> SparseDelta:
+        """Fuse two diffs: changes to the same entries add up."""
+        entries = dict(self.entries)
+        for name, entry in other.entries.items():
+            mine = entries.get(name)
+            if mine is None:
+                entries[name] = entry
+                continue
+            if mine.axis != entry.axis:
+                raise ValueError(f"cannot add deltas of {name!r} over different axes (rows and columns)")
+            index = torch.cat([mine.index, entry.index]).unique(sorted=True)
+            values = torch.zeros(_shape_with(mine.values, mine.axis, index.numel()), dtype=torch.float64)
+            for part in (mine, entry):
+                values.index_add_(part.axis, torch.searchsorted(index, part.index), part.values)
+            entries[name] = DeltaEntry(mine.axis, index, values)
+        return SparseDelta(entries)
+
+    def save(self, path: str | Path) -> Path:
+        """One safetensors file; the axis of each entry goes into its metadata."""
+        path = Path(path)
+        tensors, axes = {}, {}
+        for name, entry in self.entries.items():
+            tensors[f"{name}.index"] = entry.index.contiguous()
+            tensors[f"{name}.values"] = entry.values.contiguous()
+            axes[name] = entry.axis
+        save_file(tensors, path, metadata={"format": "slimtune-delta", "axes": json.dumps(axes)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SparseDelta:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("format") != "slimtune-delta":
+            raise ValueError(f"{path} is not a slimtune delta file (written by SparseDelta.save)")
+        tensors = load_file(path)
+        axes = json.loads(metadata["axes"])
+        return cls({n: DeltaEntry(a, tensors[f"{n}.index"], tensors[f"{n}.values"]) for n, a in axes.items()})
+
+
+def _shape_with(values: Tensor, axis: int, size: int) -> list[int]:
+    shape = list(values.shape)
+    shape[axis] = size
+    return shape
+
+
+def delta(model: nn.Module) -> SparseDelta:
+    """The trained change of a patched model (PaCA, S2FT) as a sparse diff in the original layout."""
+    state = patch_state(model)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} is not patched by slimtune; there is no trained change")
+    method = method_for(state.config)
+    entries = {}
+    for name, layer in patched_layers(model).items():
+        if not isinstance(layer, PartialLinear):
+            raise ValueError(
+                f"slimtune.delta covers partial methods (PaCA, S2FT); {name!r} is {type(layer).__name__}"
+            )
+        change = layer.trained.detach().double() - layer.initial.double()
+        index = method.original_index(name, layer, state.extra)
+        order = torch.argsort(index)  # entries sorted by original index
+        entries[name] = DeltaEntry(
+            layer.axis, index[order].cpu(), change.index_select(layer.axis, order.to(change.device)).cpu()
+        )
+    return SparseDelta(entries)
+
+
+def load_delta(path: str | Path) -> SparseDelta:
+    """Read a diff written by `SparseDelta.save`."""
+    return SparseDelta.load(path)
