@@ -103,7 +103,7 @@ class PartialLinear(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        index = index.to(device=self.weight.device, dtype=torch.long)
+        index = index.to(device=self.weight.device, dtype=torch.long).clone()  # each layer owns its index
         self.register_buffer(self.index_name, index)
         initial = self.weight.detach().index_select(axis, index)
         setattr(self, self.trained_name, nn.Parameter(initial.clone()))
