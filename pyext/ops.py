@@ -68,7 +68,13 @@ class Op:
     note: str = ""
 
     def choose(self, device: torch.device) -> tuple[str, str]:
-        """(backend, reason) for tensors on `device`."""
+        """(backend, reason) for tensors on `device`, cached: ops run per layer per step."""
+        key = (self.name, device.type)
+        if key not in _choices:
+            _choices[key] = self._choose(device)
+        return _choices[key]
+
+    def _choose(self, device: torch.device) -> tuple[str, str]:
         forced = (
             _forced.get(self.name)
             or os.environ.get(f"SLIMTUNE_BACKEND_{self.name.upper()}")
@@ -93,12 +99,12 @@ class Op:
         return "torch", self.note or f"no native kernel for {device.type} tensors"
 
     def __call__(self, *args, **kwargs):
-        device = next(a.device for a in args if isinstance(a, Tensor))
-        backend, _ = self.choose(device)
+        backend, _ = self.choose(args[0].device)
         return self.impls[backend](*args, **kwargs)
 
 
 _forced: dict[str, str] = {}
+_choices: dict[tuple[str, str], tuple[str, str]] = {}
 
 
 @contextlib.contextmanager
@@ -108,6 +114,7 @@ def use_backend(op_name: str, backend: str) -> Iterator[None]:
         raise ValueError(f"unknown op {op_name!r}; ops are {sorted(OPS)}")
     previous = _forced.get(op_name)
     _forced[op_name] = backend
+    _choices.clear()
     try:
         yield
     finally:
@@ -115,6 +122,7 @@ def use_backend(op_name: str, backend: str) -> Iterator[None]:
             _forced.pop(op_name, None)
         else:
             _forced[op_name] = previous
+        _choices.clear()
 
 
 # ---- PyTorch references -------------------------------------------------------------------------
@@ -233,3 +241,79 @@ gather_columns = OPS["gather_columns"]
 scatter_columns = OPS["scatter_columns"]
 column_grad = OPS["column_grad"]
 partial_adamw = OPS["partial_adamw"]
+
+
+# ---- LoRA / Hydra (fused adapter paths; Triton kernels in triton_kernels/lora.py) -----------------
+
+
+def lora_linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None, u: Tensor, b: Tensor) -> Tensor:
+    """x W^T + bias + u b^T: the base GEMM, then the low-rank term accumulated into it (beta=1)."""
+    return torch.nn.functional.linear(x, weight, bias).addmm_(u, b.t())
+
+
+def lora_input_grad_ref(g: Tensor, a: Tensor, dys: list[Tensor], weights: list[Tensor]) -> Tensor:
+    """sum_i dy_i W_i + g a: each GEMM accumulates into one input gradient (beta=1)."""
+    dx = dys[0] @ weights[0]
+    for dy, weight in zip(dys[1:], weights[1:], strict=True):
+        dx.addmm_(dy, weight)
+    return dx.addmm_(g, a)
+
+
+def _silu(g: Tensor) -> tuple[Tensor, Tensor]:
+    s = torch.sigmoid(g)
+    return g * s, s * (1 + g * (1 - s))
+
+
+def _gelu_tanh(g: Tensor) -> tuple[Tensor, Tensor]:
+    c = (2 / torch.pi) ** 0.5
+    t = torch.tanh(c * (g + 0.044715 * g**3))
+    return 0.5 * g * (1 + t), 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * c * (1 + 3 * 0.044715 * g * g)
+
+
+def _gelu(g: Tensor) -> tuple[Tensor, Tensor]:
+    cdf = 0.5 * (1 + torch.erf(g * 0.5**0.5))
+    return g * cdf, cdf + g * torch.exp(-0.5 * g * g) / (2 * torch.pi) ** 0.5
+
+
+GLU_ACTIVATIONS: dict[str, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
+    "silu": _silu,
+    "gelu_tanh": _gelu_tanh,
+    "gelu": _gelu,
+}
+"""act(g) and act'(g) in float32, for the gated MLP's activations."""
+
+
+def glu_down_ref(gate: Tensor, up: Tensor, a: Tensor, activation: str) -> tuple[Tensor, Tensor]:
+    """h = act(gate) * up and the down adapter's u = h a^T."""
+    act, _ = GLU_ACTIVATIONS[activation](gate.float())
+    h = (act * up.float()).to(gate.dtype)
+    return h, h @ a.t()
+
+
+def glu_backward_ref(
+    dh: Tensor, gate: Tensor, up: Tensor, activation: str, dgate: Tensor, dup: Tensor
+) -> Tensor:
+    """Write dgate = dh * up * act'(gate), dup = dh * act(gate); return the recomputed h."""
+    act, grad = GLU_ACTIVATIONS[activation](gate.float())
+    dh, v = dh.float(), up.float()
+    dgate.copy_(dh * v * grad)
+    dup.copy_(dh * act)
+    return (act * v).to(gate.dtype)
+
+
+OPS.update(
+    {
+        op.name: op
+        for op in (
+            _op("lora_linear", lora_linear_ref, ("triton",), ()),
+            _op("lora_input_grad", lora_input_grad_ref, ("triton",), ()),
+            _op("glu_down", glu_down_ref, ("triton",), ()),
+            _op("glu_backward", glu_backward_ref, ("triton",), ()),
+        )
+    }
+)
+
+lora_linear = OPS["lora_linear"]
+lora_input_grad = OPS["lora_input_grad"]
+glu_down = OPS["glu_down"]
+glu_backward = OPS["glu_backward"]

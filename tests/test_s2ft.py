@@ -5,16 +5,15 @@ from __future__ import annotations
 import copy
 
 import pytest
+import slimtune
 import torch
 import transformers
-from test_refusals import refused
-from tiny_models import make_batch, make_model
-from torch import nn
-
-import slimtune
 from slimtune.layers.s2ft import S2FTLinear
 from slimtune.methods import METHODS
 from slimtune.model import patch_state
+from test_refusals import refused
+from tiny_models import make_batch, make_model
+from torch import nn
 
 FAMILIES = ["gemma", "llama", "mistral", "phi3", "qwen2", "qwen3"]
 CONFIGS = {
@@ -118,7 +117,9 @@ def test_training_changes_only_selected_heads_and_channels(family):
             columns = (units[:, None] * size + torch.arange(size)).reshape(-1)
             expected = torch.zeros(value.shape[1], dtype=torch.bool)
             expected[columns] = True
-            assert torch.equal(changed.any(dim=0), expected), f"{key}: exactly the selected whole units change"
+            assert torch.equal(changed.any(dim=0), expected), (
+                f"{key}: exactly the selected whole units change"
+            )
         else:
             assert not changed.any(), f"{key} must stay bit-for-bit equal to the base"
 
@@ -169,11 +170,12 @@ def test_delta_applies_reverts_saves_and_composes(dtype, tmp_path):
     both = d1 + d2
     one_by_one = d2.apply(d1.apply(copy.deepcopy(base)))
     fused = both.apply(copy.deepcopy(base))
+    rtol = 1e-6 if dtype == torch.float32 else 1e-2  # fused sums round once, one by one twice
     for key, value in one_by_one.state_dict().items():
-        torch.testing.assert_close(fused.state_dict()[key], value, rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-6)
+        torch.testing.assert_close(fused.state_dict()[key], value, rtol=rtol, atol=1e-6)
     both.revert(fused)
     for key, value in base.state_dict().items():
-        torch.testing.assert_close(fused.state_dict()[key], value, rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-6)
+        torch.testing.assert_close(fused.state_dict()[key], value, rtol=rtol, atol=1e-6)
 
 
 def test_paca_delta_round_trip():
@@ -201,7 +203,9 @@ def test_more_units_than_exist_are_refused(config, match):
 def test_bad_models_and_deltas_are_refused():
     config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=32)
     gpt2 = transformers.GPT2LMHeadModel(config)
-    refused(gpt2, lambda: slimtune.apply(gpt2, slimtune.S2FTConfig(heads=1)), ValueError, r"no attention module")
+    refused(
+        gpt2, lambda: slimtune.apply(gpt2, slimtune.S2FTConfig(heads=1)), ValueError, r"no attention module"
+    )
     model = slimtune.apply(make_model("llama"), slimtune.S2FTConfig(channels=2))
     diff = slimtune.delta(model)
     narrower = make_model("llama", intermediate_size=40)
@@ -220,6 +224,8 @@ def test_bf16_cuda_block_gradients():
     model(ids, labels=ids).loss.backward()
     ref(ids, labels=ids).loss.backward()
     for name, layer in s2ft_layers(model).items():
-        dense = ref.get_submodule(name).weight.grad.index_select(layer.axis, original_index(model, name).cuda())
+        dense = ref.get_submodule(name).weight.grad.index_select(
+            layer.axis, original_index(model, name).cuda()
+        )
         err = (layer.s2ft_block.grad.float() - dense.float()).norm() / dense.float().norm()
         assert err < 2e-2, name
