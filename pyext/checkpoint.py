@@ -18,8 +18,17 @@ TENSORS_FILE = "slimtune_model.safetensors"
 FORMAT_VERSION = 1
 
 
-def save(model: nn.Module, directory: str | Path) -> Path:
-    """Write `slimtune_config.json` and `slimtune_model.safetensors` (trained tensors and indices)."""
+def save(model: nn.Module, directory: str | Path, format: str = "slimtune") -> Path:
+    """Write `slimtune_config.json` and `slimtune_model.safetensors` (trained tensors and indices).
+
+    `format="peft"` writes a PEFT LoRA adapter directory instead (LoRA models only).
+    """
+    if format == "peft":
+        from .peft_compat import save_peft
+
+        return save_peft(model, directory)
+    if format != "slimtune":
+        raise ValueError(f"unknown checkpoint format {format!r}; use 'slimtune' or 'peft'")
     state = patch_state(model)
     if state is None:
         raise ValueError(f"{type(model).__name__} is not patched by slimtune; there is nothing to save")

@@ -126,4 +126,75 @@ class S2FTConfig(MethodConfig):
             raise ValueError("S2FTConfig.train_gate_up_rows needs channels > 0")
 
 
-CONFIG_CLASSES: dict[str, type[MethodConfig]] = {cls.method: cls for cls in (PaCAConfig, S2FTConfig)}
+def _check_rank(owner: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner} must be an int (the adapter rank), got {value!r}")
+    if value < 1:
+        raise ValueError(f"{owner} must be >= 1 (the adapter rank; 8 to 64 is usual), got {value}")
+
+
+def _check_adapter_common(owner: str, alpha: float, fp32_master: bool, seed: int) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < float("inf"):
+        raise ValueError(f"{owner}.alpha must be a finite number > 0 (scaling = alpha / rank), got {alpha!r}")
+    if not isinstance(fp32_master, bool):
+        raise TypeError(f"{owner}.fp32_master must be True or False, got {fp32_master!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{owner}.seed must be an int, got {seed!r}")
+
+
+@dataclass(frozen=True)
+class LoRAConfig(MethodConfig):
+    """LoRA: y = W x + b + (alpha / r) B A x on every targeted linear, B zero at first (as in PEFT).
+
+    A is drawn per layer from `seed` with PEFT's default (Kaiming-uniform) bounds. Adapter weights
+    are kept in the model's dtype; `fp32_master=True` keeps float32 masters, cast per forward.
+    `dropout` > 0 drops adapter inputs (as PEFT does) on a slower, unfused path.
+    """
+
+    method: ClassVar[str] = "lora"
+
+    r: int
+    alpha: float
+    target_modules: TargetModules = "all-linear"
+    dropout: float = 0.0
+    fp32_master: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_rank("LoRAConfig.r", self.r)
+        _check_adapter_common("LoRAConfig", self.alpha, self.fp32_master, self.seed)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float):
+            raise TypeError(f"LoRAConfig.dropout must be a float in [0, 1), got {self.dropout!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRAConfig.dropout must be in [0, 1) (0 turns it off), got {self.dropout}")
+        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
+
+
+@dataclass(frozen=True)
+class HydraConfig(MethodConfig):
+    """Hydra: a parallel and a sequential low-rank branch, y = W0 x + b + sp Bp Ap x + ss Bs As (W0 x).
+
+    Each branch is scaled by alpha over its own rank (sp = alpha / r_parallel, ss = alpha /
+    r_sequential; one s when the ranks match). Both B start at zero, so the model is unchanged at
+    initialisation; the trained layer merges into the single weight (I + ss Bs As) W0 + sp Bp Ap.
+    """
+
+    method: ClassVar[str] = "hydra"
+
+    r_parallel: int
+    r_sequential: int
+    alpha: float
+    target_modules: TargetModules = "all-linear"
+    fp32_master: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_rank("HydraConfig.r_parallel", self.r_parallel)
+        _check_rank("HydraConfig.r_sequential", self.r_sequential)
+        _check_adapter_common("HydraConfig", self.alpha, self.fp32_master, self.seed)
+        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
+
+
+CONFIG_CLASSES: dict[str, type[MethodConfig]] = {
+    cls.method: cls for cls in (PaCAConfig, S2FTConfig, LoRAConfig, HydraConfig)
+}

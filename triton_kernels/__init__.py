@@ -6,5 +6,15 @@ to run them on CPU tensors (slow; for tests only).
 
 from .column_grad import column_grad
 from .columns import gather_columns, scatter_columns
+from .lora import glu_backward, glu_down, lora_input_grad, lora_linear, matmul_sum
 
-__all__ = ["column_grad", "gather_columns", "scatter_columns"]
+__all__ = [
+    "column_grad",
+    "gather_columns",
+    "glu_backward",
+    "glu_down",
+    "lora_input_grad",
+    "lora_linear",
+    "matmul_sum",
+    "scatter_columns",
+]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from ..config import MethodConfig
 from .base import Method, Plan, Replacement
+from .lora import HydraMethod, LoRAMethod
 from .paca import PaCAMethod
 from .s2ft import S2FTMethod
 
-METHODS: dict[str, Method] = {method.name: method for method in (PaCAMethod(), S2FTMethod())}
+METHODS: dict[str, Method] = {
+    method.name: method for method in (PaCAMethod(), S2FTMethod(), LoRAMethod(), HydraMethod())
+}
 
 
 def method_for(config: MethodConfig) -> Method:

@@ -1,0 +1,454 @@
+"""LoRA and Hydra layers: a frozen linear whose low-rank adapter is computed inside its own GEMM.
+
+The autograd functions see every adapter as one pair (a, b) in the compute dtype, so that
+y = x W^T + bias + (x a^T) b^T:
+
+- LoRA: a = A, b = (alpha / r) B.
+- Hydra: a = [Ap; As W0], b = [sp Bp, ss Bs]. The sequential branch Bs As (W0 x) is reassociated as
+  Bs (As W0) x: its down-projection is applied to the weight once per step (rs x out x in FLOPs),
+  not to the base output per token, so it rides the same fused kernels as the parallel branch.
+
+(a, b) are built from the trained parameters outside the autograd functions, so autograd carries
+their gradients back through the scaling, the float32-master cast and As W0.
+
+Saved for backward: the adapter input x (the frozen base product needs no saved activation; x is
+needed for dA only) and u = x a^T (N x r, for dB). Siblings reading one x (q/k/v, gate/up) share one
+x, one u, one down-projection GEMM and one input-gradient GEMM. The gated MLP also keeps gate, up
+and the down adapter's u; h = act(gate) * up is recomputed in backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import types
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _no_autocast(x: Tensor) -> contextlib.AbstractContextManager:
+    """Inputs are cast up front; inside, every product must keep the dtype it is given."""
+    device = x.device.type
+    return (
+        torch.autocast(device, enabled=False)
+        if torch.is_autocast_enabled(device)
+        else contextlib.nullcontext()
+    )
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _forward_projections(
+    x: Tensor, xa: Tensor, a: Tensor, weights, biases, bs, ranks
+) -> tuple[list[Tensor], Tensor]:
+    """Outputs of projections sharing the 2-D input x; u = xa a^T is one GEMM for all adapters."""
+    u = xa @ a.t()
+    outs, start = [], 0
+    for weight, bias, b, r in zip(weights, biases, bs, ranks, strict=True):
+        outs.append(ops.lora_linear(x, weight, bias, u[:, start : start + r], b))
+        start += r
+    return outs, u
+
+
+def _backward_projections(
+    dys, xa: Tensor, u: Tensor, a: Tensor, weights, bs, ranks, shares_input: bool, need_x: bool
+):
+    """(dx, dxa, da, dbs). With dropout (xa is not x) the adapter's input gradient is returned apart."""
+    gs, dbs, start = [], [], 0
+    for dy, b, r in zip(dys, bs, ranks, strict=True):
+        gs.append(dy @ b)
+        dbs.append(dy.t() @ u[:, start : start + r])
+        start += r
+    g = torch.cat(gs, dim=1) if len(gs) > 1 else gs[0]
+    da = g.t() @ xa
+    dx = dxa = None
+    if shares_input:
+        dx = ops.lora_input_grad(g, a, list(dys), list(weights)) if need_x else None
+    else:
+        dx = sum(dy @ w for dy, w in zip(dys, weights, strict=True)) if need_x else None
+        dxa = g @ a
+    return dx, dxa, da, dbs
+
+
+class _Projections(torch.autograd.Function):
+    """Projections of one input x: outputs x W_i^T + bias_i + u_i b_i^T, u = xa a^T (xa: x or dropout(x))."""
+
+    @staticmethod
+    def forward(
+        ctx, x: Tensor, xa: Tensor, a: Tensor, ranks: tuple[int, ...], *per_projection: Tensor | None
+    ):
+        weights, biases, bs = per_projection[0::3], per_projection[1::3], per_projection[2::3]
+        x2 = _rows(x)
+        xa2 = x2 if xa is x else _rows(xa)
+        outs, u = _forward_projections(x2, xa2, a, weights, biases, bs, ranks)
+        ctx.save_for_backward(xa2, u, a, *weights, *bs)
+        ctx.ranks, ctx.shares_input, ctx.x_shape = ranks, xa is x, x.shape
+        return tuple(y.reshape(*x.shape[:-1], y.shape[-1]) for y in outs)
+
+    @staticmethod
+    def backward(ctx, *dys: Tensor):
+        xa, u, a, *rest = ctx.saved_tensors
+        count = len(ctx.ranks)
+        weights, bs = rest[:count], rest[count:]
+        dx, dxa, da, dbs = _backward_projections(
+            [_rows(dy) for dy in dys],
+            xa,
+            u,
+            a,
+            weights,
+            bs,
+            ctx.ranks,
+            ctx.shares_input,
+            ctx.needs_input_grad[0],
+        )
+        dx = None if dx is None else dx.reshape(ctx.x_shape)
+        dxa = None if dxa is None else dxa.reshape(ctx.x_shape)
+        return dx, dxa, da, None, *(g for db in dbs for g in (None, None, db))
+
+
+class _GatedMLP(torch.autograd.Function):
+    """down(act(gate(x)) * up(x)) with every projection's adapter fused; h is recomputed in backward."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: Tensor,
+        a_in: Tensor,
+        a_down: Tensor,
+        b_down: Tensor,
+        w_down: Tensor,
+        bias_down: Tensor | None,
+        activation: str,
+        ranks: tuple[int, ...],
+        *per_projection: Tensor | None,
+    ):
+        weights, biases, bs = per_projection[0::3], per_projection[1::3], per_projection[2::3]
+        x2 = _rows(x)
+        outs, u = _forward_projections(x2, x2, a_in, weights, biases, bs, ranks)
+        gate, up = outs[0].chunk(2, dim=-1) if len(outs) == 1 else outs  # Phi-3's gate_up_proj: gate first
+        h, u_down = ops.glu_down(gate, up, a_down, activation)
+        y = ops.lora_linear(h, w_down, bias_down, u_down, b_down)
+        ctx.save_for_backward(x2, u, a_in, gate, up, a_down, b_down, w_down, u_down, *weights, *bs)
+        ctx.ranks, ctx.activation, ctx.x_shape = ranks, activation, x.shape
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, u, a_in, gate, up, a_down, b_down, w_down, u_down, *rest = ctx.saved_tensors
+        count = len(ctx.ranks)
+        weights, bs = rest[:count], rest[count:]
+        dy = _rows(dy)
+        g_down = dy @ b_down
+        db_down = dy.t() @ u_down
+        dh = ops.lora_input_grad(g_down, a_down, [dy], [w_down])
+        if count == 1:  # one gate_up output: write both halves of its gradient in place
+            d_outs = [torch.empty(gate.shape[0], 2 * gate.shape[1], dtype=gate.dtype, device=gate.device)]
+            dgate, dup = d_outs[0].chunk(2, dim=-1)
+        else:
+            d_outs = [torch.empty_like(gate), torch.empty_like(up)]
+            dgate, dup = d_outs
+        h = ops.glu_backward(dh, gate, up, ctx.activation, dgate, dup)
+        da_down = g_down.t() @ h
+        dx, _, da_in, dbs = _backward_projections(
+            d_outs, x, u, a_in, weights, bs, ctx.ranks, True, ctx.needs_input_grad[0]
+        )
+        dx = None if dx is None else dx.reshape(ctx.x_shape)
+        return (
+            dx,
+            da_in,
+            da_down,
+            db_down,
+            None,
+            None,
+            None,
+            None,
+            *(g for db in dbs for g in (None, None, db)),
+        )
+
+
+def _adapter_args(
+    layers: Sequence[AdapterLinear], dtype: torch.dtype
+) -> tuple[Tensor, tuple[int, ...], list]:
+    """The concatenated down-projections, the ranks, and (weight, bias, b) per layer, in `dtype`."""
+    pairs = [layer.adapter(dtype) for layer in layers]
+    a = torch.cat([a for a, _ in pairs]) if len(pairs) > 1 else pairs[0][0]
+    per_layer = [
+        t
+        for layer, (_, b) in zip(layers, pairs, strict=True)
+        for t in (_cast(layer.weight, dtype), _cast(layer.bias, dtype), b)
+    ]
+    return a, tuple(a.shape[0] for a, _ in pairs), per_layer
+
+
+def project(x: Tensor, layers: Sequence[AdapterLinear], dropout: float = 0.0) -> list[Tensor]:
+    """The outputs of adapter layers that read the same x (one down-projection GEMM for all)."""
+    dtype = _compute_dtype(x)
+    with _no_autocast(x):
+        x = x.to(dtype)
+        a, ranks, per_layer = _adapter_args(layers, dtype)
+        xa = F.dropout(x, dropout, training=True) if dropout else x
+        return list(_Projections.apply(x, xa, a, ranks, *per_layer))
+
+
+def gated_mlp(x: Tensor, inputs: Sequence[AdapterLinear], down: AdapterLinear, activation: str) -> Tensor:
+    """down(act(gate(x)) * up(x)) through one autograd function; `inputs` is [gate, up] or [gate_up]."""
+    dtype = _compute_dtype(x)
+    with _no_autocast(x):
+        x = x.to(dtype)
+        a_in, ranks, per_layer = _adapter_args(inputs, dtype)
+        a_down, b_down = down.adapter(dtype)
+        w_down, bias_down = _cast(down.weight, dtype), _cast(down.bias, dtype)
+        return _GatedMLP.apply(x, a_in, a_down, b_down, w_down, bias_down, activation, ranks, *per_layer)
+
+
+def _version(x: Tensor) -> int:
+    return -1 if x.is_inference() else x._version  # inference tensors keep no version counter
+
+
+class SharedInput:
+    """Sibling projections called one after another on one input (q/k/v; gate/up).
+
+    The first call computes every sibling's output in one pass and keeps the others until their own
+    calls with the same tensor. Any other pattern (another input, a repeated call) switches the group
+    off for good, with a warning, and each layer then computes alone: never a wrong output.
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names, self.layers, self.enabled = list(names), [], True
+        self._input: Tensor | None = None
+        self._version = -1
+        self._pending: dict[AdapterLinear, Tensor] = {}
+
+    def add(self, layer: AdapterLinear) -> None:
+        layer.shared = self
+        self.layers.append(layer)
+
+    def __call__(self, layer: AdapterLinear, x: Tensor) -> Tensor:
+        if self._pending:
+            same = x is self._input and _version(x) == self._version
+            out = self._pending.pop(layer, None) if same else None
+            if out is not None:
+                if not self._pending:
+                    self._input = None
+                return out
+            self._disable()
+        if not self.enabled:
+            return project(x, [layer])[0]
+        outs = project(x, self.layers)
+        index = self.layers.index(layer)
+        self._pending = {
+            sib: y for i, (sib, y) in enumerate(zip(self.layers, outs, strict=True)) if i != index
+        }
+        self._input, self._version = x, _version(x)
+        return outs[index]
+
+    def _disable(self) -> None:
+        warnings.warn(
+            f"slimtune: {self.names} are not called one after another on one input; they now run unfused",
+            stacklevel=3,
+        )
+        self.enabled, self._pending, self._input = False, {}, None
+
+
+@dataclass(frozen=True)
+class GatedMLPSpec:
+    """Where a gated MLP keeps its projections and which activation it applies."""
+
+    inputs: tuple[str, ...]  # ("gate_proj", "up_proj") or Phi-3's ("gate_up_proj",)
+    down: str
+    activation: str  # a key of ops.GLU_ACTIVATIONS
+
+
+def _fused_mlp_forward(spec: GatedMLPSpec, mlp: nn.Module, x: Tensor) -> Tensor:
+    inputs = [getattr(mlp, name) for name in spec.inputs]
+    down = getattr(mlp, spec.down)
+    if all(isinstance(m, AdapterLinear) for m in (*inputs, down)):
+        return gated_mlp(x, inputs, down, spec.activation)
+    return type(mlp).forward(mlp, x)  # its layers were swapped again: the model's own code
+
+
+def fuse_mlp(mlp: nn.Module, spec: GatedMLPSpec) -> None:
+    """Route `mlp`'s forward through `gated_mlp` (an instance attribute; `unfuse_mlp` removes it)."""
+    mlp.forward = types.MethodType(functools.partial(_fused_mlp_forward, spec), mlp)
+
+
+def unfuse_mlp(mlp: nn.Module) -> None:
+    mlp.__dict__.pop("forward", None)
+
+
+def _bits(t: Tensor) -> Tensor:
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@dataclass
+class MergeRecord:
+    """What `unmerge` needs to give the base weight back bit for bit after an in-place merge."""
+
+    tensors: dict[str, Tensor]  # the trained tensors, to rebuild the layer
+    b: Tensor  # float64 (out x R) and
+    a: Tensor  # float64 (R x in): the merged delta is b @ a
+    index: Tensor  # flat positions where round(merged - delta) is not the base value,
+    values: Tensor  # and the base values there
+    version: int  # the weight's version counter right after merging
+
+
+@torch.no_grad()
+def restore_weight_(weight: Tensor, record: MergeRecord) -> None:
+    """Undo an in-place merge exactly: round(W' - delta) in float64, then the recorded exceptions."""
+    base = (weight.double() - record.b @ record.a).to(weight.dtype)
+    base.view(-1)[record.index] = record.values
+    weight.copy_(base)
+
+
+class AdapterLinear(nn.Module):
+    """Common part of LoRALinear and HydraLinear: frozen `weight`/`bias` and the fused forward."""
+
+    trained_names: ClassVar[tuple[str, ...]]
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.dropout = 0.0
+        self.shared: SharedInput | None = None
+
+    def _adapter_parameter(self, tensor: Tensor, dtype: torch.dtype | None) -> nn.Parameter:
+        return nn.Parameter(tensor.to(device=self.weight.device, dtype=dtype or self.weight.dtype))
+
+    def adapter(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(a, b) in `dtype`: the layer adds (x a^T) b^T; differentiable in the trained parameters."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.shared is not None and self.shared.enabled:
+            return self.shared(self, x)
+        return project(x, [self], self.dropout if self.training else 0.0)[0]
+
+    def checkpoint_tensors(self) -> dict[str, Tensor]:
+        return {name: getattr(self, name).detach() for name in self.trained_names}
+
+    @torch.no_grad()
+    def load_trained_(self, tensors: dict[str, Tensor]) -> None:
+        for name in self.trained_names:
+            getattr(self, name).copy_(tensors[name])
+
+    @torch.no_grad()
+    def merge(self) -> tuple[nn.Linear, MergeRecord]:
+        """`to_linear()` plus what `restore_weight_` needs to undo it exactly."""
+        a, b = self.adapter(torch.float64)
+        delta = b @ a
+        base = self.weight
+        merged = (base.double() + delta).to(base.dtype)
+        back = (merged.double() - delta).to(base.dtype)
+        index = (_bits(back) != _bits(base)).flatten().nonzero().squeeze(1)
+        values = base.flatten()[index]
+        base.copy_(merged)
+        record = MergeRecord(self.checkpoint_tensors(), b, a, index, values, base._version)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear, record
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear holding W0 + delta rounded once (delta in float64), written in place."""
+        return self.merge()[0]
+
+
+def _uniform(shape: tuple[int, int], fan_in: int, generator: torch.Generator | None) -> Tensor:
+    """PEFT's default A: kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1 / math.sqrt(fan_in)
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+class LoRALinear(AdapterLinear):
+    """Drop-in nn.Linear: y = x W^T + b + (alpha / r) (x A^T) B^T.
+
+    Trains lora_A (r x in) and lora_B (out x r); weight and bias stay frozen.
+    """
+
+    trained_names = ("lora_A", "lora_B")
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(base)
+        self.r, self.scaling, self.dropout = r, alpha / r, dropout
+        self.lora_A = self._adapter_parameter(
+            _uniform((r, self.in_features), self.in_features, generator), dtype
+        )
+        self.lora_B = self._adapter_parameter(torch.zeros(self.out_features, r), dtype)
+
+    def adapter(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        return self.lora_A.to(dtype), (self.lora_B * self.scaling).to(dtype)
+
+    def extra_repr(self) -> str:
+        sizes = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{sizes}, r={self.r}, scaling={self.scaling:g}"
+
+
+class HydraLinear(AdapterLinear):
+    """Drop-in nn.Linear: y = x W0^T + b + sp (x Ap^T) Bp^T + ss ((x W0^T) As^T) Bs^T.
+
+    Trains parallel_A (rp x in), parallel_B (out x rp), sequential_A (rs x out), sequential_B (out x rs).
+    """
+
+    trained_names = ("parallel_A", "parallel_B", "sequential_A", "sequential_B")
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r_parallel: int,
+        r_sequential: int,
+        alpha: float,
+        dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(base)
+        n_in, n_out = self.in_features, self.out_features
+        self.r_parallel, self.r_sequential = r_parallel, r_sequential
+        self.scaling_parallel, self.scaling_sequential = alpha / r_parallel, alpha / r_sequential
+        self.parallel_A = self._adapter_parameter(_uniform((r_parallel, n_in), n_in, generator), dtype)
+        self.parallel_B = self._adapter_parameter(torch.zeros(n_out, r_parallel), dtype)
+        self.sequential_A = self._adapter_parameter(_uniform((r_sequential, n_out), n_out, generator), dtype)
+        self.sequential_B = self._adapter_parameter(torch.zeros(n_out, r_sequential), dtype)
+
+    def adapter(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        a = torch.cat([self.parallel_A.to(dtype), self.sequential_A.to(dtype) @ self.weight.to(dtype)])
+        b = torch.cat(
+            [self.parallel_B * self.scaling_parallel, self.sequential_B * self.scaling_sequential], dim=1
+        )
+        return a, b.to(dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"r_parallel={self.r_parallel}, r_sequential={self.r_sequential}"
+        )
