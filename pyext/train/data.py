@@ -1,0 +1,155 @@
+"""Stage data: read sources, mix them by weight, tokenize with completion-only labels, pack rows.
+
+Everything here runs before the first training step, so a missing file or a malformed record
+stops the run before any compute is spent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .tasks import Example, encode, generate
+from .tokenizer import Tokenizer
+
+
+class DataError(ValueError):
+    """A data problem; the recipe layer prefixes it with the recipe key that named the data."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One entry of a stage's `data`: a file or directory (`path`), a generated `task`, or an earlier
+    `stage`'s data; `weight` scales its example count (0.5 = a random half, 2 = everything twice)."""
+
+    path: Path | None = None
+    task: str | None = None
+    stage: str | None = None
+    weight: float = 1.0
+    n: int | None = None
+    where: str = ""
+
+
+def _record(record: object, origin: str) -> tuple[Example, bool]:
+    """A prompt/completion record (has an answer) or a plain-text record."""
+    if isinstance(record, dict):
+        if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+            return Example(record["prompt"], record["completion"]), True
+        if isinstance(record.get("text"), str):
+            return Example("", record["text"]), False
+    raise DataError(f"{origin}: expected an object with string 'prompt' and 'completion', or 'text'")
+
+
+def read_records(path: Path, n: int | None = None) -> tuple[list[Example], bool]:
+    """Examples from a JSONL file or a `datasets.save_to_disk` directory, and whether they have answers."""
+    if path.is_dir():
+        try:
+            import datasets
+        except ImportError:
+            raise DataError(f"{path} is a directory: reading it needs `pip install datasets`") from None
+        data = datasets.load_from_disk(str(path))
+        if isinstance(data, datasets.DatasetDict):
+            data = data["train"] if "train" in data else next(iter(data.values()))
+        records = [(f"{path} row {i}", row) for i, row in enumerate(data)]
+    elif path.is_file():
+        records = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append((f"{path}:{number}", json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    else:
+        raise DataError(f"{path} does not exist")
+    parsed = [_record(record, origin) for origin, record in records[:n]]
+    if not parsed:
+        raise DataError(f"{path} holds no records")
+    kinds = {answer for _, answer in parsed}
+    if len(kinds) > 1:
+        raise DataError(f"{path} mixes prompt/completion and plain-text records; use one kind per file")
+    return [example for example, _ in parsed], kinds.pop()
+
+
+def weighted(examples: list[Example], weight: float, rng: random.Random) -> list[Example]:
+    """Every example floor(weight) times, plus a random share of the fraction (at least one example)."""
+    whole, fraction = divmod(weight, 1.0)
+    extra = rng.sample(examples, max(round(fraction * len(examples)), 1 if whole == 0 else 0))
+    return examples * int(whole) + extra
+
+
+@dataclass
+class Packed:
+    """Rows of `seq_len` tokens; labels are -100 outside completions and on padding."""
+
+    ids: Tensor
+    labels: Tensor
+    mask: Tensor
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+
+def pack(examples: list[Example], tokenizer: Tokenizer, seq_len: int) -> Packed:
+    """Whole examples laid end to end into rows (a new row when the next one does not fit).
+
+    Plain text longer than a row is cut into row-sized pieces; a longer prompt/completion example
+    is refused rather than cut away from its answer.
+    """
+    rows: list[tuple[list[int], list[int]]] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for example in examples:
+        ex_ids, ex_labels = encode(example, tokenizer)
+        if len(ex_ids) > seq_len:
+            if example.prompt:
+                raise DataError(
+                    f"an example is {len(ex_ids)} tokens, longer than seq_len={seq_len}: raise seq_len "
+                    f"(prompt {example.prompt[:40]!r})"
+                )
+            pieces = [
+                (ex_ids[i : i + seq_len], ex_labels[i : i + seq_len]) for i in range(0, len(ex_ids), seq_len)
+            ]
+        else:
+            pieces = [(ex_ids, ex_labels)]
+        for piece_ids, piece_labels in pieces:
+            if len(ids) + len(piece_ids) > seq_len:
+                rows.append((ids, labels))
+                ids, labels = [], []
+            ids, labels = ids + piece_ids, labels + piece_labels
+    rows.append((ids, labels))
+    pad = [(seq_len - len(i)) for i, _ in rows]
+    return Packed(
+        ids=torch.tensor([i + [tokenizer.pad_id] * p for (i, _), p in zip(rows, pad, strict=True)]),
+        labels=torch.tensor([lab + [-100] * p for (_, lab), p in zip(rows, pad, strict=True)]),
+        mask=torch.tensor([[1] * len(i) + [0] * p for (i, _), p in zip(rows, pad, strict=True)]),
+    )
+
+
+def batch_order(rows: int, batch_size: int, steps: int, seed: int) -> Tensor:
+    """Row indices for `steps` global batches: seeded shuffles of all rows (epochs) laid end to end."""
+    generator = torch.Generator().manual_seed(seed)
+    epochs = math.ceil(steps * batch_size / rows)
+    return torch.cat([torch.randperm(rows, generator=generator) for _ in range(epochs)])
+
+
+def source_examples(source: Source, seed: int, earlier: dict[str, list[Example]]) -> list[Example]:
+    """The examples a source names (before its weight)."""
+    if source.task is not None:
+        return generate(source.task, source.n or 2000, seed)
+    if source.stage is not None:
+        return earlier[source.stage]
+    return read_records(source.path, source.n)[0]
+
+
+def mix(parts: list[tuple[list[Example], float]], seed: int) -> list[Example]:
+    """A stage's training examples: each source's examples weighted, then all shuffled together."""
+    rng = random.Random(seed)
+    mixed = [e for examples, weight in parts for e in weighted(examples, weight, rng)]
+    rng.shuffle(mixed)
+    return mixed

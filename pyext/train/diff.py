@@ -1,0 +1,106 @@
+"""Entry-level sparse diffs (LT-SFT): any parameter, any scattered entries.
+
+`slimtune.SparseDelta` stores whole rows or columns of linears (what PaCA and S2FT train); an
+LT-SFT mask picks single entries anywhere, embeddings included, so it gets this container with the
+same API: `apply`, `revert`, `d1 + d2`, `save`, `load`. Changes are float64 and applied in float64
+before one rounding, so base + diff reproduces the trained weights and revert restores the base.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import slimtune
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+FORMAT = "slimtune-entry-diff"
+
+
+class EntryDiff:
+    """Per parameter name: sorted flat indices and the float64 change at each."""
+
+    def __init__(self, entries: dict[str, tuple[Tensor, Tensor]]) -> None:
+        self.entries = entries
+
+    def __repr__(self) -> str:
+        count = sum(index.numel() for index, _ in self.entries.values())
+        return f"EntryDiff({len(self.entries)} tensors, {count} entries)"
+
+    @classmethod
+    def between(cls, model: nn.Module, start: dict[str, Tensor], masks: dict[str, Tensor]) -> EntryDiff:
+        """The change of `model` from `start` on the masked entries."""
+        entries = {}
+        for name, mask in masks.items():
+            index = mask.flatten().nonzero().flatten().cpu()
+            now = model.get_parameter(name).detach().flatten().cpu()
+            entries[name] = (index, now[index].double() - start[name].flatten().cpu()[index].double())
+        return cls(entries)
+
+    def apply(self, model: nn.Module, scale: float = 1.0) -> nn.Module:
+        """parameter[entries] += scale * change, in place (all names are checked first)."""
+        params = {}
+        for name, (index, _) in self.entries.items():
+            try:
+                params[name] = model.get_parameter(name)
+            except AttributeError:
+                raise ValueError(
+                    f"diff entry {name!r} is not a parameter of {type(model).__name__}"
+                ) from None
+            if index.numel() and int(index.max()) >= params[name].numel():
+                raise ValueError(
+                    f"diff entry {name!r} points past the parameter's {params[name].numel()} values"
+                )
+        with torch.no_grad():
+            for name, (index, values) in self.entries.items():
+                flat = params[name].view(-1)
+                where = index.to(flat.device)
+                flat[where] = (flat[where].double() + scale * values.to(flat.device)).to(flat.dtype)
+        return model
+
+    def revert(self, model: nn.Module) -> nn.Module:
+        return self.apply(model, scale=-1.0)
+
+    def __add__(self, other: EntryDiff) -> EntryDiff:
+        """Fuse two diffs: changes to the same entries add up."""
+        entries = dict(self.entries)
+        for name, (index, values) in other.entries.items():
+            if name in entries:
+                mine_index, mine_values = entries[name]
+                merged = torch.cat([mine_index, index]).unique(sorted=True)
+                total = torch.zeros(merged.numel(), dtype=torch.float64)
+                total.index_add_(0, torch.searchsorted(merged, mine_index), mine_values)
+                total.index_add_(0, torch.searchsorted(merged, index), values)
+                entries[name] = (merged, total)
+            else:
+                entries[name] = (index, values)
+        return EntryDiff(entries)
+
+    def save(self, path: str | Path) -> Path:
+        tensors = {}
+        for name, (index, values) in self.entries.items():
+            tensors[f"{name}.index"], tensors[f"{name}.values"] = index.contiguous(), values.contiguous()
+        save_file(tensors, path, metadata={"format": FORMAT})
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> EntryDiff:
+        tensors = load_file(path)
+        names = {key.rsplit(".", 1)[0] for key in tensors}
+        return cls({n: (tensors[f"{n}.index"], tensors[f"{n}.values"]) for n in names})
+
+
+def load_diff(path: str | Path) -> EntryDiff | slimtune.SparseDelta:
+    """A diff file of either kind: entry-level (LT-SFT) or `slimtune.delta` (PaCA, S2FT)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            kind = (handle.metadata() or {}).get("format")
+    except Exception as err:  # safetensors raises its own error type for a file it cannot read
+        raise ValueError(f"{path} is not a safetensors file: {err}") from None
+    if kind == FORMAT:
+        return EntryDiff.load(path)
+    if kind == "slimtune-delta":
+        return slimtune.load_delta(path)
+    raise ValueError(f"{path} is not a sparse diff written by slimtune (format {kind!r})")

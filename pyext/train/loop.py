@@ -1,0 +1,130 @@
+"""One stage's optimisation: AdamW, warmup then decay, gradient accumulation, DDP, a progress bar.
+
+The loss of a step is the summed token loss of the whole global batch over its label count, so
+one process and N processes (each with a slice of the batch) take the same gradient steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .data import Packed
+from .recipe import Stage
+from .tasks import token_loss_sum
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in a `torchrun` launch (rank 0 of 1 without one) and its device."""
+
+    rank: int
+    size: int
+    device: torch.device
+
+    @classmethod
+    def start(cls, device: str) -> World:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if size > 1 and not dist.is_initialized():
+            if cuda:
+                torch.cuda.set_device(local)
+            dist.init_process_group("nccl" if cuda else "gloo")
+        return cls(int(os.environ.get("RANK", "0")), size, torch.device(f"cuda:{local}" if cuda else "cpu"))
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+
+@dataclass
+class Trace:
+    """What a stage's training recorded: loss per step, milliseconds per step, memory."""
+
+    losses: list[float] = field(default_factory=list)
+    ms: list[float] = field(default_factory=list)
+    memory_mib: float = 0.0
+
+
+def lr_factor(stage: Stage, steps: int, step: int) -> float:
+    """Linear warmup over `warmup_steps`, then constant, linear or cosine decay to 0 at the last step."""
+    if step < stage.warmup_steps:
+        return (step + 1) / stage.warmup_steps
+    progress = (step - stage.warmup_steps) / max(steps - stage.warmup_steps, 1)
+    if stage.schedule == "linear":
+        return 1.0 - progress
+    if stage.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def make_optimizer(params: list[nn.Parameter], stage: Stage) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+
+
+def memory_mib(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> float:
+    """Peak CUDA memory; on a CPU, the bytes of parameters, gradients and optimizer state (no activations)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    params = list(model.parameters())
+    tensors = params + [p.grad for p in params if p.grad is not None]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def train(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    packed: Packed,
+    order: Tensor,
+    stage: Stage,
+    steps: int,
+    world: World,
+    trace: Trace,
+) -> None:
+    """`steps` optimizer steps on the rows `order` lists, `stage.batch_size` rows per step."""
+    optimizer = make_optimizer(params, stage)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(stage, steps, step))
+    net = nn.parallel.DistributedDataParallel(model) if world.size > 1 else model
+    if world.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(world.device)
+    model.train()
+    share = stage.batch_size // world.size
+    bar = tqdm(total=steps, desc=stage.name, disable=world.rank != 0, dynamic_ncols=True)
+    for step in range(steps):
+        started = time.perf_counter()
+        rows = order[step * stage.batch_size : (step + 1) * stage.batch_size]
+        count = max(int((packed.labels[rows, 1:] != -100).sum()), 1)
+        mine = rows[world.rank * share : (world.rank + 1) * share].view(stage.grad_accum, -1)
+        total = torch.zeros((), device=world.device)
+        for i, part in enumerate(mine):
+            last = i == stage.grad_accum - 1
+            with contextlib.nullcontext() if world.size == 1 or last else net.no_sync():
+                ids, labels, mask = (
+                    t[part].to(world.device) for t in (packed.ids, packed.labels, packed.mask)
+                )
+                loss = token_loss_sum(net, ids, labels, mask)
+                (loss * world.size / count).backward()  # DDP averages over processes
+            total += loss.detach()
+        optimizer.step()
+        schedule.step()
+        if step == 0:
+            trace.memory_mib = memory_mib(model, optimizer, world.device)
+        optimizer.zero_grad(set_to_none=True)
+        if world.size > 1:
+            dist.all_reduce(total)
+        trace.losses.append(float(total) / count)
+        trace.ms.append((time.perf_counter() - started) * 1e3)
+        bar.set_postfix(loss=f"{trace.losses[-1]:.4f}")
+        bar.update()
+    bar.close()
+    model.eval()

@@ -1,0 +1,249 @@
+"""How a stage trains: which parameters, and how its checkpoint (only what changed) is saved and restored.
+
+`full`, `hft` and `sparse-diff` live here; every method with a `slimtune` config (PaCA, S2FT,
+LoRA, Hydra, and any added later) goes through `slimtune.apply`, `save`, `load` and `merge`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import slimtune
+import torch
+from safetensors.torch import load_file, save_file
+from slimtune.config import CONFIG_CLASSES, MethodConfig
+from slimtune.methods import method_for
+from slimtune.targets import transformer_blocks
+from torch import Tensor, nn
+
+from .diff import EntryDiff
+
+DIFF_FILE = "diff.safetensors"
+
+
+@dataclass
+class Context:
+    """What a method may use while setting up a stage: the stage's seed and a way to train (LT-SFT)."""
+
+    seed: int
+    train: Callable[[list[nn.Parameter], int], None]
+
+
+class StageMethod:
+    """Full fine-tuning; the base of the others. One instance per stage (it holds that stage's state)."""
+
+    name = "full"
+    writes_diff = False  # whether the stage leaves a sparse diff for add_diff / revert_diff
+
+    def check(self, model: nn.Module) -> None:
+        """Raise ValueError if the model cannot take this method (before any training)."""
+
+    def setup(self, model: nn.Module, context: Context) -> list[nn.Parameter]:
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return list(model.parameters())
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        """The trained tensors, whole (a dense method changes every entry of them)."""
+        trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trained, directory / "trained.safetensors")
+
+    def restore(self, model: nn.Module, directory: Path) -> None:
+        """Redo a finished stage from its checkpoint (on `--resume`)."""
+        with torch.no_grad():
+            for name, tensor in load_file(directory / "trained.safetensors").items():
+                model.get_parameter(name).copy_(tensor)
+
+    def finish(self, model: nn.Module) -> None:
+        """Leave a plain model (no slimtune layers, no hooks) for evaluation and the next stage."""
+
+
+def _block_categories(block: nn.Module) -> dict[str, list[str]]:
+    """Module names of a block by HFT category: attention projections, FFN projections, norms."""
+    categories: dict[str, list[str]] = {"attention": [], "ffn": [], "norm": []}
+    for name, module in block.named_modules():
+        if "norm" in type(module).__name__.lower() and list(module.parameters(recurse=False)):
+            categories["norm"].append(name)
+        elif isinstance(module, nn.Linear) and re.search(r"attn|attention", name):
+            categories["attention"].append(name)
+        elif isinstance(module, nn.Linear) and re.search(r"mlp|feed_forward|ffn", name):
+            categories["ffn"].append(name)
+    return categories
+
+
+def hft_selection(model: nn.Module, seed: int) -> set[str]:
+    """Names of the parameters HFT trains for `seed`: half of every block by category, all outside blocks.
+
+    Per block: 2 of the 4 attention projections, half of the norms, and 2 of the 3 FFN projections
+    in a random half of the blocks, 1 of 3 in the others.
+    """
+    rng = random.Random(f"hft:{seed}")
+    (prefix, blocks), *_ = transformer_blocks(model)
+    wide = set(rng.sample(range(len(blocks)), len(blocks) // 2))
+    chosen = []
+    for number, block in enumerate(blocks):
+        categories = _block_categories(block)
+        picks = {"attention": 2, "ffn": 2 if number in wide else 1, "norm": len(categories["norm"]) // 2}
+        for category, count in picks.items():
+            chosen += [f"{prefix}.{number}.{m}." for m in rng.sample(categories[category], count)]
+    in_blocks = f"{prefix}."
+    return {
+        name
+        for name, _ in model.named_parameters()
+        if not name.startswith(in_blocks) or any(name.startswith(c) for c in chosen)
+    }
+
+
+class HFT(StageMethod):
+    """Half fine-tuning: a fresh random half of every block per stage; the rest frozen, no optimizer state."""
+
+    name = "hft"
+
+    def check(self, model: nn.Module) -> None:
+        stacks = transformer_blocks(model)
+        if not stacks:
+            raise ValueError(f"hft found no transformer blocks in {type(model).__name__}")
+        categories = _block_categories(stacks[0][1][0])
+        if len(categories["attention"]) != 4 or len(categories["ffn"]) != 3:
+            raise ValueError(
+                f"hft picks 2 of 4 attention projections and 1-2 of 3 FFN projections per block; a block of "
+                f"{type(model).__name__} has attention {categories['attention']} and FFN {categories['ffn']}"
+            )
+
+    def setup(self, model: nn.Module, context: Context) -> list[nn.Parameter]:
+        selected = hft_selection(model, context.seed)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name in selected)
+        return [p for p in model.parameters() if p.requires_grad]
+
+
+class SparseDiff(StageMethod):
+    """LT-SFT: a short dense phase picks the `k` entries that moved most; reset, then train only those.
+
+    `k` is a count of entries or a fraction of all parameters. Masked gradients with no weight
+    decay leave every other entry exactly at its start value, so the stage is a sparse diff.
+    """
+
+    name = "sparse-diff"
+    writes_diff = True
+
+    def __init__(self, k: int | float = 0.01, dense_steps: int = 20) -> None:
+        if (
+            isinstance(k, bool)
+            or not isinstance(k, int | float)
+            or k <= 0
+            or (isinstance(k, float) and k > 1)
+        ):
+            raise ValueError(f"sparse-diff k must be an entry count >= 1 or a fraction in (0, 1], got {k!r}")
+        if isinstance(dense_steps, bool) or not isinstance(dense_steps, int) or dense_steps < 1:
+            raise ValueError(f"sparse-diff dense_steps must be an int >= 1, got {dense_steps!r}")
+        self.k, self.dense_steps = k, dense_steps
+        self._start: dict[str, Tensor] = {}
+        self._masks: dict[str, Tensor] = {}
+        self._hooks: list[Any] = []
+
+    def setup(self, model: nn.Module, context: Context) -> list[nn.Parameter]:
+        params = super().setup(model, context)
+        self._start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        context.train(params, self.dense_steps)
+        self._masks = top_k_masks(model, self._start, self.k)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                parameter.copy_(self._start[name])
+                mask = self._masks[name].to(parameter.dtype)
+                self._hooks.append(parameter.register_hook(lambda grad, mask=mask: grad * mask))
+        return params
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        EntryDiff.between(model, self._start, self._masks).save(directory / DIFF_FILE)
+
+    def restore(self, model: nn.Module, directory: Path) -> None:
+        EntryDiff.load(directory / DIFF_FILE).apply(model)
+
+    def finish(self, model: nn.Module) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self._start, self._masks = [], {}, {}
+
+
+def top_k_masks(model: nn.Module, start: dict[str, Tensor], k: int | float) -> dict[str, Tensor]:
+    """Boolean masks of the k entries (over all parameters) with the largest absolute change."""
+    names = [n for n, _ in model.named_parameters()]
+    change = torch.cat([(model.get_parameter(n).detach() - start[n]).abs().flatten().float() for n in names])
+    count = min(k if isinstance(k, int) else max(round(k * change.numel()), 1), change.numel())
+    flat = torch.zeros(change.numel(), dtype=torch.bool, device=change.device)
+    flat[change.topk(count).indices] = True
+    masks, offset = {}, 0
+    for name in names:
+        size = start[name].numel()
+        masks[name] = flat[offset : offset + size].view_as(start[name])
+        offset += size
+    return masks
+
+
+class Patched(StageMethod):
+    """A slimtune method (`slimtune.apply`): the checkpoint is `slimtune.save`; PaCA and S2FT also leave
+    their change as a `slimtune.delta` diff."""
+
+    partial = ("paca", "s2ft")  # the methods slimtune.delta covers
+
+    def __init__(self, config: MethodConfig) -> None:
+        self.config = config
+        self.name = config.method
+        self.writes_diff = config.method in self.partial
+
+    def check(self, model: nn.Module) -> None:
+        method_for(self.config).plan(model, self.config)  # validates every target without touching the model
+
+    def setup(self, model: nn.Module, context: Context) -> list[nn.Parameter]:
+        slimtune.apply(model, self.config)
+        return slimtune.trainable_parameters(model)
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        slimtune.save(model, directory / "slimtune")
+        if self.writes_diff:
+            slimtune.delta(model).save(directory / DIFF_FILE)
+
+    def restore(self, model: nn.Module, directory: Path) -> None:
+        slimtune.merge(slimtune.load(model, directory / "slimtune"))
+
+    def finish(self, model: nn.Module) -> None:
+        slimtune.merge(model)
+
+
+RECIPE_METHODS: dict[str, Callable[..., StageMethod]] = {
+    "full": StageMethod,
+    "hft": HFT,
+    "sparse-diff": SparseDiff,
+}
+
+
+def method_options(name: str) -> dict[str, bool]:
+    """The options of method `name`, each mapped to whether it is required; KeyError if unknown."""
+    if name in RECIPE_METHODS:
+        parameters = inspect.signature(RECIPE_METHODS[name]).parameters.values()
+        return {p.name: p.default is inspect.Parameter.empty for p in parameters}
+    fields = dataclasses.fields(CONFIG_CLASSES[name])
+    return {
+        f.name: f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING for f in fields
+    }
+
+
+def known_methods() -> list[str]:
+    return sorted({*RECIPE_METHODS, *CONFIG_CLASSES})
+
+
+def make_method(name: str, options: dict[str, Any]) -> StageMethod:
+    """A stage's method from checked option names; ValueError/TypeError for a bad value."""
+    if name in RECIPE_METHODS:
+        return RECIPE_METHODS[name](**options)
+    config = CONFIG_CLASSES[name](**options)
+    method_for(config)  # refuses a config whose method this slimtune does not implement yet
+    return Patched(config)

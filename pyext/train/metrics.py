@@ -1,0 +1,111 @@
+"""Forgetting metrics from the accuracy matrix, and the run's plots and summary table.
+
+a[j][i] is the accuracy on task i after stage j (j = 0 .. T-1, the stages of one branch). With s(i)
+the stage that teaches task i (its `stage` key), and tasks learned in the last stage left out of
+BWT and of the average forgetting:
+    average accuracy  ACC = mean_i a[T-1][i]
+    backward transfer BWT = mean_i (a[T-1][i] - a[s(i)][i])      over tasks with s(i) < T-1
+    forgetting        f_i = max_{j < T-1} a[j][i] - a[T-1][i]     (T > 1), averaged likewise
+Tasks without answers (plain text) have loss only and take no part in these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+Matrix = list[list[float | None]]
+
+
+def forgetting(acc: Matrix, tasks: list[str], learned: list[int | None]) -> dict[str, Any]:
+    """ACC, BWT and per-task forgetting from `acc` (rows: stages, columns: tasks)."""
+    last = len(acc) - 1
+    scored = [i for i, value in enumerate(acc[-1]) if value is not None]
+    before_last = [i for i in scored if learned[i] is None or learned[i] < last]
+    per_task = {
+        tasks[i]: max(acc[j][i] for j in range(last)) - acc[last][i] if last > 0 else None for i in scored
+    }
+    bwt = [acc[last][i] - acc[learned[i]][i] for i in before_last if learned[i] is not None]
+    averaged = [per_task[tasks[i]] for i in before_last if per_task[tasks[i]] is not None]
+    return {
+        "average_accuracy": mean(acc[last][i] for i in scored) if scored else None,
+        "average_accuracy_per_stage": [mean(row[i] for i in scored) if scored else None for row in acc],
+        "backward_transfer": mean(bwt) if bwt else None,
+        "forgetting": per_task,
+        "average_forgetting": mean(averaged) if averaged else None,
+    }
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def table(
+    rows: list[str], tasks: list[str], acc: Matrix, loss: Matrix, branches: dict[str, dict[str, Any]]
+) -> str:
+    """The summary printed at the end: accuracy (loss for tasks without answers) per stage and task,
+    then ACC, BWT and forgetting per branch (one line for a linear recipe)."""
+    header = ["after", *[f"{t} {'acc' if acc[-1][i] is not None else 'loss'}" for i, t in enumerate(tasks)]]
+    body = [
+        [row, *[_cell(a if a is not None else lo) for a, lo in zip(acc[j], loss[j], strict=True)]]
+        for j, row in enumerate(rows)
+    ]
+    widths = [max(len(line[k]) for line in [header, *body]) for k in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in [header, *body]
+    ]
+    for name, report in branches.items():
+        lines.append(
+            (f"branch {name}: " if len(branches) > 1 else "")
+            + f"average accuracy {_cell(report['average_accuracy'])}   "
+            f"backward transfer {_cell(report['backward_transfer'])}   "
+            f"average forgetting {_cell(report['average_forgetting'])}"
+        )
+    return "\n".join(lines)
+
+
+def heatmap(rows: list[str], tasks: list[str], acc: Matrix, path: Path) -> None:
+    """The accuracy matrix as a heatmap PNG, one row per stage (and the base model)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = [[float("nan") if v is None else v for v in row] for row in acc]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(tasks), 1.2 + 0.5 * len(rows)))
+    image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("task")
+    ax.set_ylabel("after stage")
+    for j, row in enumerate(acc):
+        for i, value in enumerate(row):
+            ax.text(
+                i, j, _cell(value), ha="center", va="center", color="white" if (value or 0) < 0.6 else "black"
+            )
+    fig.colorbar(image, ax=ax, label="exact-match accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def loss_curves(stages: list[str], losses: list[list[float]], path: Path) -> None:
+    """Training loss per step, stages one after another on a common step axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    offset = 0
+    for name, curve in zip(stages, losses, strict=True):
+        ax.plot(range(offset, offset + len(curve)), curve, label=name)
+        offset += len(curve)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

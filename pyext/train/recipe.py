@@ -1,0 +1,328 @@
+"""Recipes: the YAML schema read into dataclasses, every key checked, errors with file and line.
+
+`load_recipe` reports the first problem as `FILE:LINE: KEY: what is wrong`; problems that need
+the model or the data (a method the model cannot take, a malformed data file) are reported the
+same way by the runner, through the `where` each spec keeps, before any training.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .data import Source
+from .methods import StageMethod, known_methods, make_method, method_options
+from .models import BUILTIN, DTYPES, ModelSpec, llama_keys
+from .post import Op
+from .schema import INT, LIST, NAMES, NUMBER, TEXT, Mapping, RecipeError, Section, load_yaml
+from .tasks import TASKS
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """An evaluation task: a generated `task` or a data `path`; `stages` teach it (one per branch)."""
+
+    name: str
+    task: str | None
+    path: Path | None
+    n: int | None
+    stages: tuple[str, ...]
+    where: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    parent: str | None  # `from`: the stage whose model this one starts from (None: the previous one)
+    data: tuple[Source, ...]
+    steps: int | None
+    epochs: float | None
+    batch_size: int
+    grad_accum: int
+    lr: float
+    schedule: str
+    warmup_steps: int
+    weight_decay: float
+    method_name: str
+    method_options: dict[str, Any]
+    method_where: str
+    pre: tuple[Op, ...]
+    post: tuple[Op, ...]
+    where: str
+
+    def method(self) -> StageMethod:
+        """A fresh method object for this stage (it holds the stage's training state)."""
+        return make_method(self.method_name, self.method_options)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    file: Path
+    data: dict[str, Any]  # as read, to check that `--resume` continues the same recipe
+    description: str
+    seed: int
+    seq_len: int
+    device: str
+    model: ModelSpec
+    tasks: tuple[TaskSpec, ...]
+    stages: tuple[Stage, ...]
+
+    def parent(self, index: int) -> int:
+        """The stage whose model stage `index` starts from (-1: the base model)."""
+        names = [s.name for s in self.stages]
+        parent = self.stages[index].parent
+        return names.index(parent) if parent is not None else index - 1
+
+    def lineage(self, index: int) -> list[int]:
+        """The stages whose training the model after stage `index` holds, in order."""
+        return [*self.lineage(self.parent(index)), index] if index >= 0 else []
+
+    def leaves(self) -> list[int]:
+        """The stages no other stage starts from: the ends of the recipe's branches (the last one last)."""
+        parents = {self.parent(j) for j in range(len(self.stages))}
+        return [j for j in range(len(self.stages)) if j not in parents]
+
+
+SCHEDULES = ("constant", "linear", "cosine")
+NAME = re.compile(r"[A-Za-z0-9_.+-]+")
+
+
+def _name(section: Section, key: str, seen: set[str]) -> str:
+    name = section.get(key, TEXT)
+    if not NAME.fullmatch(name):
+        raise section.error(key, f"{name!r}: use letters, digits and _ . + - (it names files)")
+    if name in seen:
+        raise section.error(key, f"{name!r} is used twice; names must be unique")
+    seen.add(name)
+    return name
+
+
+def _path(section: Section, key: str, base: Path) -> Path:
+    path = base / section.get(key, TEXT)
+    if not path.exists():
+        raise section.error(key, f"{path} does not exist (relative paths start at the recipe's folder)")
+    return path
+
+
+def _one_of(section: Section, keys: tuple[str, ...]) -> str:
+    present = [k for k in keys if section.has(k)]
+    if len(present) != 1:
+        raise section.error(None, f"give exactly one of {', '.join(keys)} (found {present or 'none'})")
+    return present[0]
+
+
+def _model(section: Section, base: Path) -> ModelSpec:
+    kind = _one_of(section, ("builtin", "path"))
+    dtype = section.get("dtype", TEXT, "float32")
+    if dtype not in DTYPES:
+        raise section.error("dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
+    if kind == "path":
+        spec = ModelSpec(path=_path(section, "path", base), dtype=dtype, where=section.where())
+    else:
+        builtin = section.get("builtin", TEXT)
+        if builtin not in BUILTIN:
+            raise section.error(
+                "builtin", f"{builtin!r} is not a built-in model; choose from {', '.join(BUILTIN)}"
+            )
+        config = section.section("config", {})
+        for key in config.data:
+            if key not in llama_keys():
+                raise config.error(
+                    key, f"unknown key {key!r}: the config of a built-in model takes LlamaConfig fields"
+                )
+        spec = ModelSpec(builtin=builtin, config=dict(config.data), dtype=dtype, where=section.where())
+    section.close()
+    return spec
+
+
+def _method(section: Section, inherited: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """A method mapping (`name`, options); a stage's overrides the recipe's unless it names another method."""
+    options = dict(section.data)
+    name = options.pop("name", None)
+    if inherited is not None and name in (None, inherited["name"]):
+        name, options = inherited["name"], {**inherited["options"], **options}
+    if name is None:
+        raise section.error(None, f"missing required key 'name' (one of {', '.join(known_methods())})")
+    if not isinstance(name, str) or name not in known_methods():
+        raise section.error("name", f"unknown method {name!r}; choose from {', '.join(known_methods())}")
+    allowed = method_options(name)
+    for key in options:
+        if key not in allowed:
+            takes = ", ".join(allowed) or "no options"
+            raise section.error(
+                key if key in section.data else None, f"unknown {name} option {key!r}; {name} takes: {takes}"
+            )
+    missing = [k for k, required in allowed.items() if required and k not in options]
+    if missing:
+        raise section.error(None, f"{name} needs {', '.join(repr(k) for k in missing)}")
+    try:
+        make_method(name, options)
+    except (TypeError, ValueError) as err:
+        raise section.error(None, str(err)) from None
+    return name, options
+
+
+def _source(section: Section, base: Path, stages: list[str]) -> Source:
+    kind = _one_of(section, ("path", "task", "stage"))
+    source = Source(
+        path=_path(section, "path", base) if kind == "path" else None,
+        task=section.get("task", TEXT, None),
+        stage=section.get("stage", TEXT, None),
+        weight=section.positive("weight", NUMBER, 1.0),
+        n=section.positive("n", INT, None),
+        where=section.where(kind),
+    )
+    if source.task is not None and source.task not in TASKS:
+        raise section.error("task", f"unknown generated task {source.task!r}; choose from {', '.join(TASKS)}")
+    if source.stage is not None and source.stage not in stages:
+        raise section.error(
+            "stage", f"{source.stage!r} is not an earlier stage (earlier: {stages or 'none'})"
+        )
+    section.close()
+    return source
+
+
+def _ops(section: Section, key: str, base: Path, diff_stages: list[str]) -> tuple[Op, ...]:
+    ops = []
+    for i, item in enumerate(section.get(key, LIST, [])):
+        line = getattr(item, "line", section.data.lines.get(key, section.line))
+        where = f"{section.file}:{line}: {section.path}.{key}[{i}]"
+        if item == "lines":
+            item = {"lines": {}}
+        if not isinstance(item, dict) or len(item) != 1:
+            raise RecipeError(
+                f"{where}: expected 'lines', {{lines: {{alpha, beta}}}}, {{add_diff: X}} or "
+                f"{{revert_diff: X}}, got {item!r}"
+            )
+        ((kind, value),) = item.items()
+        if kind == "lines":
+            if key == "pre":
+                raise RecipeError(f"{where}: lines scales the stage's change; it belongs in post")
+            args = Section(value or Mapping(), f"{section.path}.{key}[{i}].lines", section.file, line)
+            alpha = args.get("alpha", NUMBER, 0.5)
+            ops.append(Op("lines", alpha, args.get("beta", NUMBER, 1.0 - alpha), where=where))
+            args.close()
+        elif kind in ("add_diff", "revert_diff"):
+            if not isinstance(value, str):
+                raise RecipeError(f"{where}.{kind}: expected a stage name or a diff file, got {value!r}")
+            if value not in diff_stages and not (base / value).is_file():
+                raise RecipeError(
+                    f"{where}.{kind}: {value!r} is neither a stage that leaves a sparse diff "
+                    f"(paca, s2ft or sparse-diff; so far: {diff_stages or 'none'}) nor a file"
+                )
+            target = value if value in diff_stages else str(base / value)
+            ops.append(Op(kind, target=target, where=f"{where}.{kind}"))
+        else:
+            raise RecipeError(f"{where}: unknown operation {kind!r}; use lines, add_diff or revert_diff")
+    return tuple(ops)
+
+
+def _stage(
+    section: Section, base: Path, method: dict[str, Any], names: set[str], diff_stages: list[str]
+) -> Stage:
+    earlier = sorted(names)
+    name = _name(section, "name", names)
+    parent = section.get("from", TEXT, None)
+    if parent is not None and parent not in earlier:
+        raise section.error("from", f"{parent!r} is not an earlier stage (earlier: {earlier or 'none'})")
+    sources = tuple(_source(s, base, earlier) for s in section.sections("data"))
+    if not sources:
+        raise section.error("data", "a stage needs at least one data source")
+    length = _one_of(section, ("steps", "epochs"))
+    method_section = section.section("method", {})
+    method_name, options = _method(method_section, method)
+    weight_decay = section.get("weight_decay", NUMBER, 0.0)
+    if method_name == "sparse-diff" and weight_decay:
+        raise section.error(
+            "weight_decay", "sparse-diff needs weight_decay 0 (decay would move unmasked entries)"
+        )
+    schedule = section.get("schedule", TEXT, "constant")
+    if section.get("warmup_steps", INT, 0) < 0:
+        raise section.error("warmup_steps", "must be >= 0")
+    if schedule not in SCHEDULES:
+        raise section.error("schedule", f"{schedule!r} is not one of {', '.join(SCHEDULES)}")
+    writes_diff = make_method(method_name, options).writes_diff
+    pre = _ops(section, "pre", base, list(diff_stages))
+    post = _ops(section, "post", base, [*diff_stages, name] if writes_diff else list(diff_stages))
+    if writes_diff:
+        diff_stages.append(name)
+    stage = Stage(
+        name=name,
+        parent=parent,
+        data=sources,
+        steps=section.positive("steps", INT, None) if length == "steps" else None,
+        epochs=section.positive("epochs", NUMBER, None) if length == "epochs" else None,
+        batch_size=section.positive("batch_size", INT, 8),
+        grad_accum=section.positive("grad_accum", INT, 1),
+        lr=section.positive("lr", NUMBER, 1e-3),
+        schedule=schedule,
+        warmup_steps=section.get("warmup_steps", INT, 0),
+        weight_decay=weight_decay,
+        method_name=method_name,
+        method_options=options,
+        method_where=method_section.where() if section.has("method") else method["where"],
+        pre=pre,
+        post=post,
+        where=section.where(),
+    )
+    if stage.batch_size % stage.grad_accum:
+        raise section.error(
+            "batch_size", f"{stage.batch_size} is not a multiple of grad_accum={stage.grad_accum}"
+        )
+    section.close()
+    return stage
+
+
+def _task(section: Section, base: Path, names: set[str], stages: list[str]) -> TaskSpec:
+    name = _name(section, "name", names)
+    kind = _one_of(section, ("task", "path"))
+    task = TaskSpec(
+        name=name,
+        task=section.get("task", TEXT, None),
+        path=_path(section, "path", base) if kind == "path" else None,
+        n=section.positive("n", INT, 64 if kind == "task" else None),
+        stages=section.get("stage", NAMES, ()),
+        where=section.where(kind),
+    )
+    if task.task is not None and task.task not in TASKS:
+        raise section.error("task", f"unknown generated task {task.task!r}; choose from {', '.join(TASKS)}")
+    for stage in task.stages:
+        if stage not in stages:
+            raise section.error("stage", f"{stage!r} is not a stage of this recipe ({', '.join(stages)})")
+    section.close()
+    return task
+
+
+def parse(data: Any, file: Path) -> Recipe:
+    """Check a loaded recipe mapping and build the Recipe (the first problem raises RecipeError)."""
+    top = Section(data, "", file, 1)
+    base = file.parent
+    description = top.get("description", TEXT, "")
+    seed = top.get("seed", INT, 0)
+    seq_len = top.positive("seq_len", INT, 64)
+    device = top.get("device", TEXT, "auto")
+    if device not in ("auto", "cpu", "cuda"):
+        raise top.error("device", f"{device!r} is not one of auto, cpu, cuda")
+    model = _model(top.section("model"), base)
+    method_section = top.section("method", {"name": "full"})
+    name, options = _method(method_section, None)
+    method = {"name": name, "options": options, "where": method_section.where()}
+    stage_names: set[str] = set()
+    diff_stages: list[str] = []
+    stages = tuple(_stage(s, base, method, stage_names, diff_stages) for s in top.sections("stages"))
+    if not stages:
+        raise top.error("stages", "a recipe needs at least one stage")
+    task_names: set[str] = set()
+    tasks = tuple(_task(s, base, task_names, [s.name for s in stages]) for s in top.sections("tasks"))
+    if not tasks:
+        raise top.error("tasks", "a recipe needs at least one evaluation task")
+    top.close()
+    return Recipe(file, dict(data), description, seed, seq_len, device, model, tasks, stages)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and check a recipe file."""
+    file = Path(path)
+    return parse(load_yaml(file), file)

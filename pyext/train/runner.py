@@ -1,0 +1,352 @@
+"""`slimtune train`: check everything, then train stage after stage, evaluating every task after each.
+
+Each finished stage leaves its checkpoint (only what changed) and `result.json`; `--resume`
+restores finished stages from them (redoing their deterministic operations) and trains the rest,
+so an interrupted run loses at most the stage it was in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import loop, metrics, models, post
+from .data import DataError, Packed, batch_order, mix, pack, read_records, source_examples
+from .diff import load_diff
+from .methods import DIFF_FILE, Context, StageMethod
+from .recipe import Recipe, RecipeError, Stage, TaskSpec, load_recipe
+from .tasks import Example, evaluate, generate
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("slimtune.train")
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, built and checked before the first step."""
+
+    model: nn.Module
+    tokenizer: Tokenizer
+    packed: list[Packed]
+    evals: list[tuple[list[Example], bool]]
+
+
+@dataclass
+class RunResult:
+    directory: Path
+    model: nn.Module
+    metrics: dict[str, Any] | None  # None on ranks other than 0
+
+
+def stage_seed(seed: int, stage: str) -> int:
+    """The seed of a stage's data and method draws: from the recipe's seed and the stage's name, so a
+    stage draws the same wherever it sits (a branch matches the same stage in a linear recipe)."""
+    return seed * 1_000_003 + zlib.crc32(stage.encode())
+
+
+def _eval_set(task: TaskSpec, recipe: Recipe) -> tuple[list[Example], bool]:
+    """A task's evaluation examples, and whether they have answers."""
+    try:
+        if task.task is not None:
+            return generate(task.task, task.n, recipe.seed, split="eval"), True
+        return read_records(task.path, task.n)
+    except DataError as err:
+        raise RecipeError(f"{task.where}: {err}") from None
+
+
+def _check_stages(recipe: Recipe, model: nn.Module, world: loop.World) -> None:
+    """Refuse what only the model or the launch can reveal: a method the model cannot take, a diff
+    file that is not one, a batch that does not split over the processes."""
+    names = [s.name for s in recipe.stages]
+    for stage in recipe.stages:
+        try:
+            stage.method().check(model)
+        except ValueError as err:
+            raise RecipeError(
+                f"{stage.method_where}: {stage.method_name} cannot train this model: {err}"
+            ) from None
+        for op in (*stage.pre, *stage.post):
+            if op.target and op.target not in names:
+                try:
+                    load_diff(op.target)
+                except (OSError, ValueError) as err:
+                    raise RecipeError(f"{op.where}: {err}") from None
+        if stage.batch_size % (stage.grad_accum * world.size):
+            raise RecipeError(
+                f"{stage.where}.batch_size: {stage.batch_size} rows do not split into grad_accum="
+                f"{stage.grad_accum} micro-batches on each of {world.size} processes"
+            )
+
+
+def _pack_stages(recipe: Recipe, tokenizer: Tokenizer) -> list[Packed]:
+    """Every stage's data: read, weighted, mixed and packed (a `stage` source reuses an earlier mix)."""
+    packed, mixed = [], {}
+    for stage in recipe.stages:
+        parts, seed = [], stage_seed(recipe.seed, stage.name)
+        for source in stage.data:
+            try:
+                parts.append((source_examples(source, seed, mixed), source.weight))
+            except DataError as err:
+                raise RecipeError(f"{source.where}: {err}") from None
+        mixed[stage.name] = mix(parts, seed)
+        try:
+            packed.append(pack(mixed[stage.name], tokenizer, recipe.seq_len))
+        except DataError as err:
+            raise RecipeError(f"{stage.where}: {err}") from None
+    return packed
+
+
+def prepare(recipe: Recipe, world: loop.World) -> Prepared:
+    """Build the model, check every stage against it, and read all data: every refusal comes here."""
+    try:
+        model, tokenizer = models.build(recipe.model, recipe.seed)
+    except Exception as err:  # any failure here comes from the recipe's model entry
+        raise RecipeError(
+            f"{recipe.model.where}: cannot build the model: {type(err).__name__}: {err}"
+        ) from None
+    _check_stages(recipe, model, world)
+    packed = _pack_stages(recipe, tokenizer)
+    evals = [_eval_set(task, recipe) for task in recipe.tasks]
+    return Prepared(model.to(world.device).eval(), tokenizer, packed, evals)
+
+
+class RunDir:
+    """The run's folder: the recipe it belongs to, each stage's checkpoint and result, logs, reports."""
+
+    def __init__(self, root: Path, recipe: Recipe, resume: bool, world: loop.World) -> None:
+        self.root, self.recipe = root, recipe
+        marker = root / "recipe.json"
+        current = json.loads(json.dumps(recipe.data, sort_keys=True, default=str))
+        if marker.exists():
+            if not resume:
+                raise RecipeError(
+                    f"{root} already holds a run: pass --resume to continue it, or another --output"
+                )
+            if json.loads(marker.read_text()) != current:
+                raise RecipeError(f"{root} holds a run of a different recipe: choose another --output")
+        world.barrier()  # every rank has read the marker before rank 0 writes it
+        if world.rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps(current, indent=1) + "\n")
+            shutil.copyfile(recipe.file, root / "recipe.yaml")
+        world.barrier()
+
+    def stage(self, index: int) -> Path:
+        return self.root / "stages" / f"{index + 1:02d}-{self.recipe.stages[index].name}"
+
+    @staticmethod
+    def read(path: Path) -> dict[str, Any] | None:
+        return json.loads(path.read_text()) if path.exists() else None
+
+    @staticmethod
+    def write(path: Path, data: dict[str, Any]) -> None:
+        """Atomically, so a result file exists only once complete (it marks a stage finished)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(partial, path)
+
+    def diff_file(self, op: post.Op) -> Path | None:
+        names = [s.name for s in self.recipe.stages]
+        if op.kind == "lines":
+            return None
+        return self.stage(names.index(op.target)) / DIFF_FILE if op.target in names else Path(op.target)
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record))
+
+
+@contextlib.contextmanager
+def _logging(root: Path, rank: int) -> Iterator[None]:
+    """Log to `train.log` in the run folder and to the console (above the progress bars); rank 0 only."""
+    handlers: list[logging.Handler] = []
+    if rank == 0:
+        handlers = [logging.FileHandler(root / "train.log"), _TqdmHandler()]
+        handlers[0].setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    for handler in handlers:
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            log.removeHandler(handler)
+            handler.close()
+
+
+def evaluate_all(recipe: Recipe, prepared: Prepared) -> dict[str, dict[str, float | None]]:
+    return {
+        task.name: evaluate(prepared.model, prepared.tokenizer, examples, answers)
+        for task, (examples, answers) in zip(recipe.tasks, prepared.evals, strict=True)
+    }
+
+
+def train_stage(
+    recipe: Recipe, index: int, prepared: Prepared, run: RunDir, world: loop.World
+) -> dict[str, Any]:
+    """Run one stage (or restore it if finished) with its operations; returns its result record."""
+    stage, model = recipe.stages[index], prepared.model
+    directory, method = run.stage(index), stage.method()
+    done = run.read(directory / "result.json")
+    for op in stage.pre:
+        _operate(op, model, None, run)
+    scales = any(op.kind == "lines" for op in stage.post)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()} if scales else None
+    if done is not None:
+        method.restore(model, directory)
+        log.info("stage %s: restored from %s", stage.name, directory)
+    else:
+        trace = _fit(recipe.seed, stage, method, model, prepared.packed[index], world)
+        if world.rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            method.save(model, directory)
+        method.finish(model)
+    for op in stage.post:
+        _operate(op, model, before, run)
+    if done is None:
+        done = {
+            "stage": stage.name,
+            "losses": trace.losses,
+            "ms_per_step": median(trace.ms),
+            "memory_mib": trace.memory_mib,
+            "eval": evaluate_all(recipe, prepared) if world.rank == 0 else None,
+        }
+        if world.rank == 0:
+            run.write(directory / "result.json", done)
+            log.info("stage %s: %s", stage.name, _brief(done["eval"]))
+    world.barrier()
+    return done
+
+
+def _fit(
+    seed: int, stage: Stage, method: StageMethod, model: nn.Module, packed: Packed, world: loop.World
+) -> loop.Trace:
+    """Set the stage's method up and train; every draw follows from the recipe seed and the stage name."""
+    trace, seed = loop.Trace(), stage_seed(seed, stage.name)
+    torch.manual_seed(seed)
+
+    def train(params: list[nn.Parameter], steps: int) -> None:
+        order = batch_order(len(packed), stage.batch_size, steps, seed)
+        loop.train(model, params, packed, order, stage, steps, world, trace)
+
+    params = method.setup(model, Context(seed, train))
+    train(params, _steps(stage, len(packed)))
+    return trace
+
+
+def _operate(op: post.Op, model: nn.Module, before: dict[str, torch.Tensor] | None, run: RunDir) -> None:
+    """One pre- or post-stage operation; a diff that does not fit the model is a recipe error."""
+    try:
+        post.run(op, model, before, run.diff_file(op))
+    except ValueError as err:
+        raise RecipeError(f"{op.where}: {err}") from None
+
+
+def _steps(stage: Stage, rows: int) -> int:
+    return stage.steps or math.ceil(stage.epochs * rows / stage.batch_size)
+
+
+def _brief(results: dict[str, dict[str, float | None]]) -> str:
+    return ", ".join(
+        f"{task} acc {r['accuracy']:.3f}" if r["accuracy"] is not None else f"{task} loss {r['loss']:.3f}"
+        for task, r in results.items()
+    )
+
+
+def _branch_metrics(recipe: Recipe, acc: metrics.Matrix, leaf: int) -> dict[str, Any]:
+    """Forgetting metrics along the stages that led to stage `leaf` (all of them in a linear recipe)."""
+    rows = recipe.lineage(leaf)
+    names = [recipe.stages[j].name for j in rows]
+    learned = [next((k for k, name in enumerate(names) if name in t.stages), None) for t in recipe.tasks]
+    return metrics.forgetting([acc[j] for j in rows], [t.name for t in recipe.tasks], learned)
+
+
+def train_stages(recipe: Recipe, prepared: Prepared, run: RunDir, world: loop.World) -> list[dict[str, Any]]:
+    """Every stage in order; a stage `from` an earlier one starts from a copy of that stage's model."""
+    branch_points = {recipe.parent(j) for j in range(len(recipe.stages)) if recipe.parent(j) != j - 1}
+    snapshots, records = {}, []
+    for index in range(len(recipe.stages)):
+        if recipe.parent(index) != index - 1:
+            prepared.model.load_state_dict(snapshots[recipe.parent(index)])
+        records.append(train_stage(recipe, index, prepared, run, world))
+        if index in branch_points:
+            snapshots[index] = {k: v.detach().clone() for k, v in prepared.model.state_dict().items()}
+    return records
+
+
+def report(recipe: Recipe, base: dict[str, Any], records: list[dict[str, Any]], root: Path) -> dict[str, Any]:
+    """metrics.json, forgetting.png, losses.png and summary.txt; prints the summary table."""
+    tasks, names = [t.name for t in recipe.tasks], [s.name for s in recipe.stages]
+    rows = [base, *(r["eval"] for r in records)]
+    acc = [[row[t]["accuracy"] for t in tasks] for row in rows]
+    loss = [[row[t]["loss"] for t in tasks] for row in rows]
+    branches = {names[leaf]: _branch_metrics(recipe, acc[1:], leaf) for leaf in recipe.leaves()}
+    data = {
+        "tasks": tasks,
+        "stages": names,
+        "base": {"accuracy": acc[0], "loss": loss[0]},
+        "accuracy": acc[1:],
+        "loss": loss[1:],
+        **branches[names[-1]],
+        "branches": branches,
+        "training": [
+            {"stage": r["stage"], "steps": len(r["losses"]), "final_loss": r["losses"][-1]}
+            | {k: r[k] for k in ("ms_per_step", "memory_mib")}
+            for r in records
+        ],
+    }
+    (root / "metrics.json").write_text(json.dumps(data, indent=1) + "\n")
+    labels = ["base", *names]
+    metrics.heatmap(labels, tasks, acc, root / "forgetting.png")
+    metrics.loss_curves(names, [r["losses"] for r in records], root / "losses.png")
+    text = metrics.table(labels, tasks, acc, loss, branches)
+    (root / "summary.txt").write_text(text + "\n")
+    print(text)
+    return data
+
+
+def run(recipe_path: str | Path, output: str | Path | None = None, resume: bool = False) -> RunResult:
+    """Train a recipe end to end; RecipeError (before any training) for a bad recipe or run folder."""
+    recipe = load_recipe(recipe_path)
+    world = loop.World.start(recipe.device)
+    prepared = prepare(recipe, world)
+    root = Path(output) if output is not None else Path("runs") / recipe.file.stem
+    run_dir = RunDir(root, recipe, resume, world)
+    with _logging(root, world.rank):
+        log.info("run %s: %s, %d stages, %d tasks", root, recipe.file, len(recipe.stages), len(recipe.tasks))
+        base = run_dir.read(root / "base.json")
+        if base is None and world.rank == 0:
+            base = evaluate_all(recipe, prepared)
+            run_dir.write(root / "base.json", base)
+        records = train_stages(recipe, prepared, run_dir, world)
+        data = report(recipe, base, records, root) if world.rank == 0 else None
+    return RunResult(root, prepared.model, data)
+
+
+def main(args: argparse.Namespace) -> int:
+    """`slimtune train RECIPE [--output DIR] [--resume]`: a bad recipe is one message and exit code 2."""
+    try:
+        run(args.recipe, args.output, args.resume)
+    except RecipeError as err:
+        print(f"slimtune train: {err}", file=sys.stderr)
+        return 2
+    return 0

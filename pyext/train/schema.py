@@ -1,0 +1,170 @@
+"""Reading a YAML recipe key by key, so that every refusal names the file, the line and the key."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class RecipeError(Exception):
+    """A bad recipe (or its data): the message names the key and its line."""
+
+
+class Mapping(dict):
+    """A YAML mapping that remembers its own line and the line of each key."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.line, self.lines = 0, {}
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> Mapping:
+    loader.flatten_mapping(node)
+    mapping = Mapping()
+    mapping.line = node.start_mark.line + 1
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in mapping:
+            raise yaml.MarkedYAMLError(problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark)
+        mapping[key] = loader.construct_object(value_node, deep=True)
+        mapping.lines[key] = key_node.start_mark.line + 1
+    return mapping
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+# Value kinds: a converter that raises TypeError, and its name for messages.
+def INT(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError
+    return value
+
+
+def NUMBER(value: Any) -> float:
+    """A number, also as YAML 1.1 leaves some as strings (1e-3), or a fraction 'a/b' (DMT's 1/256)."""
+    if isinstance(value, str):
+        if re.fullmatch(r"\s*\d+\s*/\s*[1-9]\d*\s*", value):
+            top, bottom = value.split("/")
+            return int(top) / int(bottom)
+        try:
+            value = float(value)
+        except ValueError:
+            raise TypeError from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise TypeError
+    return float(value)
+
+
+def _kind(check: type) -> Callable[[Any], Any]:
+    def convert(value: Any) -> Any:
+        if not isinstance(value, check):
+            raise TypeError
+        return value
+
+    return convert
+
+
+def NAMES(value: Any) -> tuple[str, ...]:
+    """One name or a list of names."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise TypeError
+    return tuple(names)
+
+
+TEXT, MAPPING, LIST = _kind(str), _kind(dict), _kind(list)
+KINDS: dict[Callable[[Any], Any], str] = {
+    INT: "an integer",
+    NUMBER: "a finite number",
+    TEXT: "a string",
+    NAMES: "a name or a list of names",
+    MAPPING: "a mapping (key: value lines)",
+    LIST: "a list (lines starting with '- ')",
+}
+_REQUIRED = object()
+
+
+class Section:
+    """One mapping of the recipe, read key by key; `close` refuses the keys nobody read."""
+
+    def __init__(self, data: Any, path: str, file: Path, line: int) -> None:
+        self.file, self.path = file, path
+        self.line = line
+        if not isinstance(data, dict):
+            raise RecipeError(
+                f"{self.file}:{self.line}: {path}: expected a mapping (key: value lines), got {data!r}"
+            )
+        self.data, self.read = data, set()
+
+    def where(self, key: str | None = None) -> str:
+        line = self.data.lines.get(key, self.line) if key is not None else self.line
+        name = f"{self.path}.{key}" if self.path and key is not None else (key or self.path or "recipe")
+        return f"{self.file}:{line}: {name}"
+
+    def error(self, key: str | None, message: str) -> RecipeError:
+        return RecipeError(f"{self.where(key)}: {message}")
+
+    def has(self, key: str) -> bool:
+        self.read.add(key)  # a key asked about is a known key, listed when refusing an unknown one
+        return key in self.data
+
+    def get(self, key: str, kind: Callable[[Any], Any], default: Any = _REQUIRED) -> Any:
+        self.read.add(key)
+        if key not in self.data:
+            if default is _REQUIRED:
+                raise self.error(None, f"missing required key {key!r}")
+            return default
+        try:
+            return kind(self.data[key])
+        except TypeError:
+            raise self.error(key, f"expected {KINDS[kind]}, got {self.data[key]!r}") from None
+
+    def positive(self, key: str, kind: Callable[[Any], Any], default: Any = _REQUIRED) -> Any:
+        value = self.get(key, kind, default)
+        if value is not None and value <= 0:
+            raise self.error(key, f"must be > 0, got {value}")
+        return value
+
+    def section(self, key: str, default: Any = _REQUIRED) -> Section:
+        data = self.get(key, MAPPING, Mapping(default) if default is not _REQUIRED else default)
+        return Section(
+            data, f"{self.path}.{key}" if self.path else key, self.file, self.data.lines.get(key, self.line)
+        )
+
+    def sections(self, key: str, default: Any = _REQUIRED) -> list[Section]:
+        items = self.get(key, LIST, default)
+        line = self.data.lines.get(key, self.line)
+        prefix = f"{self.path}.{key}" if self.path else key
+        return [
+            Section(item, f"{prefix}[{i}]", self.file, getattr(item, "line", line))
+            for i, item in enumerate(items)
+        ]
+
+    def close(self) -> None:
+        unknown = [k for k in self.data if k not in self.read]
+        if unknown:
+            known = ", ".join(sorted(self.read))
+            raise self.error(unknown[0], f"unknown key {unknown[0]!r}; known keys here: {known}")
+
+
+def load_yaml(file: Path) -> Any:
+    """The file's YAML, every mapping a `Mapping` that knows its lines; RecipeError if it is not YAML."""
+    if not file.is_file():
+        raise RecipeError(f"{file}: no such recipe file")
+    try:
+        return yaml.load(file.read_text(), Loader=_Loader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        raise RecipeError(f"{file}:{mark.line + 1 if mark else 1}: not valid YAML: {err.problem}") from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{file}: not valid YAML: {err}") from None

@@ -1,0 +1,137 @@
+"""Generated tasks (for demos and tests) and evaluation: completion loss and greedy exact match.
+
+Each generator draws one (prompt, completion) pair from a `random.Random`; a prefix names the
+task, so a model can tell tasks apart and a later stage can overwrite what an earlier one taught.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .tokenizer import Tokenizer
+
+LETTERS, DIGITS = "abcdefghij", "0123456789"
+
+
+@dataclass(frozen=True)
+class Example:
+    """A prompt and its completion; plain text is a completion with an empty prompt."""
+
+    prompt: str
+    completion: str
+
+
+def _successor(alphabet: str) -> Callable[[str], str]:
+    return lambda word: "".join(alphabet[(alphabet.index(c) + 1) % len(alphabet)] for c in word)
+
+
+# (prefix, alphabet, answer): three-letter prefixes and four-symbol words put every answer at the
+# same offsets, and keep each task learnable by a small model in minutes on a CPU.
+WORD_TASKS: dict[str, tuple[str, str, Callable[[str], str]]] = {
+    "copy": ("cpy", LETTERS + DIGITS, lambda w: w),
+    "reverse": ("rev", LETTERS, lambda w: w[::-1]),
+    "shift": ("inc", LETTERS, _successor(LETTERS)),
+    "sort": ("srt", LETTERS, lambda w: "".join(sorted(w))),
+    "upper": ("upc", LETTERS, str.upper),
+    "digits": ("nxt", DIGITS, _successor(DIGITS)),
+}
+TASKS = sorted([*WORD_TASKS, "add"])
+
+
+def _draw(task: str, rng: random.Random) -> Example:
+    if task == "add":
+        a, b = rng.randint(0, 49), rng.randint(0, 49)
+        return Example(f"add {a}+{b}=", str(a + b))
+    prefix, alphabet, answer = WORD_TASKS[task]
+    word = "".join(rng.choice(alphabet) for _ in range(4))
+    return Example(f"{prefix} {word}=", answer(word))
+
+
+def generate(task: str, n: int, seed: int, split: str = "train") -> list[Example]:
+    """`n` examples of a generated task, a pure function of its arguments.
+
+    A tenth of all prompts (by a hash of the prompt) belongs to the "eval" split and the rest to
+    "train", so evaluation never scores a prompt the model trained on.
+    """
+    rng = random.Random(f"{task}:{seed}")
+    examples: list[Example] = []
+    while len(examples) < n:
+        example = _draw(task, rng)
+        if (zlib.crc32(example.prompt.encode()) % 10 == 0) == (split == "eval"):
+            examples.append(example)
+    return examples
+
+
+def encode(example: Example, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids and labels: -100 on bos and the prompt, so only the completion (and eos) is learned."""
+    prompt = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(example.prompt)
+    completion = [*tokenizer.encode(example.completion), tokenizer.eos_id]
+    return prompt + completion, [-100] * len(prompt) + completion
+
+
+def token_loss_sum(
+    model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Summed next-token cross-entropy over labelled positions (callers divide by the token count)."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, tokenizer: Tokenizer, examples: list[Example], answers: bool, batch_size: int = 64
+) -> dict[str, float | None]:
+    """Mean completion loss per token and, for tasks with answers, greedy exact-match accuracy."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count, correct = 0.0, 0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        encoded = [encode(e, tokenizer) for e in batch]
+        width = max(len(ids) for ids, _ in encoded)
+        ids = torch.tensor([i + [tokenizer.pad_id] * (width - len(i)) for i, _ in encoded], device=device)
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in encoded], device=device)
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in encoded], device=device)
+        total += float(token_loss_sum(model, ids, labels, mask))
+        count += int((labels[:, 1:] != -100).sum())
+        if answers:
+            correct += sum(
+                p == e.completion for p, e in zip(greedy(model, tokenizer, batch), batch, strict=True)
+            )
+    return {"loss": total / max(count, 1), "accuracy": correct / len(examples) if answers else None}
+
+
+def greedy(model: nn.Module, tokenizer: Tokenizer, batch: list[Example]) -> list[str]:
+    """Greedy completions of the prompts, cut at eos.
+
+    Left-padded, and each new token recomputes the whole (short) sequence: for the few-token
+    answers of evaluation tasks this is faster than `generate` and its per-call overhead.
+    """
+    device = next(model.parameters()).device
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    prompts = [bos + tokenizer.encode(e.prompt) for e in batch]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[tokenizer.pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    for _ in range(max(len(tokenizer.encode(e.completion)) for e in batch) + 1):
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    texts = []
+    for row in ids[:, width:].tolist():
+        cut = row.index(tokenizer.eos_id) if tokenizer.eos_id in row else len(row)
+        texts.append(tokenizer.decode(row[:cut]))
+    return texts

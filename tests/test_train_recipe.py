@@ -1,0 +1,147 @@
+"""Recipe validation: every class of bad recipe stops before training with the key and its line."""
+
+from __future__ import annotations
+
+import pytest
+from slimtune.cli import main as cli_main
+from slimtune.train import RecipeError, load_recipe, run
+
+GOOD = """\
+model:
+  builtin: tiny-llama
+method:
+  name: full
+tasks:
+  - {name: copy, task: copy, n: 4, stage: a}
+stages:
+  - name: a
+    data:
+      - {task: copy, n: 16}
+    steps: 1
+    batch_size: 2
+"""
+
+# (what to replace in GOOD, its replacement, what the message must contain)
+BAD = {
+    "unknown key": ("    steps: 1\n", "    steps: 1\n    sptes: 2\n", ":12: stages[0].sptes: unknown key"),
+    "unknown top-level key": ("model:\n", "modle: {}\nmodel:\n", ":1: modle: unknown key"),
+    "wrong type": ("batch_size: 2", "batch_size: two", ":12: stages[0].batch_size: expected an integer"),
+    "not finite": ("steps: 1\n", "steps: 1\n    lr: .nan\n", ":12: stages[0].lr: expected a finite number"),
+    "not positive": ("batch_size: 2", "batch_size: 0", ":12: stages[0].batch_size: must be > 0"),
+    "missing file": ("{task: copy, n: 16}", "{path: nowhere.jsonl}", ":10: stages[0].data[0].path: "),
+    "missing eval file": ("task: copy, n: 4,", "path: nowhere.jsonl,", ":6: tasks[0].path: "),
+    "unknown method": ("name: full", "name: fancy", ":4: method.name: unknown method 'fancy'"),
+    "unknown option": ("name: full", "name: paca\n  r: 2\n  rank: 4", ":6: method.rank: unknown paca option"),
+    "option of another method": ("name: full", "name: full\n  r: 2", ":5: method.r: unknown full option"),
+    "missing option": ("name: full", "name: paca", ":3: method: paca needs 'r'"),
+    "bad option value": ("name: full", "name: paca\n  r: -1", ":3: method: PaCAConfig.r must be >= 1"),
+    "model cannot take method": (
+        "name: full",
+        "name: paca\n  r: 999",
+        ":3: method: paca cannot train this model",
+    ),
+    "unknown model": ("builtin: tiny-llama", "builtin: huge-llama", ":2: model.builtin: 'huge-llama'"),
+    "unknown model config key": (
+        "builtin: tiny-llama",
+        "builtin: tiny-llama\n  config: {hidden_sise: 8}",
+        ":3: model.config.hidden_sise: unknown key",
+    ),
+    "missing required key": ("    steps: 1\n", "", ":8: stages[0]: give exactly one of steps, epochs"),
+    "both steps and epochs": ("    steps: 1\n", "    steps: 1\n    epochs: 1\n", "give exactly one of steps"),
+    "no stages": ("stages:\n", "stages: []\nunused:\n", ":7: stages: a recipe needs at least one stage"),
+    "unknown stage in task": ("stage: a}", "stage: z}", ":6: tasks[0].stage: 'z' is not a stage"),
+    "unknown stage in data": ("{task: copy, n: 16}", "{stage: z}", ":10: stages[0].data[0].stage: 'z'"),
+    "duplicate stage": (
+        "    batch_size: 2\n",
+        "    batch_size: 2\n" + GOOD[GOOD.index("  - name: a") :],
+        "used twice",
+    ),
+    "unknown branch point": (
+        "    steps: 1\n",
+        "    steps: 1\n    from: z\n",
+        ":12: stages[0].from: 'z' is not an earlier",
+    ),
+    "unknown generated task": ("{task: copy, n: 16}", "{task: dance}", ":10: stages[0].data[0].task"),
+    "lines before training": (
+        "    steps: 1\n",
+        "    steps: 1\n    pre: [lines]\n",
+        ":12: stages[0].pre[0]: lines",
+    ),
+    "diff of a dense stage": (
+        "    steps: 1\n",
+        "    steps: 1\n    post: [{add_diff: a}]\n",
+        "neither a stage",
+    ),
+    "unknown operation": (
+        "    steps: 1\n",
+        "    steps: 1\n    post: [{shrink: 1}]\n",
+        "unknown operation 'shrink'",
+    ),
+    "grad_accum split": ("batch_size: 2", "batch_size: 3\n    grad_accum: 2", "stages[0].batch_size: 3"),
+    "sparse-diff weight decay": (
+        "    steps: 1\n",
+        "    steps: 1\n    method: {name: sparse-diff}\n    weight_decay: 0.1\n",
+        ":13: stages[0].weight_decay: sparse-diff needs weight_decay 0",
+    ),
+    "yaml syntax": ("steps: 1", "steps: [1", "not valid YAML"),
+    "duplicate key": (
+        "    steps: 1\n",
+        "    steps: 1\n    steps: 2\n",
+        ":12: not valid YAML: duplicate key 'steps'",
+    ),
+    "not a mapping": (
+        "    data:\n      - {task: copy, n: 16}\n",
+        "    data:\n      - copy\n",
+        ":9: stages[0].data[0]: expected a mapping",
+    ),
+}
+
+
+def _write(tmp_path, text: str, name: str = "recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_recipe_is_refused_before_training(tmp_path, case):
+    old, new, message = BAD[case]
+    assert old in GOOD
+    path = _write(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(RecipeError) as caught:
+        run(path, tmp_path / "out")
+    assert (f"{path}{message}" if message.startswith(":") else message) in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_good_recipe_parses_with_defaults(tmp_path):
+    recipe = load_recipe(_write(tmp_path, GOOD))
+    (stage,) = recipe.stages
+    assert (stage.steps, stage.batch_size, stage.grad_accum, stage.lr, stage.schedule) == (
+        1,
+        2,
+        1,
+        1e-3,
+        "constant",
+    )
+    assert stage.method_name == "full" and recipe.tasks[0].stages == ("a",)
+
+
+def test_fraction_and_exponent_strings_are_numbers(tmp_path):
+    text = GOOD.replace("{task: copy, n: 16}", "{task: copy, n: 16, weight: 1/256}") + "    lr: 1e-3\n"
+    stage = load_recipe(_write(tmp_path, text)).stages[0]
+    assert stage.data[0].weight == 1 / 256 and stage.lr == 1e-3
+
+
+def test_malformed_jsonl_names_its_line(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": \n')
+    path = _write(tmp_path, GOOD.replace("{task: copy, n: 16}", "{path: d.jsonl}"))
+    with pytest.raises(RecipeError, match=r":10: stages\[0\].data\[0\].path: .*d.jsonl:2: not valid JSON"):
+        run(path, tmp_path / "out")
+
+
+def test_cli_prints_one_message_and_exits_2(tmp_path, capsys):
+    path = _write(tmp_path, GOOD.replace("batch_size: 2", "batch_size: two"))
+    assert cli_main(["train", str(path), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "stages[0].batch_size: expected an integer" in err and "Traceback" not in err

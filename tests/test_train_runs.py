@@ -1,0 +1,260 @@
+"""End to end: each shipped recipe on a tiny model; resume equals a whole run; DDP equals one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from slimtune.train import RecipeError, demo, load_recipe, loop, run
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def _write(tmp_path: Path, data: dict, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _shrunk(recipe: Path) -> dict:
+    """The recipe on a tiny model for a few steps; data paths made absolute."""
+    data = yaml.safe_load(recipe.read_text())
+    data["model"] = {"builtin": "tiny-llama"}
+    if "dense_steps" in data["method"]:
+        data["method"]["dense_steps"] = 2
+    for task in data["tasks"]:
+        task["n"] = 4
+    for stage in data["stages"]:
+        stage.update(steps=2, batch_size=4)
+        for source in stage["data"]:
+            if "task" in source:
+                source["n"] = 32
+    for entry in [*data["tasks"], *(s for stage in data["stages"] for s in stage["data"])]:
+        if "path" in entry:
+            entry["path"] = str(recipe.parent / entry["path"])
+    return data
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_shipped_recipe_runs_on_a_tiny_model(tmp_path, recipe):
+    data = _shrunk(recipe)
+    path = _write(tmp_path, data)
+    result = run(path, tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert report == result.metrics
+    assert len(report["accuracy"]) == len(data["stages"])
+    assert all(len(row) == len(data["tasks"]) for row in report["accuracy"])
+    dense = [2 if stage.method_name == "sparse-diff" else 0 for stage in load_recipe(path).stages]
+    assert [t["steps"] for t in report["training"]] == [2 + d for d in dense]
+    for name in ("forgetting.png", "losses.png", "summary.txt", "train.log"):
+        assert (tmp_path / "run" / name).stat().st_size > 0
+
+
+def _four_stages() -> dict:
+    """PaCA, LoRA, LT-SFT, then HFT with LiNeS: every kind of checkpoint and a replayed operation."""
+    stage = {"batch_size": 4, "steps": 3, "lr": 1.0e-2}
+    return {
+        "seed": 1,
+        "seq_len": 32,
+        "model": {"builtin": "tiny-llama"},
+        "method": {"name": "paca", "r": 4},
+        "tasks": [
+            {"name": "copy", "task": "copy", "n": 8, "stage": "a"},
+            {"name": "reverse", "task": "reverse", "n": 8, "stage": "b"},
+        ],
+        "stages": [
+            {"name": "a", "data": [{"task": "copy", "n": 64}], **stage},
+            {
+                "name": "lora",
+                "data": [{"task": "copy", "n": 64}],
+                "method": {"name": "lora", "r": 2, "alpha": 4},
+            }
+            | stage,
+            {
+                "name": "b",
+                "data": [{"task": "reverse", "n": 64}],
+                "method": {"name": "sparse-diff", "k": 200, "dense_steps": 2},
+                **stage,
+            },
+            {
+                "name": "c",
+                "data": [{"task": "shift", "n": 64}],
+                "method": {"name": "hft"},
+                "post": [{"lines": {"alpha": 0.4}}],
+                **stage,
+            },
+        ],
+    }
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    recipe = _write(tmp_path, _four_stages())
+    whole = run(recipe, tmp_path / "whole")
+
+    trained, interrupt = [], ["c"]
+    original = loop.train
+
+    def train(model, params, packed, order, stage, *args):
+        trained.append(stage.name)
+        if stage.name in interrupt:
+            raise Interrupted
+        return original(model, params, packed, order, stage, *args)
+
+    monkeypatch.setattr(loop, "train", train)
+    with pytest.raises(Interrupted):
+        run(recipe, tmp_path / "cut")
+    assert not (tmp_path / "cut" / "stages" / "04-c" / "result.json").exists()
+    with pytest.raises(RecipeError, match="pass --resume"):
+        run(recipe, tmp_path / "cut")
+    trained.clear(), interrupt.clear()
+    resumed = run(recipe, tmp_path / "cut", resume=True)
+    assert trained == ["c"]  # finished stages are restored from their checkpoints, not retrained
+
+    for key in ("accuracy", "loss", "base", "backward_transfer", "average_forgetting"):
+        assert resumed.metrics[key] == whole.metrics[key], key
+    for stage in ("01-a", "02-lora", "03-b", "04-c"):
+        whole_losses, resumed_losses = (
+            json.loads((tmp_path / folder / "stages" / stage / "result.json").read_text())["losses"]
+            for folder in ("whole", "cut")
+        )
+        assert whole_losses == resumed_losses
+    for name, parameter in whole.model.named_parameters():
+        assert torch.equal(parameter, resumed.model.get_parameter(name)), name
+
+
+def test_resume_refuses_another_recipe(tmp_path):
+    data = _four_stages()
+    data["stages"], data["tasks"] = data["stages"][:1], data["tasks"][:1]
+    run(_write(tmp_path, data), tmp_path / "run")
+    data["seed"] = 2
+    with pytest.raises(RecipeError, match="a different recipe"):
+        run(_write(tmp_path, data), tmp_path / "run", resume=True)
+
+
+def test_ddp_with_gloo_gives_the_losses_of_one_process(tmp_path):
+    stage = {"batch_size": 8, "grad_accum": 2, "steps": 3, "lr": 1.0e-2}
+    data = {
+        "seq_len": 32,
+        "device": "cpu",
+        "model": {"builtin": "tiny-llama"},
+        "tasks": [{"name": "copy", "task": "copy", "n": 4}],
+        "stages": [
+            {"name": "full", "data": [{"task": "copy", "n": 128}], **stage},
+            {
+                "name": "paca",
+                "data": [{"task": "reverse", "n": 128}],
+                "method": {"name": "paca", "r": 4},
+                **stage,
+            },
+        ],
+    }
+    recipe = _write(tmp_path, data)
+    run(recipe, tmp_path / "one")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "slimtune", "train", str(recipe), "--output", str(tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for stage_dir in ("01-full", "02-paca"):
+        one, two = (
+            json.loads((tmp_path / d / "stages" / stage_dir / "result.json").read_text())
+            for d in ("one", "two")
+        )
+        assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+
+
+def test_plain_text_data_and_epochs(tmp_path):
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": f"line {i}: the quick brown fox"}) + "\n" for i in range(40)))
+    data = {
+        "seq_len": 64,
+        "model": {"builtin": "tiny-llama"},
+        "tasks": [{"name": "text", "path": str(text), "n": 8}, {"name": "copy", "task": "copy", "n": 4}],
+        "stages": [{"name": "lm", "data": [{"path": str(text)}], "epochs": 2, "batch_size": 4, "lr": 1.0e-2}],
+    }
+    result = run(_write(tmp_path, data), tmp_path / "run")
+    rows = -(-40 // 2)  # 31-32 tokens per line: two lines to a 64-token row
+    assert result.metrics["training"][0]["steps"] == -(-2 * rows // 4)
+    assert result.metrics["accuracy"] == [[None, result.metrics["accuracy"][0][1]]]
+    assert result.metrics["loss"][0][0] < result.metrics["base"]["loss"][0]
+
+
+def test_branches_start_from_the_named_stage(tmp_path):
+    stage = {"batch_size": 4, "steps": 3, "lr": 1.0e-2}
+    a = {"name": "a", "data": [{"task": "copy", "n": 64}], **stage}
+    b = {"name": "b", "data": [{"task": "reverse", "n": 64}], **stage}
+    c = {"name": "c", "from": "a", "data": [{"task": "shift", "n": 64}], "method": {"name": "paca", "r": 4}}
+    data = {
+        "seq_len": 32,
+        "model": {"builtin": "tiny-llama"},
+        "tasks": [
+            {"name": "copy", "task": "copy", "n": 8, "stage": "a"},
+            {"name": "later", "task": "shift", "n": 8, "stage": ["b", "c"]},
+        ],
+        "stages": [a, b, c | stage],
+    }
+    branched = run(_write(tmp_path, data, "branched.yaml"), tmp_path / "branched")
+    data["stages"] = [a, {k: v for k, v in c.items() if k != "from"} | stage]
+    data["tasks"][1]["stage"] = "c"
+    linear = run(_write(tmp_path, data, "linear.yaml"), tmp_path / "linear")
+    for name, parameter in linear.model.named_parameters():
+        assert torch.equal(parameter, branched.model.get_parameter(name)), name
+    assert branched.metrics["accuracy"][2] == linear.metrics["accuracy"][1]
+    assert set(branched.metrics["branches"]) == {"b", "c"}
+    assert branched.metrics["branches"]["c"] == linear.metrics["branches"]["c"]
+
+
+def test_demo_recipe_compares_every_method(tmp_path):
+    data = demo.recipe(steps=2, seed=0, device="cpu")
+    data["model"] = {"builtin": "tiny-llama"}
+    for entry in [*data["tasks"], *(source for stage in data["stages"] for source in stage["data"])]:
+        entry["n"] = 16
+    result = run(_write(tmp_path, data), tmp_path / "run")
+    lines = demo.table(result.metrics, "state MiB").splitlines()
+    assert [line.split()[0] for line in lines[2:]] == list(demo.METHODS)
+
+
+def test_local_model_directory_with_its_tokenizer(tmp_path):
+    import string
+
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {
+        c: i + 4 for i, c in enumerate(string.printable[:95])
+    }
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.Split("", "isolated"), decoders.Fuse()
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **specials).save_pretrained(
+        tmp_path / "model"
+    )
+    config = transformers.LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+    )
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    data = {
+        "model": {"path": str(tmp_path / "model")},
+        "method": {"name": "paca", "r": 4},
+        "tasks": [{"name": "reverse", "task": "reverse", "n": 4, "stage": "a"}],
+        "stages": [
+            {"name": "a", "data": [{"task": "reverse", "n": 32}], "steps": 3, "batch_size": 4, "lr": 1e-2}
+        ],
+    }
+    result = run(_write(tmp_path, data), tmp_path / "run")
+    assert result.metrics["loss"][0][0] < result.metrics["base"]["loss"][0]
