@@ -1,0 +1,390 @@
+"""`slimtune bench`: the end-to-end training-step benchmark of anchors.md, one row per method.
+
+Every method builds a fresh random-init model from the same seed and times the same step
+(forward with labels, backward, optimizer step, zero_grad), so the rows differ only in the method.
+Targets are stated as ratios to the `floor` row, hence the "x floor" columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import PaCAConfig, PartialAdamW, S2FTConfig, __version__, apply, info, trainable_parameters
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+PRESETS: dict[str, dict[str, int]] = {
+    "tinyllama-1.1b": {
+        "vocab_size": 32000,
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 22,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+    },
+    "tiny": {
+        "vocab_size": 512,
+        "hidden_size": 128,
+        "intermediate_size": 344,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
+}
+DEFAULT_SHAPE = {"tinyllama-1.1b": (8, 2048), "tiny": (2, 64)}  # (batch, seq)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """The knobs a method may read; one object so the demo and the bench share the registry."""
+
+    paca_r: int = 64
+    lora_r: int = 16
+    s2ft_heads: float = 0.05
+    s2ft_channels: float = 0.03
+    lr: float = 1e-4
+    paca_optimizer: str = "adamw-fused"  # or "partial-adamw"
+    seed: int = 0
+
+
+Prepared = tuple[nn.Module, torch.optim.Optimizer | None]
+
+
+def adamw(params: list[nn.Parameter], options: MethodOptions) -> torch.optim.Optimizer:
+    """torch AdamW, fused on CUDA as in the anchors (the CPU default path elsewhere)."""
+    fused = all(p.device.type == "cuda" for p in params)
+    return torch.optim.AdamW(params, lr=options.lr, fused=fused or None)
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _floor(model: nn.Module, options: MethodOptions) -> Prepared:
+    """Everything frozen, input embeddings need grad: backward computes input gradients only."""
+    model.requires_grad_(False)
+    model.enable_input_require_grads()
+    return model, None
+
+
+def _paca(model: nn.Module, options: MethodOptions, optimizer: str | None = None) -> Prepared:
+    apply(model, PaCAConfig(r=options.paca_r, target_modules=list(PROJECTIONS), seed=options.seed))
+    params = trainable_parameters(model)
+    if (optimizer or options.paca_optimizer) == "partial-adamw":
+        return model, PartialAdamW(params, lr=options.lr)
+    return model, adamw(params, options)
+
+
+def _paca_partial_adamw(model: nn.Module, options: MethodOptions) -> Prepared:
+    return _paca(model, options, optimizer="partial-adamw")
+
+
+def _peft_lora(model: nn.Module, options: MethodOptions, autocast_adapter_dtype: bool = True) -> Prepared:
+    """PEFT defaults otherwise (adapters kept in float32), as the anchors measured."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=options.lora_r, lora_alpha=2 * options.lora_r, lora_dropout=0.0, target_modules=list(PROJECTIONS)
+    )
+    model = get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
+    return model, adamw(_trainable(model), options)
+
+
+def _peft_lora_bf16(model: nn.Module, options: MethodOptions) -> Prepared:
+    """PEFT LoRA with its adapters kept in the model's dtype (the anchors' second PEFT row)."""
+    return _peft_lora(model, options, autocast_adapter_dtype=False)
+
+
+def _lora(model: nn.Module, options: MethodOptions) -> Prepared:
+    """slimtune's fused LoRA, configured as the PEFT rows (r, alpha = 2r, the 7 projections)."""
+    from . import LoRAConfig
+
+    apply(model, LoRAConfig(r=options.lora_r, alpha=2 * options.lora_r, target_modules=list(PROJECTIONS)))
+    return model, adamw(trainable_parameters(model), options)
+
+
+def _hydra(model: nn.Module, options: MethodOptions) -> Prepared:
+    """Hydra with the LoRA rank split between its branches (r/2 parallel + r/2 sequential)."""
+    from . import HydraConfig
+
+    half = max(1, options.lora_r // 2)
+    apply(model, HydraConfig(half, half, alpha=2 * half, target_modules=list(PROJECTIONS)))
+    return model, adamw(trainable_parameters(model), options)
+
+
+def _s2ft(model: nn.Module, options: MethodOptions) -> Prepared:
+    """S2FT as the S2FT issue targets it: 5% of the heads and 3% of the FFN channels per block."""
+    apply(model, S2FTConfig(heads=options.s2ft_heads, channels=options.s2ft_channels, seed=options.seed))
+    return model, adamw(trainable_parameters(model), options)
+
+
+def _full(model: nn.Module, options: MethodOptions) -> Prepared:
+    return model, adamw(_trainable(model), options)
+
+
+# name -> (model, options) -> (model to call, optimizer or None). Add new methods here.
+METHODS: dict[str, Callable[[nn.Module, MethodOptions], Prepared]] = {
+    "floor": _floor,
+    "paca": _paca,
+    "paca-partial-adamw": _paca_partial_adamw,
+    "lora": _lora,
+    "hydra": _hydra,
+    "s2ft": _s2ft,
+    "peft-lora": _peft_lora,
+    "peft-lora-bf16": _peft_lora_bf16,
+    "full": _full,
+}
+DEFAULT_METHODS = ("floor", "paca", "peft-lora", "full")
+
+
+def build_model(
+    config_kwargs: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int
+) -> nn.Module:
+    """A random-init LlamaForCausalLM made directly on `device` (no downloads, default sdpa attention)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    with device:
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**config_kwargs), dtype=dtype)
+    return model.train()
+
+
+def train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, batch: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """One step as anchors.md defines it; returns the detached loss (reading it syncs the device)."""
+    loss = model(**batch).loss
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """Run `fn` and return its result and wall time in ms (host clock after a CUDA sync)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, (time.perf_counter() - start) * 1e3
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in _trainable(model))
+
+
+@dataclass
+class Row:
+    method: str
+    trainable: int | None = None
+    ms: float | None = None
+    peak_gib: float | None = None
+    ms_steps: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Setup:
+    preset: str
+    batch: int
+    seq: int
+    dtype: str
+    device: torch.device
+    grad_checkpointing: bool
+    warmup: int
+    steps: int
+    options: MethodOptions
+
+
+def measure(method: str, setup: Setup) -> Row:
+    """Build, prepare and time one method; the model is local so it is freed on return."""
+    device = setup.device
+    model = build_model(PRESETS[setup.preset], device, DTYPES[setup.dtype], setup.options.seed)
+    if setup.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    model, optimizer = METHODS[method](model, setup.options)
+    generator = torch.Generator().manual_seed(setup.options.seed + 1)
+    ids = torch.randint(0, PRESETS[setup.preset]["vocab_size"], (setup.batch, setup.seq), generator=generator)
+    ids = ids.to(device)
+    batch = {"input_ids": ids, "labels": ids}
+    row = Row(method, trainable=count_trainable(model))
+    for _ in range(setup.warmup):
+        train_step(model, optimizer, batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    row.ms_steps = [timed(lambda: train_step(model, optimizer, batch), device)[1] for _ in range(setup.steps)]
+    row.ms = statistics.median(row.ms_steps)
+    if device.type == "cuda":
+        row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    return row
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_methods(methods: list[str], setup: Setup) -> list[Row]:
+    """Measure each method in turn; a failure (e.g. out of memory) becomes that row's error."""
+    rows = []
+    for method in methods:
+        print(f"[bench] {method} ...", file=sys.stderr, flush=True)
+        try:
+            row = measure(method, setup)
+        except Exception as err:  # recorded in the table; the other methods still run
+            first_line = (str(err).strip().splitlines() or [""])[0]
+            row = Row(method, error=f"{type(err).__name__}: {first_line[:300]}")
+        _free(setup.device)
+        print(f"[bench] {method}: {row.error or f'{row.ms:.1f} ms'}", file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.2f}" if value is not None and base else "-"
+
+
+def table(rows: list[Row], setup: Setup) -> str:
+    """Markdown table with each method's ratio to the floor's time and memory."""
+    floor = next((r for r in rows if r.method == "floor" and r.error is None), None)
+    base_ms, base_gib = (floor.ms, floor.peak_gib) if floor else (None, None)
+    peak = "peak GiB" if setup.device.type == "cuda" else "peak GiB (CUDA only)"
+    lines = [
+        f"| method | ms (median of {setup.steps}) | x floor | {peak} | x floor | trainable | error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ms = f"{r.ms:.1f}" if r.ms is not None else "-"
+        gib = f"{r.peak_gib:.2f}" if r.peak_gib is not None else "-"
+        trainable = f"{r.trainable / 1e6:.2f} M" if r.trainable is not None else "-"
+        lines.append(
+            f"| {r.method} | {ms} | {_ratio(r.ms, base_ms)} | {gib} | {_ratio(r.peak_gib, base_gib)} "
+            f"| {trainable} | {r.error or ''} |"
+        )
+    return "\n".join(lines)
+
+
+def report(rows: list[Row], setup: Setup, command: str) -> dict[str, Any]:
+    """Everything needed to compare this run with the anchors later: card, versions, command, backends."""
+    cuda = setup.device.type == "cuda"
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": command,
+        "card": torch.cuda.get_device_name(setup.device)
+        if cuda
+        else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": _version("transformers"),
+            "peft": _version("peft"),
+            "triton": _version("triton"),
+            "slimtune": __version__,
+        },
+        "setup": {
+            **{k: v for k, v in asdict(setup).items() if k not in ("device", "options")},
+            "device": str(setup.device),
+            "model_config": PRESETS[setup.preset],
+            "method_options": asdict(setup.options),
+        },
+        "backends": info(),
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+def markdown(data: dict[str, Any], table_text: str) -> str:
+    """The human-readable report; the table comes last so `tail` shows it."""
+    s = data["setup"]
+    versions = ", ".join(f"{k} {v}" for k, v in data["versions"].items())
+    return "\n".join(
+        [
+            f"# slimtune bench: {s['preset']}, {s['batch']} x {s['seq']}, {s['dtype']}"
+            + (", gradient checkpointing" if s["grad_checkpointing"] else ""),
+            "",
+            f"- card: {data['card']}",
+            f"- versions: {versions}",
+            f"- date: {data['date']}",
+            f"- command: `{data['command']}`",
+            f"- step: forward with labels, backward, optimizer step, zero_grad; {s['warmup']} warm-up, "
+            f"median of {s['steps']} timed steps; peak = torch.cuda.max_memory_allocated over them",
+            f"- method options: {', '.join(f'{k}={v}' for k, v in s['method_options'].items())}",
+            "",
+            "## Backends (slimtune info)",
+            "",
+            "```",
+            data["backends"],
+            "```",
+            "",
+            "## Results",
+            "",
+            table_text,
+            "",
+        ]
+    )
+
+
+def write(data: dict[str, Any], table_text: str, out_dir: Path) -> Path:
+    s = data["setup"]
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
+    gc_tag = "-gc" if s["grad_checkpointing"] else ""
+    stem = out_dir / f"bench-{s['preset']}-{s['batch']}x{s['seq']}{gc_tag}-{s['dtype']}-{stamp}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+    md = stem.with_suffix(".md")
+    md.write_text(markdown(data, table_text))
+    return md
+
+
+def main(args: argparse.Namespace, command: str) -> int:
+    device: torch.device = args.device
+    preset = args.model or ("tinyllama-1.1b" if device.type == "cuda" else "tiny")
+    batch, seq = DEFAULT_SHAPE[preset]
+    setup = Setup(
+        preset=preset,
+        batch=args.batch or batch,
+        seq=args.seq or seq,
+        dtype=args.dtype or ("bf16" if device.type == "cuda" else "fp32"),
+        device=device,
+        grad_checkpointing=args.grad_checkpointing,
+        warmup=args.warmup,
+        steps=args.steps,
+        options=MethodOptions(
+            paca_r=args.paca_r, lora_r=args.lora_r, paca_optimizer=args.optimizer, seed=args.seed
+        ),
+    )
+    rows = run_methods(args.methods or list(DEFAULT_METHODS), setup)
+    data = report(rows, setup, command)
+    table_text = table(rows, setup)
+    md = write(data, table_text, Path(args.out))
+    print(f"wrote {md} and {md.with_suffix('.json').name}", file=sys.stderr)
+    print(table_text)
+    return 1 if all(r.error for r in rows) else 0

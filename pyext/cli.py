@@ -1,0 +1,175 @@
+"""The `slimtune` command: `info`, `demo` and `bench`.
+
+Subcommand modules are imported only when run, so `slimtune --help` and `slimtune info` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+def _device(text: str):
+    """A torch.device that exists here, so a typo or a missing GPU is a usage error, not a traceback."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (try 'cpu' or 'cuda')") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}: use 'cpu' or 'cuda'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} requested but torch sees no CUDA device")
+    return device
+
+
+def _method_list(text: str) -> list[str]:
+    from .bench import METHODS
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {unknown or text!r}; choose from {', '.join(METHODS)}"
+        )
+    return names
+
+
+def _default_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slimtune",
+        description="Sparse and partial fine-tuning of Hugging Face models with custom kernels.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("info", help="versions, extension build and the backend each op uses, with reasons")
+
+    demo = sub.add_parser(
+        "demo",
+        help="fine-tune a tiny Llama with PaCA, full fine-tuning and PEFT LoRA; compare loss, speed, memory",
+        description="Fine-tune a small random-init Llama on a generated task with PaCA, full fine-tuning and "
+        "PEFT LoRA (same data, seed and steps), each in a fresh process, and print a comparison table.",
+    )
+    demo.add_argument(
+        "--steps", type=_positive_int, default=200, help="training steps per method (default 200)"
+    )
+    demo.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda if available)")
+    demo.add_argument("--seed", type=int, default=0, help="seed for the model, data and PaCA columns")
+
+    train = sub.add_parser(
+        "train",
+        help="run a multi-stage fine-tuning recipe and measure forgetting after every stage",
+        description="Train the stages of a YAML recipe in order, evaluate every task after each, and write "
+        "checkpoints, the forgetting matrix, plots and logs to the run folder (see docs/trainer.md). "
+        "Under `torchrun --nproc_per_node N` it trains with DistributedDataParallel.",
+    )
+    train.add_argument("recipe", help="recipe file (examples in recipes/)")
+    train.add_argument("--output", default=None, help="run folder (default runs/<recipe name>)")
+    train.add_argument(
+        "--resume", action="store_true", help="continue the run in the folder after its last finished stage"
+    )
+
+    bench = sub.add_parser(
+        "bench",
+        help="time one training step per method (the anchors.md protocol) and write a report",
+        description="End-to-end step benchmark: fresh random-init model per method, median step time and "
+        "peak CUDA memory, each shown as a ratio to the floor. Writes .md and .json under --out.",
+    )
+    bench.add_argument(
+        "--model",
+        choices=["tinyllama-1.1b", "tiny"],
+        default=None,
+        help="model shape (default: tinyllama-1.1b on CUDA, tiny on CPU)",
+    )
+    bench.add_argument("--batch", type=_positive_int, default=None, help="sequences per step (default 8 / 2)")
+    bench.add_argument(
+        "--seq", type=_positive_int, default=None, help="tokens per sequence (default 2048 / 64)"
+    )
+    bench.add_argument(
+        "--dtype",
+        choices=["bf16", "fp16", "fp32"],
+        default=None,
+        help="model dtype (default: bf16 on CUDA, fp32 on CPU)",
+    )
+    bench.add_argument(
+        "--device", type=_device, default=None, help="cpu or cuda (default: cuda if available)"
+    )
+    bench.add_argument("--grad-checkpointing", action="store_true", help="enable HF gradient checkpointing")
+    bench.add_argument(
+        "--methods",
+        type=_method_list,
+        default=None,
+        help="comma list from: floor, paca, paca-partial-adamw, peft-lora, full "
+        "(default: floor,paca,peft-lora,full)",
+    )
+    bench.add_argument(
+        "--paca-r", type=_positive_int, default=64, help="PaCA columns per linear (default 64)"
+    )
+    bench.add_argument("--lora-r", type=_positive_int, default=16, help="LoRA rank, alpha = 2r (default 16)")
+    bench.add_argument(
+        "--optimizer",
+        choices=["adamw-fused", "partial-adamw"],
+        default="adamw-fused",
+        help="optimizer of the 'paca' method (default adamw-fused, as in the anchors)",
+    )
+    bench.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed steps first (default 3)")
+    bench.add_argument(
+        "--steps", type=_positive_int, default=10, help="timed steps; median reported (default 10)"
+    )
+    bench.add_argument("--seed", type=int, default=0, help="seed for the model, batch and PaCA columns")
+    bench.add_argument(
+        "--out", default="benchmarks/results", help="report folder (default benchmarks/results)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    if getattr(args, "device", "absent") is None:
+        args.device = _default_device()
+    try:
+        if args.command == "info":
+            import slimtune
+
+            print(slimtune.info())
+            return 0
+        if args.command == "demo":
+            from . import demo
+
+            return demo.main(args)
+        if args.command == "train":
+            from .train import runner
+
+            return runner.main(args)
+        from . import bench
+
+        return bench.main(args, shlex.join(["slimtune", *argv]))
+    except KeyboardInterrupt:
+        print("slimtune: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,104 @@
+"""The `slimtune` command: help, info, usage errors, and short CPU runs of bench and demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import slimtune
+from slimtune.cli import main
+
+CaptureStr = pytest.CaptureFixture[str]
+
+
+def _python(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_module_entry_prints_help() -> None:
+    done = _python("-m", "slimtune", "--help")
+    assert done.returncode == 0, done.stderr
+    for command in ("info", "demo", "bench"):
+        assert command in done.stdout
+
+
+def test_info_prints_the_backend_report_without_heavy_imports() -> None:
+    script = (
+        "import sys; from slimtune.cli import main; code = main(['info']); "
+        "heavy = ('slimtune.bench', 'slimtune.demo', 'transformers', 'peft'); "
+        "print([m for m in heavy if m in sys.modules]); "
+        "sys.exit(code)"
+    )
+    done = _python("-c", script)
+    assert done.returncode == 0, done.stderr
+    assert f"slimtune {slimtune.__version__}" in done.stdout
+    assert "backend" in done.stdout
+    assert done.stdout.rstrip().endswith("[]")  # info stays fast: no subcommand module, no transformers
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["frobnicate"], "invalid choice"),
+        (["bench", "--methods", "floor,nope"], "unknown method(s) ['nope']"),
+        (["bench", "--steps", "0"], "expected an integer >= 1"),
+        (["bench", "--dtype", "fp8"], "invalid choice"),
+        (["demo", "--steps", "many"], "expected an integer >= 1"),
+        (["demo", "--device", "tpu"], "--device"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(argv: list[str], message: str, capsys: CaptureStr) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_bench_tiny_on_cpu_writes_markdown_and_json(tmp_path: Path, capsys: CaptureStr) -> None:
+    argv = ["bench", "--model", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "2"]
+    argv += ["--out", str(tmp_path)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    (md,) = tmp_path.glob("bench-tiny-2x64-fp32-*.md")
+    data = json.loads(md.with_suffix(".json").read_text())
+
+    assert data["command"] == "slimtune " + " ".join(argv)
+    assert set(data["versions"]) >= {"torch", "transformers", "peft", "triton", "slimtune"}
+    assert data["card"].startswith("CPU")
+    assert data["date"] and "partial_adamw" in data["backends"]
+    rows = {row["method"]: row for row in data["rows"]}
+    assert list(rows) == ["floor", "paca", "peft-lora", "full"]
+    for row in rows.values():
+        assert row["error"] is None and row["ms"] > 0 and len(row["ms_steps"]) == 2
+    assert rows["floor"]["trainable"] == 0
+    assert 0 < rows["peft-lora"]["trainable"] < rows["paca"]["trainable"] < rows["full"]["trainable"]
+
+    text = md.read_text()
+    assert text.rstrip().endswith(table.strip().splitlines()[-1])  # the table comes last
+    assert "x floor" in table and "| paca |" in table
+
+
+def test_bench_records_a_failing_method_and_goes_on(tmp_path: Path, capsys: CaptureStr) -> None:
+    # r above the tiny preset's hidden size (128) is refused by PaCAConfig/apply: that row errors, floor runs.
+    argv = ["bench", "--device", "cpu", "--warmup", "0", "--steps", "1", "--methods", "floor,paca"]
+    assert main([*argv, "--paca-r", "4096", "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    assert rows[0]["error"] is None
+    assert rows[1]["error"] and rows[1]["ms"] is None
+    assert "ValueError" in capsys.readouterr().out
+
+
+def test_demo_compares_three_methods(capfd: CaptureStr) -> None:
+    assert main(["demo", "--steps", "2", "--device", "cpu"]) == 0
+    out = capfd.readouterr().out
+    assert "peak RSS growth (MiB)" in out
+    names = ("paca", "full", "peft-lora")
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in names]
+    assert tuple(row[0] for row in rows) == names
+    for row in rows:
+        assert float(row[2]) < 10 and float(row[3]) > 0  # final loss, ms/step
