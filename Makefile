@@ -28,6 +28,7 @@ test: install
 
 demo: install
 	$(VENV)/bin/slimtune demo
+	$(VENV)/bin/slimtune demo --single-task
 
 bench: install
 	$(VENV)/bin/slimtune bench

@@ -1,4 +1,4 @@
-"""The `slimtune` command: `info`, `demo` and `bench`.
+"""The `slimtune` command: `info`, `demo`, `train` and `bench`.
 
 Subcommand modules are imported only when run, so `slimtune --help` and `slimtune info` stay fast.
 """
@@ -71,12 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="fine-tune a tiny Llama with PaCA, full fine-tuning and PEFT LoRA; compare loss, speed, memory",
-        description="Fine-tune a small random-init Llama on a generated task with PaCA, full fine-tuning and "
-        "PEFT LoRA (same data, seed and steps), each in a fresh process, and print a comparison table.",
+        help="sequential fine-tuning demo: learn task A, then task B with each method; what is kept of A",
+        description="Pre-train a small random-init Llama on a generated task A, then teach it task B with "
+        "full fine-tuning, LoRA, PaCA, S2FT and HFT from the same start; print accuracy on B, retention of "
+        "A, backward transfer, ms per step and memory, and save the forgetting heatmap. With --single-task: "
+        "one task, PaCA vs full fine-tuning vs PEFT LoRA, each in a fresh process (final loss, ms per step, "
+        "peak memory).",
     )
     demo.add_argument(
-        "--steps", type=_positive_int, default=200, help="training steps per method (default 200)"
+        "--single-task",
+        action="store_true",
+        help="the single-task comparison of PaCA, full fine-tuning and PEFT LoRA instead",
+    )
+    demo.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help="training steps per method (default 150 sequential, 200 single-task)",
     )
     demo.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda if available)")
     demo.add_argument("--seed", type=int, default=0, help="seed for the model, data and PaCA columns")
@@ -124,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         type=_method_list,
         default=None,
-        help="comma list from: floor, paca, paca-partial-adamw, peft-lora, full "
-        "(default: floor,paca,peft-lora,full)",
+        help="comma list from: floor, paca, paca-partial-adamw, s2ft, lora, hydra, peft-lora, "
+        "peft-lora-bf16, full (default: floor,paca,peft-lora,full)",
     )
     bench.add_argument(
         "--paca-r", type=_positive_int, default=64, help="PaCA columns per linear (default 64)"
@@ -160,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
             print(slimtune.info())
             return 0
         if args.command == "demo":
-            from . import demo
-
+            if args.single_task:
+                from . import demo
+            else:
+                from .train import demo
+            args.steps = args.steps or (200 if args.single_task else 150)
             return demo.main(args)
         if args.command == "train":
             from .train import runner

@@ -1,4 +1,4 @@
-"""`slimtune demo`: PaCA, full fine-tuning and PEFT LoRA side by side on a tiny Llama, on a CPU in seconds.
+"""`slimtune demo --single-task`: PaCA, full fine-tuning and PEFT LoRA side by side on a tiny Llama.
 
 The task is generated, so nothing is downloaded: after LENGTH random symbols and a separator, write
 each symbol's successor (x + 1 mod SYMBOLS) in the same order. Only the answer tokens carry loss, so

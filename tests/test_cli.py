@@ -94,7 +94,7 @@ def test_bench_records_a_failing_method_and_goes_on(tmp_path: Path, capsys: Capt
 
 
 def test_demo_compares_three_methods(capfd: CaptureStr) -> None:
-    assert main(["demo", "--steps", "2", "--device", "cpu"]) == 0
+    assert main(["demo", "--single-task", "--steps", "2", "--device", "cpu"]) == 0
     out = capfd.readouterr().out
     assert "peak RSS growth (MiB)" in out
     names = ("paca", "full", "peft-lora")
@@ -102,3 +102,12 @@ def test_demo_compares_three_methods(capfd: CaptureStr) -> None:
     assert tuple(row[0] for row in rows) == names
     for row in rows:
         assert float(row[2]) < 10 and float(row[3]) > 0  # final loss, ms/step
+
+
+def test_demo_runs_the_sequential_recipe_by_default(capfd: CaptureStr) -> None:
+    assert main(["demo", "--steps", "2", "--device", "cpu"]) == 0
+    out = capfd.readouterr().out
+    table = out[out.index("BWT") :].splitlines()[2:7]  # the comparison table printed last
+    assert tuple(line.split()[0] for line in table) == ("full", "lora", "paca", "s2ft", "hft")
+    assert all(len(line.split()) == 6 for line in table)
+    assert "heatmap" in out
