@@ -316,7 +316,7 @@ def report(rows: list[Row], setup: Setup, command: str) -> dict[str, Any]:
             "model_config": PRESETS[setup.preset],
             "method_options": asdict(setup.options),
         },
-        "backends": info(),
+        "backends": info(quiet=True),
         "rows": [asdict(r) for r in rows],
     }
 

@@ -6,6 +6,7 @@ Subcommand modules are imported only when run, so `slimtune --help` and `slimtun
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "info":
             import slimtune
 
-            print(slimtune.info())
+            slimtune.info()
             return 0
         if args.command == "demo":
             if args.single_task:
@@ -187,3 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("slimtune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `slimtune info | head`: stop quietly, like other CLI tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

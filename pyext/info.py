@@ -10,8 +10,8 @@ from . import __version__, _ext
 from .ops import OPS, backend_unavailable
 
 
-def info() -> str:
-    """A human-readable report of versions and per-op backends (also printed by `slimtune info`)."""
+def info(quiet: bool = False) -> str:
+    """Print (unless `quiet`) and return a report of versions and the backend of every op, with reasons."""
     lines = [
         f"slimtune {__version__}  python {platform.python_version()}  torch {torch.__version__}",
         f"extension slimtune._C: {'built' if _ext.available() else 'missing: ' + str(_ext.load_error())}"
@@ -34,4 +34,7 @@ def info() -> str:
         if not torch.cuda.is_available():
             prefers = ", ".join(op.prefer_cuda or ("torch",))
             lines.append(f"{op.name:<16} {'cuda':<7} {'-':<7} no CUDA device here (would use {prefers})")
-    return "\n".join(lines)
+    report = "\n".join(lines)
+    if not quiet:
+        print(report)
+    return report

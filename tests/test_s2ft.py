@@ -229,3 +229,26 @@ def test_bf16_cuda_block_gradients():
         )
         err = (layer.s2ft_block.grad.float() - dense.float()).norm() / dense.float().norm()
         assert err < 2e-2, name
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({}, ValueError, r"heads > 0 or channels > 0"),
+        ({"heads": 0, "channels": 0.0}, ValueError, r"heads > 0 or channels > 0"),
+        ({"heads": 1.5}, ValueError, r"fraction > 1"),
+        ({"channels": -2}, ValueError, r"must not be negative"),
+        ({"heads": "2"}, TypeError, r"int count or a float fraction"),
+        ({"channels": 3, "selection": "largest"}, ValueError, r"'random' or 'weight-norm'"),
+        ({"channels": 3, "train_v_rows": True}, ValueError, r"train_v_rows needs heads > 0"),
+    ],
+)
+def test_bad_configs_are_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        slimtune.S2FTConfig(**kwargs)
+
+
+def test_fractions_round_to_at_least_one_unit():
+    model = slimtune.apply(make_model("llama"), slimtune.S2FTConfig(heads=0.01, channels=0.001))
+    o_proj, down_proj = model.model.layers[0].self_attn.o_proj, model.model.layers[0].mlp.down_proj
+    assert o_proj.r == 16 and down_proj.r == 1  # one head of head_dim 16, one channel
