@@ -36,7 +36,6 @@ class Method:
     """Default behaviour for methods that swap modules for layers with a `to_linear()`."""
 
     name: str = ""
-    config_class: type[MethodConfig]
 
     def plan(self, model: nn.Module, config: MethodConfig, saved: dict[str, Tensor] | None = None) -> Plan:
         """Validate and plan every change without touching the model; `saved` restores a checkpoint."""

@@ -196,7 +196,6 @@ class AdapterMethod(Method):
 
 class LoRAMethod(AdapterMethod):
     name = "lora"
-    config_class = LoRAConfig
 
     def make_layer(self, name: str, linear: nn.Linear, config: LoRAConfig) -> LoRALinear:
         dtype = torch.float32 if config.fp32_master else None
@@ -210,7 +209,6 @@ class LoRAMethod(AdapterMethod):
 
 class HydraMethod(AdapterMethod):
     name = "hydra"
-    config_class = HydraConfig
 
     def make_layer(self, name: str, linear: nn.Linear, config: HydraConfig) -> HydraLinear:
         dtype = torch.float32 if config.fp32_master else None

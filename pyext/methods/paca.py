@@ -21,7 +21,6 @@ def column_index(name: str, in_features: int, r: int, seed: int) -> Tensor:
 
 class PaCAMethod(Method):
     name = "paca"
-    config_class = PaCAConfig
 
     def plan(self, model: nn.Module, config: PaCAConfig, saved: dict[str, Tensor] | None = None) -> Plan:
         targets = match_targets(model, config.target_modules)

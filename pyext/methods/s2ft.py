@@ -75,7 +75,6 @@ def _expand(units: Tensor, size: int) -> Tensor:
 
 class S2FTMethod(Method):
     name = "s2ft"
-    config_class = S2FTConfig
 
     def plan(self, model: nn.Module, config: S2FTConfig, saved: dict[str, Tensor] | None = None) -> Plan:
         geometry = _geometry(model)
