@@ -11,7 +11,7 @@ from torch import nn
 from . import __version__
 from .config import MethodConfig
 from .methods import method_for
-from .model import _check_model, commit, patch_state, patched_layers, state_tensors
+from .model import _check_model, commit, patched_layers, require_patched, state_tensors
 
 CONFIG_FILE = "slimtune_config.json"
 TENSORS_FILE = "slimtune_model.safetensors"
@@ -29,9 +29,7 @@ def save(model: nn.Module, directory: str | Path, format: str = "slimtune") -> P
         return save_peft(model, directory)
     if format != "slimtune":
         raise ValueError(f"unknown checkpoint format {format!r}; use 'slimtune' or 'peft'")
-    state = patch_state(model)
-    if state is None:
-        raise ValueError(f"{type(model).__name__} is not patched by slimtune; there is nothing to save")
+    state = require_patched(model, " (nothing to save)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_tensors(model).items()}

@@ -27,6 +27,17 @@ def patch_state(model: nn.Module) -> PatchState | None:
     return getattr(model, _STATE, None)
 
 
+def require_patched(model: nn.Module, doing: str = "") -> PatchState:
+    """The model's patch state, or a ValueError saying to call `apply` first."""
+    state = patch_state(model)
+    if state is None:
+        raise ValueError(
+            f"{type(model).__name__} is not patched by slimtune{doing}; "
+            f"call slimtune.apply(model, config) first"
+        )
+    return state
+
+
 def _check_model(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module (e.g. a transformers model), got {type(model).__name__}")
@@ -67,19 +78,12 @@ def commit(model: nn.Module, config: MethodConfig, plan: Plan) -> nn.Module:
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters an optimizer should get: exactly those the method trains."""
-    if patch_state(model) is None:
-        raise ValueError(
-            f"{type(model).__name__} is not patched by slimtune; call slimtune.apply(model, config) first"
-        )
+    require_patched(model)
     return [p for p in model.parameters() if p.requires_grad]
 
 
 def patched_layers(model: nn.Module) -> dict[str, nn.Module]:
-    state = patch_state(model)
-    if state is None:
-        raise ValueError(
-            f"{type(model).__name__} is not patched by slimtune; call slimtune.apply(model, config) first"
-        )
+    state = require_patched(model)
     return {name: model.get_submodule(name) for name in state.modules}
 
 
@@ -88,8 +92,8 @@ def merge(model: nn.Module) -> nn.Module:
 
     Parameters get back the `requires_grad` flags they had before `apply`.
     """
+    state = require_patched(model)
     layers = patched_layers(model)
-    state = patch_state(model)
     method_for(state.config).unpatch(model, layers, state.extra)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(state.requires_grad.get(name, True))
@@ -99,5 +103,5 @@ def merge(model: nn.Module) -> nn.Module:
 
 def state_tensors(model: nn.Module) -> dict[str, Tensor]:
     """Every tensor a checkpoint of the patched model keeps, keyed by module name."""
-    state = patch_state(model)
+    state = require_patched(model)
     return method_for(state.config).checkpoint_tensors(patched_layers(model), state.extra)

@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import LoRAConfig
 from .methods.lora import LoRAMethod
-from .model import _check_model, commit, patch_state, patched_layers
+from .model import _check_model, commit, patched_layers, require_patched
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -96,9 +96,7 @@ def load_peft(model: nn.Module, directory: str | Path) -> nn.Module:
 
 def save_peft(model: nn.Module, directory: str | Path) -> Path:
     """Write `model`'s LoRA adapters as a PEFT directory that `peft.PeftModel.from_pretrained` loads."""
-    state = patch_state(model)
-    if state is None:
-        raise ValueError(f"{type(model).__name__} is not patched by slimtune; there is nothing to save")
+    state = require_patched(model, " (nothing to save)")
     config = state.config
     if not isinstance(config, LoRAConfig):
         raise ValueError(

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .layers.partial import PartialLinear
 from .methods import method_for
-from .model import patch_state, patched_layers
+from .model import patch_state, patched_layers, require_patched
 
 
 @dataclass(frozen=True)
@@ -128,9 +128,7 @@ def _shape_with(values: Tensor, axis: int, size: int) -> list[int]:
 
 def delta(model: nn.Module) -> SparseDelta:
     """The trained change of a patched model (PaCA, S2FT) as a sparse diff in the original layout."""
-    state = patch_state(model)
-    if state is None:
-        raise ValueError(f"{type(model).__name__} is not patched by slimtune; there is no trained change")
+    state = require_patched(model, " (no trained change)")
     method = method_for(state.config)
     entries = {}
     for name, layer in patched_layers(model).items():
