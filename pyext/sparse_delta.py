@@ -89,10 +89,7 @@ class SparseDelta:
                 continue
             if mine.axis != entry.axis:
                 raise ValueError(f"cannot add deltas of {name!r} over different axes (rows and columns)")
-            index = torch.cat([mine.index, entry.index]).unique(sorted=True)
-            values = torch.zeros(_shape_with(mine.values, mine.axis, index.numel()), dtype=torch.float64)
-            for part in (mine, entry):
-                values.index_add_(part.axis, torch.searchsorted(index, part.index), part.values)
+            index, values = add_sparse(mine.index, mine.values, entry.index, entry.values, mine.axis)
             entries[name] = DeltaEntry(mine.axis, index, values)
         return SparseDelta(entries)
 
@@ -120,10 +117,17 @@ class SparseDelta:
         return cls({n: DeltaEntry(a, tensors[f"{n}.index"], tensors[f"{n}.values"]) for n, a in axes.items()})
 
 
-def _shape_with(values: Tensor, axis: int, size: int) -> list[int]:
-    shape = list(values.shape)
-    shape[axis] = size
-    return shape
+def add_sparse(
+    index_a: Tensor, values_a: Tensor, index_b: Tensor, values_b: Tensor, dim: int = 0
+) -> tuple[Tensor, Tensor]:
+    """The union of two sparse changes along `dim` (sorted index, float64 values); overlaps add up."""
+    index = torch.cat([index_a, index_b]).unique(sorted=True)
+    shape = list(values_a.shape)
+    shape[dim] = index.numel()
+    values = torch.zeros(shape, dtype=torch.float64)
+    for part_index, part_values in ((index_a, values_a), (index_b, values_b)):
+        values.index_add_(dim, torch.searchsorted(index, part_index), part_values.double())
+    return index, values
 
 
 def delta(model: nn.Module) -> SparseDelta:

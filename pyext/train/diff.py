@@ -16,6 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..sparse_delta import add_sparse
+
 FORMAT = "slimtune-entry-diff"
 
 
@@ -68,12 +70,7 @@ class EntryDiff:
         entries = dict(self.entries)
         for name, (index, values) in other.entries.items():
             if name in entries:
-                mine_index, mine_values = entries[name]
-                merged = torch.cat([mine_index, index]).unique(sorted=True)
-                total = torch.zeros(merged.numel(), dtype=torch.float64)
-                total.index_add_(0, torch.searchsorted(merged, mine_index), mine_values)
-                total.index_add_(0, torch.searchsorted(merged, index), values)
-                entries[name] = (merged, total)
+                entries[name] = add_sparse(*entries[name], index, values)
             else:
                 entries[name] = (index, values)
         return EntryDiff(entries)
