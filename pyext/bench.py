@@ -88,7 +88,7 @@ def _paca(model: nn.Module, options: MethodOptions, optimizer: str | None = None
     apply(model, PaCAConfig(r=options.paca_r, target_modules=list(PROJECTIONS), seed=options.seed))
     params = trainable_parameters(model)
     if (optimizer or options.paca_optimizer) == "partial-adamw":
-        return model, PartialAdamW(params, lr=options.lr)
+        return model, PartialAdamW(params, lr=options.lr, layers=model)
     return model, adamw(params, options)
 
 

@@ -66,6 +66,7 @@ class Op:
     prefer_cuda: tuple[str, ...]
     prefer_cpu: tuple[str, ...]
     note: str = ""
+    validate: Callable[..., None] | None = None
 
     def choose(self, device: torch.device) -> tuple[str, str]:
         """(backend, reason) for tensors on `device`, cached: ops run per layer per step."""
@@ -98,9 +99,39 @@ class Op:
             return "torch", "; ".join(skipped)
         return "torch", self.note or f"no native kernel for {device.type} tensors"
 
-    def __call__(self, *args, **kwargs):
+    def run(self, *args, **kwargs):
+        """The chosen backend on already validated input (what slimtune's custom ops call)."""
         backend, _ = self.choose(args[0].device)
         return self.impls[backend](*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        """Validate (indices by `check_index`, the one rule for every backend), then run."""
+        if self.validate is not None:
+            self.validate(*args, **kwargs)
+        return self.run(*args, **kwargs)
+
+
+def check_index(index: object, size: int, what: str, distinct: bool = False) -> None:
+    """The one rule for an index into `size` rows or columns, on every backend and device.
+
+    A 1-D int64 tensor with values in [0, size) (and no value twice where it is written through).
+    Checked where an index enters slimtune, so kernels can assume it: on CUDA this reads the
+    index back once.
+    """
+    if not isinstance(index, Tensor):
+        raise TypeError(f"{what}: the index must be a torch.Tensor, got {type(index).__name__}")
+    if index.dtype != torch.int64 or index.dim() != 1:
+        raise TypeError(
+            f"{what}: the index must be a 1-D int64 tensor, got {index.dtype} of shape {tuple(index.shape)}"
+        )
+    if index.numel() == 0:
+        return
+    low, high = int(index.min()), int(index.max())
+    if low < 0 or high >= size:
+        bad = low if low < 0 else high
+        raise ValueError(f"{what}: index value {bad} is out of range [0, {size}); indices are not wrapped")
+    if distinct and index.unique().numel() != index.numel():
+        raise ValueError(f"{what}: the index holds a value twice; written entries must be distinct")
 
 
 _forced: dict[str, str] = {}
@@ -211,19 +242,38 @@ def _op(
     prefer_cpu: tuple[str, ...],
     selectable: tuple[str, ...] = (),
     note: str = "",
+    validate: Callable[..., None] | None = None,
 ) -> Op:
     """An op with its reference and its native backends (`selectable` ones run only when forced)."""
     impls: dict[str, Callable] = {"torch": reference}
     for backend in (*prefer_cuda, *prefer_cpu, *selectable):
         impls[backend] = _triton(name) if backend == "triton" else _extension(name)
-    return Op(name, impls, prefer_cuda, prefer_cpu, note)
+    return Op(name, impls, prefer_cuda, prefer_cpu, note, validate)
+
+
+def _gather_index(x: Tensor, idx: Tensor, out: Tensor | None = None) -> None:
+    check_index(idx, x.shape[-1], "gather_columns")
+
+
+def _scatter_index(weight: Tensor, idx: Tensor, cols: Tensor) -> None:
+    check_index(idx, weight.shape[-1], "scatter_columns", distinct=True)
+
+
+def _column_grad_index(dy: Tensor, x: Tensor, idx: Tensor | None = None, out_dtype=None) -> None:
+    if idx is not None:
+        check_index(idx, x.shape[-1], "column_grad")
+
+
+def _adamw_index(cols, grad, exp_avg, exp_avg_sq, weight=None, idx=None, **_) -> None:
+    if weight is not None and idx is not None:
+        check_index(idx, weight.shape[-1], "partial_adamw", distinct=True)
 
 
 OPS: dict[str, Op] = {
     op.name: op
     for op in (
-        _op("gather_columns", gather_columns_ref, ("triton", "cuda"), ("cpp",)),
-        _op("scatter_columns", scatter_columns_ref, ("triton", "cuda"), ("cpp",)),
+        _op("gather_columns", gather_columns_ref, ("triton", "cuda"), ("cpp",), validate=_gather_index),
+        _op("scatter_columns", scatter_columns_ref, ("triton", "cuda"), ("cpp",), validate=_scatter_index),
         _op(
             "column_grad",
             column_grad_ref,
@@ -232,8 +282,9 @@ OPS: dict[str, Op] = {
             selectable=("triton",),
             note="the layer saves a compact (N, r) buffer, for which cuBLAS/MKL are the reference speed; "
             "the Triton kernel reads x through the index list and is selectable",
+            validate=_column_grad_index,
         ),
-        _op("partial_adamw", partial_adamw_ref, ("cuda",), ("cpp",)),
+        _op("partial_adamw", partial_adamw_ref, ("cuda",), ("cpp",), validate=_adamw_index),
     )
 }
 

@@ -2,43 +2,58 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
+from torch import nn
 from torch.autograd.graph import increment_version
 
-from . import ops
-from .layers.partial import COLUMNS
+from . import library
+from .layers.partial import COLUMNS, PartialLinear
 
 
 class PartialAdamW(torch.optim.Optimizer):
     """torch.optim.AdamW semantics (decoupled weight decay), one fused pass per trained tensor.
 
-    For trained columns of a partial layer (PaCA, S2FT) the pass also writes the new columns into the
-    layer's dense weight, so the next forward needs no separate scatter; trained rows are written by
-    the layer's own sync. Moments are kept in float32 whatever the parameter dtype.
-    Any other parameter gets the same update without the weight write.
+    Bound to its layers explicitly: `PartialAdamW(model, lr=...)` trains the model's trainable
+    parameters and knows its partial layers (PaCA, S2FT); `PartialAdamW(params, layers=model)`
+    does the same for chosen parameters. For trained columns of a bound layer the pass also writes
+    the new columns into the layer's dense weight, so the next forward needs no separate scatter;
+    trained rows, and the tensors of unbound layers, are written by the layer's own sync at its
+    next forward. Moments are kept in float32 whatever the parameter dtype. The binding is plain
+    state (a list of layers), so the optimizer deep-copies and pickles with its model.
     """
-
-    keeps_partial_weights_in_sync = True
 
     def __init__(
         self,
-        params: Iterable[torch.Tensor] | Iterable[dict],
+        params: nn.Module | Iterable[torch.Tensor] | Iterable[dict],
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         maximize: bool = False,
+        layers: nn.Module | Iterable[nn.Module] | None = None,
     ) -> None:
-        if lr < 0 or eps < 0 or weight_decay < 0:
-            raise ValueError(
-                f"PartialAdamW needs lr, eps, weight_decay >= 0; got {lr}, {eps}, {weight_decay}"
-            )
-        if not all(0.0 <= b < 1.0 for b in betas):
+        hyper = {"lr": lr, "eps": eps, "weight_decay": weight_decay}
+        for name, value in hyper.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"PartialAdamW {name} must be a finite number >= 0, got {value!r}")
+            if value < 0:
+                raise ValueError(f"PartialAdamW {name} must be >= 0, got {value}")
+        if not all(isinstance(b, int | float) and 0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"PartialAdamW betas must lie in [0, 1), got {betas}")
+        if isinstance(params, nn.Module):
+            layers = params if layers is None else layers
+            params = [p for p in params.parameters() if p.requires_grad]
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "maximize": maximize}
         super().__init__(params, defaults)
+        if isinstance(layers, nn.Module):
+            layers = layers.modules()
+        self.layers: list[PartialLinear] = [m for m in layers or () if isinstance(m, PartialLinear)]
+
+    def _owners(self) -> dict[int, PartialLinear]:
+        return {id(layer.trained): layer for layer in self.layers}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -46,6 +61,7 @@ class PartialAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        owners = self._owners()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -61,29 +77,30 @@ class PartialAdamW(torch.optim.Optimizer):
                     )
                     state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
                 state["step"] += 1
-                owner = getattr(p, "_slimtune_owner", None)
+                owner = owners.get(id(p))
                 fused = owner is not None and owner.axis == COLUMNS
                 weight, index = (owner.weight, owner.index) if fused else (None, None)
-                ops.partial_adamw(
+                library.partial_adamw_(
                     p,
                     p.grad.contiguous(),
                     state["exp_avg"],
                     state["exp_avg_sq"],
                     weight,
                     index,
-                    step=state["step"],
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    maximize=group["maximize"],
+                    state["step"],
+                    group["lr"],
+                    beta1,
+                    beta2,
+                    group["eps"],
+                    group["weight_decay"],
+                    group["maximize"],
                 )
                 # Kernels write through raw pointers: tell autograd and the layers that p changed.
                 increment_version(p)
                 if fused:
                     increment_version(weight)
-                    owner.mark_synced()
+                    owner.mark_synced(by_owner=True)
                 elif owner is not None:
-                    owner.sync_()
+                    owner.sync_(force=True)
+                    owner.mark_synced(by_owner=True)
         return loss

@@ -114,7 +114,7 @@ def test_partial_adamw_matches_torch_adamw_and_keeps_weight_in_sync(backend, wei
     layer, _ = make_layer(40, 30, 7, False, torch.float32)
     columns = layer.paca_columns.detach().clone().requires_grad_(True)
     untouched = layer.weight.detach().clone()
-    ours = slimtune.PartialAdamW([layer.paca_columns], lr=0.05, weight_decay=weight_decay)
+    ours = slimtune.PartialAdamW([layer.paca_columns], lr=0.05, weight_decay=weight_decay, layers=[layer])
     theirs = torch.optim.AdamW([columns], lr=0.05, weight_decay=weight_decay, foreach=False)
     generator = torch.Generator().manual_seed(3)
     with ops.use_backend("partial_adamw", backend):

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
+from .. import library
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -52,138 +52,6 @@ def _no_autocast(x: Tensor) -> contextlib.AbstractContextManager:
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
-
-
-def _rows(t: Tensor) -> Tensor:
-    return t.reshape(-1, t.shape[-1])
-
-
-def _forward_projections(
-    x: Tensor, xa: Tensor, a: Tensor, weights, biases, bs, ranks
-) -> tuple[list[Tensor], Tensor]:
-    """Outputs of projections sharing the 2-D input x; u = xa a^T is one GEMM for all adapters."""
-    u = xa @ a.t()
-    outs, start = [], 0
-    for weight, bias, b, r in zip(weights, biases, bs, ranks, strict=True):
-        outs.append(ops.lora_linear(x, weight, bias, u[:, start : start + r], b))
-        start += r
-    return outs, u
-
-
-def _backward_projections(
-    dys, xa: Tensor, u: Tensor, a: Tensor, weights, bs, ranks, shares_input: bool, need_x: bool
-):
-    """(dx, dxa, da, dbs). With dropout (xa is not x) the adapter's input gradient is returned apart."""
-    gs, dbs, start = [], [], 0
-    for dy, b, r in zip(dys, bs, ranks, strict=True):
-        gs.append(dy @ b)
-        dbs.append(dy.t() @ u[:, start : start + r])
-        start += r
-    g = torch.cat(gs, dim=1) if len(gs) > 1 else gs[0]
-    da = g.t() @ xa
-    dx = dxa = None
-    if shares_input:
-        dx = ops.lora_input_grad(g, a, list(dys), list(weights)) if need_x else None
-    else:
-        dx = sum(dy @ w for dy, w in zip(dys, weights, strict=True)) if need_x else None
-        dxa = g @ a
-    return dx, dxa, da, dbs
-
-
-class _Projections(torch.autograd.Function):
-    """Projections of one input x: outputs x W_i^T + bias_i + u_i b_i^T, u = xa a^T (xa: x or dropout(x))."""
-
-    @staticmethod
-    def forward(
-        ctx, x: Tensor, xa: Tensor, a: Tensor, ranks: tuple[int, ...], *per_projection: Tensor | None
-    ):
-        weights, biases, bs = per_projection[0::3], per_projection[1::3], per_projection[2::3]
-        x2 = _rows(x)
-        xa2 = x2 if xa is x else _rows(xa)
-        outs, u = _forward_projections(x2, xa2, a, weights, biases, bs, ranks)
-        ctx.save_for_backward(xa2, u, a, *weights, *bs)
-        ctx.ranks, ctx.shares_input, ctx.x_shape = ranks, xa is x, x.shape
-        return tuple(y.reshape(*x.shape[:-1], y.shape[-1]) for y in outs)
-
-    @staticmethod
-    def backward(ctx, *dys: Tensor):
-        xa, u, a, *rest = ctx.saved_tensors
-        count = len(ctx.ranks)
-        weights, bs = rest[:count], rest[count:]
-        dx, dxa, da, dbs = _backward_projections(
-            [_rows(dy) for dy in dys],
-            xa,
-            u,
-            a,
-            weights,
-            bs,
-            ctx.ranks,
-            ctx.shares_input,
-            ctx.needs_input_grad[0],
-        )
-        dx = None if dx is None else dx.reshape(ctx.x_shape)
-        dxa = None if dxa is None else dxa.reshape(ctx.x_shape)
-        return dx, dxa, da, None, *(g for db in dbs for g in (None, None, db))
-
-
-class _GatedMLP(torch.autograd.Function):
-    """down(act(gate(x)) * up(x)) with every projection's adapter fused; h is recomputed in backward."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        x: Tensor,
-        a_in: Tensor,
-        a_down: Tensor,
-        b_down: Tensor,
-        w_down: Tensor,
-        bias_down: Tensor | None,
-        activation: str,
-        ranks: tuple[int, ...],
-        *per_projection: Tensor | None,
-    ):
-        weights, biases, bs = per_projection[0::3], per_projection[1::3], per_projection[2::3]
-        x2 = _rows(x)
-        outs, u = _forward_projections(x2, x2, a_in, weights, biases, bs, ranks)
-        gate, up = outs[0].chunk(2, dim=-1) if len(outs) == 1 else outs  # Phi-3's gate_up_proj: gate first
-        h, u_down = ops.glu_down(gate, up, a_down, activation)
-        y = ops.lora_linear(h, w_down, bias_down, u_down, b_down)
-        ctx.save_for_backward(x2, u, a_in, gate, up, a_down, b_down, w_down, u_down, *weights, *bs)
-        ctx.ranks, ctx.activation, ctx.x_shape = ranks, activation, x.shape
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        x, u, a_in, gate, up, a_down, b_down, w_down, u_down, *rest = ctx.saved_tensors
-        count = len(ctx.ranks)
-        weights, bs = rest[:count], rest[count:]
-        dy = _rows(dy)
-        g_down = dy @ b_down
-        db_down = dy.t() @ u_down
-        dh = ops.lora_input_grad(g_down, a_down, [dy], [w_down])
-        if count == 1:  # one gate_up output: write both halves of its gradient in place
-            d_outs = [torch.empty(gate.shape[0], 2 * gate.shape[1], dtype=gate.dtype, device=gate.device)]
-            dgate, dup = d_outs[0].chunk(2, dim=-1)
-        else:
-            d_outs = [torch.empty_like(gate), torch.empty_like(up)]
-            dgate, dup = d_outs
-        h = ops.glu_backward(dh, gate, up, ctx.activation, dgate, dup)
-        da_down = g_down.t() @ h
-        dx, _, da_in, dbs = _backward_projections(
-            d_outs, x, u, a_in, weights, bs, ctx.ranks, True, ctx.needs_input_grad[0]
-        )
-        dx = None if dx is None else dx.reshape(ctx.x_shape)
-        return (
-            dx,
-            da_in,
-            da_down,
-            db_down,
-            None,
-            None,
-            None,
-            None,
-            *(g for db in dbs for g in (None, None, db)),
-        )
 
 
 def _adapter_args(
@@ -206,8 +74,10 @@ def project(x: Tensor, layers: Sequence[AdapterLinear], dropout: float = 0.0) ->
     with _no_autocast(x):
         x = x.to(dtype)
         a, ranks, per_layer = _adapter_args(layers, dtype)
-        xa = F.dropout(x, dropout, training=True) if dropout else x
-        return list(_Projections.apply(x, xa, a, ranks, *per_layer))
+        xa = F.dropout(x, dropout, training=True) if dropout else None
+        weights, biases, bs = per_layer[0::3], per_layer[1::3], per_layer[2::3]
+        outs, _ = library.lora_project(x, xa, a, ranks, weights, biases, bs)
+        return list(outs)
 
 
 def gated_mlp(x: Tensor, inputs: Sequence[AdapterLinear], down: AdapterLinear, activation: str) -> Tensor:
@@ -218,7 +88,11 @@ def gated_mlp(x: Tensor, inputs: Sequence[AdapterLinear], down: AdapterLinear, a
         a_in, ranks, per_layer = _adapter_args(inputs, dtype)
         a_down, b_down = down.adapter(dtype)
         w_down, bias_down = _cast(down.weight, dtype), _cast(down.bias, dtype)
-        return _GatedMLP.apply(x, a_in, a_down, b_down, w_down, bias_down, activation, ranks, *per_layer)
+        weights, biases, bs = per_layer[0::3], per_layer[1::3], per_layer[2::3]
+        y, *_ = library.lora_gated_mlp(
+            x, a_in, a_down, b_down, w_down, bias_down, activation, ranks, weights, biases, bs
+        )
+        return y
 
 
 def _version(x: Tensor) -> int:
@@ -343,7 +217,8 @@ class AdapterLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.shared is not None and self.shared.enabled:
+        # A compiled graph keeps no Python state between calls: siblings run one by one there.
+        if self.shared is not None and self.shared.enabled and not torch.compiler.is_compiling():
             return self.shared(self, x)
         return project(x, [self], self.dropout if self.training else 0.0)[0]
 

@@ -5,85 +5,32 @@ tensor (`out x r` columns or `r x in` rows) is the authority for the selected en
 writes it into the weight before a forward whenever it may have changed, so no forward runs on
 stale values.
 
-"May have changed" is: the version counter of the trained tensor or the weight moved (in-place
-updates, manual or by an optimizer), or any torch optimizer stepped since the last sync (fused
-optimizers write through raw pointers and do not bump version counters). In-place writes through
-`.data` are invisible to both; call `sync_()` after such writes.
+"May have changed" is decided per layer, with no global state: the trained tensor received a
+gradient since the last sync (a hook on the tensor marks the layer stale; an optimizer can only
+step a tensor that has a gradient, and torch's fused optimizers write through raw pointers without
+bumping version counters), or it still holds a gradient, or the version counter or storage of the
+trained tensor or the weight moved (manual in-place updates, `load_state_dict`). Writes through
+`.data` are invisible to all three; call `sync_()` after such writes. A compiled forward keeps no
+Python state between calls, so under `torch.compile` every forward writes the trained entries
+(`out x r` elements per layer, small next to the GEMM).
 """
 
 from __future__ import annotations
 
-import itertools
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .. import ops
+from .. import library, ops
+from ..library import COLUMNS, ROWS
 
-COLUMNS, ROWS = 1, 0
-
-_optimizer_steps = itertools.count(1)
-_step_epoch = 0
-_hook_handle = None
-
-
-def _count_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    global _step_epoch
-    if not getattr(optimizer, "keeps_partial_weights_in_sync", False):
-        _step_epoch = next(_optimizer_steps)
-
-
-def _install_step_hook() -> None:
-    """Count every torch optimizer step once a partial layer exists (a global, cheap hook)."""
-    global _hook_handle
-    if _hook_handle is None:
-        _hook_handle = register_optimizer_step_post_hook(_count_optimizer_step)
+__all__ = ["COLUMNS", "ROWS", "PartialLinear", "write_trained"]
 
 
 def write_trained(weight: Tensor, index: Tensor, trained: Tensor, axis: int) -> None:
     """weight[:, index] = trained (columns) or weight[index, :] = trained (rows), in place."""
-    if axis == COLUMNS:
-        ops.scatter_columns(weight, index, trained)
-    else:
-        ops.scatter_columns(weight.t(), index, trained.t())
-
-
-class _PartialMatmul(torch.autograd.Function):
-    """y = x W^T + b with gradients for W[:, idx] (columns) or W[idx, :] (rows) only.
-
-    Columns save only x[..., idx] (compact); rows need the whole input, as a dense weight gradient
-    would, but use only dy[..., idx]. The input gradient always flows through the dense weight.
-    """
-
-    @staticmethod
-    def forward(
-        ctx, x: Tensor, weight: Tensor, bias: Tensor | None, trained: Tensor, index: Tensor, axis: int
-    ):
-        y = F.linear(x, weight, bias)
-        ctx.weight = weight  # by reference: the sync mutates it in place between steps
-        ctx.trained_dtype, ctx.x_shape, ctx.axis = trained.dtype, x.shape, axis
-        if ctx.needs_input_grad[3]:
-            x2d = x.reshape(-1, x.shape[-1])
-            kept = ops.gather_columns(x2d, index) if axis == COLUMNS else x2d
-            ctx.save_for_backward(kept.to(y.dtype), index)  # under autocast the GEMM ran in y.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        grad_x = grad_trained = None
-        if ctx.needs_input_grad[0]:
-            grad_x = dy.matmul(ctx.weight.to(dy.dtype)).reshape(ctx.x_shape)
-        if ctx.needs_input_grad[3]:
-            kept, index = ctx.saved_tensors
-            dy2d = dy.reshape(-1, dy.shape[-1])
-            if ctx.axis == COLUMNS:
-                grad_trained = ops.column_grad(dy2d, kept.to(dy.dtype), None, ctx.trained_dtype)
-            else:
-                grad_trained = ops.column_grad(kept.to(dy.dtype), dy2d, index, ctx.trained_dtype).t()
-        return grad_x, None, None, grad_trained, None, None
+    library.write_trained_(weight, index, trained, axis)
 
 
 class PartialLinear(nn.Module):
@@ -103,16 +50,33 @@ class PartialLinear(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        index = index.to(device=self.weight.device, dtype=torch.long).clone()  # each layer owns its index
+        size = self.weight.shape[axis]
+        ops.check_index(index, size, f"{type(self).__name__} ({'columns' if axis else 'rows'})", True)
+        index = index.to(device=self.weight.device).clone()  # each layer owns its index
         self.register_buffer(self.index_name, index)
         initial = self.weight.detach().index_select(axis, index)
         setattr(self, self.trained_name, nn.Parameter(initial.clone()))
         # The base values of the trained entries: what `slimtune.delta` measures the change against.
         self.register_buffer("initial", initial, persistent=False)
-        self.trained._slimtune_owner = self  # lets PartialAdamW write the weight in the same pass
         self._synced: tuple[int, ...] | None = None
-        self.register_state_dict_pre_hook(lambda module, *_: module.sync_())
-        _install_step_hook()
+        self._stale = False  # a gradient arrived since the last sync
+        self._stepped_by_owner = False  # the last write was a bound PartialAdamW's fused step
+        self._install_hooks()
+
+    def _install_hooks(self) -> None:
+        """Per-layer hooks (bound methods, so the layer pickles; tensor hooks are not copied)."""
+        self.trained.register_post_accumulate_grad_hook(self._mark_stale)
+        self.register_state_dict_pre_hook(self._sync_before_state_dict)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._install_hooks()
+
+    def _mark_stale(self, _param: Tensor) -> None:
+        self._stale, self._stepped_by_owner = True, False
+
+    def _sync_before_state_dict(self, *_args) -> None:
+        self.sync_()
 
     @property
     def trained(self) -> nn.Parameter:
@@ -128,22 +92,37 @@ class PartialLinear(nn.Module):
 
     def _version_key(self) -> tuple[int, ...]:
         trained, weight = self.trained, self.weight
-        return (_step_epoch, trained._version, weight._version, trained.data_ptr(), weight.data_ptr())
+        return (trained._version, weight._version, trained.data_ptr(), weight.data_ptr())
+
+    def needs_sync(self) -> bool:
+        """Whether the trained entries may differ from the weight's (see the module docstring)."""
+        if self._stale or self._version_key() != self._synced:
+            return True
+        # Any optimizer may step again on the gradient it holds, unless our own fused step wrote it.
+        return self.trained.grad is not None and not self._stepped_by_owner
 
     @torch.no_grad()
-    def sync_(self) -> None:
-        """Write the trained entries into the dense weight if either changed since the last sync."""
-        if self._version_key() != self._synced:
+    def sync_(self, force: bool = False) -> None:
+        """Write the trained entries into the dense weight if they may have changed since the last sync."""
+        if force or self.needs_sync():
             write_trained(self.weight, self.index, self.trained, self.axis)
-            self._synced = self._version_key()
+            self.mark_synced()
 
-    def mark_synced(self) -> None:
-        """Record that the weight holds the trained entries (for kernels that write both at once)."""
+    def mark_synced(self, by_owner: bool = False) -> None:
+        """Record that the weight holds the trained entries (`by_owner`: a bound PartialAdamW's
+        fused step wrote both, and will write both again on its next step)."""
+        self._stale, self._stepped_by_owner = False, by_owner
         self._synced = self._version_key()
 
     def forward(self, x: Tensor) -> Tensor:
-        self.sync_()
-        return _PartialMatmul.apply(x, self.weight, self.bias, self.trained, self.index, self.axis)
+        if torch.compiler.is_compiling():
+            with torch.no_grad():
+                library.write_trained_(self.weight, self.index, self.trained, self.axis)
+        else:
+            self.sync_()
+        keep = self.trained.requires_grad and torch.is_grad_enabled()
+        y, _ = library.partial_linear(x, self.weight, self.bias, self.trained, self.index, self.axis, keep)
+        return y
 
     def checkpoint_tensors(self) -> dict[str, Tensor]:
         """What a checkpoint keeps of this layer: the index and the trained values."""
