@@ -1,31 +1,40 @@
-"""slimtune: sparse and partial fine-tuning of Hugging Face models with custom kernels."""
+"""slimtune: sparse and partial fine-tuning of Hugging Face models with custom kernels.
+
+The library core is this package minus `slimtune.apps` (trainer, bench, demo, CLI), which uses
+only the names exported here and the public modules `registry`, `architectures` and `ops`.
+"""
 
 __version__ = "0.1.0"
 
-from .checkpoint import load, save
-from .config import HydraConfig, LoRAConfig, PaCAConfig, S2FTConfig
+from . import architectures, ops, registry
+from .config import HydraConfig, LoRAConfig, MethodConfig, PaCAConfig, S2FTConfig
 from .info import info
-from .methods.lora import unmerge
-from .model import apply, merge, trainable_parameters
 from .optim import PartialAdamW
+from .patching import apply, load, merge, report, save, trainable_parameters, unmerge
 from .peft_compat import load_peft
-from .sparse_delta import SparseDelta, delta, load_delta
+from .sparse_delta import SparseDelta, add_sparse, delta, load_delta
 
 __all__ = [
     "HydraConfig",
     "LoRAConfig",
+    "MethodConfig",
     "PaCAConfig",
     "PartialAdamW",
     "S2FTConfig",
     "SparseDelta",
     "__version__",
+    "add_sparse",
     "apply",
+    "architectures",
     "delta",
     "info",
     "load",
     "load_delta",
     "load_peft",
     "merge",
+    "ops",
+    "registry",
+    "report",
     "save",
     "trainable_parameters",
     "unmerge",

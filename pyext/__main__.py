@@ -1,6 +1,6 @@
 """`python -m slimtune` runs the `slimtune` command."""
 
-from .cli import main
+from .apps.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

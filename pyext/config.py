@@ -41,12 +41,13 @@ class MethodConfig:
         return {"method": self.method, **out}
 
     @staticmethod
-    def from_dict(data: dict[str, Any]) -> MethodConfig:
+    def from_dict(data: dict[str, Any], classes: dict[str, type[MethodConfig]]) -> MethodConfig:
+        """The config of `classes[data["method"]]` (the registry passes its configs)."""
         data = dict(data)
         method = data.pop("method", None)
-        cls = CONFIG_CLASSES.get(method)
+        cls = classes.get(method)
         if cls is None:
-            raise ValueError(f"unknown slimtune method {method!r}; known: {sorted(CONFIG_CLASSES)}")
+            raise ValueError(f"unknown slimtune method {method!r}; known: {sorted(classes)}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - fields
         if unknown:
@@ -193,8 +194,3 @@ class HydraConfig(MethodConfig):
         _check_rank("HydraConfig.r_sequential", self.r_sequential)
         _check_adapter_common("HydraConfig", self.alpha, self.fp32_master, self.seed)
         object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
-
-
-CONFIG_CLASSES: dict[str, type[MethodConfig]] = {
-    cls.method: cls for cls in (PaCAConfig, S2FTConfig, LoRAConfig, HydraConfig)
-}

@@ -8,6 +8,7 @@ import torch
 
 from . import __version__, _ext
 from .ops import OPS, backend_unavailable
+from .registry import methods
 
 
 def info(quiet: bool = False) -> str:
@@ -34,6 +35,10 @@ def info(quiet: bool = False) -> str:
         if not torch.cuda.is_available():
             prefers = ", ".join(op.prefer_cuda or ("torch",))
             lines.append(f"{op.name:<16} {'cuda':<7} {'-':<7} no CUDA device here (would use {prefers})")
+    lines.append("")
+    lines.append(f"{'method':<8} {'config':<13} capabilities")
+    for name, method in methods().items():
+        lines.append(f"{name:<8} {method.config.__name__:<13} {', '.join(sorted(method.capabilities))}")
     report = "\n".join(lines)
     if not quiet:
         print(report)

@@ -68,9 +68,7 @@ def _(dy: Tensor, x: Tensor, index: Tensor | None, out_dtype: torch.dtype) -> Te
     return dy.new_empty(dy.shape[1], width, dtype=out_dtype)
 
 
-@torch.library.custom_op(
-    "slimtune::partial_adamw_", mutates_args=("cols", "exp_avg", "exp_avg_sq", "weight")
-)
+@torch.library.custom_op("slimtune::partial_adamw_", mutates_args=("cols", "exp_avg", "exp_avg_sq", "weight"))
 def partial_adamw_(
     cols: Tensor,
     grad: Tensor,

@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import LoRAConfig
 from .methods.lora import LoRAMethod
-from .model import _check_model, commit, patched_layers, require_patched
+from .state import check_unpatched, commit, patched_layers, require_patched
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -90,7 +90,7 @@ def load_peft(model: nn.Module, directory: str | Path) -> nn.Module:
     alpha = peft["lora_alpha"] * (math.sqrt(r) if peft.get("use_rslora") else 1)
     names = sorted({key.rsplit(".", 1)[0] for key in saved})
     config = LoRAConfig(r=r, alpha=alpha, target_modules=names, dropout=peft.get("lora_dropout") or 0.0)
-    _check_model(model)
+    check_unpatched(model)
     return commit(model, config, LoRAMethod().plan(model, config, saved))
 
 

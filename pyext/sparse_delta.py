@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .layers.partial import PartialLinear
 from .methods import method_for
-from .model import patch_state, patched_layers, require_patched
+from .state import patch_state, patched_layers, require_patched
 
 
 @dataclass(frozen=True)

@@ -6,30 +6,8 @@ import re
 
 from torch import nn
 
+from .architectures import block_stacks, is_conv1d
 from .config import TargetModules
-
-
-def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """The outermost ModuleLists of same-class modules that hold linears: the model's block stacks.
-
-    This finds `model.layers` of Llama-style decoders and `transformer.h` of GPT-2 without a
-    per-family table, and skips lists nested inside a block (MoE experts belong to their block).
-    """
-    stacks: list[tuple[str, nn.ModuleList]] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if any(name.startswith(prefix + ".") for prefix, _ in stacks):
-            continue
-        if len({type(block) for block in module}) != 1:
-            continue
-        if any(isinstance(m, nn.Linear) or _is_conv1d(m) for m in module.modules()):
-            stacks.append((name, module))
-    return stacks
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def describe_type(module: nn.Module) -> str:
@@ -41,7 +19,7 @@ def match_targets(model: nn.Module, target_modules: TargetModules) -> list[tuple
     """Names and modules selected by `target_modules`, in model order; raises if nothing matches."""
     model_name = type(model).__name__
     if target_modules == "all-linear":
-        stacks = transformer_blocks(model)
+        stacks = block_stacks(model)
         if not stacks:
             raise ValueError(
                 f"target_modules='all-linear' found no transformer block list (an nn.ModuleList of "
@@ -53,7 +31,7 @@ def match_targets(model: nn.Module, target_modules: TargetModules) -> list[tuple
             (f"{prefix}.{name}", module)
             for prefix, stack in stacks
             for name, module in stack.named_modules()
-            if (isinstance(module, nn.Linear) or _is_conv1d(module)) and module is not output_embeddings
+            if (isinstance(module, nn.Linear) or is_conv1d(module)) and module is not output_embeddings
         ]
         if not found:
             raise ValueError(
@@ -98,7 +76,7 @@ def _output_embeddings(model: nn.Module) -> nn.Module | None:
 def _linear_name_examples(model: nn.Module, limit: int = 8) -> list[str]:
     leaf_names = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or _is_conv1d(module):
+        if isinstance(module, nn.Linear) or is_conv1d(module):
             leaf = name.rsplit(".", 1)[-1]
             if leaf not in leaf_names:
                 leaf_names.append(leaf)
@@ -107,7 +85,7 @@ def _linear_name_examples(model: nn.Module, limit: int = 8) -> list[str]:
 
 def check_plain_linear(name: str, module: nn.Module) -> nn.Linear:
     """Refuse anything but a floating-point `nn.Linear` with a message naming the module and the fix."""
-    if _is_conv1d(module):
+    if is_conv1d(module):
         raise ValueError(
             f"module {name!r} is a transformers Conv1D (GPT-2 style, weight stored as in x out), which "
             f"slimtune does not patch; convert the model's Conv1D layers to nn.Linear first or target "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import slimtune
-from slimtune.cli import main
+from slimtune.apps.cli import main
 
 CaptureStr = pytest.CaptureFixture[str]
 
@@ -27,8 +27,8 @@ def test_module_entry_prints_help() -> None:
 
 def test_info_prints_the_backend_report_without_heavy_imports() -> None:
     script = (
-        "import sys; from slimtune.cli import main; code = main(['info']); "
-        "heavy = ('slimtune.bench', 'slimtune.demo', 'transformers', 'peft'); "
+        "import sys; from slimtune.apps.cli import main; code = main(['info']); "
+        "heavy = ('slimtune.apps.bench', 'slimtune.apps.demo', 'transformers', 'peft'); "
         "print([m for m in heavy if m in sys.modules]); "
         "sys.exit(code)"
     )

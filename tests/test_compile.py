@@ -10,7 +10,6 @@ import pytest
 import slimtune
 import torch
 import torch._dynamo as dynamo
-
 from tiny_models import make_batch, make_model
 
 CONFIGS = {
@@ -80,7 +79,9 @@ def test_compiled_model_matches_eager_and_trains(family: str, method: str) -> No
 
     # After training, the merged weights agree: the compiled forward wrote the trained entries.
     for (name, a), (_, b) in zip(
-        slimtune.merge(eager).state_dict().items(), slimtune.merge(compiled_model).state_dict().items(), strict=True
+        slimtune.merge(eager).state_dict().items(),
+        slimtune.merge(compiled_model).state_dict().items(),
+        strict=True,
     ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 

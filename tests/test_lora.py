@@ -258,7 +258,7 @@ def test_unmerge_refusals():
 def test_hydra_is_the_identity_at_init_and_trains():
     base = make_model("mistral")
     model = slimtune.apply(copy.deepcopy(base), slimtune.HydraConfig(r_parallel=4, r_sequential=4, alpha=8))
-    assert all(isinstance(m, HydraLinear) for m in slimtune.model.patched_layers(model).values())
+    assert all(isinstance(m, HydraLinear) for m in slimtune.state.patched_layers(model).values())
     ids = make_batch()
     with torch.no_grad():
         torch.testing.assert_close(
@@ -340,7 +340,7 @@ def test_generate_and_inference_mode_match_peft(tmp_path):
         logits = ours(input_ids=prompt).logits
     with torch.inference_mode():
         assert torch.equal(ours(input_ids=prompt).logits, logits)
-    assert all(layer.shared.enabled for layer in slimtune.model.patched_layers(ours).values() if layer.shared)
+    assert all(layer.shared.enabled for layer in slimtune.state.patched_layers(ours).values() if layer.shared)
 
 
 def test_siblings_called_apart_fall_back_to_separate_projections():
@@ -441,7 +441,7 @@ def test_gpu_bf16_matches_peft_bf16(family, tmp_path):
     ref = peft.get_peft_model(copy.deepcopy(base), config, autocast_adapter_dtype=False)
     ref.save_pretrained(tmp_path)
     ours = slimtune.load_peft(base, tmp_path)
-    assert all(isinstance(m, LoRALinear) for m in slimtune.model.patched_layers(ours).values())
+    assert all(isinstance(m, LoRALinear) for m in slimtune.state.patched_layers(ours).values())
     assert ops.lora_linear.choose(torch.device("cuda"))[0] == "triton"
     ids = make_batch(batch=2, seq=64).cuda()
     _, ref_logits = loss_and_grads(ref, ids)

@@ -9,8 +9,8 @@ import slimtune
 import torch
 import transformers
 from slimtune.layers.s2ft import S2FTLinear
-from slimtune.methods import METHODS
-from slimtune.model import patch_state
+from slimtune.registry import get as registered_method
+from slimtune.state import patch_state
 from test_refusals import refused
 from tiny_models import make_batch, make_model
 from torch import nn
@@ -29,7 +29,9 @@ def s2ft_layers(model: nn.Module) -> dict[str, S2FTLinear]:
 
 
 def original_index(model: nn.Module, name: str) -> torch.Tensor:
-    return METHODS["s2ft"].original_index(name, model.get_submodule(name), patch_state(model).extra)
+    return registered_method("s2ft").glue.original_index(
+        name, model.get_submodule(name), patch_state(model).extra
+    )
 
 
 def train(model: nn.Module, steps: int, lr: float = 1e-2) -> list[float]:

@@ -7,9 +7,9 @@ import random
 
 import pytest
 import torch
-from slimtune.train.data import DataError, batch_order, pack, read_records, weighted
-from slimtune.train.tasks import Example, encode, generate
-from slimtune.train.tokenizer import CharTokenizer
+from slimtune.apps.train.data import DataError, batch_order, pack, read_records, weighted
+from slimtune.apps.train.tasks import Example, encode, generate
+from slimtune.apps.train.tokenizer import CharTokenizer
 
 TOKENIZER = CharTokenizer()
 

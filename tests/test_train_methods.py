@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import slimtune
 import torch
-from slimtune.train import load_recipe, run
-from slimtune.train.diff import EntryDiff, load_diff
-from slimtune.train.loop import make_optimizer
-from slimtune.train.methods import HFT, Context, hft_selection
-from slimtune.train.models import ModelSpec, build
-from slimtune.train.post import lines
-from slimtune.train.runner import stage_seed
+from slimtune.apps.train import load_recipe, run
+from slimtune.apps.train.diff import EntryDiff, load_diff
+from slimtune.apps.train.loop import make_optimizer
+from slimtune.apps.train.methods import HFT, Context, hft_selection
+from slimtune.apps.train.models import ModelSpec, build
+from slimtune.apps.train.post import lines
+from slimtune.apps.train.runner import stage_seed
 from tiny_models import make_model
 
 RECIPE = """\

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from slimtune.train import metrics
+from slimtune.apps.train import metrics
 
 ACC = [
     [0.9, 0.1, 0.0],

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from slimtune.cli import main as cli_main
-from slimtune.train import RecipeError, load_recipe, run
+from slimtune.apps.cli import main as cli_main
+from slimtune.apps.train import RecipeError, load_recipe, run
 
 GOOD = """\
 model:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from slimtune.train import RecipeError, demo, load_recipe, loop, run
+from slimtune.apps.train import RecipeError, demo, load_recipe, loop, run
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

@@ -20,9 +20,7 @@ and the down adapter's u; h = act(gate) * up is recomputed in backward.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-import types
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import library
+from ..architectures import GatedMLPSpec
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -144,30 +143,44 @@ class SharedInput:
         self.enabled, self._pending, self._input = False, {}, None
 
 
-@dataclass(frozen=True)
-class GatedMLPSpec:
-    """Where a gated MLP keeps its projections and which activation it applies."""
+class FusedGatedMLP(nn.Module):
+    """Stands in for a gated MLP whose projections are adapter layers: one fused autograd op.
 
-    inputs: tuple[str, ...]  # ("gate_proj", "up_proj") or Phi-3's ("gate_up_proj",)
-    down: str
-    activation: str  # a key of ops.GLU_ACTIVATIONS
+    Holds the MLP's own children under their own names (state-dict keys do not change) and the
+    original module, which `restore()` gives back; other attributes read through to the original.
+    Accepted for a module only after `architectures.probe_gated_mlp` checked its forward.
+    """
 
+    def __init__(self, original: nn.Module, spec: GatedMLPSpec) -> None:
+        super().__init__()
+        self.__dict__["original"] = original  # not a child: its children are ours
+        self.spec = spec
+        for name, child in original.named_children():
+            self._modules[name] = child  # (add_module would see the name through __getattr__)
 
-def _fused_mlp_forward(spec: GatedMLPSpec, mlp: nn.Module, x: Tensor) -> Tensor:
-    inputs = [getattr(mlp, name) for name in spec.inputs]
-    down = getattr(mlp, spec.down)
-    if all(isinstance(m, AdapterLinear) for m in (*inputs, down)):
-        return gated_mlp(x, inputs, down, spec.activation)
-    return type(mlp).forward(mlp, x)  # its layers were swapped again: the model's own code
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["original"], name)
 
+    def forward(self, x: Tensor) -> Tensor:
+        spec = self.spec
+        inputs = [getattr(self, name) for name in spec.inputs]
+        down = getattr(self, spec.down)
+        if all(isinstance(m, AdapterLinear) for m in (*inputs, down)):
+            return gated_mlp(x, inputs, down, spec.activation)
+        return type(self.original).forward(self, x)  # its layers were swapped again: the model's code
 
-def fuse_mlp(mlp: nn.Module, spec: GatedMLPSpec) -> None:
-    """Route `mlp`'s forward through `gated_mlp` (an instance attribute; `unfuse_mlp` removes it)."""
-    mlp.forward = types.MethodType(functools.partial(_fused_mlp_forward, spec), mlp)
+    def restore(self) -> nn.Module:
+        """The original module, holding this module's current children."""
+        original = self.original
+        for name, child in self.named_children():
+            original._modules[name] = child
+        return original
 
-
-def unfuse_mlp(mlp: nn.Module) -> None:
-    mlp.__dict__.pop("forward", None)
+    def extra_repr(self) -> str:
+        return f"fused {type(self.original).__name__}, activation={self.spec.activation}"
 
 
 def _bits(t: Tensor) -> Tensor:

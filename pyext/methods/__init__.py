@@ -1,23 +1,19 @@
-"""Method glue: how each config selects modules, builds layers and round-trips through checkpoints."""
+"""Method glue: how each config selects modules, builds layers and round-trips through checkpoints.
+
+Importing this package registers every built-in method in `slimtune.registry`.
+"""
 
 from __future__ import annotations
 
 from ..config import MethodConfig
+from ..registry import for_config
+from . import lora, paca, s2ft  # noqa: F401  (each registers its methods)
 from .base import Method, Plan, Replacement
-from .lora import HydraMethod, LoRAMethod
-from .paca import PaCAMethod
-from .s2ft import S2FTMethod
-
-METHODS: dict[str, Method] = {
-    method.name: method for method in (PaCAMethod(), S2FTMethod(), LoRAMethod(), HydraMethod())
-}
 
 
 def method_for(config: MethodConfig) -> Method:
-    try:
-        return METHODS[config.method]
-    except KeyError:
-        raise ValueError(f"no slimtune method named {config.method!r}; known: {sorted(METHODS)}") from None
+    """The glue of `config`'s method (ValueError naming the known methods if none)."""
+    return for_config(config).glue
 
 
-__all__ = ["METHODS", "Method", "Plan", "Replacement", "method_for"]
+__all__ = ["Method", "Plan", "Replacement", "method_for"]

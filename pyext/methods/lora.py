@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,94 +10,53 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..architectures import (
+    GatedMLPSpec,
+    architecture,
+    gated_mlp_candidate,
+    mlp_layout,
+    probe_gated_mlp,
+    sibling_groups,
+)
 from ..config import HydraConfig, LoRAConfig
 from ..layers.lora import (
     AdapterLinear,
-    GatedMLPSpec,
+    FusedGatedMLP,
     HydraLinear,
     LoRALinear,
     MergeRecord,
     SharedInput,
-    fuse_mlp,
-    restore_weight_,
-    unfuse_mlp,
 )
+from ..registry import FUSED_KERNELS, MERGE, PEFT_FORMAT, UNMERGE, MethodInfo, register
 from ..targets import check_plain_linear, match_targets
 from .base import Method, Plan, Replacement
-
-SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-"""Child names that Hugging Face attention and MLP blocks call one after another on one input."""
 
 UNMERGE_ATTR = "_slimtune_unmerge"
 
 
-# The gated-MLP forwards of Hugging Face models, verbatim. A module whose forward compiles to the same
-# bytecode computes down(act(gate(x)) * up(x)) and can take the fused path; any other keeps its own.
-def _llama_mlp_forward(self, x):
-    down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-    return down_proj
-
-
-def _phi3_mlp_forward(self, hidden_states):
-    up_states = self.gate_up_proj(hidden_states)
-
-    gate, up_states = up_states.chunk(2, dim=-1)
-    up_states = up_states * self.activation_fn(gate)
-
-    return self.down_proj(up_states)
-
-
-GATED_MLPS = (
-    (_llama_mlp_forward, ("gate_proj", "up_proj"), "act_fn"),  # Llama, Mistral, Qwen2/3, Gemma, ...
-    (_phi3_mlp_forward, ("gate_up_proj",), "activation_fn"),  # Phi-3
-)
-
-
-def _same_code(a: Any, b: Any) -> bool:
-    a, b = getattr(a, "__code__", None), b.__code__
-    return a is not None and all(
-        getattr(a, k) == getattr(b, k) for k in ("co_code", "co_names", "co_varnames", "co_consts")
-    )
-
-
-def activation_kind(act: object) -> str | None:
-    """The activation a module computes, as a key of ops.GLU_ACTIVATIONS, or None if not known."""
-    name = type(act).__name__
-    if isinstance(act, nn.SiLU) or name == "SiLUActivation":
-        return "silu"
-    if isinstance(act, nn.GELU):
-        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
-    if name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation"):
-        return "gelu_tanh"
-    return "gelu" if name == "GELUActivation" else None
-
-
-def gated_mlp_spec(module: nn.Module) -> GatedMLPSpec | None:
-    """How to fuse `module` if it is a Hugging Face gated MLP with a known activation, else None."""
-    for forward, inputs, act_name in GATED_MLPS:
-        if _same_code(type(module).forward, forward):
-            kind = activation_kind(getattr(module, act_name, None))
-            return GatedMLPSpec(inputs, "down_proj", kind) if kind else None
-    return None
-
-
 @dataclass
 class Fusion:
-    """Which targeted layers run fused: sibling groups (by member name) and gated MLPs (by name)."""
+    """Which targeted layers run fused: sibling groups (by member name), gated MLPs (by name), and
+    the gated MLPs that run unfused, with the reason (reported once at apply and by `report`)."""
 
     groups: dict[str, SharedInput] = field(default_factory=dict)
     mlps: dict[str, GatedMLPSpec] = field(default_factory=dict)
+    fallbacks: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def plan(cls, model: nn.Module, names: list[str]) -> Fusion:
-        targeted, fusion = set(names), cls()
+        arch, targeted, fusion = architecture(model), set(names), cls()
         for parent_name, parent in model.named_modules():
             prefix = f"{parent_name}." if parent_name else ""
-            spec = gated_mlp_spec(parent)
-            if spec and all(prefix + child in targeted for child in (*spec.inputs, spec.down)):
-                fusion.mlps[parent_name] = spec
-                continue  # its gate/up run inside the fused MLP
-            for siblings in SIBLINGS:
+            spec, why = gated_mlp_candidate(parent, arch)
+            layout = mlp_layout(parent, arch)
+            if layout is not None and all(prefix + c in targeted for c in (*layout.inputs, layout.down)):
+                problem = why if spec is None else probe_gated_mlp(parent, spec)
+                if spec is not None and (problem is None or "meta" in problem):
+                    fusion.mlps[parent_name] = spec
+                    continue  # its gate/up run inside the fused MLP
+                fusion.fallbacks[parent_name] = f"{type(parent).__name__}: {problem}"
+            for siblings in sibling_groups(parent, arch):
                 members = [prefix + child for child in siblings if prefix + child in targeted]
                 if (
                     len(members) > 1
@@ -108,11 +68,26 @@ class Fusion:
 
     def install(self, model: nn.Module) -> None:
         for name, spec in self.mlps.items():
-            fuse_mlp(model.get_submodule(name), spec)
+            model.set_submodule(name, FusedGatedMLP(model.get_submodule(name), spec))
+        if self.fallbacks:
+            reasons = sorted(set(self.fallbacks.values()))
+            warnings.warn(
+                f"slimtune: {len(self.fallbacks)} gated MLPs run the unfused (exact, slower) adapter path: "
+                f"{'; '.join(reasons)}. slimtune.report(model) lists them",
+                stacklevel=4,
+            )
 
     def remove(self, model: nn.Module) -> None:
         for name in self.mlps:
-            unfuse_mlp(model.get_submodule(name))
+            model.set_submodule(name, model.get_submodule(name).restore())
+
+    def describe(self) -> dict[str, Any]:
+        groups = {id(g): g.names for g in self.groups.values()}
+        return {
+            "fused gated MLPs": sorted(self.mlps),
+            "sibling groups sharing one input": sorted(groups.values()),
+            "unfused gated MLPs": dict(sorted(self.fallbacks.items())),
+        }
 
 
 def _generator(name: str, seed: int) -> torch.Generator:
@@ -226,37 +201,29 @@ class HydraMethod(AdapterMethod):
         }
 
 
-def unmerge(model: nn.Module) -> nn.Module:
-    """Undo `slimtune.merge` of a LoRA or Hydra model: adapter layers back, base weights bit for bit.
-
-    `merge` wrote W0 + delta into each base weight in place and kept, per layer, the adapter tensors and
-    the few entries where rounding W' - delta does not give W0 back; this restores them. Refused (model
-    untouched) if a merged weight was modified since.
-    """
-    from ..model import _check_model, commit  # model imports this package: import at call time
-    from . import method_for
-
-    record = getattr(model, UNMERGE_ATTR, None)
-    if record is None:
-        raise ValueError(
-            f"{type(model).__name__} was not merged by slimtune.merge from a LoRA or Hydra model; "
-            f"there is nothing to unmerge"
-        )
-    _check_model(model)
-    config, records = record
-    for name, rec in records.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            module = None
-        if type(module) is not nn.Linear or module.weight._version != rec.version:
-            raise ValueError(
-                f"module {name!r} was replaced or modified since slimtune.merge; unmerge restores only "
-                f"untouched merged weights"
-            )
-    saved = {f"{name}.{key}": t for name, rec in records.items() for key, t in rec.tensors.items()}
-    plan = method_for(config).plan(model, config, saved)
-    for name, rec in records.items():
-        restore_weight_(model.get_submodule(name).weight, rec)
-    delattr(model, UNMERGE_ATTR)
-    return commit(model, config, plan)
+register(
+    MethodInfo(
+        name="lora",
+        config=LoRAConfig,
+        glue=LoRAMethod(),
+        layers=(LoRALinear,),
+        capabilities=frozenset({MERGE, UNMERGE, FUSED_KERNELS, PEFT_FORMAT}),
+        summary="a low-rank adapter on every targeted linear, fused into the base GEMM",
+        sized=lambda budget, seed: LoRAConfig(r=budget, alpha=2 * budget, seed=seed),
+        lr=5e-3,
+    )
+)
+register(
+    MethodInfo(
+        name="hydra",
+        config=HydraConfig,
+        glue=HydraMethod(),
+        layers=(HydraLinear,),
+        capabilities=frozenset({MERGE, UNMERGE, FUSED_KERNELS}),
+        summary="parallel and sequential low-rank branches (the rank split between them), fused",
+        sized=lambda budget, seed: HydraConfig(
+            max(1, budget // 2), max(1, budget // 2), alpha=2 * max(1, budget // 2), seed=seed
+        ),
+        lr=5e-3,
+    )
+)

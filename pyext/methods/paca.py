@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..config import PaCAConfig
 from ..layers.paca import PaCALinear
+from ..registry import FUSED_KERNELS, IN_PLACE, MERGE, SPARSE_DELTA, MethodInfo, register
 from ..targets import check_plain_linear, match_targets
 from .base import Method, Plan, Replacement
 
@@ -71,3 +72,17 @@ def _builder(linear: nn.Linear, index: Tensor, columns: Tensor | None):
         return layer
 
     return build
+
+
+register(
+    MethodInfo(
+        name="paca",
+        config=PaCAConfig,
+        glue=PaCAMethod(),
+        layers=(PaCALinear,),
+        capabilities=frozenset({IN_PLACE, MERGE, SPARSE_DELTA, FUSED_KERNELS}),
+        summary="r random input columns of every targeted linear, trained in place",
+        sized=lambda budget, seed: PaCAConfig(r=budget, seed=seed),
+        lr=5e-3,
+    )
+)

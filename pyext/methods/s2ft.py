@@ -19,10 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..architectures import architecture, block_layout, block_stacks, head_geometry
 from ..config import S2FTConfig
 from ..layers.partial import COLUMNS, ROWS
 from ..layers.s2ft import S2FTLinear
-from ..targets import check_plain_linear, transformer_blocks
+from ..registry import IN_PLACE, MERGE, SPARSE_DELTA, MethodInfo, register
+from ..targets import check_plain_linear
 from .base import Method, Plan, Replacement
 
 
@@ -78,7 +80,7 @@ class S2FTMethod(Method):
 
     def plan(self, model: nn.Module, config: S2FTConfig, saved: dict[str, Tensor] | None = None) -> Plan:
         geometry = _geometry(model)
-        stacks = transformer_blocks(model)
+        stacks = block_stacks(model)
         if not stacks:
             raise ValueError(f"S2FT found no transformer block list in {type(model).__name__}")
         replacements: list[Replacement] = []
@@ -286,52 +288,59 @@ def _replacement(model: nn.Module, name: str, index: Tensor, axis: int, saved) -
 
 
 def _geometry(model: nn.Module) -> tuple[int, int, int]:
-    """(heads, kv heads, head_dim) from the model's (text) config."""
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    n_heads = getattr(config, "num_attention_heads", None)
-    if n_heads is None:
-        raise ValueError(
-            f"S2FT needs model.config.num_attention_heads; {type(model).__name__} has no such config"
-        )
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    if n_heads % n_kv:
-        raise ValueError(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
-    return n_heads, n_kv, head_dim
+    """(heads, kv heads, head_dim), from the architecture registry."""
+    try:
+        g = head_geometry(model)
+    except ValueError as err:
+        raise ValueError(f"S2FT heads: {err}") from None
+    return g.heads, g.kv_heads, g.head_dim
 
 
 def _layout(model: nn.Module, name: str, block: nn.Module, config: S2FTConfig) -> BlockLayout:
-    """Find the attention and MLP projections of a block, refusing layouts S2FT cannot co-permute."""
+    """The attention and MLP projections of a block, refusing layouts S2FT cannot co-permute."""
+    found = block_layout(name, block, architecture(model))
     layout = BlockLayout(name)
-    for child_name, child in block.named_modules():
-        path = f"{name}.{child_name}" if child_name else name
-        if hasattr(child, "o_proj") and (hasattr(child, "q_proj") or hasattr(child, "qkv_proj")):
-            layout.o = f"{path}.o_proj"
-            if hasattr(child, "qkv_proj"):
-                layout.qkv = f"{path}.qkv_proj"
-            else:
-                layout.q, layout.k, layout.v = (f"{path}.{p}" for p in ("q_proj", "k_proj", "v_proj"))
-        if hasattr(child, "down_proj"):
-            layout.down = f"{path}.down_proj"
-            if hasattr(child, "gate_up_proj"):
-                layout.gate_up = f"{path}.gate_up_proj"
-            else:
-                layout.gate = f"{path}.gate_proj" if hasattr(child, "gate_proj") else None
-                layout.up = f"{path}.up_proj" if hasattr(child, "up_proj") else None
+    if found.attention_layout is not None:
+        att = found.attention_layout
+        layout.o = found.full(found.attention, att.o)
+        layout.qkv = found.full(found.attention, att.qkv)
+        layout.q, layout.k, layout.v = (found.full(found.attention, n) for n in (att.q, att.k, att.v))
+    if found.mlp_layout is not None:
+        mlp = found.mlp_layout
+        layout.down = found.full(found.mlp, mlp.down)
+        layout.gate_up = found.full(found.mlp, mlp.gate_up)
+        layout.gate, layout.up = found.full(found.mlp, mlp.gate), found.full(found.mlp, mlp.up)
     if config.heads and layout.o is None:
         raise ValueError(
-            f"S2FT heads: block {name!r} has no attention module with q_proj/k_proj/v_proj (or qkv_proj) and "
-            f"o_proj; set heads=0 or use a Llama-style model"
+            f"S2FT heads: block {name!r} has no attention module with q_proj/k_proj/v_proj (or qkv_proj) "
+            f"and o_proj; set heads=0, or add its layout to slimtune.architectures"
         )
-    if config.channels and (layout.down is None or not (layout.up or layout.gate_up)):
+    if config.channels and layout.down is None:
+        what = (
+            f"its MLP is a mixture of experts held as fused tensors ({found.experts[0]!r}), not nn.Linear"
+            if found.experts
+            else "it has no gated MLP with gate_proj/up_proj (or gate_up_proj) and down_proj"
+        )
         raise ValueError(
-            f"S2FT channels: block {name!r} has no MLP with up_proj/gate_proj (or gate_up_proj) and "
-            f"down_proj; set channels=0 or use a Llama-style model"
+            f"S2FT channels: block {name!r} cannot co-permute FFN channels: {what}; set channels=0 "
+            f"(heads still train), or add its layout to slimtune.architectures"
         )
     for field in ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down"):
         module_name = getattr(layout, field)
         if module_name:
             check_plain_linear(module_name, model.get_submodule(module_name))
     return layout
+
+
+register(
+    MethodInfo(
+        name="s2ft",
+        config=S2FTConfig,
+        glue=S2FTMethod(),
+        layers=(S2FTLinear,),
+        capabilities=frozenset({IN_PLACE, MERGE, SPARSE_DELTA}),
+        summary="a few co-permuted attention heads and FFN channels per block, trained in place",
+        sized=lambda budget, seed: S2FTConfig(heads=0.05, channels=0.03, seed=seed),
+        lr=2e-2,
+    )
+)

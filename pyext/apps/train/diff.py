@@ -16,8 +16,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..sparse_delta import add_sparse
-
 FORMAT = "slimtune-entry-diff"
 
 
@@ -70,7 +68,7 @@ class EntryDiff:
         entries = dict(self.entries)
         for name, (index, values) in other.entries.items():
             if name in entries:
-                entries[name] = add_sparse(*entries[name], index, values)
+                entries[name] = slimtune.add_sparse(*entries[name], index, values)
             else:
                 entries[name] = (index, values)
         return EntryDiff(entries)

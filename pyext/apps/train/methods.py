@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import random
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,7 @@ from typing import Any
 import slimtune
 import torch
 from safetensors.torch import load_file, save_file
-from slimtune.config import CONFIG_CLASSES, MethodConfig
-from slimtune.methods import method_for
-from slimtune.targets import transformer_blocks
+from slimtune.registry import SPARSE_DELTA
 from torch import Tensor, nn
 
 from .diff import EntryDiff
@@ -65,17 +62,8 @@ class StageMethod:
         """Leave a plain model (no slimtune layers, no hooks) for evaluation and the next stage."""
 
 
-def _block_categories(block: nn.Module) -> dict[str, list[str]]:
-    """Module names of a block by HFT category: attention projections, FFN projections, norms."""
-    categories: dict[str, list[str]] = {"attention": [], "ffn": [], "norm": []}
-    for name, module in block.named_modules():
-        if "norm" in type(module).__name__.lower() and list(module.parameters(recurse=False)):
-            categories["norm"].append(name)
-        elif isinstance(module, nn.Linear) and re.search(r"attn|attention", name):
-            categories["attention"].append(name)
-        elif isinstance(module, nn.Linear) and re.search(r"mlp|feed_forward|ffn", name):
-            categories["ffn"].append(name)
-    return categories
+def _block_categories(model: nn.Module, block: nn.Module) -> dict[str, list[str]]:
+    return slimtune.architectures.hft_categories(block, slimtune.architectures.architecture(model))
 
 
 def hft_selection(model: nn.Module, seed: int) -> set[str]:
@@ -85,11 +73,11 @@ def hft_selection(model: nn.Module, seed: int) -> set[str]:
     in a random half of the blocks, 1 of 3 in the others.
     """
     rng = random.Random(f"hft:{seed}")
-    (prefix, blocks), *_ = transformer_blocks(model)
+    (prefix, blocks), *_ = slimtune.architectures.block_stacks(model)
     wide = set(rng.sample(range(len(blocks)), len(blocks) // 2))
     chosen = []
     for number, block in enumerate(blocks):
-        categories = _block_categories(block)
+        categories = _block_categories(model, block)
         picks = {"attention": 2, "ffn": 2 if number in wide else 1, "norm": len(categories["norm"]) // 2}
         for category, count in picks.items():
             chosen += [f"{prefix}.{number}.{m}." for m in rng.sample(categories[category], count)]
@@ -107,10 +95,10 @@ class HFT(StageMethod):
     name = "hft"
 
     def check(self, model: nn.Module) -> None:
-        stacks = transformer_blocks(model)
+        stacks = slimtune.architectures.block_stacks(model)
         if not stacks:
             raise ValueError(f"hft found no transformer blocks in {type(model).__name__}")
-        categories = _block_categories(stacks[0][1][0])
+        categories = _block_categories(model, stacks[0][1][0])
         if len(categories["attention"]) != 4 or len(categories["ffn"]) != 3:
             raise ValueError(
                 f"hft picks 2 of 4 attention projections and 1-2 of 3 FFN projections per block; a block of "
@@ -192,15 +180,14 @@ class Patched(StageMethod):
     """A slimtune method (`slimtune.apply`): the checkpoint is `slimtune.save`; PaCA and S2FT also leave
     their change as a `slimtune.delta` diff."""
 
-    partial = ("paca", "s2ft")  # the methods slimtune.delta covers
-
-    def __init__(self, config: MethodConfig) -> None:
+    def __init__(self, config: slimtune.MethodConfig) -> None:
         self.config = config
         self.name = config.method
-        self.writes_diff = config.method in self.partial
+        self.writes_diff = slimtune.registry.for_config(config).has(SPARSE_DELTA)
 
     def check(self, model: nn.Module) -> None:
-        method_for(self.config).plan(model, self.config)  # validates every target without touching the model
+        # Validates every target without touching the model.
+        slimtune.registry.for_config(self.config).glue.plan(model, self.config)
 
     def setup(self, model: nn.Module, context: Context) -> list[nn.Parameter]:
         slimtune.apply(model, self.config)
@@ -226,24 +213,22 @@ RECIPE_METHODS: dict[str, Callable[..., StageMethod]] = {
 
 
 def method_options(name: str) -> dict[str, bool]:
-    """The options of method `name`, each mapped to whether it is required; KeyError if unknown."""
+    """The options of method `name`, each mapped to whether it is required; ValueError if unknown."""
     if name in RECIPE_METHODS:
         parameters = inspect.signature(RECIPE_METHODS[name]).parameters.values()
         return {p.name: p.default is inspect.Parameter.empty for p in parameters}
-    fields = dataclasses.fields(CONFIG_CLASSES[name])
+    fields = dataclasses.fields(slimtune.registry.get(name).config)
     return {
         f.name: f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING for f in fields
     }
 
 
 def known_methods() -> list[str]:
-    return sorted({*RECIPE_METHODS, *CONFIG_CLASSES})
+    return sorted({*RECIPE_METHODS, *slimtune.registry.methods()})
 
 
 def make_method(name: str, options: dict[str, Any]) -> StageMethod:
     """A stage's method from checked option names; ValueError/TypeError for a bad value."""
     if name in RECIPE_METHODS:
         return RECIPE_METHODS[name](**options)
-    config = CONFIG_CLASSES[name](**options)
-    method_for(config)  # refuses a config whose method this slimtune does not implement yet
-    return Patched(config)
+    return Patched(slimtune.registry.get(name).config(**options))

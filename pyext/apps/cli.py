@@ -136,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         type=_method_list,
         default=None,
-        help="comma list from: floor, paca, paca-partial-adamw, s2ft, lora, hydra, peft-lora, "
-        "peft-lora-bf16, full (default: floor,paca,peft-lora,full)",
+        help="comma list of rows: floor, every registered method (`slimtune info` lists them; in-place "
+        "ones also as NAME-partial-adamw), peft-lora, peft-lora-bf16, full "
+        "(default: floor,paca,peft-lora,full)",
     )
     bench.add_argument(
         "--paca-r", type=_positive_int, default=64, help="PaCA columns per linear (default 64)"

@@ -1,4 +1,8 @@
-"""Patch a model in place (`apply`), inspect it, and turn it back into plain modules (`merge`)."""
+"""What `apply` leaves on a model: its patch state, and the one step that installs a validated plan.
+
+Kept apart from `patching` so that method glue, PEFT interop and sparse deltas can read and
+install patch state without importing the public entry points (no import cycles).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from .config import MethodConfig
-from .methods import Plan, method_for
+from .methods.base import Plan
+from .registry import for_config
 
 _STATE = "_slimtune_state"
 
@@ -38,7 +43,8 @@ def require_patched(model: nn.Module, doing: str = "") -> PatchState:
     return state
 
 
-def _check_model(model: nn.Module) -> None:
+def check_unpatched(model: nn.Module) -> None:
+    """A module that slimtune may patch: an nn.Module without a patch state."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module (e.g. a transformers model), got {type(model).__name__}")
     state = patch_state(model)
@@ -47,19 +53,6 @@ def _check_model(model: nn.Module) -> None:
             f"{type(model).__name__} is already patched by slimtune ({state.config.method}, "
             f"{len(state.modules)} modules); call slimtune.merge(model) first, or start from a fresh model"
         )
-
-
-def apply(model: nn.Module, config: MethodConfig) -> nn.Module:
-    """Swap the targeted modules of `model` in place for the method's layers and freeze the rest.
-
-    Every check runs before the first change, so a refused call leaves the model exactly as it was.
-    """
-    if not isinstance(config, MethodConfig):
-        raise TypeError(
-            f"expected a slimtune config such as slimtune.PaCAConfig, got {type(config).__name__}"
-        )
-    _check_model(model)
-    return commit(model, config, method_for(config).plan(model, config))
 
 
 def commit(model: nn.Module, config: MethodConfig, plan: Plan) -> nn.Module:
@@ -76,10 +69,8 @@ def commit(model: nn.Module, config: MethodConfig, plan: Plan) -> nn.Module:
     return model
 
 
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters an optimizer should get: exactly those the method trains."""
-    require_patched(model)
-    return [p for p in model.parameters() if p.requires_grad]
+def clear(model: nn.Module) -> None:
+    delattr(model, _STATE)
 
 
 def patched_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -87,21 +78,7 @@ def patched_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: model.get_submodule(name) for name in state.modules}
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Replace every slimtune layer by a plain module holding the trained weights (same outputs).
-
-    Parameters get back the `requires_grad` flags they had before `apply`.
-    """
-    state = require_patched(model)
-    layers = patched_layers(model)
-    method_for(state.config).unpatch(model, layers, state.extra)
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(state.requires_grad.get(name, True))
-    delattr(model, _STATE)
-    return model
-
-
 def state_tensors(model: nn.Module) -> dict[str, Tensor]:
     """Every tensor a checkpoint of the patched model keeps, keyed by module name."""
     state = require_patched(model)
-    return method_for(state.config).checkpoint_tensors(patched_layers(model), state.extra)
+    return for_config(state.config).glue.checkpoint_tensors(patched_layers(model), state.extra)

@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import slimtune
 import torch
-from slimtune.targets import transformer_blocks
 from torch import Tensor, nn
 
 from .diff import load_diff
@@ -27,7 +27,7 @@ class Op:
 def lines_scales(model: nn.Module, alpha: float, beta: float) -> dict[str, float]:
     """Per parameter: alpha + beta * l / (L - 1) inside block l of L (a lone block counts as the last),
     alpha outside the blocks (embeddings, final norm, LM head)."""
-    (prefix, blocks), *_ = transformer_blocks(model)
+    (prefix, blocks), *_ = slimtune.architectures.block_stacks(model)
     depth = len(blocks)
     pattern = re.compile(rf"{re.escape(prefix)}\.(\d+)\.")
     scales = {}

@@ -22,12 +22,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import slimtune
 import torch
+from slimtune.registry import IN_PLACE
 from torch import nn
-
-from . import PaCAConfig, PartialAdamW, S2FTConfig, __version__, apply, info, trainable_parameters
-
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 PRESETS: dict[str, dict[str, int]] = {
     "tinyllama-1.1b": {
@@ -55,10 +53,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 class MethodOptions:
     """The knobs a method may read; one object so the demo and the bench share the registry."""
 
-    paca_r: int = 64
-    lora_r: int = 16
-    s2ft_heads: float = 0.05
-    s2ft_channels: float = 0.03
+    paca_r: int = 64  # the budget of in-place methods (PaCA columns)
+    lora_r: int = 16  # the budget of adapter methods (rank; alpha = 2r)
     lr: float = 1e-4
     paca_optimizer: str = "adamw-fused"  # or "partial-adamw"
     seed: int = 0
@@ -84,24 +80,29 @@ def _floor(model: nn.Module, options: MethodOptions) -> Prepared:
     return model, None
 
 
-def _paca(model: nn.Module, options: MethodOptions, optimizer: str | None = None) -> Prepared:
-    apply(model, PaCAConfig(r=options.paca_r, target_modules=list(PROJECTIONS), seed=options.seed))
-    params = trainable_parameters(model)
-    if (optimizer or options.paca_optimizer) == "partial-adamw":
-        return model, PartialAdamW(params, lr=options.lr, layers=model)
-    return model, adamw(params, options)
+def _registered(name: str, optimizer: str | None = None) -> Callable[[nn.Module, MethodOptions], Prepared]:
+    """A registered slimtune method at the bench's budget (`MethodInfo.sized`), on every linear of
+    the blocks (the 7 projections of a Llama, as the PEFT rows)."""
+    method = slimtune.registry.get(name)
 
+    def prepare(model: nn.Module, options: MethodOptions) -> Prepared:
+        budget = options.paca_r if method.has(IN_PLACE) else options.lora_r
+        slimtune.apply(model, method.sized(budget, options.seed))
+        if (optimizer or options.paca_optimizer) == "partial-adamw" and method.has(IN_PLACE):
+            return model, slimtune.PartialAdamW(model, lr=options.lr)
+        return model, adamw(slimtune.trainable_parameters(model), options)
 
-def _paca_partial_adamw(model: nn.Module, options: MethodOptions) -> Prepared:
-    return _paca(model, options, optimizer="partial-adamw")
+    prepare.__doc__ = f"{name}: {method.summary}"
+    return prepare
 
 
 def _peft_lora(model: nn.Module, options: MethodOptions, autocast_adapter_dtype: bool = True) -> Prepared:
     """PEFT defaults otherwise (adapters kept in float32), as the anchors measured."""
     from peft import LoraConfig, get_peft_model
 
+    targets = slimtune.architectures.projection_names(model)
     config = LoraConfig(
-        r=options.lora_r, lora_alpha=2 * options.lora_r, lora_dropout=0.0, target_modules=list(PROJECTIONS)
+        r=options.lora_r, lora_alpha=2 * options.lora_r, lora_dropout=0.0, target_modules=targets
     )
     model = get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
     return model, adamw(_trainable(model), options)
@@ -112,45 +113,22 @@ def _peft_lora_bf16(model: nn.Module, options: MethodOptions) -> Prepared:
     return _peft_lora(model, options, autocast_adapter_dtype=False)
 
 
-def _lora(model: nn.Module, options: MethodOptions) -> Prepared:
-    """slimtune's fused LoRA, configured as the PEFT rows (r, alpha = 2r, the 7 projections)."""
-    from . import LoRAConfig
-
-    apply(model, LoRAConfig(r=options.lora_r, alpha=2 * options.lora_r, target_modules=list(PROJECTIONS)))
-    return model, adamw(trainable_parameters(model), options)
-
-
-def _hydra(model: nn.Module, options: MethodOptions) -> Prepared:
-    """Hydra with the LoRA rank split between its branches (r/2 parallel + r/2 sequential)."""
-    from . import HydraConfig
-
-    half = max(1, options.lora_r // 2)
-    apply(model, HydraConfig(half, half, alpha=2 * half, target_modules=list(PROJECTIONS)))
-    return model, adamw(trainable_parameters(model), options)
-
-
-def _s2ft(model: nn.Module, options: MethodOptions) -> Prepared:
-    """S2FT as the S2FT issue targets it: 5% of the heads and 3% of the FFN channels per block."""
-    apply(model, S2FTConfig(heads=options.s2ft_heads, channels=options.s2ft_channels, seed=options.seed))
-    return model, adamw(trainable_parameters(model), options)
-
-
 def _full(model: nn.Module, options: MethodOptions) -> Prepared:
     return model, adamw(_trainable(model), options)
 
 
-# name -> (model, options) -> (model to call, optimizer or None). Add new methods here.
-METHODS: dict[str, Callable[[nn.Module, MethodOptions], Prepared]] = {
-    "floor": _floor,
-    "paca": _paca,
-    "paca-partial-adamw": _paca_partial_adamw,
-    "lora": _lora,
-    "hydra": _hydra,
-    "s2ft": _s2ft,
-    "peft-lora": _peft_lora,
-    "peft-lora-bf16": _peft_lora_bf16,
-    "full": _full,
-}
+def _methods() -> dict[str, Callable[[nn.Module, MethodOptions], Prepared]]:
+    """The rows: the floor, every registered method (in-place ones also with PartialAdamW), PEFT, full."""
+    rows: dict[str, Callable[[nn.Module, MethodOptions], Prepared]] = {"floor": _floor}
+    for name, method in slimtune.registry.methods().items():
+        rows[name] = _registered(name)
+        if method.has(IN_PLACE):
+            rows[f"{name}-partial-adamw"] = _registered(name, optimizer="partial-adamw")
+    return rows | {"peft-lora": _peft_lora, "peft-lora-bf16": _peft_lora_bf16, "full": _full}
+
+
+# name -> (model, options) -> (model to call, optimizer or None).
+METHODS = _methods()
 DEFAULT_METHODS = ("floor", "paca", "peft-lora", "full")
 
 
@@ -308,7 +286,7 @@ def report(rows: list[Row], setup: Setup, command: str) -> dict[str, Any]:
             "transformers": _version("transformers"),
             "peft": _version("peft"),
             "triton": _version("triton"),
-            "slimtune": __version__,
+            "slimtune": slimtune.__version__,
         },
         "setup": {
             **{k: v for k, v in asdict(setup).items() if k not in ("device", "options")},
@@ -316,7 +294,7 @@ def report(rows: list[Row], setup: Setup, command: str) -> dict[str, Any]:
             "model_config": PRESETS[setup.preset],
             "method_options": asdict(setup.options),
         },
-        "backends": info(quiet=True),
+        "backends": slimtune.info(quiet=True),
         "rows": [asdict(r) for r in rows],
     }
 

@@ -1,0 +1,327 @@
+"""The one module that knows Hugging Face module names and layouts.
+
+Everything else in slimtune asks this module where a model keeps its blocks, projections, gated
+MLPs, activations and head geometry. An `Architecture` is keyed by `config.model_type` (the text
+config's, for vision-language models), with a generic fallback that tries every known layout; a
+layout that no entry describes is refused by the caller with a message naming the module and what
+is missing. The coverage table in `docs/architecture.md` is tested by `tests/test_architectures.py`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Child names of an attention module: separate q/k/v, or one fused qkv (q, then k, then v)."""
+
+    o: str = "o_proj"
+    q: str | None = "q_proj"
+    k: str | None = "k_proj"
+    v: str | None = "v_proj"
+    qkv: str | None = None
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.qkv,) if self.qkv else (self.q, self.k, self.v)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class MLPLayout:
+    """Child names of a gated MLP, down(act(gate(x)) * up(x)): separate gate/up, or one fused gate_up
+    (gate first), and the candidate names of its activation attribute."""
+
+    down: str = "down_proj"
+    gate: str | None = "gate_proj"
+    up: str | None = "up_proj"
+    gate_up: str | None = None
+    activations: tuple[str, ...] = ("act_fn", "activation_fn")
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.gate_up,) if self.gate_up else (self.gate, self.up)  # type: ignore[return-value]
+
+
+SEPARATE_QKV = AttentionLayout()
+FUSED_QKV = AttentionLayout(q=None, k=None, v=None, qkv="qkv_proj")  # Phi-3
+GATED_MLP = MLPLayout()
+FUSED_GATE_UP = MLPLayout(gate=None, up=None, gate_up="gate_up_proj")  # Phi-3
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What slimtune knows of one family: its layouts, and the module-name patterns of HFT's categories."""
+
+    name: str
+    attention: tuple[AttentionLayout, ...] = (SEPARATE_QKV, FUSED_QKV)
+    mlp: tuple[MLPLayout, ...] = (GATED_MLP, FUSED_GATE_UP)
+    attention_scope: str = r"attn|attention"
+    ffn_scope: str = r"mlp|feed_forward|ffn"
+    notes: str = ""
+
+
+GENERIC = Architecture("generic", notes="every known layout is tried")
+_LLAMA_LIKE = dict(attention=(SEPARATE_QKV,), mlp=(GATED_MLP,))
+
+ARCHITECTURES: dict[str, Architecture] = {
+    arch.name: arch
+    for arch in (
+        Architecture("llama", **_LLAMA_LIKE),
+        Architecture("mistral", **_LLAMA_LIKE),
+        Architecture("qwen2", **_LLAMA_LIKE, notes="q/k/v biases"),
+        Architecture("qwen3", **_LLAMA_LIKE, notes="per-head q/k norms; head_dim from the config"),
+        Architecture("gemma", **_LLAMA_LIKE, notes="GeGLU (tanh GELU)"),
+        Architecture("gemma2", **_LLAMA_LIKE, notes="GeGLU; logit soft-capping"),
+        Architecture("gemma3_text", **_LLAMA_LIKE, notes="text part of Gemma 3"),
+        Architecture("granite", **_LLAMA_LIKE),
+        Architecture("olmo2", **_LLAMA_LIKE),
+        Architecture("phi3", attention=(FUSED_QKV,), mlp=(FUSED_GATE_UP,), notes="fused qkv, gate_up"),
+        Architecture("llama4_text", **_LLAMA_LIKE, notes="text part of Llama 4; MoE blocks: attention"),
+        Architecture("qwen2_moe", **_LLAMA_LIKE, notes="fused 3-D experts; the shared expert is gated"),
+        Architecture("mixtral", **_LLAMA_LIKE, notes="fused 3-D experts: attention only"),
+        Architecture("qwen2_5_vl_text", **_LLAMA_LIKE, notes="text part of Qwen2.5-VL"),
+        Architecture("qwen2_vl_text", **_LLAMA_LIKE, notes="text part of Qwen2-VL"),
+    )
+}  # fmt: skip
+
+
+def text_config(model: nn.Module) -> object | None:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return config
+
+
+def architecture(model: nn.Module) -> Architecture:
+    """The registry entry of `model`'s family (its text config's `model_type`), or GENERIC."""
+    return ARCHITECTURES.get(getattr(text_config(model), "model_type", None), GENERIC)
+
+
+# ---- blocks and head geometry -------------------------------------------------------------------
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style Conv1D (weight stored in x out), which slimtune does not patch."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The outermost ModuleLists of blocks that hold linears: the model's block stacks.
+
+    Finds `model.layers` of Llama-style decoders, `model.language_model.layers` of vision-language
+    models and `transformer.h` of GPT-2, and skips lists nested inside a block (MoE experts belong
+    to their block).
+    """
+    stacks: list[tuple[str, nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if any(name.startswith(prefix + ".") for prefix, _ in stacks):
+            continue
+        if len({type(block) for block in module}) != 1:
+            continue
+        if any(isinstance(m, nn.Linear) or is_conv1d(m) for m in module.modules()):
+            stacks.append((name, module))
+    return stacks
+
+
+@dataclass(frozen=True)
+class HeadGeometry:
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+
+def head_geometry(model: nn.Module) -> HeadGeometry:
+    """Heads, kv heads (grouped-query attention) and head_dim from the model's (text) config."""
+    config = text_config(model)
+    heads = getattr(config, "num_attention_heads", None)
+    if heads is None:
+        raise ValueError(f"{type(model).__name__} has no config.num_attention_heads; heads cannot be located")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if heads % kv_heads:
+        raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    return HeadGeometry(heads, kv_heads, head_dim)
+
+
+# ---- modules inside a block ---------------------------------------------------------------------
+
+
+def _has_children(module: nn.Module, names: tuple[str | None, ...]) -> bool:
+    """All named children exist as modules (their types are checked by the method that swaps them)."""
+    return all(n is not None and isinstance(module._modules.get(n), nn.Module) for n in names)
+
+
+def attention_layout(module: nn.Module, arch: Architecture) -> AttentionLayout | None:
+    """The layout `module` has if it is an attention module of `arch`, else None."""
+    for layout in arch.attention:
+        if _has_children(module, (layout.o, *layout.inputs)):
+            return layout
+    return None
+
+
+def mlp_layout(module: nn.Module, arch: Architecture) -> MLPLayout | None:
+    """The layout `module` has if it holds the projections of a gated MLP of `arch`, else None."""
+    for layout in arch.mlp:
+        if _has_children(module, (layout.down, *layout.inputs)):
+            return layout
+    return None
+
+
+def activation_of(module: nn.Module, layout: MLPLayout) -> tuple[str | None, object]:
+    """(kind, module) of a gated MLP's activation; kind is a key of ops.GLU_ACTIVATIONS or None."""
+    for name in layout.activations:
+        act = getattr(module, name, None)
+        if act is not None:
+            return activation_kind(act), act
+    return None, None
+
+
+def activation_kind(act: object) -> str | None:
+    """The activation a module computes, as a key of ops.GLU_ACTIVATIONS, or None if not known.
+
+    Only a claim to check: the fused path is accepted only after `probe_gated_mlp` agrees.
+    """
+    name = type(act).__name__
+    if isinstance(act, nn.SiLU) or name == "SiLUActivation":
+        return "silu"
+    if isinstance(act, nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    if name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "GELUPytorchTanhActivation"):
+        return "gelu_tanh"
+    return "gelu" if name == "GELUActivation" else None
+
+
+@dataclass
+class BlockLayout:
+    """The projections of one block, as full module names (None where the block has none)."""
+
+    name: str
+    attention: str | None = None
+    attention_layout: AttentionLayout | None = None
+    mlp: str | None = None
+    mlp_layout: MLPLayout | None = None
+    experts: list[str] = field(default_factory=list)  # MoE expert containers (not nn.Linear)
+
+    def full(self, owner: str | None, child: str | None) -> str | None:
+        return f"{owner}.{child}" if owner and child else None
+
+
+def block_layout(block_name: str, block: nn.Module, arch: Architecture) -> BlockLayout:
+    """Find the attention module and the (outermost) gated MLP of a block by the registry's layouts."""
+    layout = BlockLayout(block_name)
+    for child_name, child in block.named_modules():
+        path = f"{block_name}.{child_name}" if child_name else block_name
+        if layout.attention is None:
+            found = attention_layout(child, arch)
+            if found is not None:
+                layout.attention, layout.attention_layout = path, found
+        if layout.mlp is None:
+            found_mlp = mlp_layout(child, arch)
+            if found_mlp is not None:
+                layout.mlp, layout.mlp_layout = path, found_mlp
+        if child_name.endswith("experts") and not isinstance(child, nn.ModuleList):
+            layout.experts.append(path)
+    return layout
+
+
+def sibling_groups(module: nn.Module, arch: Architecture) -> list[tuple[str, ...]]:
+    """Child names that `module` calls one after another on one input (q/k/v; gate/up)."""
+    groups = []
+    att = attention_layout(module, arch)
+    if att is not None and att.qkv is None:
+        groups.append(att.inputs)
+    mlp = mlp_layout(module, arch)
+    if mlp is not None and mlp.gate_up is None:
+        groups.append(mlp.inputs)
+    return groups
+
+
+def hft_categories(block: nn.Module, arch: Architecture) -> dict[str, list[str]]:
+    """Module names of a block by HFT category: attention projections, FFN projections, norms."""
+    categories: dict[str, list[str]] = {"attention": [], "ffn": [], "norm": []}
+    for name, module in block.named_modules():
+        if "norm" in type(module).__name__.lower() and list(module.parameters(recurse=False)):
+            categories["norm"].append(name)
+        elif isinstance(module, nn.Linear) and re.search(arch.attention_scope, name):
+            categories["attention"].append(name)
+        elif isinstance(module, nn.Linear) and re.search(arch.ffn_scope, name):
+            categories["ffn"].append(name)
+    return categories
+
+
+def projection_names(model: nn.Module) -> list[str]:
+    """Leaf names of the attention and gated-MLP projections of the first block (e.g. the 7 of Llama)."""
+    arch = architecture(model)
+    (prefix, blocks), *_ = block_stacks(model) or [("", [])]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no transformer block list")
+    layout = block_layout(f"{prefix}.0", blocks[0], arch)
+    names = []
+    if layout.attention_layout:
+        names += [*layout.attention_layout.inputs, layout.attention_layout.o]
+    if layout.mlp_layout:
+        names += [*layout.mlp_layout.inputs, layout.mlp_layout.down]
+    return names
+
+
+# ---- the fused gated-MLP path, accepted by a numerical probe ------------------------------------
+
+
+@dataclass(frozen=True)
+class GatedMLPSpec:
+    """Where a gated MLP keeps its projections and which activation it applies."""
+
+    inputs: tuple[str, ...]  # ("gate_proj", "up_proj") or Phi-3's ("gate_up_proj",)
+    down: str
+    activation: str  # a key of ops.GLU_ACTIVATIONS
+
+
+def gated_mlp_candidate(module: nn.Module, arch: Architecture) -> tuple[GatedMLPSpec | None, str]:
+    """(spec, "") if `module` looks like a gated MLP whose fused path can be probed, else (None, why)."""
+    layout = mlp_layout(module, arch)
+    if layout is None:
+        return None, "not a gated MLP"
+    kind, act = activation_of(module, layout)
+    if kind is None:
+        found = type(act).__name__ if act is not None else f"no attribute {' or '.join(layout.activations)}"
+        return None, f"activation not recognised ({found})"
+    return GatedMLPSpec(layout.inputs, layout.down, kind), ""
+
+
+@torch.no_grad()
+def probe_gated_mlp(module: nn.Module, spec: GatedMLPSpec, seed: int = 0) -> str | None:
+    """Check numerically that `module.forward` computes down(act(gate(x)) * up(x)); None if it does,
+    else the reason. Run on a small random input in the module's dtype and device (skipped on meta)."""
+    from .ops import GLU_ACTIVATIONS
+
+    down = getattr(module, spec.down)
+    first = getattr(module, spec.inputs[0])
+    weight = first.weight
+    if weight.device.type == "meta":
+        return "weights on the meta device: accepted by structure, not probed"
+    generator = torch.Generator(device=weight.device).manual_seed(seed)
+    x = torch.randn(3, first.in_features, generator=generator, device=weight.device).to(weight.dtype)
+    outs = [getattr(module, name)(x).float() for name in spec.inputs]
+    gate, up = outs[0].chunk(2, dim=-1) if len(outs) == 1 else outs
+    act, _ = GLU_ACTIVATIONS[spec.activation](gate)
+    expected = down((act * up).to(weight.dtype)).float()
+    try:
+        got = module(x).float()
+    except Exception as err:  # a forward with another signature: not the pattern we fuse
+        return f"its forward could not be probed ({type(err).__name__}: {err})"
+    tolerance = 1e-4 if weight.dtype == torch.float32 else 3e-2
+    scale = expected.abs().max().clamp_min(1e-6)
+    if got.shape != expected.shape or ((got - expected).abs().max() / scale) > tolerance:
+        return "its forward does not compute down(act(gate(x)) * up(x)) on a probe input"
+    return None

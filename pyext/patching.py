@@ -1,0 +1,192 @@
+"""The public entry points that change a model: apply, merge, unmerge, save, load; and report.
+
+Every check runs before the first change, so a refused call leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .architectures import architecture
+from .config import MethodConfig
+from .layers.lora import restore_weight_
+from .methods.lora import UNMERGE_ATTR
+from .peft_compat import save_peft
+from .registry import config_from_dict, for_config
+from .state import (
+    check_unpatched,
+    clear,
+    commit,
+    patched_layers,
+    require_patched,
+    state_tensors,
+)
+
+CONFIG_FILE = "slimtune_config.json"
+TENSORS_FILE = "slimtune_model.safetensors"
+FORMAT_VERSION = 1
+
+
+def apply(model: nn.Module, config: MethodConfig) -> nn.Module:
+    """Swap the targeted modules of `model` in place for the method's layers and freeze the rest.
+
+    Every check runs before the first change, so a refused call leaves the model exactly as it was.
+    """
+    if not isinstance(config, MethodConfig):
+        raise TypeError(
+            f"expected a slimtune config such as slimtune.PaCAConfig, got {type(config).__name__}"
+        )
+    check_unpatched(model)
+    return commit(model, config, for_config(config).glue.plan(model, config))
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters an optimizer should get: exactly those the method trains."""
+    require_patched(model)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Replace every slimtune layer by a plain module holding the trained weights (same outputs).
+
+    Parameters get back the `requires_grad` flags they had before `apply`.
+    """
+    state = require_patched(model)
+    layers = patched_layers(model)
+    for_config(state.config).glue.unpatch(model, layers, state.extra)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(state.requires_grad.get(name, True))
+    clear(model)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo `slimtune.merge` of a LoRA or Hydra model: adapter layers back, base weights bit for bit.
+
+    `merge` wrote W0 + delta into each base weight in place and kept, per layer, the adapter tensors and
+    the few entries where rounding W' - delta does not give W0 back; this restores them. Refused (model
+    untouched) if a merged weight was modified since.
+    """
+    record = getattr(model, UNMERGE_ATTR, None)
+    if record is None:
+        raise ValueError(
+            f"{type(model).__name__} was not merged by slimtune.merge from a LoRA or Hydra model; "
+            f"there is nothing to unmerge"
+        )
+    check_unpatched(model)
+    config, records = record
+    for name, rec in records.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            module = None
+        if type(module) is not nn.Linear or module.weight._version != rec.version:
+            raise ValueError(
+                f"module {name!r} was replaced or modified since slimtune.merge; unmerge restores only "
+                f"untouched merged weights"
+            )
+    saved = {f"{name}.{key}": t for name, rec in records.items() for key, t in rec.tensors.items()}
+    plan = for_config(config).glue.plan(model, config, saved)
+    for name, rec in records.items():
+        restore_weight_(model.get_submodule(name).weight, rec)
+    delattr(model, UNMERGE_ATTR)
+    return commit(model, config, plan)
+
+
+def save(model: nn.Module, directory: str | Path, format: str = "slimtune") -> Path:
+    """Write `slimtune_config.json` and `slimtune_model.safetensors` (trained tensors and indices).
+
+    `format="peft"` writes a PEFT LoRA adapter directory instead (LoRA models only).
+    """
+    if format == "peft":
+        return save_peft(model, directory)
+    if format != "slimtune":
+        raise ValueError(f"unknown checkpoint format {format!r}; use 'slimtune' or 'peft'")
+    state = require_patched(model, " (nothing to save)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_tensors(model).items()}
+    shapes = {name: _shape(layer) for name, layer in patched_layers(model).items()}
+    meta = {
+        "format": "slimtune",
+        "format_version": FORMAT_VERSION,
+        "slimtune_version": __version__,
+        "base_model_class": type(model).__name__,
+        "config": state.config.to_dict(),
+        "modules": shapes,
+    }
+    save_file(tensors, directory / TENSORS_FILE, metadata={"format": "pt"})
+    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def load(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Patch a fresh copy of the base model with a saved checkpoint (refused for another model)."""
+    directory = Path(directory)
+    config_path, tensors_path = directory / CONFIG_FILE, directory / TENSORS_FILE
+    for path in (config_path, tensors_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: is {directory} a directory written by slimtune.save?")
+    meta = json.loads(config_path.read_text())
+    if meta.get("format") != "slimtune" or meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{config_path} is not a slimtune checkpoint of format version {FORMAT_VERSION}")
+    check_unpatched(model)
+    config = config_from_dict(meta["config"])
+    saved = load_file(tensors_path)
+    _check_shapes(model, meta["modules"], meta.get("base_model_class"))
+    plan = for_config(config).glue.plan(model, config, saved)
+    planned = {r.name for r in plan.replacements}
+    if planned != set(meta["modules"]):
+        extra = sorted(planned - set(meta["modules"]))[:5]
+        raise ValueError(
+            f"the checkpoint's target_modules select modules it has no tensors for ({extra}...): "
+            f"the checkpoint belongs to another model"
+        )
+    return commit(model, config, plan)
+
+
+def _shape(layer: nn.Module) -> list[int]:
+    return [layer.out_features, layer.in_features]
+
+
+def _check_shapes(model: nn.Module, modules: dict[str, list[int]], base_class: str | None) -> None:
+    where = f"(saved from a {base_class})" if base_class else ""
+    for name, (out_features, in_features) in modules.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"checkpoint module {name!r} does not exist in {type(model).__name__} {where}: "
+                f"load it onto the base model it was trained from"
+            ) from None
+        shape = [getattr(module, "out_features", None), getattr(module, "in_features", None)]
+        if shape != [out_features, in_features]:
+            raise ValueError(
+                f"checkpoint module {name!r} is {out_features}x{in_features} (out x in) but the model's is "
+                f"{shape[0]}x{shape[1]} {where}: load it onto the base model it was trained from"
+            )
+
+
+def report(model: nn.Module) -> dict[str, Any]:
+    """What slimtune did to `model`: method, layers by type, the architecture entry used, and which
+    modules run fused and which fell back to the exact unfused path (with the reason)."""
+    state = require_patched(model)
+    layers: dict[str, int] = {}
+    for layer in patched_layers(model).values():
+        layers[type(layer).__name__] = layers.get(type(layer).__name__, 0) + 1
+    out: dict[str, Any] = {
+        "method": state.config.method,
+        "config": state.config.to_dict(),
+        "architecture": architecture(model).name,
+        "layers": layers,
+    }
+    fusion = state.extra.get("fusion")
+    if fusion is not None:
+        out.update(fusion.describe())
+    return out
