@@ -62,6 +62,7 @@ class Architecture:
     mlp: tuple[MLPLayout, ...] = (GATED_MLP, FUSED_GATE_UP)
     attention_scope: str = r"attn|attention"
     ffn_scope: str = r"mlp|feed_forward|ffn"
+    not_all_linear: str | None = None  # leaf names that "all-linear" leaves out (e.g. MoE routers)
     notes: str = ""
 
 
@@ -81,7 +82,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("granite", **_LLAMA_LIKE),
         Architecture("olmo2", **_LLAMA_LIKE),
         Architecture("phi3", attention=(FUSED_QKV,), mlp=(FUSED_GATE_UP,), notes="fused qkv, gate_up"),
-        Architecture("llama4_text", **_LLAMA_LIKE, notes="text part of Llama 4; MoE blocks: attention"),
+        Architecture(
+            "llama4_text", **_LLAMA_LIKE, not_all_linear="router", notes="text part of Llama 4"
+        ),
         Architecture("qwen2_moe", **_LLAMA_LIKE, notes="fused 3-D experts; the shared expert is gated"),
         Architecture("mixtral", **_LLAMA_LIKE, notes="fused 3-D experts: attention only"),
         Architecture("qwen2_5_vl_text", **_LLAMA_LIKE, notes="text part of Qwen2.5-VL"),

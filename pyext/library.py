@@ -253,16 +253,16 @@ def lora_project(
     biases: list[Tensor | None],
     bs: list[Tensor],
 ) -> tuple[list[Tensor], Tensor]:
-    """Outputs x W_i^T + bias_i + u_i b_i^T of projections reading x, and u = xa a^T (xa None: x)."""
+    """Outputs x W_i^T + bias_i + u_i b_i^T (2-D) of projections reading x, and u = xa a^T (xa None: x)."""
     x2 = _rows(x)
     xa2 = x2 if xa is None else _rows(xa)
     outs, u = _project(x2, xa2, a, weights, biases, bs, ranks)
-    return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in outs], u
+    return outs, u  # 2-D: callers reshape (a view made inside an op could not be modified in place)
 
 
 @lora_project.register_fake
 def _(x, xa, a, ranks, weights, biases, bs):
-    outs = [x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights]
+    outs = [x.new_empty(x.numel() // x.shape[-1], w.shape[0]) for w in weights]
     return outs, x.new_empty(x.numel() // x.shape[-1], a.shape[0])
 
 
@@ -318,14 +318,14 @@ def lora_gated_mlp(
     gate, up = outs[0].chunk(2, dim=-1) if len(outs) == 1 else outs  # gate_up_proj: gate first
     h, u_down = glu_down(gate, up, a_down, activation)
     y = lora_linear(h, w_down, bias_down, u_down, b_down)
-    return y.reshape(*x.shape[:-1], y.shape[-1]), outs, u, u_down
+    return y, outs, u, u_down  # y is 2-D: callers reshape
 
 
 @lora_gated_mlp.register_fake
 def _(x, a_in, a_down, b_down, w_down, bias_down, activation, ranks, weights, biases, bs):
     n = x.numel() // x.shape[-1]
     outs = [x.new_empty(n, w.shape[0]) for w in weights]
-    y = x.new_empty(*x.shape[:-1], w_down.shape[0])
+    y = x.new_empty(n, w_down.shape[0])
     return y, outs, x.new_empty(n, a_in.shape[0]), x.new_empty(n, a_down.shape[0])
 
 

@@ -52,6 +52,14 @@ class PartialAdamW(torch.optim.Optimizer):
             layers = layers.modules()
         self.layers: list[PartialLinear] = [m for m in layers or () if isinstance(m, PartialLinear)]
 
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "layers": self.layers}  # torch keeps only groups and state
+
+    def __setstate__(self, state: dict) -> None:
+        layers = state.pop("layers", [])
+        super().__setstate__(state)
+        self.layers = layers
+
     def _owners(self) -> dict[int, PartialLinear]:
         return {id(layer.trained): layer for layer in self.layers}
 

@@ -6,7 +6,7 @@ import re
 
 from torch import nn
 
-from .architectures import block_stacks, is_conv1d
+from .architectures import architecture, block_stacks, is_conv1d
 from .config import TargetModules
 
 
@@ -27,11 +27,14 @@ def match_targets(model: nn.Module, target_modules: TargetModules) -> list[tuple
                 f"suffixes such as ['q_proj', 'v_proj'] or a regex"
             )
         output_embeddings = _output_embeddings(model)
+        skip = architecture(model).not_all_linear
         found = [
             (f"{prefix}.{name}", module)
             for prefix, stack in stacks
             for name, module in stack.named_modules()
-            if (isinstance(module, nn.Linear) or is_conv1d(module)) and module is not output_embeddings
+            if (isinstance(module, nn.Linear) or is_conv1d(module))
+            and module is not output_embeddings
+            and not (skip and re.fullmatch(skip, name.rsplit(".", 1)[-1]))
         ]
         if not found:
             raise ValueError(

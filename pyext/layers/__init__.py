@@ -3,5 +3,6 @@
 from .lora import HydraLinear, LoRALinear
 from .paca import PaCALinear
 from .partial import PartialLinear
+from .s2ft import S2FTLinear
 
-__all__ = ["HydraLinear", "LoRALinear", "PaCALinear", "PartialLinear"]
+__all__ = ["HydraLinear", "LoRALinear", "PaCALinear", "PartialLinear", "S2FTLinear"]

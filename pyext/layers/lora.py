@@ -76,7 +76,7 @@ def project(x: Tensor, layers: Sequence[AdapterLinear], dropout: float = 0.0) ->
         xa = F.dropout(x, dropout, training=True) if dropout else None
         weights, biases, bs = per_layer[0::3], per_layer[1::3], per_layer[2::3]
         outs, _ = library.lora_project(x, xa, a, ranks, weights, biases, bs)
-        return list(outs)
+        return [y.view(*x.shape[:-1], y.shape[-1]) for y in outs]
 
 
 def gated_mlp(x: Tensor, inputs: Sequence[AdapterLinear], down: AdapterLinear, activation: str) -> Tensor:
@@ -91,7 +91,7 @@ def gated_mlp(x: Tensor, inputs: Sequence[AdapterLinear], down: AdapterLinear, a
         y, *_ = library.lora_gated_mlp(
             x, a_in, a_down, b_down, w_down, bias_down, activation, ranks, weights, biases, bs
         )
-        return y
+        return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _version(x: Tensor) -> int:

@@ -1,0 +1,70 @@
+"""The package's shape: the core has no import cycle, and the products in `slimtune.apps` use only
+the public API (the names `slimtune` exports and its public modules)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "pyext"
+PUBLIC = {"slimtune", "slimtune.registry", "slimtune.architectures", "slimtune.ops", "slimtune.layers"}
+
+
+def module_name(path: Path) -> str:
+    parts = ["slimtune", *path.relative_to(PACKAGE).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """Absolute names of the slimtune modules `path` imports at module level (not under TYPE_CHECKING)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("slimtune")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            if target.startswith("slimtune"):
+                found.add(target)
+                found |= {f"{target}.{a.name}" for a in node.names}
+    modules = {module_name(p) for p in PACKAGE.rglob("*.py")}
+    return {m for m in found if m in modules and m != name}
+
+
+def test_core_has_no_import_cycle() -> None:
+    graph = {module_name(p): imports(p) for p in PACKAGE.rglob("*.py") if "apps" not in p.parts}
+    # A package's __init__ importing its submodules is not a cycle of the submodules themselves.
+    graph = {m: {d for d in deps if not m.startswith(d + ".")} for m, deps in graph.items()}
+    visiting, done = set(), set()
+
+    def visit(node: str, path: list[str]) -> None:
+        assert node not in visiting, f"import cycle: {' -> '.join([*path, node])}"
+        if node in done:
+            return
+        visiting.add(node)
+        for dep in sorted(graph.get(node, ())):
+            visit(dep, [*path, node])
+        visiting.discard(node)
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node, [])
+
+
+def test_products_use_only_the_public_api() -> None:
+    for path in (PACKAGE / "apps").rglob("*.py"):
+        core = {m for m in imports(path) if not m.startswith("slimtune.apps")}
+        assert core <= PUBLIC, f"{path.relative_to(PACKAGE)} imports {sorted(core - PUBLIC)}"
+
+
+def test_core_does_not_import_products() -> None:
+    for path in PACKAGE.rglob("*.py"):
+        if "apps" not in path.parts and path.name != "__main__.py":
+            assert not {m for m in imports(path) if m.startswith("slimtune.apps")}, path
