@@ -207,17 +207,30 @@ def activation_kind(act: object) -> str | None:
 
 @dataclass
 class BlockLayout:
-    """The projections of one block, as full module names (None where the block has none)."""
+    """The projections of one block as full module names (None where the block has none), the
+    attention and gated-MLP modules holding them, and any MoE expert containers (not nn.Linear)."""
 
     name: str
     attention: str | None = None
-    attention_layout: AttentionLayout | None = None
     mlp: str | None = None
-    mlp_layout: MLPLayout | None = None
-    experts: list[str] = field(default_factory=list)  # MoE expert containers (not nn.Linear)
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    qkv: str | None = None
+    o: str | None = None
+    gate: str | None = None
+    up: str | None = None
+    gate_up: str | None = None
+    down: str | None = None
+    experts: list[str] = field(default_factory=list)
 
-    def full(self, owner: str | None, child: str | None) -> str | None:
-        return f"{owner}.{child}" if owner and child else None
+    def projections(self) -> list[str]:
+        roles = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
+        return [name for name in (getattr(self, role) for role in roles) if name]
+
+
+def _under(owner: str, child: str | None) -> str | None:
+    return f"{owner}.{child}" if child else None
 
 
 def block_layout(block_name: str, block: nn.Module, arch: Architecture) -> BlockLayout:
@@ -225,14 +238,14 @@ def block_layout(block_name: str, block: nn.Module, arch: Architecture) -> Block
     layout = BlockLayout(block_name)
     for child_name, child in block.named_modules():
         path = f"{block_name}.{child_name}" if child_name else block_name
-        if layout.attention is None:
-            found = attention_layout(child, arch)
-            if found is not None:
-                layout.attention, layout.attention_layout = path, found
-        if layout.mlp is None:
-            found_mlp = mlp_layout(child, arch)
-            if found_mlp is not None:
-                layout.mlp, layout.mlp_layout = path, found_mlp
+        att = attention_layout(child, arch) if layout.attention is None else None
+        if att is not None:
+            layout.attention, layout.o, layout.qkv = path, _under(path, att.o), _under(path, att.qkv)
+            layout.q, layout.k, layout.v = (_under(path, n) for n in (att.q, att.k, att.v))
+        mlp = mlp_layout(child, arch) if layout.mlp is None else None
+        if mlp is not None:
+            layout.mlp, layout.down, layout.gate_up = path, _under(path, mlp.down), _under(path, mlp.gate_up)
+            layout.gate, layout.up = _under(path, mlp.gate), _under(path, mlp.up)
         if child_name.endswith("experts") and not isinstance(child, nn.ModuleList):
             layout.experts.append(path)
     return layout
@@ -269,13 +282,7 @@ def projection_names(model: nn.Module) -> list[str]:
     (prefix, blocks), *_ = block_stacks(model) or [("", [])]
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no transformer block list")
-    layout = block_layout(f"{prefix}.0", blocks[0], arch)
-    names = []
-    if layout.attention_layout:
-        names += [*layout.attention_layout.inputs, layout.attention_layout.o]
-    if layout.mlp_layout:
-        names += [*layout.mlp_layout.inputs, layout.mlp_layout.down]
-    return names
+    return [name.rsplit(".", 1)[-1] for name in block_layout(f"{prefix}.0", blocks[0], arch).projections()]
 
 
 # ---- the fused gated-MLP path, accepted by a numerical probe ------------------------------------

@@ -14,9 +14,11 @@ the adapter activations u. Callers use the first output.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
@@ -42,13 +44,17 @@ def _(x: Tensor, index: Tensor) -> Tensor:
     return x.new_empty(x.shape[0], index.shape[0])
 
 
-@torch.library.custom_op("slimtune::write_trained_", mutates_args=("weight",))
-def write_trained_(weight: Tensor, index: Tensor, trained: Tensor, axis: int) -> None:
-    """weight[:, index] = trained (columns, axis 1) or weight[index, :] = trained (rows, axis 0)."""
+def _write_trained(weight: Tensor, index: Tensor, trained: Tensor, axis: int) -> None:
     if axis == COLUMNS:
         ops.scatter_columns.run(weight, index, trained)
     else:
         ops.scatter_columns.run(weight.t(), index, trained.t())
+
+
+@torch.library.custom_op("slimtune::write_trained_", mutates_args=("weight",))
+def write_trained_(weight: Tensor, index: Tensor, trained: Tensor, axis: int) -> None:
+    """weight[:, index] = trained (columns, axis 1) or weight[index, :] = trained (rows, axis 0)."""
+    _write_trained(weight, index, trained, axis)
 
 
 @write_trained_.register_fake
@@ -141,9 +147,7 @@ def _(gate: Tensor, up: Tensor, a: Tensor, activation: str) -> tuple[Tensor, Ten
     return gate.new_empty(gate.shape), gate.new_empty(gate.shape[0], a.shape[0])
 
 
-@torch.library.custom_op("slimtune::glu_backward", mutates_args=())
-def glu_backward(dh: Tensor, gate: Tensor, up: Tensor, activation: str) -> tuple[Tensor, Tensor]:
-    """([dgate | dup] as one N x 2I tensor, recomputed h): dgate = dh up act'(gate), dup = dh act(gate)."""
+def _glu_backward_packed(dh: Tensor, gate: Tensor, up: Tensor, activation: str) -> tuple[Tensor, Tensor]:
     n, i = gate.shape
     packed = torch.empty(n, 2 * i, dtype=gate.dtype, device=gate.device)
     dgate, dup = packed.chunk(2, dim=1)
@@ -151,12 +155,212 @@ def glu_backward(dh: Tensor, gate: Tensor, up: Tensor, activation: str) -> tuple
     return packed, h
 
 
+@torch.library.custom_op("slimtune::glu_backward", mutates_args=())
+def glu_backward(dh: Tensor, gate: Tensor, up: Tensor, activation: str) -> tuple[Tensor, Tensor]:
+    """([dgate | dup] as one N x 2I tensor, recomputed h): dgate = dh up act'(gate), dup = dh act(gate)."""
+    return _glu_backward_packed(dh, gate, up, activation)
+
+
 @glu_backward.register_fake
 def _(dh: Tensor, gate: Tensor, up: Tensor, activation: str) -> tuple[Tensor, Tensor]:
     return gate.new_empty(gate.shape[0], 2 * gate.shape[1]), gate.new_empty(gate.shape)
 
 
-# ---- PaCA / S2FT: the partial linear ------------------------------------------------------------
+# ---- the layer products' math, over a set of kernels ----------------------------------------------
+#
+# Each layer product is written once, as forward and backward functions over a `Kernels` set, and
+# runs two ways: eagerly as a torch.autograd.Function calling the kernels directly (no custom-op
+# dispatch in the hot path), and under torch.compile as a custom op whose registered backward
+# calls the kernels as custom ops (so AOTAutograd can trace it). `run_*` picks the way.
+
+
+@dataclass(frozen=True)
+class Kernels:
+    gather_columns: Callable[..., Tensor]
+    column_grad: Callable[..., Tensor]
+    lora_linear: Callable[..., Tensor]
+    lora_input_grad: Callable[..., Tensor]
+    glu_down: Callable[..., tuple[Tensor, Tensor]]
+    glu_backward: Callable[..., tuple[Tensor, Tensor]]
+
+
+DIRECT = Kernels(
+    ops.gather_columns.run,
+    ops.column_grad.run,
+    ops.lora_linear.run,
+    ops.lora_input_grad.run,
+    ops.glu_down.run,
+    _glu_backward_packed,
+)
+TRACEABLE = Kernels(gather_columns, column_grad, lora_linear, lora_input_grad, glu_down, glu_backward)
+
+
+def _partial_forward(
+    k: Kernels, x, weight, bias, index, axis: int, keep: bool
+) -> tuple[Tensor, Tensor | None]:
+    """y = x W^T + b and, for trained columns, the compact x[..., index] that backward keeps."""
+    y = F.linear(x, weight, bias)
+    kept = k.gather_columns(_rows(x), index).to(y.dtype) if keep and axis == COLUMNS else None
+    return y, kept
+
+
+def _partial_backward(
+    k: Kernels, dy, kept, index, weight, axis, x_shape, trained_dtype, need_x, need_trained
+):
+    """(dx through the dense weight, d(trained): dy^T x[:, idx] for columns, (dy[:, idx])^T x for rows)."""
+    grad_x = grad_trained = None
+    if need_x:
+        grad_x = dy.matmul(weight.to(dy.dtype)).reshape(x_shape)
+    if need_trained:
+        dy2 = _rows(dy)
+        if axis == COLUMNS:
+            grad_trained = k.column_grad(dy2, kept.to(dy.dtype), None, trained_dtype)
+        else:
+            grad_trained = k.column_grad(_rows(kept).to(dy.dtype), dy2, index, trained_dtype).t()
+    return grad_x, grad_trained
+
+
+def _project(k: Kernels, x2, xa2, a, weights, biases, bs, ranks) -> tuple[list[Tensor], Tensor]:
+    """Outputs of projections sharing the 2-D input x; u = xa a^T is one GEMM for all adapters."""
+    u = xa2 @ a.t()
+    outs, start = [], 0
+    for weight, bias, b, r in zip(weights, biases, bs, ranks, strict=True):
+        outs.append(k.lora_linear(x2, weight, bias, u[:, start : start + r], b))
+        start += r
+    return outs, u
+
+
+def _project_backward(k: Kernels, dys, xa, u, a, weights, bs, ranks, shares_input: bool, need_x: bool):
+    """(dx, dxa, da, dbs). With dropout (xa is not x) the adapter's input gradient comes apart."""
+    gs, dbs, start = [], [], 0
+    for dy, b, r in zip(dys, bs, ranks, strict=True):
+        gs.append(dy @ b)
+        dbs.append(dy.t() @ u[:, start : start + r])
+        start += r
+    g = torch.cat(gs, dim=1) if len(gs) > 1 else gs[0]
+    da = g.t() @ xa
+    dx = dxa = None
+    if shares_input:
+        dx = k.lora_input_grad(g, a, list(dys), list(weights)) if need_x else None
+    else:
+        dx = sum(dy @ w for dy, w in zip(dys, weights, strict=True)) if need_x else None
+        dxa = g @ a
+    return dx, dxa, da, dbs
+
+
+def _gated_forward(
+    k: Kernels, x2, a_in, a_down, b_down, w_down, bias_down, activation, ranks, weights, biases, bs
+):
+    """(y, gate/up outputs, u of the inputs' adapters, u of the down adapter); h is not kept."""
+    outs, u = _project(k, x2, x2, a_in, weights, biases, bs, ranks)
+    gate, up = outs[0].chunk(2, dim=-1) if len(outs) == 1 else outs  # gate_up_proj: gate first
+    h, u_down = k.glu_down(gate, up, a_down, activation)
+    return k.lora_linear(h, w_down, bias_down, u_down, b_down), outs, u, u_down
+
+
+def _gated_backward(k: Kernels, dy, x2, u, a_in, a_down, b_down, w_down, u_down, outs, weights, bs, ranks,
+                    activation, need_x):  # fmt: skip
+    """(dx, da_in, da_down, db_down, dbs); h = act(gate) * up is recomputed, not read back."""
+    gate, up = outs[0].chunk(2, dim=-1) if len(outs) == 1 else outs
+    g_down = dy @ b_down
+    db_down = dy.t() @ u_down
+    dh = k.lora_input_grad(g_down, a_down, [dy], [w_down])
+    packed, h = k.glu_backward(dh, gate, up, activation)
+    d_outs = [packed] if len(outs) == 1 else list(packed.chunk(2, dim=1))
+    da_down = g_down.t() @ h
+    dx, _, da_in, dbs = _project_backward(k, d_outs, x2, u, a_in, weights, bs, ranks, True, need_x)
+    return dx, da_in, da_down, db_down, dbs
+
+
+# ---- eager: autograd Functions calling the kernels directly -------------------------------------
+
+
+class _PartialLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, trained, index, axis: int, keep: bool):
+        y, kept = _partial_forward(DIRECT, x, weight, bias, index, axis, keep)
+        ctx.save_for_backward(kept if axis == COLUMNS else x, index)
+        ctx.weight = weight  # by reference: a later sync writes its trained entries in place
+        ctx.axis, ctx.x_shape, ctx.trained_dtype = axis, x.shape, trained.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        kept, index = ctx.saved_tensors
+        need_x, need_trained = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        grads = _partial_backward(
+            DIRECT,
+            dy,
+            kept,
+            index,
+            ctx.weight,
+            ctx.axis,
+            ctx.x_shape,
+            ctx.trained_dtype,
+            need_x,
+            need_trained,
+        )
+        return grads[0], None, None, grads[1], None, None, None
+
+
+class _ProjectFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, xa, a, ranks, *per_projection):
+        weights, biases, bs = per_projection[0::3], per_projection[1::3], per_projection[2::3]
+        x2 = _rows(x)
+        xa2 = x2 if xa is None else _rows(xa)
+        outs, u = _project(DIRECT, x2, xa2, a, weights, biases, bs, ranks)
+        ctx.save_for_backward(xa2, u, a, *weights, *bs)
+        ctx.ranks, ctx.shares_input, ctx.x_shape = ranks, xa is None, x.shape
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *d_outs):
+        xa, u, a, *rest = ctx.saved_tensors
+        n = len(ctx.ranks)
+        dx, dxa, da, dbs = _project_backward(
+            DIRECT, d_outs, xa, u, a, rest[:n], rest[n:], ctx.ranks, ctx.shares_input, ctx.needs_input_grad[0]
+        )
+        dx = None if dx is None else dx.reshape(ctx.x_shape)
+        dxa = None if dxa is None else dxa.reshape(ctx.x_shape)
+        return dx, dxa, da, None, *(g for db in dbs for g in (None, None, db))
+
+
+class _GatedMLPFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, a_in, a_down, b_down, w_down, bias_down, activation, ranks, *per_projection):
+        weights, biases, bs = per_projection[0::3], per_projection[1::3], per_projection[2::3]
+        x2 = _rows(x)
+        y, outs, u, u_down = _gated_forward(
+            DIRECT, x2, a_in, a_down, b_down, w_down, bias_down, activation, ranks, weights, biases, bs
+        )
+        ctx.save_for_backward(x2, u, a_in, a_down, b_down, w_down, u_down, *outs, *weights, *bs)
+        ctx.ranks, ctx.activation, ctx.x_shape = ranks, activation, x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, u, a_in, a_down, b_down, w_down, u_down, *rest = ctx.saved_tensors
+        n = len(ctx.ranks)
+        dx, da_in, da_down, db_down, dbs = _gated_backward(
+            DIRECT, dy, x2, u, a_in, a_down, b_down, w_down, u_down, rest[:n], rest[n : 2 * n], rest[2 * n :],
+            ctx.ranks, ctx.activation, ctx.needs_input_grad[0],
+        )  # fmt: skip
+        dx = None if dx is None else dx.reshape(ctx.x_shape)
+        return (
+            dx,
+            da_in,
+            da_down,
+            db_down,
+            None,
+            None,
+            None,
+            None,
+            *(g for db in dbs for g in (None, None, db)),
+        )
+
+
+# ---- compiled: the same products as custom ops with registered autograd --------------------------
 
 
 @torch.library.custom_op("slimtune::partial_linear", mutates_args=())
@@ -168,10 +372,8 @@ def partial_linear(
     `trained` is an input only for autograd: the weight already holds its values (see
     `PartialLinear.sync_`), so the forward is one dense GEMM.
     """
-    y = torch.nn.functional.linear(x, weight, bias)
-    if keep and axis == COLUMNS:
-        return y, ops.gather_columns.run(_rows(x), index).to(y.dtype)
-    return y, x.new_empty(0, dtype=y.dtype)
+    y, kept = _partial_forward(DIRECT, x, weight, bias, index, axis, keep)
+    return y, x.new_empty(0, dtype=y.dtype) if kept is None else kept
 
 
 @partial_linear.register_fake
@@ -186,61 +388,25 @@ def _partial_linear_setup(ctx, inputs, output) -> None:
     x, weight, _, trained, index, axis, _ = inputs
     ctx.axis, ctx.x_shape, ctx.trained_dtype = axis, x.shape, trained.dtype
     # Rows need the whole input (a dense weight gradient would); columns their compact copy.
-    kept = output[1] if axis == COLUMNS else x
-    ctx.save_for_backward(kept, index)
+    ctx.save_for_backward(output[1] if axis == COLUMNS else x, index)
     ctx.weight = weight  # by reference: a later sync writes its trained entries in place
 
 
 def _partial_linear_backward(ctx, dy: Tensor, _dkept: Tensor | None):
     kept, index = ctx.saved_tensors
-    grad_x = grad_trained = None
-    if ctx.needs_input_grad[0]:
-        grad_x = dy.matmul(ctx.weight.to(dy.dtype)).reshape(ctx.x_shape)
-    if ctx.needs_input_grad[3]:
-        dy2 = _rows(dy)
-        if ctx.axis == COLUMNS:
-            grad_trained = column_grad(dy2, kept.to(dy.dtype), None, ctx.trained_dtype)
-        else:
-            grad_trained = column_grad(_rows(kept).to(dy.dtype), dy2, index, ctx.trained_dtype).t()
+    grad_x, grad_trained = _partial_backward(
+        TRACEABLE, dy, kept, index, ctx.weight, ctx.axis, ctx.x_shape, ctx.trained_dtype,
+        ctx.needs_input_grad[0], ctx.needs_input_grad[3],
+    )  # fmt: skip
     return grad_x, None, None, grad_trained, None, None, None
 
 
 partial_linear.register_autograd(_partial_linear_backward, setup_context=_partial_linear_setup)
 
 
-# ---- LoRA / Hydra: projections sharing one input, and the gated MLP ----------------------------
-
-
 def _no_grads(biases: list[Tensor | None]) -> list[None] | None:
     """The frozen biases' gradient, shaped as torch.library expects: a list only if none is None."""
     return None if any(b is None for b in biases) else [None] * len(biases)
-
-
-def _project(x2, xa2, a, weights, biases, bs, ranks) -> tuple[list[Tensor], Tensor]:
-    u = xa2 @ a.t()
-    outs, start = [], 0
-    for weight, bias, b, r in zip(weights, biases, bs, ranks, strict=True):
-        outs.append(lora_linear(x2, weight, bias, u[:, start : start + r], b))
-        start += r
-    return outs, u
-
-
-def _project_backward(dys, xa, u, a, weights, bs, ranks, shares_input: bool, need_x: bool):
-    """(dx, dxa, da, dbs). With dropout (xa is not x) the adapter's input gradient comes apart."""
-    gs, dbs, start = [], [], 0
-    for dy, b, r in zip(dys, bs, ranks, strict=True):
-        gs.append(dy @ b)
-        dbs.append(dy.t() @ u[:, start : start + r])
-        start += r
-    g = torch.cat(gs, dim=1) if len(gs) > 1 else gs[0]
-    da = g.t() @ xa
-    dx = dxa = None
-    if shares_input:
-        dx = lora_input_grad(g, a, list(dys), list(weights)) if need_x else None
-    else:
-        dx = sum(dy @ w for dy, w in zip(dys, weights, strict=True)) if need_x else None
-        dxa = g @ a
-    return dx, dxa, da, dbs
 
 
 @torch.library.custom_op("slimtune::lora_project", mutates_args=())
@@ -255,15 +421,13 @@ def lora_project(
 ) -> tuple[list[Tensor], Tensor]:
     """Outputs x W_i^T + bias_i + u_i b_i^T (2-D) of projections reading x, and u = xa a^T (xa None: x)."""
     x2 = _rows(x)
-    xa2 = x2 if xa is None else _rows(xa)
-    outs, u = _project(x2, xa2, a, weights, biases, bs, ranks)
-    return outs, u  # 2-D: callers reshape (a view made inside an op could not be modified in place)
+    return _project(DIRECT, x2, x2 if xa is None else _rows(xa), a, weights, biases, bs, ranks)
 
 
 @lora_project.register_fake
 def _(x, xa, a, ranks, weights, biases, bs):
-    outs = [x.new_empty(x.numel() // x.shape[-1], w.shape[0]) for w in weights]
-    return outs, x.new_empty(x.numel() // x.shape[-1], a.shape[0])
+    n = x.numel() // x.shape[-1]
+    return [x.new_empty(n, w.shape[0]) for w in weights], x.new_empty(n, a.shape[0])
 
 
 def _lora_project_setup(ctx, inputs, output) -> None:
@@ -275,22 +439,14 @@ def _lora_project_setup(ctx, inputs, output) -> None:
 
 def _lora_project_backward(ctx, d_outs: list[Tensor], _du: Tensor | None):
     xa, u, a, *rest = ctx.saved_tensors
-    weights, bs = rest[: ctx.count], rest[ctx.count :]
+    n = ctx.count
     dx, dxa, da, dbs = _project_backward(
-        [_rows(dy) for dy in d_outs],
-        _rows(xa),
-        u,
-        a,
-        weights,
-        bs,
-        ctx.ranks,
-        ctx.shares_input,
+        TRACEABLE, d_outs, _rows(xa), u, a, rest[:n], rest[n:], ctx.ranks, ctx.shares_input,
         ctx.needs_input_grad[0],
-    )
+    )  # fmt: skip
     dx = None if dx is None else dx.reshape(ctx.x_shape)
     dxa = None if dxa is None else dxa.reshape(ctx.x_shape)
-    nothing = [None] * ctx.count
-    return dx, dxa, da, None, nothing, ctx.no_bias_grads, dbs
+    return dx, dxa, da, None, [None] * n, ctx.no_bias_grads, dbs
 
 
 lora_project.register_autograd(_lora_project_backward, setup_context=_lora_project_setup)
@@ -310,51 +466,84 @@ def lora_gated_mlp(
     biases: list[Tensor | None],
     bs: list[Tensor],
 ) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
-    """(down(act(gate(x)) * up(x)) with every adapter fused, and what backward keeps: the gate/up
-    outputs (one packed gate_up output for Phi-3), u of the inputs' adapters, u of the down adapter).
-    h = act(gate) * up is recomputed in backward instead of being kept."""
-    x2 = _rows(x)
-    outs, u = _project(x2, x2, a_in, weights, biases, bs, ranks)
-    gate, up = outs[0].chunk(2, dim=-1) if len(outs) == 1 else outs  # gate_up_proj: gate first
-    h, u_down = glu_down(gate, up, a_down, activation)
-    y = lora_linear(h, w_down, bias_down, u_down, b_down)
-    return y, outs, u, u_down  # y is 2-D: callers reshape
+    """(down(act(gate(x)) * up(x)) as 2-D with every adapter fused, and what backward keeps: the
+    gate/up outputs (one packed gate_up output for Phi-3), u of the inputs' adapters, u of the down
+    adapter). h = act(gate) * up is recomputed in backward instead of being kept."""
+    return _gated_forward(
+        DIRECT, _rows(x), a_in, a_down, b_down, w_down, bias_down, activation, ranks, weights, biases, bs
+    )
 
 
 @lora_gated_mlp.register_fake
 def _(x, a_in, a_down, b_down, w_down, bias_down, activation, ranks, weights, biases, bs):
     n = x.numel() // x.shape[-1]
     outs = [x.new_empty(n, w.shape[0]) for w in weights]
-    y = x.new_empty(n, w_down.shape[0])
-    return y, outs, x.new_empty(n, a_in.shape[0]), x.new_empty(n, a_down.shape[0])
+    return (
+        x.new_empty(n, w_down.shape[0]),
+        outs,
+        x.new_empty(n, a_in.shape[0]),
+        x.new_empty(n, a_down.shape[0]),
+    )
 
 
 def _gated_mlp_setup(ctx, inputs, output) -> None:
     x, a_in, a_down, b_down, w_down, _, activation, ranks, weights, biases, bs = inputs
-    ctx.no_bias_grads = _no_grads(biases)
     _, outs, u, u_down = output
     ctx.ranks, ctx.activation, ctx.x_shape, ctx.count = tuple(ranks), activation, x.shape, len(ranks)
+    ctx.no_bias_grads = _no_grads(biases)
     ctx.save_for_backward(x, u, a_in, a_down, b_down, w_down, u_down, *outs, *weights, *bs)
 
 
 def _gated_mlp_backward(ctx, dy: Tensor, *_unused):
     x, u, a_in, a_down, b_down, w_down, u_down, *rest = ctx.saved_tensors
-    count = ctx.count
-    outs, weights, bs = rest[:count], rest[count : 2 * count], rest[2 * count :]
-    gate, up = outs[0].chunk(2, dim=-1) if count == 1 else outs
-    dy = _rows(dy)
-    g_down = dy @ b_down
-    db_down = dy.t() @ u_down
-    dh = lora_input_grad(g_down, a_down, [dy], [w_down])
-    packed, h = glu_backward(dh, gate, up, ctx.activation)
-    d_outs = [packed] if count == 1 else list(packed.chunk(2, dim=1))
-    da_down = g_down.t() @ h
-    dx, _, da_in, dbs = _project_backward(
-        d_outs, _rows(x), u, a_in, weights, bs, ctx.ranks, True, ctx.needs_input_grad[0]
-    )
+    n = ctx.count
+    dx, da_in, da_down, db_down, dbs = _gated_backward(
+        TRACEABLE, dy, _rows(x), u, a_in, a_down, b_down, w_down, u_down, rest[:n], rest[n : 2 * n],
+        rest[2 * n :], ctx.ranks, ctx.activation, ctx.needs_input_grad[0],
+    )  # fmt: skip
     dx = None if dx is None else dx.reshape(ctx.x_shape)
-    nothing = [None] * count
-    return dx, da_in, da_down, db_down, None, None, None, None, nothing, ctx.no_bias_grads, dbs
+    return dx, da_in, da_down, db_down, None, None, None, None, [None] * n, ctx.no_bias_grads, dbs
 
 
 lora_gated_mlp.register_autograd(_gated_mlp_backward, setup_context=_gated_mlp_setup)
+
+
+# ---- what the layers call ------------------------------------------------------------------------
+
+
+def run_write_trained(weight: Tensor, index: Tensor, trained: Tensor, axis: int) -> None:
+    """Write the trained entries into the weight (directly, or as the custom op under compile)."""
+    with torch.no_grad():
+        if torch.compiler.is_compiling():
+            write_trained_(weight, index, trained, axis)
+        else:
+            _write_trained(weight, index, trained, axis)
+
+
+def run_partial_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, trained: Tensor, index: Tensor, axis: int
+):
+    """x W^T + b with gradients for the trained columns/rows only (eager Function or custom op)."""
+    keep = trained.requires_grad and torch.is_grad_enabled()
+    if torch.compiler.is_compiling():
+        return partial_linear(x, weight, bias, trained, index, axis, keep)[0]
+    return _PartialLinearFn.apply(x, weight, bias, trained, index, axis, keep)
+
+
+def run_lora_project(x, xa, a, ranks, weights, biases, bs) -> list[Tensor]:
+    """The 2-D outputs of projections reading x (xa: dropout(x), or None)."""
+    if torch.compiler.is_compiling():
+        return list(lora_project(x, xa, a, ranks, list(weights), list(biases), list(bs))[0])
+    per_projection = [t for triple in zip(weights, biases, bs, strict=True) for t in triple]
+    return list(_ProjectFn.apply(x, xa, a, tuple(ranks), *per_projection))
+
+
+def run_lora_gated_mlp(x, a_in, a_down, b_down, w_down, bias_down, activation, ranks, weights, biases, bs):
+    """The 2-D output of the fused gated MLP."""
+    if torch.compiler.is_compiling():
+        args = (x, a_in, a_down, b_down, w_down, bias_down, activation, ranks, list(weights), list(biases))
+        return lora_gated_mlp(*args, list(bs))[0]
+    per_projection = [t for triple in zip(weights, biases, bs, strict=True) for t in triple]
+    return _GatedMLPFn.apply(
+        x, a_in, a_down, b_down, w_down, bias_down, activation, tuple(ranks), *per_projection
+    )

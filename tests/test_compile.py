@@ -128,3 +128,23 @@ def test_custom_ops_pass_opcheck() -> None:
     ]  # fmt: skip
     for op, args in cases:
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("method", ["paca", "s2ft"])
+def test_training_and_eval_compile_once_each(method: str) -> None:
+    """No recompile per step: one graph for training forwards, one for no-grad evaluation."""
+    from torch._dynamo.utils import counters
+
+    model = patched("llama", method)
+    dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model)
+    ids = make_batch()
+    optimizer = torch.optim.AdamW(slimtune.trainable_parameters(model), lr=1e-3)
+    for _ in range(4):
+        compiled(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        compiled(input_ids=ids)
+    assert counters["stats"]["unique_graphs"] == 2

@@ -75,7 +75,7 @@ def project(x: Tensor, layers: Sequence[AdapterLinear], dropout: float = 0.0) ->
         a, ranks, per_layer = _adapter_args(layers, dtype)
         xa = F.dropout(x, dropout, training=True) if dropout else None
         weights, biases, bs = per_layer[0::3], per_layer[1::3], per_layer[2::3]
-        outs, _ = library.lora_project(x, xa, a, ranks, weights, biases, bs)
+        outs = library.run_lora_project(x, xa, a, ranks, weights, biases, bs)
         return [y.view(*x.shape[:-1], y.shape[-1]) for y in outs]
 
 
@@ -88,7 +88,7 @@ def gated_mlp(x: Tensor, inputs: Sequence[AdapterLinear], down: AdapterLinear, a
         a_down, b_down = down.adapter(dtype)
         w_down, bias_down = _cast(down.weight, dtype), _cast(down.bias, dtype)
         weights, biases, bs = per_layer[0::3], per_layer[1::3], per_layer[2::3]
-        y, *_ = library.lora_gated_mlp(
+        y = library.run_lora_gated_mlp(
             x, a_in, a_down, b_down, w_down, bias_down, activation, ranks, weights, biases, bs
         )
         return y.view(*x.shape[:-1], y.shape[-1])

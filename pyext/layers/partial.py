@@ -30,7 +30,7 @@ __all__ = ["COLUMNS", "ROWS", "PartialLinear", "write_trained"]
 
 def write_trained(weight: Tensor, index: Tensor, trained: Tensor, axis: int) -> None:
     """weight[:, index] = trained (columns) or weight[index, :] = trained (rows), in place."""
-    library.write_trained_(weight, index, trained, axis)
+    library.run_write_trained(weight, index, trained, axis)
 
 
 class PartialLinear(nn.Module):
@@ -116,13 +116,10 @@ class PartialLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
-            with torch.no_grad():
-                library.write_trained_(self.weight, self.index, self.trained, self.axis)
+            write_trained(self.weight, self.index, self.trained, self.axis)
         else:
             self.sync_()
-        keep = self.trained.requires_grad and torch.is_grad_enabled()
-        y, _ = library.partial_linear(x, self.weight, self.bias, self.trained, self.index, self.axis, keep)
-        return y
+        return library.run_partial_linear(x, self.weight, self.bias, self.trained, self.index, self.axis)
 
     def checkpoint_tensors(self) -> dict[str, Tensor]:
         """What a checkpoint keeps of this layer: the index and the trained values."""

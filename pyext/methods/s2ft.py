@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..architectures import architecture, block_layout, block_stacks, head_geometry
+from ..architectures import BlockLayout, architecture, block_layout, block_stacks, head_geometry
 from ..config import S2FTConfig
 from ..layers.partial import COLUMNS, ROWS
 from ..layers.s2ft import S2FTLinear
@@ -42,22 +42,6 @@ class Permutation:
         order = torch.argsort(self.order) if inverse else self.order
         with torch.no_grad():
             tensor.copy_(tensor.index_select(self.dim, order.to(tensor.device)))
-
-
-@dataclass
-class BlockLayout:
-    """The modules of one transformer block that S2FT touches, with their unit geometry."""
-
-    name: str
-    q: str | None = None
-    k: str | None = None
-    v: str | None = None
-    qkv: str | None = None
-    o: str | None = None
-    gate: str | None = None
-    up: str | None = None
-    gate_up: str | None = None
-    down: str | None = None
 
 
 def _units(amount: int | float, available: int, what: str, where: str) -> int:
@@ -298,18 +282,7 @@ def _geometry(model: nn.Module) -> tuple[int, int, int]:
 
 def _layout(model: nn.Module, name: str, block: nn.Module, config: S2FTConfig) -> BlockLayout:
     """The attention and MLP projections of a block, refusing layouts S2FT cannot co-permute."""
-    found = block_layout(name, block, architecture(model))
-    layout = BlockLayout(name)
-    if found.attention_layout is not None:
-        att = found.attention_layout
-        layout.o = found.full(found.attention, att.o)
-        layout.qkv = found.full(found.attention, att.qkv)
-        layout.q, layout.k, layout.v = (found.full(found.attention, n) for n in (att.q, att.k, att.v))
-    if found.mlp_layout is not None:
-        mlp = found.mlp_layout
-        layout.down = found.full(found.mlp, mlp.down)
-        layout.gate_up = found.full(found.mlp, mlp.gate_up)
-        layout.gate, layout.up = found.full(found.mlp, mlp.gate), found.full(found.mlp, mlp.up)
+    layout = block_layout(name, block, architecture(model))
     if config.heads and layout.o is None:
         raise ValueError(
             f"S2FT heads: block {name!r} has no attention module with q_proj/k_proj/v_proj (or qkv_proj) "
@@ -317,18 +290,16 @@ def _layout(model: nn.Module, name: str, block: nn.Module, config: S2FTConfig) -
         )
     if config.channels and layout.down is None:
         what = (
-            f"its MLP is a mixture of experts held as fused tensors ({found.experts[0]!r}), not nn.Linear"
-            if found.experts
+            f"its MLP is a mixture of experts held as fused tensors ({layout.experts[0]!r}), not nn.Linear"
+            if layout.experts
             else "it has no gated MLP with gate_proj/up_proj (or gate_up_proj) and down_proj"
         )
         raise ValueError(
             f"S2FT channels: block {name!r} cannot co-permute FFN channels: {what}; set channels=0 "
             f"(heads still train), or add its layout to slimtune.architectures"
         )
-    for field in ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down"):
-        module_name = getattr(layout, field)
-        if module_name:
-            check_plain_linear(module_name, model.get_submodule(module_name))
+    for module_name in layout.projections():
+        check_plain_linear(module_name, model.get_submodule(module_name))
     return layout
 
 
