@@ -13,6 +13,7 @@ from .optim import PartialAdamW
 from .patching import apply, load, merge, report, save, trainable_parameters, unmerge
 from .peft_compat import load_peft
 from .sparse_delta import SparseDelta, add_sparse, delta, load_delta
+from .targets import on_meta
 
 __all__ = [
     "HydraConfig",
@@ -32,6 +33,7 @@ __all__ = [
     "load_delta",
     "load_peft",
     "merge",
+    "on_meta",
     "ops",
     "registry",
     "report",

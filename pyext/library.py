@@ -184,12 +184,21 @@ class Kernels:
     glu_backward: Callable[..., tuple[Tensor, Tensor]]
 
 
+def _direct(name: str) -> Callable[..., Tensor]:
+    """The op's backend dispatch, looked up per call (so accounting can wrap `Op.run`)."""
+
+    def call(*args, **kwargs):
+        return ops.OPS[name].run(*args, **kwargs)
+
+    return call
+
+
 DIRECT = Kernels(
-    ops.gather_columns.run,
-    ops.column_grad.run,
-    ops.lora_linear.run,
-    ops.lora_input_grad.run,
-    ops.glu_down.run,
+    _direct("gather_columns"),
+    _direct("column_grad"),
+    _direct("lora_linear"),
+    _direct("lora_input_grad"),
+    _direct("glu_down"),
     _glu_backward_packed,
 )
 TRACEABLE = Kernels(gather_columns, column_grad, lora_linear, lora_input_grad, glu_down, glu_backward)

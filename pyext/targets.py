@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 from torch import nn
 
@@ -86,6 +89,22 @@ def _linear_name_examples(model: nn.Module, limit: int = 8) -> list[str]:
     return leaf_names[:limit]
 
 
+_META_ALLOWED: ContextVar[bool] = ContextVar("slimtune_meta_allowed", default=False)
+
+
+@contextlib.contextmanager
+def on_meta() -> Iterator[None]:
+    """Let `apply` patch a model whose weights are on the meta device (accounting, `slimtune profile`).
+
+    Outside this block a meta weight is refused: trained entries copied from it would hold no values.
+    """
+    token = _META_ALLOWED.set(True)
+    try:
+        yield
+    finally:
+        _META_ALLOWED.reset(token)
+
+
 def check_plain_linear(name: str, module: nn.Module) -> nn.Linear:
     """Refuse anything but a floating-point `nn.Linear` with a message naming the module and the fix."""
     if is_conv1d(module):
@@ -109,8 +128,9 @@ def check_plain_linear(name: str, module: nn.Module) -> nn.Linear:
             f"module {name!r} has a {weight.dtype} weight (quantized?); slimtune trains float32, "
             f"float16 or bfloat16 weights: dequantize the model first"
         )
-    if weight.device.type == "meta":
+    if weight.device.type == "meta" and not _META_ALLOWED.get():
         raise ValueError(
-            f"module {name!r} has its weight on the meta device; load real weights before applying"
+            f"module {name!r} has its weight on the meta device; load real weights before applying "
+            f"(or, to account memory and FLOPs only, apply inside slimtune.on_meta())"
         )
     return module

@@ -106,6 +106,52 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the run in the folder after its last finished stage"
     )
 
+    profile = sub.add_parser(
+        "profile",
+        help="memory, FLOPs, bytes and step time of every method: accounted without a GPU, measured with one",
+        description="Account each method's training step on the meta device (exact bytes of weights, "
+        "trainable parameters, gradients, optimizer state and tensors saved for backward, by module kind; "
+        "the peak; FLOPs; bytes moved; a step time modelled from the card's published peaks, labelled as a "
+        "model). With --device cuda (or cpu) the measured times (and CUDA peak memory) stand beside them. "
+        "Writes profile.md, profile.csv, report.json and profile.png to --out.",
+    )
+    profile.add_argument(
+        "--model", default="tinyllama-1.1b", help="preset (tinyllama-1.1b, tiny), model dir or config.json"
+    )
+    profile.add_argument("--batch", type=_positive_int, default=8, help="sequences per step (default 8)")
+    profile.add_argument("--seq", type=_positive_int, default=2048, help="tokens per sequence (default 2048)")
+    profile.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    profile.add_argument(
+        "--methods",
+        default="floor,paca,s2ft,lora,hydra,peft-lora,peft-lora-bf16,full",
+        help="comma list of bench rows (default: floor,paca,s2ft,lora,hydra,peft-lora,peft-lora-bf16,full)",
+    )
+    profile.add_argument(
+        "--device",
+        dest="profile_device",
+        choices=["meta", "cpu", "cuda"],
+        default=None,
+        help="meta: accounting only (the default without a GPU); cpu or cuda: also measure",
+    )
+    profile.add_argument(
+        "--card", choices=["a100", "h100", "h200"], default="h200", help="card of the time model"
+    )
+    profile.add_argument(
+        "--out", default=None, help="output folder (default profiles/<model>-<B>x<T>-<dtype>)"
+    )
+    profile.add_argument(
+        "--paca-r", type=_positive_int, default=64, help="PaCA columns per linear (default 64)"
+    )
+    profile.add_argument(
+        "--lora-r", type=_positive_int, default=16, help="LoRA rank, alpha = 2r (default 16)"
+    )
+    profile.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed steps on a device")
+    profile.add_argument(
+        "--steps", type=_positive_int, default=10, help="timed steps on a device (default 10)"
+    )
+    profile.add_argument("--trace", action="store_true", help="a torch.profiler trace per method (cpu/cuda)")
+    profile.add_argument("--memory-snapshot", action="store_true", help="a CUDA memory snapshot per method")
+
     bench = sub.add_parser(
         "bench",
         help="time one training step per method (the anchors.md protocol) and write a report",
@@ -183,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
             from .train import runner
 
             return runner.main(args)
+        if args.command == "profile":
+            from . import profile
+
+            return profile.main(args)
         from . import bench
 
         return bench.main(args, shlex.join(["slimtune", *argv]))

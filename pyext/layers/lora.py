@@ -34,9 +34,13 @@ from .. import library
 from ..architectures import GatedMLPSpec
 
 
+def _autocasting(device: str) -> bool:
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # meta: no autocast
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
     device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    return torch.get_autocast_dtype(device) if _autocasting(device) else x.dtype
 
 
 def _no_autocast(x: Tensor) -> contextlib.AbstractContextManager:
@@ -44,7 +48,7 @@ def _no_autocast(x: Tensor) -> contextlib.AbstractContextManager:
     device = x.device.type
     return (
         torch.autocast(device, enabled=False)
-        if torch.is_autocast_enabled(device)
+        if _autocasting(device)
         else contextlib.nullcontext()
     )
 
