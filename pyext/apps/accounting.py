@@ -228,7 +228,8 @@ def _flop_formula(packet) -> Callable[..., int] | None:
 
 @dataclass
 class SavedTensors:
-    """What autograd keeps for backward, by module kind, deduplicated by storage (parameters excluded)."""
+    """What autograd keeps for backward, by module kind, deduplicated by storage (parameters and
+    buffers, which exist anyway, excluded)."""
 
     by_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     _seen: set[int] = field(default_factory=set)
@@ -314,7 +315,7 @@ def account_step(
     counter = StepCounter()
     params = list(model.parameters())
     counter.adopt(params + list(model.buffers()))
-    param_storages = {p.untyped_storage()._cdata for p in params}
+    existing = {t.untyped_storage()._cdata for t in params + list(model.buffers())}
     saved = SavedTensors()
     with FlashAttentionMode(counter), _Dispatch(counter), fused_kernels(counter):
         for step in range(steps):
@@ -324,7 +325,7 @@ def account_step(
                 counter.matmul_flops = 0
                 counter.attention_flops = 0.0
                 counter.bytes_moved = counter.matmul_bytes = 0
-            recorder = record_saved(model, saved, param_storages) if last else _nothing()
+            recorder = record_saved(model, saved, existing) if last else _nothing()
             with recorder:
                 loss = model(**batch).loss
             forward = (counter.matmul_flops, counter.attention_flops)

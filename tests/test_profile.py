@@ -1,0 +1,163 @@
+"""`slimtune profile`: the meta-device accounting against hand-counted bytes and FLOPs, its
+calibration against the H200 anchors, and the command's outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import slimtune
+import torch
+import transformers
+from slimtune.apps import accounting
+from slimtune.apps.cli import main as cli_main
+from slimtune.apps.profile import ALLOCATOR_OVERHEAD_GIB, Setup, account, model_config, profile
+from torch import nn
+
+N, K, M, R = 64, 48, 40, 4  # tokens, in, out, rank/columns
+F32 = 4
+
+
+class OneLinear(nn.Module):
+    """One linear layer as a 'model': loss = sum of its outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(K, M, bias=False, device="meta")
+
+    def forward(self, x: torch.Tensor):
+        return type("Out", (), {"loss": self.proj(x).sum()})()
+
+
+def account_linear(config, trainable_input: bool = True) -> accounting.StepAccount:
+    model = OneLinear()
+    model.requires_grad_(config == "full")
+    if config not in ("floor", "full"):
+        with slimtune.on_meta():
+            slimtune.apply(model, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3) if params else None
+    x = torch.empty(N, K, device="meta", requires_grad=trainable_input)
+    return accounting.account_step(model, optimizer, {"x": x})
+
+
+# method -> (saved bytes, forward FLOPs, backward FLOPs), counted by hand for y = x W^T (N x K -> M)
+HAND = {
+    # frozen weight, input gradient only: nothing saved but the weight itself (a parameter)
+    "floor": (0, 2 * N * K * M, 2 * N * K * M),
+    # x kept for dW; backward computes dx and dW
+    "full": (N * K * F32, 2 * N * K * M, 4 * N * K * M),
+    # the r compact input columns; backward: dx and dy^T x[:, idx]
+    "paca": (N * R * F32, 2 * N * K * M, 2 * N * K * M + 2 * N * M * R),
+    # x (for dA), u = x A^T (for dB) and the scaled B (s B, M x r: built per forward); forward adds
+    # x A^T and u B^T; backward: g = dy B, dB = dy^T u, dA = g^T x, dx = dy W + g A
+    "lora": (
+        (N * K + N * R + M * R) * F32,
+        2 * N * K * M + 2 * N * K * R + 2 * N * R * M,
+        2 * N * K * M + 2 * N * M * R * 2 + 2 * N * R * K * 2,
+    ),
+}
+CONFIGS = {
+    "floor": "floor",
+    "full": "full",
+    "paca": slimtune.PaCAConfig(r=R, target_modules=["proj"]),
+    "lora": slimtune.LoRAConfig(r=R, alpha=2 * R, target_modules=["proj"]),
+}
+
+
+@pytest.mark.parametrize("method", HAND)
+def test_one_linear_matches_the_hand_count(method: str) -> None:
+    saved, forward, backward = HAND[method]
+    step = account_linear(CONFIGS[method])
+    assert step.saved_total == saved
+    assert step.forward_flops == forward
+    assert step.backward_flops == backward
+    trained = {"floor": 0, "full": K * M, "paca": M * R, "lora": R * (K + M)}[method]
+    assert step.trainable_count == trained
+    assert step.gradients == trained * F32
+    tensors = {"floor": 0, "full": 1, "paca": 1, "lora": 2}[method]
+    assert step.optimizer == 2 * trained * F32 + 4 * tensors  # exp_avg, exp_avg_sq; a float32 step each
+
+
+def tiny_block_setup(**kw) -> Setup:
+    return Setup(model="tiny", batch=2, seq=16, dtype="fp32", device="meta", card="h100", **kw)
+
+
+def test_one_block_paca_adds_exactly_its_compact_columns() -> None:
+    """Per block, PaCA keeps r input columns of each of the 7 projections on top of the floor."""
+    setup = tiny_block_setup()
+    config = model_config("tiny")
+    floor, paca = account("floor", setup, config), account("paca", setup, config)
+    tokens, blocks, r = 2 * 16, config.num_hidden_layers, setup.options.paca_r
+    columns = 7 * blocks * tokens * r * F32
+    assert paca.saved["adapters and trained entries"] * 2**30 == pytest.approx(columns)
+    # Everything else PaCA keeps, the floor keeps too (the floor keeps more: its embedding output
+    # needs a gradient, so the first norm saves its input).
+    assert paca.saved_total - paca.saved["adapters and trained entries"] <= floor.saved_total
+    # The forward is the floor's dense forward; backward adds each layer's dy^T x[:, idx].
+    assert paca.forward_tflop == pytest.approx(floor.forward_tflop)
+    hidden, inter = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * hidden // config.num_attention_heads
+    outs = 2 * hidden + 2 * kv + 2 * inter + hidden  # q, o, k, v, gate, up, down output sizes
+    grads = 2 * tokens * r * outs * blocks
+    # ... and skips the input gradient of block 0's q/k/v (nothing before them trains; the floor's
+    # embedding output needs a gradient).
+    skipped = 2 * tokens * hidden * (hidden + 2 * kv)
+    assert (paca.backward_tflop - floor.backward_tflop) * 1e12 == pytest.approx(grads - skipped)
+
+
+CALIBRATION = {"floor": 29.12, "full": 42.57, "peft-lora": 53.29}  # measured on an H200 (anchors)
+
+
+@pytest.mark.parametrize("method", CALIBRATION)
+def test_calibration_against_the_h200_anchors(method: str) -> None:
+    """TinyLlama-1.1B, 8 x 2048, bf16: the accounted peaks fall within 3% of the measured ones."""
+    setup = Setup(model="tinyllama-1.1b", batch=8, seq=2048, dtype="bf16", device="meta", card="h200")
+    row = account(method, setup, model_config("tinyllama-1.1b"))
+    assert row.peak_card == pytest.approx(CALIBRATION[method], rel=0.03)
+    assert row.peak_exact + ALLOCATOR_OVERHEAD_GIB == pytest.approx(row.peak_card)
+
+
+def test_cli_writes_table_csv_json_and_plot(tmp_path, capsys) -> None:
+    out = tmp_path / "profile"
+    code = cli_main(
+        ["profile", "--model", "tiny", "--batch", "2", "--seq", "16", "--dtype", "fp32",
+         "--methods", "floor,paca,lora,full", "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    assert {p.name for p in out.iterdir()} == {"profile.md", "profile.csv", "report.json", "profile.png"}
+    rows = list(csv.DictReader((out / "profile.csv").open()))
+    assert [r["method"] for r in rows] == ["floor", "paca", "lora", "full"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows"][0]["ratios"]["floor"]["peak"] == 1.0
+    assert "a model, not a measurement" in (out / "profile.md").read_text()
+    assert "modelled ms" in capsys.readouterr().out
+
+
+def test_cpu_device_measures_beside_the_model(tmp_path) -> None:
+    report = profile(model="tiny", batch=2, seq=16, dtype="fp32", methods=["floor", "paca"], device="cpu",
+                     out=tmp_path, warmup=1, steps=3)  # fmt: skip
+    for row in report["rows"]:
+        assert row["error"] is None
+        times = row["measured_ms"]
+        assert 0 < times["min"] <= times["median"] <= times["max"]
+
+
+def test_model_from_directory_and_config_json(tmp_path) -> None:
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    config.save_pretrained(tmp_path)
+    for spec in (str(tmp_path), str(tmp_path / "config.json")):
+        report = profile(
+            model=spec, batch=1, seq=8, dtype="fp32", methods=["floor", "s2ft"], out=tmp_path / "o"
+        )
+        assert [r["error"] for r in report["rows"]] == [None, None]
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown method"):
+        profile(model="tiny", methods=["nope"])
+    with pytest.raises(ValueError, match="neither a preset"):
+        profile(model="/no/such/model")
+    assert cli_main(["profile", "--model", "/no/such/model"]) == 2
