@@ -145,8 +145,8 @@ def test_cpu_device_measures_beside_the_model(tmp_path) -> None:
 
 
 def test_model_from_directory_and_config_json(tmp_path) -> None:
-    config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    sizes = {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2}
+    config = transformers.Qwen2Config(vocab_size=64, num_hidden_layers=1, **sizes)
     config.save_pretrained(tmp_path)
     for spec in (str(tmp_path), str(tmp_path / "config.json")):
         report = profile(
