@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import slimtune
+import torch
 from slimtune.apps.cli import main
 
 CaptureStr = pytest.CaptureFixture[str]
@@ -81,6 +82,24 @@ def test_bench_tiny_on_cpu_writes_markdown_and_json(tmp_path: Path, capsys: Capt
     text = md.read_text()
     assert text.rstrip().endswith(table.strip().splitlines()[-1])  # the table comes last
     assert "x floor" in table and "| paca |" in table
+
+
+def test_bench_takes_a_model_directory_and_reports_spread(tmp_path: Path, capsys: CaptureStr) -> None:
+    import transformers
+
+    sizes = {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2}
+    transformers.Qwen2Config(vocab_size=64, num_hidden_layers=1, **sizes).save_pretrained(tmp_path / "qwen")
+    argv = ["bench", "--model", str(tmp_path / "qwen"), "--device", "cpu", "--warmup", "0", "--steps", "3"]
+    assert main([*argv, "--methods", "floor,s2ft", "--out", str(tmp_path / "out")]) == 0
+    (md,) = (tmp_path / "out").glob("bench-qwen-2x64-fp32-*.md")
+    data = json.loads(md.with_suffix(".json").read_text())
+    assert data["setup"]["model_config"]["model_type"] == "qwen2"
+    assert data["setup"]["cpu_threads"] == torch.get_num_threads()
+    for row in data["rows"]:
+        assert row["error"] is None
+        assert row["ms_min"] <= row["ms"] <= row["ms_max"]
+    assert "| min | max |" in capsys.readouterr().out
+    assert main(["bench", "--model", str(tmp_path / "missing"), "--device", "cpu"]) == 2
 
 
 def test_bench_records_a_failing_method_and_goes_on(tmp_path: Path, capsys: CaptureStr) -> None:

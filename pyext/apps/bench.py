@@ -132,15 +132,36 @@ METHODS = _methods()
 DEFAULT_METHODS = ("floor", "paca", "peft-lora", "full")
 
 
-def build_model(
-    config_kwargs: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int
-) -> nn.Module:
-    """A random-init LlamaForCausalLM made directly on `device` (no downloads, default sdpa attention)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def model_config(spec: str | dict[str, Any]):
+    """A transformers config from a preset name, Llama config kwargs, a model directory or a config.json."""
+    import transformers
 
+    if isinstance(spec, dict):
+        return transformers.LlamaConfig(**spec)
+    if spec in PRESETS:
+        return transformers.LlamaConfig(**PRESETS[spec])
+    path = Path(spec)
+    if path.is_dir():
+        return transformers.AutoConfig.from_pretrained(path)
+    if path.is_file():
+        data = json.loads(path.read_text())
+        if "model_type" not in data:
+            raise ValueError(f"{path} has no 'model_type'; it is not a transformers config.json")
+        return transformers.AutoConfig.for_model(**data)
+    raise ValueError(
+        f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a directory or config.json"
+    )
+
+
+def build_model(spec, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
+    """A random-init causal LM of `spec` (see `model_config`) made directly on `device` (no downloads,
+    default sdpa attention; meta: no memory at all)."""
+    from transformers import AutoModelForCausalLM
+
+    config = spec if hasattr(spec, "to_dict") else model_config(spec)
     torch.manual_seed(seed)
     with device:
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**config_kwargs), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.train()
 
 
@@ -175,7 +196,9 @@ def count_trainable(model: nn.Module) -> int:
 class Row:
     method: str
     trainable: int | None = None
-    ms: float | None = None
+    ms: float | None = None  # median
+    ms_min: float | None = None
+    ms_max: float | None = None
     peak_gib: float | None = None
     ms_steps: list[float] = field(default_factory=list)
     error: str | None = None
@@ -197,12 +220,13 @@ class Setup:
 def measure(method: str, setup: Setup) -> Row:
     """Build, prepare and time one method; the model is local so it is freed on return."""
     device = setup.device
-    model = build_model(PRESETS[setup.preset], device, DTYPES[setup.dtype], setup.options.seed)
+    config = model_config(setup.preset)
+    model = build_model(config, device, DTYPES[setup.dtype], setup.options.seed)
     if setup.grad_checkpointing:
         model.gradient_checkpointing_enable()
     model, optimizer = METHODS[method](model, setup.options)
     generator = torch.Generator().manual_seed(setup.options.seed + 1)
-    ids = torch.randint(0, PRESETS[setup.preset]["vocab_size"], (setup.batch, setup.seq), generator=generator)
+    ids = torch.randint(0, config.vocab_size, (setup.batch, setup.seq), generator=generator)
     ids = ids.to(device)
     batch = {"input_ids": ids, "labels": ids}
     row = Row(method, trainable=count_trainable(model))
@@ -213,6 +237,7 @@ def measure(method: str, setup: Setup) -> Row:
         torch.cuda.reset_peak_memory_stats(device)
     row.ms_steps = [timed(lambda: train_step(model, optimizer, batch), device)[1] for _ in range(setup.steps)]
     row.ms = statistics.median(row.ms_steps)
+    row.ms_min, row.ms_max = min(row.ms_steps), max(row.ms_steps)
     if device.type == "cuda":
         row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
     return row
@@ -257,16 +282,17 @@ def table(rows: list[Row], setup: Setup) -> str:
     base_ms, base_gib = (floor.ms, floor.peak_gib) if floor else (None, None)
     peak = "peak GiB" if setup.device.type == "cuda" else "peak GiB (CUDA only)"
     lines = [
-        f"| method | ms (median of {setup.steps}) | x floor | {peak} | x floor | trainable | error |",
-        "|---|---|---|---|---|---|---|",
+        f"| method | ms (median of {setup.steps}) | min | max | x floor | {peak} | x floor | trainable "
+        "| error |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ms = f"{r.ms:.1f}" if r.ms is not None else "-"
+        ms, lo, hi = (f"{v:.1f}" if v is not None else "-" for v in (r.ms, r.ms_min, r.ms_max))
         gib = f"{r.peak_gib:.2f}" if r.peak_gib is not None else "-"
         trainable = f"{r.trainable / 1e6:.2f} M" if r.trainable is not None else "-"
         lines.append(
-            f"| {r.method} | {ms} | {_ratio(r.ms, base_ms)} | {gib} | {_ratio(r.peak_gib, base_gib)} "
-            f"| {trainable} | {r.error or ''} |"
+            f"| {r.method} | {ms} | {lo} | {hi} | {_ratio(r.ms, base_ms)} | {gib} "
+            f"| {_ratio(r.peak_gib, base_gib)} | {trainable} | {r.error or ''} |"
         )
     return "\n".join(lines)
 
@@ -291,7 +317,8 @@ def report(rows: list[Row], setup: Setup, command: str) -> dict[str, Any]:
         "setup": {
             **{k: v for k, v in asdict(setup).items() if k not in ("device", "options")},
             "device": str(setup.device),
-            "model_config": PRESETS[setup.preset],
+            "model_config": model_config(setup.preset).to_dict(),
+            "cpu_threads": torch.get_num_threads() if setup.device.type == "cpu" else None,
             "method_options": asdict(setup.options),
         },
         "backends": slimtune.info(quiet=True),
@@ -315,6 +342,11 @@ def markdown(data: dict[str, Any], table_text: str) -> str:
             f"- step: forward with labels, backward, optimizer step, zero_grad; {s['warmup']} warm-up, "
             f"median of {s['steps']} timed steps; peak = torch.cuda.max_memory_allocated over them",
             f"- method options: {', '.join(f'{k}={v}' for k, v in s['method_options'].items())}",
+            *(
+                [f"- CPU threads: {s['cpu_threads']} (a CPU time, never a GPU result)"]
+                if s["cpu_threads"]
+                else []
+            ),
             "",
             "## Backends (slimtune info)",
             "",
@@ -334,7 +366,8 @@ def write(data: dict[str, Any], table_text: str, out_dir: Path) -> Path:
     s = data["setup"]
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
     gc_tag = "-gc" if s["grad_checkpointing"] else ""
-    stem = out_dir / f"bench-{s['preset']}-{s['batch']}x{s['seq']}{gc_tag}-{s['dtype']}-{stamp}"
+    name = s["preset"] if s["preset"] in PRESETS else Path(s["preset"]).stem
+    stem = out_dir / f"bench-{name}-{s['batch']}x{s['seq']}{gc_tag}-{s['dtype']}-{stamp}"
     out_dir.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
     md = stem.with_suffix(".md")
@@ -345,7 +378,7 @@ def write(data: dict[str, Any], table_text: str, out_dir: Path) -> Path:
 def main(args: argparse.Namespace, command: str) -> int:
     device: torch.device = args.device
     preset = args.model or ("tinyllama-1.1b" if device.type == "cuda" else "tiny")
-    batch, seq = DEFAULT_SHAPE[preset]
+    batch, seq = DEFAULT_SHAPE.get(preset, (8, 2048) if device.type == "cuda" else (2, 64))
     setup = Setup(
         preset=preset,
         batch=args.batch or batch,
@@ -359,6 +392,11 @@ def main(args: argparse.Namespace, command: str) -> int:
             paca_r=args.paca_r, lora_r=args.lora_r, paca_optimizer=args.optimizer, seed=args.seed
         ),
     )
+    try:
+        model_config(preset)
+    except ValueError as err:
+        print(f"slimtune bench: {err}", file=sys.stderr)
+        return 2
     rows = run_methods(args.methods or list(DEFAULT_METHODS), setup)
     data = report(rows, setup, command)
     table_text = table(rows, setup)

@@ -160,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--model",
-        choices=["tinyllama-1.1b", "tiny"],
         default=None,
-        help="model shape (default: tinyllama-1.1b on CUDA, tiny on CPU)",
+        help="preset (tinyllama-1.1b, tiny), model directory or config.json; random init "
+        "(default: tinyllama-1.1b on CUDA, tiny on CPU)",
     )
     bench.add_argument("--batch", type=_positive_int, default=None, help="sequences per step (default 8 / 2)")
     bench.add_argument(

@@ -32,7 +32,16 @@ import torch
 from torch import nn
 
 from . import accounting
-from .bench import DTYPES, METHODS, PRESETS, MethodOptions, count_trainable, train_step
+from .bench import (
+    DTYPES,
+    METHODS,
+    PRESETS,
+    MethodOptions,
+    build_model,
+    count_trainable,
+    model_config,
+    train_step,
+)
 
 GiB = 2**30
 ALLOCATOR_OVERHEAD_GIB = 1.04
@@ -40,32 +49,8 @@ DEFAULT_METHODS = ("floor", "paca", "s2ft", "lora", "hydra", "peft-lora", "peft-
 BASELINES = ("floor", "peft-lora", "peft-lora-bf16", "full")  # every row gets its ratio to these
 
 
-def model_config(spec: str):
-    """A transformers config from a preset name, a model directory or a config.json file."""
-    import transformers
-
-    if spec in PRESETS:
-        return transformers.LlamaConfig(**PRESETS[spec])
-    path = Path(spec)
-    if path.is_dir():
-        return transformers.AutoConfig.from_pretrained(path)
-    if path.is_file():
-        data = json.loads(path.read_text())
-        if "model_type" not in data:
-            raise ValueError(f"{path} has no 'model_type'; it is not a transformers config.json")
-        return transformers.AutoConfig.for_model(**data)
-    raise ValueError(
-        f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a directory or config.json"
-    )
-
-
 def build(config, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    with device:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.train()
+    return build_model(config, device, dtype, seed)
 
 
 @dataclass
