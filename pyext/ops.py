@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import _ext
 
-BACKENDS = ("triton", "cuda", "cpp", "torch")
+BACKENDS = ("triton", "cuda", "cpp", "blas", "torch")
 
 
 @cache
@@ -37,7 +37,7 @@ def _interpreting() -> bool:
 
 def backend_unavailable(backend: str, device: torch.device) -> str | None:
     """Why `backend` cannot run on `device`, or None when it can."""
-    if backend == "torch":
+    if backend in ("torch", "blas"):  # plain torch code: cuBLAS on CUDA, MKL/OpenBLAS on CPU
         return None
     if backend == "triton":
         module, error = _triton_kernels()
@@ -243,11 +243,16 @@ def _op(
     selectable: tuple[str, ...] = (),
     note: str = "",
     validate: Callable[..., None] | None = None,
+    blas: Callable | None = None,
 ) -> Op:
-    """An op with its reference and its native backends (`selectable` ones run only when forced)."""
+    """An op with its reference and its native backends (`selectable` ones run only when forced);
+    `blas` is a torch implementation ordered for the vendor BLAS (backend "blas")."""
     impls: dict[str, Callable] = {"torch": reference}
     for backend in (*prefer_cuda, *prefer_cpu, *selectable):
-        impls[backend] = _triton(name) if backend == "triton" else _extension(name)
+        if backend == "blas":
+            impls[backend] = blas
+        else:
+            impls[backend] = _triton(name) if backend == "triton" else _extension(name)
     return Op(name, impls, prefer_cuda, prefer_cpu, note, validate)
 
 
@@ -310,6 +315,22 @@ def lora_input_grad_ref(g: Tensor, a: Tensor, dys: list[Tensor], weights: list[T
     return dx.addmm_(g, a)
 
 
+def lora_linear_blas(x: Tensor, weight: Tensor, bias: Tensor | None, u: Tensor, b: Tensor) -> Tensor:
+    """The low-rank term first (one thin GEMM writing the output), then the big base GEMM in cuBLAS
+    accumulating into it (beta=1, read in the GEMM's epilogue): no extra pass over the output after
+    the big product, unlike the reference's order."""
+    out = torch.mm(u, b.t()) if bias is None else torch.addmm(bias, u, b.t())
+    return out.addmm_(x, weight.t())
+
+
+def lora_input_grad_blas(g: Tensor, a: Tensor, dys: list[Tensor], weights: list[Tensor]) -> Tensor:
+    """g a first, then each dy_i W_i accumulated by cuBLAS (beta=1)."""
+    dx = g @ a
+    for dy, weight in zip(dys, weights, strict=True):
+        dx.addmm_(dy, weight)
+    return dx
+
+
 def _silu(g: Tensor) -> tuple[Tensor, Tensor]:
     s = torch.sigmoid(g)
     return g * s, s * (1 + g * (1 - s))
@@ -352,12 +373,33 @@ def glu_backward_ref(
     return (act * v).to(gate.dtype)
 
 
+BLAS_FIRST = (
+    "on CUDA the base GEMM runs in cuBLAS ('blas') until a GPU measurement shows the fused Triton GEMM "
+    "('triton', selectable) faster; see docs/architecture.md"
+)
+
 OPS.update(
     {
         op.name: op
         for op in (
-            _op("lora_linear", lora_linear_ref, ("triton",), ()),
-            _op("lora_input_grad", lora_input_grad_ref, ("triton",), ()),
+            _op(
+                "lora_linear",
+                lora_linear_ref,
+                ("blas",),
+                (),
+                selectable=("triton",),
+                note=BLAS_FIRST,
+                blas=lora_linear_blas,
+            ),
+            _op(
+                "lora_input_grad",
+                lora_input_grad_ref,
+                ("blas",),
+                (),
+                selectable=("triton",),
+                note=BLAS_FIRST,
+                blas=lora_input_grad_blas,
+            ),
             _op("glu_down", glu_down_ref, ("triton",), ()),
             _op("glu_backward", glu_backward_ref, ("triton",), ()),
         )

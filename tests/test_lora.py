@@ -88,9 +88,11 @@ def test_target_subsets_equal_peft(family, targets, tmp_path):
     assert_same_training(ref, ours)
 
 
+@pytest.mark.parametrize("backend", ["triton", "blas"])
 @pytest.mark.parametrize("family", ["llama", "phi3", "gemma"])
-def test_triton_kernels_give_the_reference_path(family, tmp_path):
-    """The whole model on the Triton kernels (interpreter on CPU) against the PyTorch references."""
+def test_native_backends_give_the_reference_path(family, backend, tmp_path):
+    """The whole model on the Triton kernels (interpreter on CPU), or on the BLAS-ordered products
+    (the CUDA default), against the PyTorch references."""
     _, ours = peft_pair(family, tmp_path, r=3)
     ids = make_batch(batch=2, seq=7)
     _, expected = loss_and_grads(ours, ids)
@@ -98,7 +100,8 @@ def test_triton_kernels_give_the_reference_path(family, tmp_path):
     ours.zero_grad()
     with contextlib.ExitStack() as stack:
         for op in LORA_OPS:
-            stack.enter_context(ops.use_backend(op, "triton"))
+            if backend in ops.OPS[op].impls:
+                stack.enter_context(ops.use_backend(op, backend))
         _, logits = loss_and_grads(ours, ids)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     for name, param in ours.named_parameters():

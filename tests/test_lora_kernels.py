@@ -60,6 +60,8 @@ def test_lora_linear_and_input_grad_match_their_references(n, k, m, r, dtype, ge
     ref = x.double() @ weight.double().T + bias.double() + u.double() @ b.double().T
     close(lora_linear(x, weight, bias, u, b), ref, dtype)
     close(ops.lora_linear_ref(x, weight, bias, u, b), ref, dtype)
+    close(ops.lora_linear_blas(x, weight, bias, u, b), ref, dtype)
+    close(ops.lora_linear_blas(x, weight, None, u, b), ref - bias.double(), dtype)
 
     dys = [make((n, mi), dtype, "contiguous", gen) for mi in (m, 7, 13)]
     weights = [make((mi, k), dtype, "contiguous", gen) for mi in (m, 7, 13)]
@@ -67,6 +69,7 @@ def test_lora_linear_and_input_grad_match_their_references(n, k, m, r, dtype, ge
     ref = g.double() @ a.double() + sum(dy.double() @ w.double() for dy, w in zip(dys, weights, strict=True))
     close(lora_input_grad(g, a, dys, weights), ref, dtype)
     close(ops.lora_input_grad_ref(g, a, dys, weights), ref, dtype)
+    close(ops.lora_input_grad_blas(g, a, dys, weights), ref, dtype)
 
 
 # --------------------------------------------------------------------------- gated MLP

@@ -181,10 +181,11 @@ def _nbytes(tensors: list[Tensor]) -> int:
 
 @contextmanager
 def fused_kernels(counter: StepCounter) -> Iterator[None]:
-    """Count each of slimtune's native kernels (those with a Triton or CUDA backend) as one pass over
-    its inputs and outputs, as the kernel runs on a card, instead of the PyTorch reference's ops that
-    run on the meta device; matmul FLOPs inside are still counted."""
-    wrapped = [op for op in slimtune.ops.OPS.values() if {"triton", "cuda"} & set(op.impls)]
+    """Count each of slimtune's ops whose CUDA default is a native kernel (Triton or CUDA C++) as one
+    pass over its inputs and outputs, as that kernel runs on a card, instead of the PyTorch
+    reference's ops that run on the meta device; matmul FLOPs inside are still counted. Ops whose
+    CUDA default is plain torch code ('blas') are counted op by op like the rest of the model."""
+    wrapped = [op for op in slimtune.ops.OPS.values() if op.prefer_cuda[:1] in (("triton",), ("cuda",))]
 
     def wrap(op):
         run = op.run
