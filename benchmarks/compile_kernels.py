@@ -299,7 +299,7 @@ def markdown(rows: list[Compiled], digest: str, seconds: float) -> str:
         "",
         *(
             [
-                f"- {r.arch} {r.kernel} ({r.use}; {r.config}): {r.registers} registers, {r.spills} spill bytes"
+                f"- {r.arch} {r.kernel} ({r.use}; {r.config}): {r.registers} registers, {r.spills} B spilled"
                 for r in rows
                 if r.spills
             ]
