@@ -24,7 +24,7 @@ import pytest
 import torch
 from bench_kernels import DEVICE, Shape, _backends, _force, _randn
 from slimtune import LoRAConfig, apply, ops, trainable_parameters
-from slimtune.layers.lora import AdapterLinear, unfuse_mlp
+from slimtune.layers.lora import AdapterLinear, FusedGatedMLP
 from torch import Tensor, nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
@@ -180,8 +180,8 @@ def _prepare(block: _Block, path: str) -> tuple[nn.Module, list[nn.Parameter]]:
         return model, [p for p in model.parameters() if p.requires_grad]
     apply(block, LoRAConfig(r=R, alpha=2 * R, target_modules=targets))
     if path == "unfused":  # the per-layer path: no sibling group, no fused MLP
-        if block.kind == "mlp":
-            unfuse_mlp(block.mlp)
+        if isinstance(getattr(block, "mlp", None), FusedGatedMLP):
+            block.mlp = block.mlp.restore()
         for module in block.modules():
             if isinstance(module, AdapterLinear):
                 module.shared = None
