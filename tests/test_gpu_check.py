@@ -45,7 +45,7 @@ def test_dry_run_runs_every_phase_and_saves_as_it_goes(tmp_path: Path) -> None:
 
 
 def test_a_spent_budget_skips_the_rest_and_keeps_what_finished(tmp_path: Path) -> None:
-    run, folder = dry_run(tmp_path, budget=40)
+    run, folder = dry_run(tmp_path, budget=22)  # versions and build fit; the 10 s floor skips later ones
     assert run.returncode == 0, run.stdout[-3000:]
     done = phases(folder)
     assert list(done) == PHASES

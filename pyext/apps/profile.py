@@ -295,7 +295,9 @@ def table(rows: list[Row], setup: Setup) -> str:
         )
         if setup.device != "meta" and r.measured_ms:
             m = r.measured_ms
-            peak = f"{r.measured_peak:.2f}" if r.measured_peak is not None else "-"
+            peak = "-"
+            if r.measured_peak is not None:  # the accounting's error against the measurement
+                peak = f"{r.measured_peak:.2f} (accounted {r.peak_card / r.measured_peak - 1:+.1%})"
             line += f" {m['min']:.1f} / {m['median']:.1f} / {m['max']:.1f} | {peak} |"
         lines.append(line)
     lines += [
