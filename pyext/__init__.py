@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from . import architectures, ops, registry
 from .config import HydraConfig, LoRAConfig, MethodConfig, PaCAConfig, S2FTConfig
 from .info import info
+from .lean_mode import lean, lean_report, unlean
 from .optim import PartialAdamW
 from .patching import apply, load, merge, report, save, trainable_parameters, unmerge
 from .peft_compat import load_peft
@@ -29,6 +30,8 @@ __all__ = [
     "architectures",
     "delta",
     "info",
+    "lean",
+    "lean_report",
     "load",
     "load_delta",
     "load_peft",
@@ -39,5 +42,6 @@ __all__ = [
     "report",
     "save",
     "trainable_parameters",
+    "unlean",
     "unmerge",
 ]

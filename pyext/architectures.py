@@ -335,3 +335,26 @@ def probe_gated_mlp(module: nn.Module, spec: GatedMLPSpec, seed: int = 0) -> str
     if got.shape != expected.shape or ((got - expected).abs().max() / scale) > tolerance:
         return "its forward does not compute down(act(gate(x)) * up(x)) on a probe input"
     return None
+
+
+# ---- what lean mode swaps ---------------------------------------------------------------------------
+
+
+def rms_norm_eps(module: nn.Module) -> float | None:
+    """The epsilon of a Hugging Face RMSNorm (a module named *RMSNorm with a 1-D weight), else None."""
+    if not type(module).__name__.endswith("RMSNorm"):
+        return None
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, nn.Parameter) or weight.dim() != 1:
+        return None
+    for name in ("variance_epsilon", "eps"):
+        eps = getattr(module, name, None)
+        if isinstance(eps, float):
+            return eps
+    return None
+
+
+def final_logit_softcap(model: nn.Module) -> float | None:
+    """The LM head's logit soft-capping (Gemma 2), or None."""
+    cap = getattr(text_config(model), "final_logit_softcapping", None)
+    return float(cap) if cap else None

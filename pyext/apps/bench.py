@@ -117,14 +117,29 @@ def _full(model: nn.Module, options: MethodOptions) -> Prepared:
     return model, adamw(_trainable(model), options)
 
 
+def _lean(
+    prepare: Callable[[nn.Module, MethodOptions], Prepared],
+) -> Callable[[nn.Module, MethodOptions], Prepared]:
+    """The same row with `slimtune.lean` on top (lean RMSNorm, gated MLP, chunked LM head + loss)."""
+
+    def prepare_lean(model: nn.Module, options: MethodOptions) -> Prepared:
+        model, optimizer = prepare(model, options)
+        return slimtune.lean(model), optimizer
+
+    return prepare_lean
+
+
 def _methods() -> dict[str, Callable[[nn.Module, MethodOptions], Prepared]]:
-    """The rows: the floor, every registered method (in-place ones also with PartialAdamW), PEFT, full."""
+    """The rows: the floor, every registered method (in-place ones also with PartialAdamW), PEFT, full;
+    and NAME+lean for the floor, every registered method and full."""
     rows: dict[str, Callable[[nn.Module, MethodOptions], Prepared]] = {"floor": _floor}
     for name, method in slimtune.registry.methods().items():
         rows[name] = _registered(name)
         if method.has(IN_PLACE):
             rows[f"{name}-partial-adamw"] = _registered(name, optimizer="partial-adamw")
-    return rows | {"peft-lora": _peft_lora, "peft-lora-bf16": _peft_lora_bf16, "full": _full}
+    rows |= {"peft-lora": _peft_lora, "peft-lora-bf16": _peft_lora_bf16, "full": _full}
+    lean = {f"{name}+lean": _lean(rows[name]) for name in ("floor", *slimtune.registry.methods(), "full")}
+    return rows | lean
 
 
 # name -> (model, options) -> (model to call, optimizer or None).

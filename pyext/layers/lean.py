@@ -1,0 +1,345 @@
+"""Lean stand-ins for the frozen parts of a decoder step: RMSNorm, the gated MLP, LM head + loss.
+
+Each computes what the Hugging Face module computes (the forward runs the same ops in the same
+dtypes) but keeps less for backward:
+
+- `LeanRMSNorm` keeps its input in the model's dtype and the float32 inverse RMS (N floats), not
+  the float32 copy of its input that HF's upcast leaves for autograd.
+- `LeanGatedMLP` runs down(act(gate(x)) * up(x)) as one autograd function that keeps gate and up
+  only (plus, for projections that train, what their gradient needs: x's trained columns for PaCA,
+  x for trained rows or dense weights) and recomputes act(gate) and h in backward. The activation's
+  derivative comes from autograd on the recomputed activation, so any activation is exact. For a
+  partial down projection the trained columns of h come from the recomputed h: nothing of h is kept.
+- `LeanLMHead` computes the LM head and the causal-LM cross-entropy in chunks of tokens, forming the
+  gradient of each chunk in the forward (as fused linear cross-entropy kernels do), so the float32
+  logits of the whole batch never exist; it keeps only dL/dhidden (N x hidden, model dtype).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import library
+from .partial import COLUMNS, PartialLinear
+
+IGNORE_INDEX = -100
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+# ---- RMSNorm ------------------------------------------------------------------------------------
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """y = w * (x * rstd).to(dtype) ("scale after cast", Llama) or ((x * rstd) * (offset + w)).to(dtype)
+    (Gemma: offset 1, scale in float32); rstd = rsqrt(mean(x^2) + eps) in float32."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float, offset: float, scale_in_fp32: bool) -> Tensor:
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        xhat = xf * rstd
+        y = (xhat * (offset + weight.float())).to(x.dtype) if scale_in_fp32 else weight * xhat.to(x.dtype)
+        ctx.save_for_backward(x, rstd, weight)
+        ctx.eps, ctx.offset, ctx.scale_in_fp32 = eps, offset, scale_in_fp32
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, rstd, weight = ctx.saved_tensors
+        xhat = x.float() * rstd
+        if ctx.scale_in_fp32:
+            g = dy.float() * (ctx.offset + weight.float())
+            dw = (dy.float() * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        else:
+            g = (dy * weight).float()
+            dw = (dy * xhat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32)
+            dw = dw.to(weight.dtype)
+        dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True)) if ctx.needs_input_grad[0] else None
+        return (
+            None if dx is None else dx.to(x.dtype),
+            dw if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+            None,
+        )
+
+
+class LeanRMSNorm(nn.Module):
+    """A Hugging Face RMSNorm whose backward keeps its input in the model's dtype and the float32 rstd.
+
+    `flavor` is "llama" (weight * normed.to(dtype)) or "gemma" ((1 + weight) * normed in float32),
+    chosen at `slimtune.lean` time by a numerical probe against the module's own forward.
+    """
+
+    def __init__(self, original: nn.Module, eps: float, flavor: str) -> None:
+        super().__init__()
+        self.__dict__["original"] = original
+        self.weight = original.weight
+        self.eps, self.flavor = eps, flavor
+
+    def forward(self, x: Tensor) -> Tensor:
+        gemma = self.flavor == "gemma"
+        return _RMSNormFn.apply(x, self.weight, self.eps, 1.0 if gemma else 0.0, gemma)
+
+    def restore(self) -> nn.Module:
+        return self.original
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}, flavor={self.flavor}, lean"
+
+
+# ---- gated MLP ------------------------------------------------------------------------------------
+
+
+def _projection_parts(p: nn.Module) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, int]:
+    """(weight, bias, trained tensor or None, index or None, axis) of a Linear or PartialLinear."""
+    if isinstance(p, PartialLinear):
+        return p.weight, p.bias, p.trained, p.index, p.axis
+    return p.weight, p.bias, None, None, COLUMNS
+
+
+def _keep_input(x2: Tensor, weight: Tensor, trained: Tensor | None, index: Tensor | None, axis: int):
+    """What a projection's weight gradient needs of its input: nothing, x's trained columns, or x."""
+    if trained is not None and trained.requires_grad:
+        return x2.index_select(1, index) if axis == COLUMNS else x2
+    if weight.requires_grad:
+        return x2
+    return x2.new_empty(0)
+
+
+def _projection_grads(g2: Tensor, kept: Tensor, weight: Tensor, bias, trained, index, axis):
+    """(d weight, d bias, d trained) of y = x W^T + b from the output gradient g2 (N x out)."""
+    dw = db = dt = None
+    if trained is not None and trained.requires_grad:
+        if axis == COLUMNS:
+            dt = (g2.t() @ kept).to(trained.dtype)
+        else:
+            dt = (g2.index_select(1, index).t() @ kept).to(trained.dtype)
+    if weight.requires_grad:
+        dw = (g2.t() @ kept).to(weight.dtype)
+    if bias is not None and bias.requires_grad:
+        db = g2.sum(0).to(bias.dtype)
+    return dw, db, dt
+
+
+class _LeanMLPFn(torch.autograd.Function):
+    """down(act(gate(x)) * up(x)); per projection the tensors (weight, bias, trained, index)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, act: nn.Module, fused: bool, axes: tuple[int, ...], *parts):
+        per = [parts[i : i + 4] for i in range(0, len(parts), 4)]
+        x2 = _rows(x)
+        outs = [F.linear(x2, w, b) for w, b, _, _ in per[:-1]]
+        gate, up = outs[0].chunk(2, dim=-1) if fused else outs
+        h = act(gate) * up
+        w_down, b_down, _, _ = per[-1]
+        y = F.linear(h, w_down, b_down)
+        kept = [_keep_input(x2, w, t, i, a) for (w, _, t, i), a in zip(per[:-1], axes[:-1], strict=True)]
+        ctx.save_for_backward(*outs, *kept, *parts)
+        ctx.act, ctx.fused, ctx.axes, ctx.n_in, ctx.x_shape = act, fused, axes, len(per) - 1, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        n = ctx.n_in
+        saved = ctx.saved_tensors
+        outs, kept, parts = saved[:n], saved[n : 2 * n], saved[2 * n :]
+        per = [parts[i : i + 4] for i in range(0, len(parts), 4)]
+        gate, up = outs[0].chunk(2, dim=-1) if ctx.fused else outs
+        dy2 = _rows(dy)
+        w_down, b_down, t_down, i_down = per[-1]
+        with torch.enable_grad():  # recompute act(gate); autograd gives its exact derivative
+            g = gate.detach().requires_grad_(True)
+            a = ctx.act(g)
+        dh = dy2 @ w_down.to(dy2.dtype)
+        dup = dh * a.detach()
+        grads_down = (None, None, None)
+        if any(t is not None and t.requires_grad for t in (w_down, b_down, t_down)):
+            if t_down is not None and ctx.axes[-1] == COLUMNS and not w_down.requires_grad:
+                h = a.detach().index_select(1, i_down) * up.index_select(1, i_down)  # trained columns only
+                kept_down = h
+            else:
+                kept_down = _keep_input(a.detach() * up, w_down, t_down, i_down, ctx.axes[-1])
+            grads_down = _projection_grads(dy2, kept_down, w_down, b_down, t_down, i_down, ctx.axes[-1])
+            del kept_down
+        (dgate,) = torch.autograd.grad(a, g, dh.mul_(up))  # dh is not needed after this: reuse it
+        del a, g, dh
+        d_outs = [torch.cat([dgate, dup], dim=-1)] if ctx.fused else [dgate, dup]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = sum(d @ w.to(d.dtype) for d, (w, _, _, _) in zip(d_outs, per[:-1], strict=True))
+            dx = dx.view(ctx.x_shape)
+        grads_in = [
+            _projection_grads(d, k, w, b, t, i, axis)
+            for d, k, (w, b, t, i), axis in zip(d_outs, kept, per[:-1], ctx.axes[:-1], strict=True)
+        ]
+        flat = []
+        for dw, db, dt in [*grads_in, grads_down]:
+            flat += [dw, db, dt, None]
+        return (dx, None, None, None, *flat)
+
+
+class LeanGatedMLP(nn.Module):
+    """Stands in for a Hugging Face gated MLP whose projections are frozen, dense-trainable or partial
+    (PaCA/S2FT) linears: one autograd function keeping gate and up (see the module docstring).
+
+    Holds the MLP's children under their own names and the original module (`restore()`); other
+    attributes read through to it. Adapter projections (LoRA, Hydra) take their own fused path.
+    """
+
+    def __init__(self, original: nn.Module, inputs: Sequence[str], down: str, activation: str) -> None:
+        super().__init__()
+        self.__dict__["original"] = original
+        self.inputs, self.down, self.activation = tuple(inputs), down, activation
+        for name, child in original.named_children():
+            self._modules[name] = child
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["original"], name)
+
+    def forward(self, x: Tensor) -> Tensor:
+        projections = [getattr(self, n) for n in (*self.inputs, self.down)]
+        if not all(type(p) is nn.Linear or isinstance(p, PartialLinear) for p in projections):
+            return type(self.original).forward(self, x)  # e.g. adapters swapped in since: the model's code
+        parts, axes = [], []
+        for p in projections:
+            if isinstance(p, PartialLinear):
+                if torch.compiler.is_compiling():
+                    library.run_write_trained(p.weight, p.index, p.trained, p.axis)
+                else:
+                    p.sync_()
+            weight, bias, trained, index, axis = _projection_parts(p)
+            parts += [weight, bias, trained, index]
+            axes.append(axis)
+        act = getattr(self, self.activation)
+        return _LeanMLPFn.apply(x, act, len(self.inputs) == 1, tuple(axes), *parts)
+
+    def restore(self) -> nn.Module:
+        original = self.original
+        for name, child in self.named_children():
+            original._modules[name] = child
+        return original
+
+    def extra_repr(self) -> str:
+        return f"lean {type(self.original).__name__}"
+
+
+# ---- LM head + cross-entropy in chunks ----------------------------------------------------------------
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean token cross-entropy of softcap(h W^T) against targets, chunk by chunk; the gradients of
+    h (and W, if it trains) are formed in the forward and scaled by the incoming gradient later."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, softcap: float | None, chunk: int,
+                normalizer: Tensor | float | None) -> Tensor:  # fmt: skip
+        valid = targets != IGNORE_INDEX
+        # A tensor, not a Python float: reading the count back would sync the device every step.
+        count = (
+            valid.sum().clamp_min(1).float()
+            if normalizer is None
+            else torch.as_tensor(normalizer, dtype=torch.float32, device=h.device)
+        )
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        dh = torch.empty_like(h) if need_h else None
+        dw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        for start in range(0, h.shape[0], chunk):
+            stop = start + chunk
+            hc, tc, vc = h[start:stop], targets[start:stop], valid[start:stop]
+            z = F.linear(hc, weight).float()
+            if softcap is not None:
+                z = torch.tanh(z / softcap) * softcap
+            lse = torch.logsumexp(z, dim=-1)
+            safe = tc.clamp_min(0)
+            picked = z.gather(1, safe[:, None]).squeeze(1)
+            loss += ((lse - picked) * vc).sum()
+            if need_h or need_w:
+                g = torch.softmax(z, dim=-1)
+                g[torch.arange(g.shape[0], device=g.device), safe] -= 1.0
+                g *= (vc / count)[:, None]
+                if softcap is not None:
+                    g *= 1 - (z / softcap) ** 2
+                g = g.to(h.dtype)
+                if need_h:
+                    dh[start : start + chunk] = g @ weight
+                if need_w:
+                    dw += g.t().float() @ hc.float()
+        ctx.save_for_backward(*(t for t in (dh, dw) if t is not None))
+        ctx.need, ctx.weight_dtype = (need_h, need_w), weight.dtype
+        return loss / count
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        need_h, need_w = ctx.need
+        tensors = list(ctx.saved_tensors)
+        dh = dw = None
+        if need_h:
+            dh = tensors.pop(0)
+            dh = dh * grad.to(dh.dtype)
+        if need_w:
+            dw = (tensors.pop(0) * grad).to(ctx.weight_dtype)
+        return dh, dw, None, None, None, None
+
+
+class LeanLMHead(nn.Module):
+    """The LM head (same weight, tied or not) computing the causal-LM loss in chunks when the model is
+    called with labels; without labels (evaluation, generation) it is the plain linear.
+
+    `slimtune.lean` installs hooks on the causal LM that divert `labels` (and `num_items_in_batch`) to
+    this module and put the loss on the output; that output then has `logits=None`: the logits of the
+    whole batch are what lean mode avoids.
+    """
+
+    def __init__(self, original: nn.Linear, softcap: float | None, chunk: int = 1024) -> None:
+        super().__init__()
+        self.__dict__["original"] = original
+        self.weight = original.weight
+        self.in_features, self.out_features = original.in_features, original.out_features
+        self.softcap, self.chunk = softcap, chunk
+        self._pending: tuple[Tensor, Any] | None = None
+        self._loss: Tensor | None = None
+
+    def divert_labels(self, module: nn.Module, args: tuple, kwargs: dict):
+        labels = kwargs.get("labels")
+        if labels is None:
+            return None
+        self._pending = (labels, kwargs.get("num_items_in_batch"))
+        return args, {**kwargs, "labels": None}
+
+    def attach_loss(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
+        if self._loss is None:
+            return None
+        output["loss"], output["logits"] = self._loss, None
+        self._loss = None
+        return output
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        if self._pending is None:
+            return F.linear(hidden, self.weight)
+        labels, normalizer = self._pending
+        self._pending = None
+        # Token t predicts label t + 1 (HF's ForCausalLMLoss); the last position predicts nothing.
+        targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden.device)
+        fn = _ChunkedLinearCrossEntropy
+        self._loss = fn.apply(_rows(hidden), self.weight, targets, self.softcap, self.chunk, normalizer)
+        return hidden.new_empty(*hidden.shape[:-1], 0)  # stands in for the logits; replaced by None
+
+    def restore(self) -> nn.Linear:
+        return self.original
+
+    def extra_repr(self) -> str:
+        cap = f", softcap={self.softcap}" if self.softcap is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, chunk={self.chunk}{cap}"

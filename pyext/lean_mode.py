@@ -1,0 +1,157 @@
+"""`slimtune.lean(model)`: swap the frozen parts of a decoder step for lean stand-ins.
+
+Composes with every method and with a plain frozen model, before or after `apply`. The
+architecture registry says where the RMSNorms, gated MLPs and the LM head are; each swap is
+accepted only after a numerical probe shows the stand-in computes what the module computes (skipped,
+and said, on the meta device). What was swapped, and what was not and why, is in `lean_report`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import architecture, final_logit_softcap, mlp_layout, rms_norm_eps
+from .layers.lean import LeanGatedMLP, LeanLMHead, LeanRMSNorm
+from .layers.partial import PartialLinear
+
+_LEAN = "_slimtune_lean"
+
+
+@dataclass
+class LeanState:
+    norms: list[str] = field(default_factory=list)
+    mlps: list[str] = field(default_factory=list)
+    lm_head: str | None = None
+    hooks: list[Any] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _probe_input(module: nn.Module, width: int) -> torch.Tensor | None:
+    weight = next(module.parameters())
+    if weight.device.type == "meta":
+        return None
+    generator = torch.Generator(device=weight.device).manual_seed(0)
+    return torch.randn(2, 3, width, generator=generator, device=weight.device).to(weight.dtype)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a, b = a.float(), b.float()
+    tolerance = 1e-5 if a.dtype == torch.float32 else 2e-2
+    return a.shape == b.shape and bool(((a - b).abs().max() / b.abs().max().clamp_min(1e-6)) <= tolerance)
+
+
+@torch.no_grad()
+def _lean_norm(module: nn.Module, eps: float) -> tuple[LeanRMSNorm | None, str]:
+    x = _probe_input(module, module.weight.shape[0])
+    for flavor in ("llama", "gemma"):
+        lean = LeanRMSNorm(module, eps, flavor)
+        if x is None:  # meta: take the family's flavor by name
+            gemma = "Gemma" in type(module).__name__
+            return LeanRMSNorm(module, eps, "gemma" if gemma else "llama"), ""
+        if _same(lean(x), module(x)):
+            return lean, ""
+    return None, f"{type(module).__name__}: no lean RMSNorm flavor matches its forward on a probe input"
+
+
+@torch.no_grad()
+def _lean_mlp(module: nn.Module, arch) -> tuple[LeanGatedMLP | None, str]:
+    layout = mlp_layout(module, arch)
+    children = [module._modules[n] for n in (*layout.inputs, layout.down)]
+    if not all(type(c) is nn.Linear or isinstance(c, PartialLinear) for c in children):
+        return None, f"{type(module).__name__}: projections not plain or partial linears (adapters fuse it)"
+    activation = next((n for n in layout.activations if isinstance(module._modules.get(n), nn.Module)), None)
+    if activation is None:
+        return None, f"{type(module).__name__}: no activation module ({' or '.join(layout.activations)})"
+    lean = LeanGatedMLP(module, layout.inputs, layout.down, activation)
+    x = _probe_input(module, children[0].in_features)
+    if x is not None and not _same(lean(x), module(x)):
+        lean.restore()
+        return None, f"{type(module).__name__}: its forward does not compute down(act(gate(x)) * up(x))"
+    return lean, ""
+
+
+def lean(model: nn.Module) -> nn.Module:
+    """Swap the model's RMSNorms, gated MLPs and LM head + loss for lean stand-ins, in place.
+
+    Outputs and gradients stay those of the model within dtype tolerance; called with `labels`, the
+    model returns its loss and `logits=None` (the batch's logits are never formed). `unlean` undoes it.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if getattr(model, _LEAN, None) is not None:
+        raise ValueError(f"{type(model).__name__} is lean already; call slimtune.unlean(model) first")
+    arch, state, swaps = architecture(model), LeanState(), []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        eps = rms_norm_eps(module)
+        if eps is not None:
+            replacement, why = _lean_norm(module, eps)
+            (swaps.append((name, replacement)) if replacement else state.skipped.__setitem__(name, why))
+            if replacement:
+                state.norms.append(name)
+        elif mlp_layout(module, arch) is not None and type(module).__name__ != "FusedGatedMLP":
+            replacement, why = _lean_mlp(module, arch)
+            (swaps.append((name, replacement)) if replacement else state.skipped.__setitem__(name, why))
+            if replacement:
+                state.mlps.append(name)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    if type(head) is nn.Linear and head.bias is None and head_name:
+        state.lm_head = head_name
+        lean_head = LeanLMHead(head, final_logit_softcap(model))
+        swaps.append((head_name, lean_head))
+        state.hooks = [
+            model.register_forward_pre_hook(lean_head.divert_labels, with_kwargs=True),
+            model.register_forward_hook(lean_head.attach_loss, with_kwargs=True),
+        ]
+    elif head is not None:
+        state.skipped["lm_head"] = f"{type(head).__name__} with bias or not a plain nn.Linear: kept"
+    for name, replacement in swaps:
+        model.set_submodule(name, replacement)
+    setattr(model, _LEAN, state)
+    if state.skipped:
+        warnings.warn(
+            f"slimtune.lean: {len(state.skipped)} modules kept their own path: "
+            f"{'; '.join(sorted(set(state.skipped.values())))}",
+            stacklevel=2,
+        )
+    return model
+
+
+def unlean(model: nn.Module) -> nn.Module:
+    """Put the original modules back (their parameters are the lean stand-ins' own)."""
+    state: LeanState | None = getattr(model, _LEAN, None)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} is not lean; there is nothing to undo")
+    for hook in state.hooks:
+        hook.remove()
+    for name in [*state.norms, *state.mlps, *([state.lm_head] if state.lm_head else [])]:
+        module = model.get_submodule(name)
+        if isinstance(module, LeanGatedMLP | LeanRMSNorm | LeanLMHead):
+            model.set_submodule(name, module.restore())
+        elif isinstance(getattr(module, "original", None), LeanGatedMLP):  # LoRA's fused MLP over a lean one
+            inner = module.original
+            inner._modules.update(module._modules)  # the fused module's children are the current ones
+            module.__dict__["original"] = inner.restore()
+    delattr(model, _LEAN)
+    return model
+
+
+def lean_report(model: nn.Module) -> dict[str, Any]:
+    """Which modules run lean, and which kept their own path (with the reason)."""
+    state: LeanState | None = getattr(model, _LEAN, None)
+    if state is None:
+        return {"lean": False}
+    return {
+        "lean": True,
+        "norms": len(state.norms),
+        "gated MLPs": state.mlps,
+        "lm_head": state.lm_head,
+        "kept": dict(state.skipped),
+    }
