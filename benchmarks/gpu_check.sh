@@ -95,15 +95,16 @@ build() {
 
 if [ "$DRY" = 1 ]; then
   BENCH=(--model tiny --device cpu --warmup 0 --steps 1 --methods "${METHODS:-floor,paca,lora,peft-lora,full}")
-  PROFILE=(--model tiny --batch 2 --seq 32 --device meta --methods floor,paca,lora,full)
+  PROFILE=(--model tiny --batch 2 --seq 32 --device meta --methods floor,floor+lean,paca+lean,lora,full)
   MICRO=(--benchmark-max-time=0.01 --benchmark-min-rounds=1)
   SHAPES="up or down"
   TESTS=(--collect-only -q)
 else
   BENCH=(--model tinyllama-1.1b --batch "${BATCH:-8}" --seq "${SEQ:-2048}" \
     --methods "${METHODS:-floor,paca,paca-partial-adamw,s2ft,lora,hydra,peft-lora,peft-lora-bf16,full}")
+  # Lean against non-lean and against Liger-Kernel (its row errors cleanly where it is not installed).
   PROFILE=(--batch "${BATCH:-8}" --seq "${SEQ:-2048}" --device cuda --warmup 2 --steps 5 \
-    --methods floor,paca,s2ft,lora,peft-lora,full)
+    --methods floor,floor+lean,floor+liger,paca,paca+lean,s2ft+lean,lora,lora+lean,peft-lora,full)
   MICRO=(--benchmark-max-time=0.1 --benchmark-min-rounds=3)
   SHAPES="N16384"
   TESTS=(-q -x)
@@ -112,7 +113,7 @@ fi
 phase versions 20 versions
 phase build 90 build
 phase step-benchmark 140 $PY -m slimtune bench "${BENCH[@]}" --out "$RESULTS"
-phase profile 60 $PY -m slimtune profile "${PROFILE[@]}" --out "$RESULTS/profile"
+phase profile 75 $PY -m slimtune profile "${PROFILE[@]}" --out "$RESULTS/profile"
 phase backend-choice 70 $PY -m pytest benchmarks/bench_lora.py benchmarks/bench_kernels.py -p no:cacheprovider \
   -k "(test_lora_linear or test_lora_input_grad or test_column_grad) and ($SHAPES)" "${MICRO[@]}" \
   --benchmark-json "$RESULTS/backend-choice.json"
@@ -121,7 +122,7 @@ GPU_TESTS=(tests/test_paca_layer.py tests/test_cpp_kernels.py tests/test_lora_ke
 phase gpu-tests-count 20 $PY -m pytest -m gpu tests --collect-only -q -p no:cacheprovider
 phase gpu-tests 60 $PY -m pytest -m gpu "${GPU_TESTS[@]}" "${TESTS[@]}" -p no:cacheprovider
 echo "GPU tests run: ${GPU_TESTS[*]}; the other -m gpu tests (see gpu-tests-count.log) were not run in this budget"
-phase kernel-microbenchmarks 40 $PY -m pytest benchmarks/bench_kernels.py benchmarks/bench_lora.py -p no:cacheprovider \
+phase kernel-microbenchmarks 25 $PY -m pytest benchmarks/bench_kernels.py benchmarks/bench_lora.py -p no:cacheprovider \
   -k "not (test_lora_linear or test_lora_input_grad or test_column_grad) and ($SHAPES)" "${MICRO[@]}" \
   --benchmark-json "$RESULTS/kernels.json"
 

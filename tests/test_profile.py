@@ -161,3 +161,25 @@ def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="neither a preset"):
         profile(model="/no/such/model")
     assert cli_main(["profile", "--model", "/no/such/model"]) == 2
+
+
+def test_lean_rows_keep_less_and_longest_sequence_bisects(tmp_path) -> None:
+    setup = tiny_block_setup()
+    config = model_config("tiny")
+    for method in ("floor", "paca", "s2ft"):
+        plain, lean = account(method, setup, config), account(f"{method}+lean", setup, config)
+        assert lean.error is None and lean.saved_total < plain.saved_total
+        assert lean.peak_exact <= plain.peak_exact
+        # The same work in total (the chunked loss forms its gradient in the forward, so the split moves).
+        total = plain.forward_tflop + plain.backward_tflop
+        assert lean.forward_tflop + lean.backward_tflop == pytest.approx(total, rel=1e-6)
+    from slimtune.apps.profile import longest_sequence
+
+    one = Setup(model="tiny", batch=1, seq=4096, dtype="fp32", device="meta", card="h100")
+    budget = account("floor", one, config).peak_card
+    tokens = longest_sequence("floor", "tiny", "fp32", budget, limit=8192)
+    assert 4096 - 128 <= tokens <= 4096 + 128  # the budget of 4096 tokens gives back about 4096
+    assert longest_sequence("floor+lean", "tiny", "fp32", budget, limit=8192) > tokens
+    assert cli_main(["profile", "--model", "tiny", "--dtype", "fp32", "--longest", "1.05", "--methods",
+                     "floor", "--out", str(tmp_path)]) == 0  # fmt: skip
+    assert "| floor |" in (tmp_path / "longest.md").read_text()

@@ -117,6 +117,18 @@ def _full(model: nn.Module, options: MethodOptions) -> Prepared:
     return model, adamw(_trainable(model), options)
 
 
+def _floor_liger(model: nn.Module, options: MethodOptions) -> Prepared:
+    """The floor with Liger-Kernel's fused RMSNorm, RoPE, SwiGLU and linear cross-entropy (the anchors'
+    Liger row), for comparison with `floor+lean`; Llama-family models only, where liger-kernel is
+    installed (CUDA)."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as err:
+        raise RuntimeError("liger-kernel is not installed here (pip install liger-kernel)") from err
+    _apply_liger_kernel_to_instance(model=model)
+    return _floor(model, options)
+
+
 def _lean(
     prepare: Callable[[nn.Module, MethodOptions], Prepared],
 ) -> Callable[[nn.Module, MethodOptions], Prepared]:
@@ -137,7 +149,12 @@ def _methods() -> dict[str, Callable[[nn.Module, MethodOptions], Prepared]]:
         rows[name] = _registered(name)
         if method.has(IN_PLACE):
             rows[f"{name}-partial-adamw"] = _registered(name, optimizer="partial-adamw")
-    rows |= {"peft-lora": _peft_lora, "peft-lora-bf16": _peft_lora_bf16, "full": _full}
+    rows |= {
+        "peft-lora": _peft_lora,
+        "peft-lora-bf16": _peft_lora_bf16,
+        "full": _full,
+        "floor+liger": _floor_liger,
+    }
     lean = {f"{name}+lean": _lean(rows[name]) for name in ("floor", *slimtune.registry.methods(), "full")}
     return rows | lean
 

@@ -151,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     profile.add_argument("--trace", action="store_true", help="a torch.profiler trace per method (cpu/cuda)")
     profile.add_argument("--memory-snapshot", action="store_true", help="a CUDA memory snapshot per method")
+    profile.add_argument(
+        "--longest",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="instead: the longest sequence at batch 1 whose accounted peak fits GIB, per method",
+    )
 
     bench = sub.add_parser(
         "bench",

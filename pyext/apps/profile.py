@@ -226,6 +226,8 @@ def profile(
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
+            "transformers": _version("transformers"),
+            "peft": _version("peft"),
             "slimtune": slimtune.__version__,
         },
         "notes": [
@@ -238,11 +240,82 @@ def profile(
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _write_csv(rows, folder / "profile.csv")
     text = table(rows, setup)
-    (folder / "profile.md").write_text(text + "\n")
+    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+    header = [
+        f"- date: {report['date']}; machine: {platform.machine()} ({platform.system()}), device {device}",
+        f"- versions: {versions}",
+        f"- command: `slimtune profile --model {model} --batch {batch} --seq {seq} --dtype {dtype} "
+        f"--methods {','.join(methods)} --device {device} --card {card}`",
+        "",
+    ]
+    (folder / "profile.md").write_text("\n".join(header) + text + "\n")
     _plot(rows, setup, folder / "profile.png")
     print(text)
     print(f"[profile] wrote {folder}/profile.md, profile.csv, report.json, profile.png", file=sys.stderr)
     return report
+
+
+def longest_sequence(
+    method: str, model: str, dtype: str, budget_gib: float, options: MethodOptions | None = None,
+    limit: int = 1 << 20,
+) -> int:  # fmt: skip
+    """The longest sequence at batch 1 whose accounted card peak fits `budget_gib` (a model, by
+    bisection over the meta-device accounting; multiples of 128 tokens), or 0 if none does."""
+    config = model_config(model)
+    options = options or MethodOptions()
+
+    def fits(seq: int) -> bool:
+        setup = Setup(model, 1, seq, dtype, "meta", "h200", options)
+        return account(method, setup, config).peak_card <= budget_gib
+
+    low, high = 0, 128
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    while high - low > 128:
+        mid = (low + high) // 2 // 128 * 128
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+def longest_table(model: str, dtype: str, budget_gib: float, methods: list[str], out: Path) -> str:
+    """Longest batch-1 sequence per method within `budget_gib`, and its ratio to PEFT LoRA's."""
+    lengths = {}
+    for method in methods:
+        print(f"[profile] longest sequence: {method} ...", file=sys.stderr, flush=True)
+        lengths[method] = longest_sequence(method, model, dtype, budget_gib)
+    base = lengths.get("peft-lora")
+    versions = (
+        f"torch {torch.__version__}, transformers {_version('transformers')}, slimtune {slimtune.__version__}"
+    )
+    lines = [
+        f"Longest sequence at batch 1 within {budget_gib:g} GiB ({model}, {dtype}; accounted peak on the "
+        "card, a model by bisection to 128 tokens, not a measurement)",
+        "",
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; "
+        f"machine: {platform.machine()}, meta device (no GPU)",
+        f"- versions: {versions}",
+        f"- command: `slimtune profile --model {model} --dtype {dtype} --longest {budget_gib:g} "
+        f"--methods {','.join(methods)}`",
+        "",
+        "| method | tokens | x PEFT LoRA |",
+        "|---|---|---|",
+        *(f"| {m} | {n} | {n / base:.2f} |" if base else f"| {m} | {n} | - |" for m, n in lengths.items()),
+    ]
+    text = "\n".join(lines) + "\n"
+    (out / "longest.md").write_text(text)
+    (out / "longest.json").write_text(
+        json.dumps({"budget_gib": budget_gib, "tokens": lengths}, indent=2) + "\n"
+    )
+    return text
+
+
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _write_csv(rows: list[Row], path: Path) -> None:
@@ -362,13 +435,24 @@ def _plot(rows: list[Row], setup: Setup, path: Path) -> None:
 def main(args: argparse.Namespace) -> int:
     """`slimtune profile` (arguments defined in cli.py, which imports nothing heavy)."""
     device = args.profile_device or ("cuda" if torch.cuda.is_available() else "meta")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.longest is not None:
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            print(f"slimtune profile: unknown method(s) {unknown}", file=sys.stderr)
+            return 2
+        name = Path(args.model).stem if args.model not in PRESETS else args.model
+        out = Path(args.out) if args.out else Path("profiles") / f"{name}-longest-{args.dtype}"
+        out.mkdir(parents=True, exist_ok=True)
+        print(longest_table(args.model, args.dtype, args.longest, methods, out))
+        return 0
     try:
         profile(
             model=args.model,
             batch=args.batch,
             seq=args.seq,
             dtype=args.dtype,
-            methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+            methods=methods,
             device=device,
             card=args.card,
             out=args.out,
