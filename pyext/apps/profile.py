@@ -402,7 +402,7 @@ def _plot(rows: list[Row], setup: Setup, path: Path) -> None:
         ("trainable + grads + optimizer", lambda r: r.trainable + r.gradients + r.optimizer),
         *[(f"saved: {k}", lambda r, k=k: r.saved.get(k, 0.0)) for k in accounting.KINDS],
     ]
-    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [3, 2]})
     names = [r.method for r in ok]
     bottom = [0.0] * len(ok)
     colors = plt.get_cmap("tab20").colors
@@ -418,7 +418,7 @@ def _plot(rows: list[Row], setup: Setup, path: Path) -> None:
         f"Peak memory per step (accounted): {setup.model}, {setup.batch}x{setup.seq}, {setup.dtype}"
     )
     ax_mem.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax_mem.tick_params(axis="x", rotation=30)
+    plt.setp(ax_mem.get_xticklabels(), rotation=50, ha="right")
     ax_time.bar(names, [r.modelled_ms for r in ok], color="tab:blue", label="modelled")
     if any(r.measured_ms for r in ok):
         ax_time.scatter(names, [r.measured_ms["median"] if r.measured_ms else float("nan") for r in ok],
@@ -426,7 +426,7 @@ def _plot(rows: list[Row], setup: Setup, path: Path) -> None:
     ax_time.set_ylabel("ms per step")
     ax_time.set_title(f"Step time, roofline model for {accounting.CARDS[setup.card].name}")
     ax_time.legend(fontsize=7)
-    ax_time.tick_params(axis="x", rotation=30)
+    plt.setp(ax_time.get_xticklabels(), rotation=50, ha="right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
