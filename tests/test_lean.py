@@ -188,3 +188,29 @@ def test_saved_tensors_are_exactly_the_intended_ones() -> None:
     plain = saved_by_kind(prepared("llama", "floor"), ids)
     assert plain["mlp"] == blocks * 3 * n * inter * f32  # HF keeps act(gate) too
     assert plain["lm head and loss"] >= n * COMMON["vocab_size"] * f32  # the float32 logits
+
+
+@pytest.mark.parametrize(
+    "family", ["qwen2", "qwen3", "mistral", "gemma3_text", "llama4_text", "qwen2_moe", "mixtral"]
+)
+def test_lean_on_more_families_keeps_loss_and_gradients(family: str) -> None:
+    """The architecture matrix beyond the four above (MoE and vision-language text parts included):
+    a PaCA model gives the same loss and trained gradients with lean on."""
+    from test_architectures import build as build_family
+
+    reference = build_family(family)
+    slimtune.apply(reference, slimtune.PaCAConfig(r=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MoE blocks that are not gated MLPs keep their own path
+        lean = slimtune.lean(copy.deepcopy(reference))
+    assert any(isinstance(m, LeanRMSNorm) for m in lean.modules())
+    ids = make_batch()
+    losses = []
+    for model in (reference, lean):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(trainable(reference).items(), trainable(lean).values(), strict=True):
+        scale = a.grad.abs().max().clamp_min(1e-8)
+        torch.testing.assert_close(b.grad / scale, a.grad / scale, rtol=1e-5, atol=1e-5, msg=name)

@@ -297,7 +297,7 @@ def run_methods(methods: list[str], setup: Setup) -> list[Row]:
     return rows
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -341,9 +341,9 @@ def report(rows: list[Row], setup: Setup, command: str) -> dict[str, Any]:
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
-            "transformers": _version("transformers"),
-            "peft": _version("peft"),
-            "triton": _version("triton"),
+            "transformers": package_version("transformers"),
+            "peft": package_version("peft"),
+            "triton": package_version("triton"),
             "slimtune": slimtune.__version__,
         },
         "setup": {

@@ -40,6 +40,7 @@ from .bench import (
     build_model,
     count_trainable,
     model_config,
+    package_version,
     train_step,
 )
 
@@ -226,8 +227,8 @@ def profile(
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
-            "transformers": _version("transformers"),
-            "peft": _version("peft"),
+            "transformers": package_version("transformers"),
+            "peft": package_version("peft"),
             "slimtune": slimtune.__version__,
         },
         "notes": [
@@ -284,9 +285,8 @@ def longest_table(model: str, dtype: str, budget_gib: float, methods: list[str],
         print(f"[profile] longest sequence: {method} ...", file=sys.stderr, flush=True)
         lengths[method] = longest_sequence(method, model, dtype, budget_gib)
     base = lengths.get("peft-lora")
-    versions = (
-        f"torch {torch.__version__}, transformers {_version('transformers')}, slimtune {slimtune.__version__}"
-    )
+    transformers_version = package_version("transformers")
+    versions = f"torch {torch.__version__}, transformers {transformers_version}, slimtune {slimtune.__version__}"
     lines = [
         f"Longest sequence at batch 1 within {budget_gib:g} GiB ({model}, {dtype}; accounted peak on the "
         "card, a model by bisection to 128 tokens, not a measurement)",
@@ -307,15 +307,6 @@ def longest_table(model: str, dtype: str, budget_gib: float, methods: list[str],
         json.dumps({"budget_gib": budget_gib, "tokens": lengths}, indent=2) + "\n"
     )
     return text
-
-
-def _version(package: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _write_csv(rows: list[Row], path: Path) -> None:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .. import library
 from .partial import COLUMNS, PartialLinear
+from .standin import StandIn
 
 IGNORE_INDEX = -100
 
@@ -145,7 +146,7 @@ class _LeanMLPFn(torch.autograd.Function):
         kept = [_keep_input(x2, w, t, i, a) for (w, _, t, i), a in zip(per[:-1], axes[:-1], strict=True)]
         ctx.save_for_backward(*outs, *kept, *parts)
         ctx.act, ctx.fused, ctx.axes, ctx.n_in, ctx.x_shape = act, fused, axes, len(per) - 1, x.shape
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y  # 2-D: the caller reshapes (a view made here could not be modified in place)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
@@ -154,7 +155,7 @@ class _LeanMLPFn(torch.autograd.Function):
         outs, kept, parts = saved[:n], saved[n : 2 * n], saved[2 * n :]
         per = [parts[i : i + 4] for i in range(0, len(parts), 4)]
         gate, up = outs[0].chunk(2, dim=-1) if ctx.fused else outs
-        dy2 = _rows(dy)
+        dy2 = dy
         w_down, b_down, t_down, i_down = per[-1]
         with torch.enable_grad():  # recompute act(gate); autograd gives its exact derivative
             g = gate.detach().requires_grad_(True)
@@ -187,26 +188,15 @@ class _LeanMLPFn(torch.autograd.Function):
         return (dx, None, None, None, *flat)
 
 
-class LeanGatedMLP(nn.Module):
+class LeanGatedMLP(StandIn):
     """Stands in for a Hugging Face gated MLP whose projections are frozen, dense-trainable or partial
     (PaCA/S2FT) linears: one autograd function keeping gate and up (see the module docstring).
-
-    Holds the MLP's children under their own names and the original module (`restore()`); other
-    attributes read through to it. Adapter projections (LoRA, Hydra) take their own fused path.
+    Adapter projections (LoRA, Hydra) take their own fused path.
     """
 
     def __init__(self, original: nn.Module, inputs: Sequence[str], down: str, activation: str) -> None:
-        super().__init__()
-        self.__dict__["original"] = original
+        super().__init__(original)
         self.inputs, self.down, self.activation = tuple(inputs), down, activation
-        for name, child in original.named_children():
-            self._modules[name] = child
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["original"], name)
 
     def forward(self, x: Tensor) -> Tensor:
         projections = [getattr(self, n) for n in (*self.inputs, self.down)]
@@ -223,13 +213,8 @@ class LeanGatedMLP(nn.Module):
             parts += [weight, bias, trained, index]
             axes.append(axis)
         act = getattr(self, self.activation)
-        return _LeanMLPFn.apply(x, act, len(self.inputs) == 1, tuple(axes), *parts)
-
-    def restore(self) -> nn.Module:
-        original = self.original
-        for name, child in self.named_children():
-            original._modules[name] = child
-        return original
+        y = _LeanMLPFn.apply(x, act, len(self.inputs) == 1, tuple(axes), *parts)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
         return f"lean {type(self.original).__name__}"

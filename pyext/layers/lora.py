@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .. import library
 from ..architectures import GatedMLPSpec
+from .standin import StandIn
 
 
 def _autocasting(device: str) -> bool:
@@ -46,11 +47,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 def _no_autocast(x: Tensor) -> contextlib.AbstractContextManager:
     """Inputs are cast up front; inside, every product must keep the dtype it is given."""
     device = x.device.type
-    return (
-        torch.autocast(device, enabled=False)
-        if _autocasting(device)
-        else contextlib.nullcontext()
-    )
+    return torch.autocast(device, enabled=False) if _autocasting(device) else contextlib.nullcontext()
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -147,26 +144,15 @@ class SharedInput:
         self.enabled, self._pending, self._input = False, {}, None
 
 
-class FusedGatedMLP(nn.Module):
+class FusedGatedMLP(StandIn):
     """Stands in for a gated MLP whose projections are adapter layers: one fused autograd op.
 
-    Holds the MLP's own children under their own names (state-dict keys do not change) and the
-    original module, which `restore()` gives back; other attributes read through to the original.
     Accepted for a module only after `architectures.probe_gated_mlp` checked its forward.
     """
 
     def __init__(self, original: nn.Module, spec: GatedMLPSpec) -> None:
-        super().__init__()
-        self.__dict__["original"] = original  # not a child: its children are ours
+        super().__init__(original)
         self.spec = spec
-        for name, child in original.named_children():
-            self._modules[name] = child  # (add_module would see the name through __getattr__)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["original"], name)
 
     def forward(self, x: Tensor) -> Tensor:
         spec = self.spec
@@ -175,13 +161,6 @@ class FusedGatedMLP(nn.Module):
         if all(isinstance(m, AdapterLinear) for m in (*inputs, down)):
             return gated_mlp(x, inputs, down, spec.activation)
         return type(self.original).forward(self, x)  # its layers were swapped again: the model's code
-
-    def restore(self) -> nn.Module:
-        """The original module, holding this module's current children."""
-        original = self.original
-        for name, child in self.named_children():
-            original._modules[name] = child
-        return original
 
     def extra_repr(self) -> str:
         return f"fused {type(self.original).__name__}, activation={self.spec.activation}"
