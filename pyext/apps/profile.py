@@ -285,8 +285,13 @@ def longest_table(model: str, dtype: str, budget_gib: float, methods: list[str],
         print(f"[profile] longest sequence: {method} ...", file=sys.stderr, flush=True)
         lengths[method] = longest_sequence(method, model, dtype, budget_gib)
     base = lengths.get("peft-lora")
-    transformers_version = package_version("transformers")
-    versions = f"torch {torch.__version__}, transformers {transformers_version}, slimtune {slimtune.__version__}"
+    versions = ", ".join(
+        [
+            f"torch {torch.__version__}",
+            f"transformers {package_version('transformers')}",
+            f"slimtune {slimtune.__version__}",
+        ]
+    )
     lines = [
         f"Longest sequence at batch 1 within {budget_gib:g} GiB ({model}, {dtype}; accounted peak on the "
         "card, a model by bisection to 128 tokens, not a measurement)",
