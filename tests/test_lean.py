@@ -214,3 +214,23 @@ def test_lean_on_more_families_keeps_loss_and_gradients(family: str) -> None:
     for (name, a), b in zip(trainable(reference).items(), trainable(lean).values(), strict=True):
         scale = a.grad.abs().max().clamp_min(1e-8)
         torch.testing.assert_close(b.grad / scale, a.grad / scale, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("method", ["floor", "paca", "s2ft", "full"])
+def test_backward_in_chunks_of_tokens_gives_the_same_gradients(method: str, monkeypatch) -> None:
+    """The norm and MLP backward run over chunks of tokens (bounding their float32 temporaries);
+    with 5-token chunks (7 chunks here, the last one short) the gradients are the unchunked ones."""
+    import slimtune.layers.lean as lean_layers
+
+    reference = slimtune.lean(prepared("phi3" if method == "s2ft" else "llama", method))
+    chunked = copy.deepcopy(reference)
+    ids = make_batch()
+    embeds = []
+    for model, chunk in ((reference, lean_layers.BACKWARD_CHUNK), (chunked, 5)):
+        monkeypatch.setattr(lean_layers, "BACKWARD_CHUNK", chunk)
+        x = model.model.embed_tokens(ids).detach().requires_grad_(True)  # the input gradient, through it all
+        model(inputs_embeds=x, labels=ids).loss.backward()
+        embeds.append(x.grad)
+    torch.testing.assert_close(embeds[1], embeds[0], rtol=1e-5, atol=1e-7)
+    for (name, a), b in zip(trainable(reference).items(), trainable(chunked).values(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -29,10 +29,22 @@ from .partial import COLUMNS, PartialLinear
 from .standin import StandIn
 
 IGNORE_INDEX = -100
+BACKWARD_CHUNK = 4096  # tokens per step of the norm and MLP backward: bounds their temporaries
 
 
 def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
+
+
+def _chunks(n: int) -> list[slice]:
+    size = BACKWARD_CHUNK  # read per call, so tests can shrink it
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _accumulate(total: list, parts: tuple) -> None:
+    for k, part in enumerate(parts):
+        if part is not None:
+            total[k] = part.float() if total[k] is None else total[k].add_(part.float())
 
 
 # ---- RMSNorm ------------------------------------------------------------------------------------
@@ -55,18 +67,22 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, rstd, weight = ctx.saved_tensors
-        xhat = x.float() * rstd
-        if ctx.scale_in_fp32:
-            g = dy.float() * (ctx.offset + weight.float())
-            dw = (dy.float() * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        else:
-            g = (dy * weight).float()
-            dw = (dy * xhat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32)
-            dw = dw.to(weight.dtype)
-        dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True)) if ctx.needs_input_grad[0] else None
+        x2, r2, dy2 = _rows(x), rstd.reshape(-1, 1), _rows(dy)
+        dx = torch.empty_like(x2) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for rows in _chunks(x2.shape[0]):  # float32 temporaries of one chunk of tokens at a time
+            xhat = x2[rows].float() * r2[rows]
+            if ctx.scale_in_fp32:
+                g = dy2[rows].float() * (ctx.offset + weight.float())
+                dw += (dy2[rows].float() * xhat).sum(0)
+            else:
+                g = (dy2[rows] * weight).float()
+                dw += (dy2[rows] * xhat.to(x.dtype)).sum(0, dtype=torch.float32)
+            if dx is not None:
+                dx[rows] = r2[rows] * (g - xhat * (g * xhat).mean(-1, keepdim=True))
         return (
-            None if dx is None else dx.to(x.dtype),
-            dw if ctx.needs_input_grad[1] else None,
+            None if dx is None else dx.view(x.shape),
+            dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
             None,
             None,
             None,
@@ -117,17 +133,15 @@ def _keep_input(x2: Tensor, weight: Tensor, trained: Tensor | None, index: Tenso
 
 
 def _projection_grads(g2: Tensor, kept: Tensor, weight: Tensor, bias, trained, index, axis):
-    """(d weight, d bias, d trained) of y = x W^T + b from the output gradient g2 (N x out)."""
+    """(d weight, d bias, d trained) of y = x W^T + b from the output gradient g2 (rows x out), in the
+    GEMM's dtype (accumulated over chunks of rows in float32 by the caller)."""
     dw = db = dt = None
     if trained is not None and trained.requires_grad:
-        if axis == COLUMNS:
-            dt = (g2.t() @ kept).to(trained.dtype)
-        else:
-            dt = (g2.index_select(1, index).t() @ kept).to(trained.dtype)
+        dt = g2.t() @ kept if axis == COLUMNS else g2.index_select(1, index).t() @ kept
     if weight.requires_grad:
-        dw = (g2.t() @ kept).to(weight.dtype)
+        dw = g2.t() @ kept
     if bias is not None and bias.requires_grad:
-        db = g2.sum(0).to(bias.dtype)
+        db = g2.sum(0, dtype=torch.float32)
     return dw, db, dt
 
 
@@ -154,38 +168,47 @@ class _LeanMLPFn(torch.autograd.Function):
         saved = ctx.saved_tensors
         outs, kept, parts = saved[:n], saved[n : 2 * n], saved[2 * n :]
         per = [parts[i : i + 4] for i in range(0, len(parts), 4)]
-        gate, up = outs[0].chunk(2, dim=-1) if ctx.fused else outs
-        dy2 = dy
+        gate_all, up_all = outs[0].chunk(2, dim=-1) if ctx.fused else outs
         w_down, b_down, t_down, i_down = per[-1]
-        with torch.enable_grad():  # recompute act(gate); autograd gives its exact derivative
-            g = gate.detach().requires_grad_(True)
-            a = ctx.act(g)
-        dh = dy2 @ w_down.to(dy2.dtype)
-        dup = dh * a.detach()
-        grads_down = (None, None, None)
-        if any(t is not None and t.requires_grad for t in (w_down, b_down, t_down)):
-            if t_down is not None and ctx.axes[-1] == COLUMNS and not w_down.requires_grad:
-                h = a.detach().index_select(1, i_down) * up.index_select(1, i_down)  # trained columns only
-                kept_down = h
-            else:
-                kept_down = _keep_input(a.detach() * up, w_down, t_down, i_down, ctx.axes[-1])
-            grads_down = _projection_grads(dy2, kept_down, w_down, b_down, t_down, i_down, ctx.axes[-1])
-            del kept_down
-        (dgate,) = torch.autograd.grad(a, g, dh.mul_(up))  # dh is not needed after this: reuse it
-        del a, g, dh
-        d_outs = [torch.cat([dgate, dup], dim=-1)] if ctx.fused else [dgate, dup]
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = sum(d @ w.to(d.dtype) for d, (w, _, _, _) in zip(d_outs, per[:-1], strict=True))
-            dx = dx.view(ctx.x_shape)
-        grads_in = [
-            _projection_grads(d, k, w, b, t, i, axis)
-            for d, k, (w, b, t, i), axis in zip(d_outs, kept, per[:-1], ctx.axes[:-1], strict=True)
-        ]
+        down_trains = any(t is not None and t.requires_grad for t in (w_down, b_down, t_down))
+        need_x = ctx.needs_input_grad[0]
+        dx = dy.new_empty(dy.shape[0], ctx.x_shape[-1]) if need_x else None
+        totals = [[None, None, None] for _ in per]
+        for rows in _chunks(dy.shape[0]):  # the temporaries (N x I each) of one chunk at a time
+            gate, up, dyc = gate_all[rows], up_all[rows], dy[rows]
+            with torch.enable_grad():  # recompute act(gate); autograd gives its exact derivative
+                g = gate.detach().requires_grad_(True)
+                a = ctx.act(g)
+            dh = dyc @ w_down.to(dyc.dtype)
+            dup = dh * a.detach()
+            if down_trains:
+                if t_down is not None and ctx.axes[-1] == COLUMNS and not w_down.requires_grad:
+                    h = a.detach().index_select(1, i_down) * up.index_select(
+                        1, i_down
+                    )  # trained columns only
+                else:
+                    h = _keep_input(a.detach() * up, w_down, t_down, i_down, ctx.axes[-1])
+                _accumulate(
+                    totals[-1], _projection_grads(dyc, h, w_down, b_down, t_down, i_down, ctx.axes[-1])
+                )
+                del h
+            (dgate,) = torch.autograd.grad(a, g, dh.mul_(up))  # dh is not needed after this: reuse it
+            del a, g, dh
+            d_outs = [torch.cat([dgate, dup], dim=-1)] if ctx.fused else [dgate, dup]
+            if need_x:
+                dx[rows] = sum(d @ w.to(d.dtype) for d, (w, _, _, _) in zip(d_outs, per[:-1], strict=True))
+            for total, d, k, (w, b, t, i), axis in zip(
+                totals, d_outs, kept, per[:-1], ctx.axes[:-1], strict=False
+            ):
+                _accumulate(total, _projection_grads(d, k[rows] if k.numel() else k, w, b, t, i, axis))
         flat = []
-        for dw, db, dt in [*grads_in, grads_down]:
-            flat += [dw, db, dt, None]
-        return (dx, None, None, None, *flat)
+        for (dw, db, dt), (w, b, t, _) in zip(totals, per, strict=True):
+            flat += [_cast(dw, w), _cast(db, b), _cast(dt, t), None]
+        return (None if dx is None else dx.view(ctx.x_shape), None, None, None, *flat)
+
+
+def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
+    return None if grad is None else grad.to(like.dtype)
 
 
 class LeanGatedMLP(StandIn):
