@@ -57,12 +57,20 @@ HAND = {
         2 * N * K * M + 2 * N * K * R + 2 * N * R * M,
         2 * N * K * M + 2 * N * M * R * 2 + 2 * N * R * K * 2,
     ),
+    # Hydra (rp = rs = 2, r = 4): a = [Ap; As W0] and b = [sp Bp, ss Bs] are built per forward and
+    # kept, with x and u; forward adds As W0; backward adds dAs = d(As W0) W0^T.
+    "hydra": (
+        (N * K + N * R + R * K + M * R) * F32,
+        2 * N * K * M + 2 * (R // 2) * M * K + 2 * N * K * R + 2 * N * R * M,
+        2 * N * K * M + 2 * N * M * R * 2 + 2 * N * R * K * 2 + 2 * (R // 2) * K * M,
+    ),
 }
 CONFIGS = {
     "floor": "floor",
     "full": "full",
     "paca": slimtune.PaCAConfig(r=R, target_modules=["proj"]),
     "lora": slimtune.LoRAConfig(r=R, alpha=2 * R, target_modules=["proj"]),
+    "hydra": slimtune.HydraConfig(R // 2, R // 2, alpha=R, target_modules=["proj"]),
 }
 
 
@@ -73,10 +81,15 @@ def test_one_linear_matches_the_hand_count(method: str) -> None:
     assert step.saved_total == saved
     assert step.forward_flops == forward
     assert step.backward_flops == backward
-    trained = {"floor": 0, "full": K * M, "paca": M * R, "lora": R * (K + M)}[method]
+    trained = {"floor": 0, "full": K * M, "paca": M * R, "lora": R * (K + M), "hydra": R // 2 * (K + 3 * M)}[
+        method
+    ]
     assert step.trainable_count == trained
-    assert step.gradients == trained * F32
-    tensors = {"floor": 0, "full": 1, "paca": 1, "lora": 2}[method]
+    # Hydra's parallel_A gradient is a view of the (r x in) gradient of a = [Ap; As W0]: it keeps that
+    # storage alive, rs x in floats more than its own size (accounted, as on a card).
+    held = (R // 2) * K if method == "hydra" else 0
+    assert step.gradients == (trained + held) * F32
+    tensors = {"floor": 0, "full": 1, "paca": 1, "lora": 2, "hydra": 4}[method]
     assert step.optimizer == 2 * trained * F32 + 4 * tensors  # exp_avg, exp_avg_sq; a float32 step each
 
 
