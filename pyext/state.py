@@ -64,13 +64,33 @@ def commit(model: nn.Module, config: MethodConfig, plan: Plan) -> nn.Module:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for name, layer in built:
+        layer.train(model.get_submodule(name).training)  # a new layer takes the mode of what it replaces
         model.set_submodule(name, layer)
     setattr(model, _STATE, PatchState(config, [name for name, _ in built], requires_grad, plan.extra))
+    if callable(getattr(model, "save_pretrained", None)):
+        model.save_pretrained = RefuseSavePretrained(type(model).__name__, config.method)
     return model
+
+
+class RefuseSavePretrained:
+    """Stands in for `save_pretrained` on a patched model (also what `Trainer.save_model` calls): the
+    dense weights alone would reload silently into a different model."""
+
+    def __init__(self, model_class: str, method: str) -> None:
+        self.model_class, self.method = model_class, method
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError(
+            f"{self.model_class} is patched by slimtune ({self.method}): save_pretrained would write "
+            f"weights that reload into a different model. Save the fine-tune with slimtune.save(model, dir) "
+            f"(reload with slimtune.load onto the base model), or call slimtune.merge(model) first and "
+            f"save_pretrained the merged model"
+        )
 
 
 def clear(model: nn.Module) -> None:
     delattr(model, _STATE)
+    model.__dict__.pop("save_pretrained", None)  # the class's own again
 
 
 def patched_layers(model: nn.Module) -> dict[str, nn.Module]:
