@@ -121,6 +121,9 @@ class S2FTConfig(MethodConfig):
             raise ValueError(f"S2FTConfig.selection is 'random' or 'weight-norm', not {self.selection!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"S2FTConfig.seed must be an int, got {self.seed!r}")
+        for name in ("train_v_rows", "train_gate_up_rows"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"S2FTConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.train_v_rows and not self.heads:
             raise ValueError("S2FTConfig.train_v_rows needs heads > 0 (the v rows follow the selected heads)")
         if self.train_gate_up_rows and not self.channels:

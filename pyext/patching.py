@@ -6,6 +6,7 @@ Every check runs before the first change, so a refused call leaves the model exa
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -126,17 +127,41 @@ def save(model: nn.Module, directory: str | Path, format: str = "slimtune") -> P
     return directory
 
 
-def load(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Patch a fresh copy of the base model with a saved checkpoint (refused for another model)."""
+def load(model: nn.Module, directory: str | Path, allow_other_class: bool = False) -> nn.Module:
+    """Patch a fresh copy of the base model with a saved checkpoint (refused for another model).
+
+    A checkpoint saved from another model class (a different family of the same sizes) is refused;
+    `allow_other_class=True` loads it with a warning.
+    """
     directory = Path(directory)
     config_path, tensors_path = directory / CONFIG_FILE, directory / TENSORS_FILE
     for path in (config_path, tensors_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: is {directory} a directory written by slimtune.save?")
-    meta = json.loads(config_path.read_text())
-    if meta.get("format") != "slimtune" or meta.get("format_version") != FORMAT_VERSION:
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}): not a slimtune checkpoint") from None
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != "slimtune"
+        or meta.get("format_version") != FORMAT_VERSION
+    ):
         raise ValueError(f"{config_path} is not a slimtune checkpoint of format version {FORMAT_VERSION}")
+    missing = [key for key in ("config", "modules") if not isinstance(meta.get(key), dict)]
+    if missing:
+        raise ValueError(
+            f"{config_path} lacks {missing} (or they are not JSON objects): a damaged checkpoint"
+        )
     check_unpatched(model)
+    saved_class, this_class = meta.get("base_model_class"), type(model).__name__
+    if saved_class is not None and saved_class != this_class:
+        message = f"{config_path} was saved from a {saved_class}; this model is a {this_class}"
+        if not allow_other_class:
+            raise ValueError(
+                f"{message}: load it onto the model it was trained from (or allow_other_class=True)"
+            )
+        warnings.warn(f"slimtune.load: {message}; loading anyway (allow_other_class=True)", stacklevel=2)
     config = config_from_dict(meta["config"])
     saved = load_file(tensors_path)
     _check_shapes(model, meta["modules"], meta.get("base_model_class"))

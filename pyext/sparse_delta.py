@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from . import ops
 from .layers.partial import PartialLinear
 from .methods import method_for
 from .state import patch_state, patched_layers, require_patched
@@ -54,14 +55,19 @@ class SparseDelta:
             weight = getattr(module, "weight", None)
             if not isinstance(module, nn.Linear) or weight is None:
                 raise ValueError(f"delta module {name!r} is {type(module).__name__}, not an nn.Linear")
+            if entry.axis not in (0, 1):
+                raise ValueError(f"delta of {name!r} has axis {entry.axis!r}; 0 (rows) or 1 (columns)")
+            # One rule for every index (range, no wrap-around of -1, no entry twice), before any write.
+            ops.check_index(entry.index, weight.shape[entry.axis], f"delta of {name!r}", distinct=True)
             expected = list(weight.shape)
             expected[entry.axis] = entry.index.numel()
-            if list(entry.values.shape) != expected or int(entry.index.max()) >= weight.shape[entry.axis]:
+            if list(entry.values.shape) != expected:
                 raise ValueError(
-                    f"delta of {name!r} is {tuple(entry.values.shape)} over indices up to "
-                    f"{int(entry.index.max())} but the weight is {tuple(weight.shape)}: "
-                    f"the delta belongs to another model"
+                    f"delta of {name!r} is {tuple(entry.values.shape)} but the weight {tuple(weight.shape)} "
+                    f"needs {tuple(expected)}: the delta belongs to another model"
                 )
+            if not entry.values.is_floating_point():
+                raise TypeError(f"delta of {name!r} holds {entry.values.dtype} values; expected floats")
             resolved.append((weight, entry))
         return resolved
 

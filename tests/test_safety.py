@@ -4,6 +4,8 @@ methods refuse tied weights. Each refusal leaves the model as it was."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import slimtune
 import torch
@@ -55,3 +57,82 @@ def test_lora_on_a_tied_lm_head_is_allowed() -> None:
     ids = make_batch()
     model(input_ids=ids, labels=ids).loss.backward()
     assert model.lm_head.lora_B.grad is not None
+
+
+def test_adapter_layers_refuse_another_input_dtype_like_nn_linear() -> None:
+    model = make_model("llama", dtype=torch.bfloat16)
+    slimtune.apply(model, slimtune.LoRAConfig(r=4, alpha=8))
+    layer = model.model.layers[0].self_attn.o_proj
+    x = torch.randn(2, 3, layer.in_features)  # float32 into a bfloat16 layer
+    with pytest.raises(RuntimeError, match=r"input of a LoRALinear to have dtype torch\.bfloat16"):
+        layer(x)
+    with pytest.raises(RuntimeError):
+        torch.nn.functional.linear(x, layer.weight)  # what nn.Linear does
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16  # autocast: the input is cast, as for nn.Linear
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+@pytest.mark.parametrize("name", ["lr", "eps", "weight_decay"])
+def test_partial_adamw_refuses_hyperparameters_torch_refuses(name: str, value: float) -> None:
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError, match=f"PartialAdamW {name}"):
+        slimtune.PartialAdamW(params, **{name: value})
+
+
+@pytest.mark.parametrize("name", ["train_v_rows", "train_gate_up_rows"])
+def test_s2ft_config_bools_are_bools(name: str) -> None:
+    with pytest.raises(TypeError, match=f"S2FTConfig.{name} must be True or False"):
+        slimtune.S2FTConfig(heads=1, channels=1, **{name: "yes"})
+
+
+def _saved_paca(tmp_path):
+    model = make_model("llama")
+    slimtune.apply(model, slimtune.PaCAConfig(r=4))
+    return slimtune.save(model, tmp_path / "ckpt")
+
+
+def test_checkpoint_json_missing_keys_or_garbage_is_named(tmp_path) -> None:
+    directory = _saved_paca(tmp_path)
+    path = directory / "slimtune_config.json"
+    meta = json.loads(path.read_text())
+    for broken, match in [
+        ({k: v for k, v in meta.items() if k != "modules"}, r"lacks \['modules'\]"),
+        ({**meta, "config": "paca"}, r"lacks \['config'\]"),
+    ]:
+        path.write_text(json.dumps(broken))
+        fresh = make_model("llama")
+        refused(fresh, lambda fresh=fresh: slimtune.load(fresh, directory), ValueError, match)
+    path.write_bytes(b"\xff\xfe not json")
+    fresh = make_model("llama")
+    refused(fresh, lambda: slimtune.load(fresh, directory), ValueError, "not valid JSON")
+
+
+def test_checkpoint_of_another_model_class_is_refused_unless_allowed(tmp_path) -> None:
+    directory = _saved_paca(tmp_path)
+    other = make_model("mistral")  # same sizes, another family
+    refused(other, lambda: slimtune.load(other, directory), ValueError, "saved from a LlamaForCausalLM")
+    with pytest.warns(UserWarning, match="loading anyway"):
+        slimtune.load(other, directory, allow_other_class=True)
+
+
+def test_sparse_delta_validates_every_entry_before_the_first_write() -> None:
+    from slimtune.sparse_delta import DeltaEntry, SparseDelta
+
+    model = make_model("llama")
+    name = "model.layers.0.mlp.down_proj"
+    weight = model.get_submodule(name).weight
+    before = weight.detach().clone()
+    good = DeltaEntry(1, torch.tensor([0, 1]), torch.ones(weight.shape[0], 2, dtype=torch.float64))
+    for index, error, match in [
+        (torch.tensor([0, -1]), ValueError, "index value -1 is out of range"),
+        (torch.tensor([3, 3]), ValueError, "holds a value twice"),
+        (torch.tensor([0.0, 1.0]), TypeError, "1-D int64"),
+    ]:
+        bad = DeltaEntry(1, index, torch.ones(weight.shape[0], 2, dtype=torch.float64))
+        delta = SparseDelta({"model.layers.1.mlp.down_proj": good, name: bad})
+        with pytest.raises(error, match=match):
+            delta.apply(model)
+        untouched = make_model("llama").model.layers[1].mlp.down_proj.weight
+        assert torch.equal(model.model.layers[1].mlp.down_proj.weight, untouched)
+        assert torch.equal(weight, before)

@@ -71,6 +71,11 @@ def _adapter_args(
 def project(x: Tensor, layers: Sequence[AdapterLinear], dropout: float = 0.0) -> list[Tensor]:
     """The outputs of adapter layers that read the same x (one down-projection GEMM for all)."""
     dtype = _compute_dtype(x)
+    if dtype != layers[0].weight.dtype and not _autocasting(x.device.type):  # as nn.Linear refuses it
+        raise RuntimeError(
+            f"expected the input of a {type(layers[0]).__name__} to have dtype {layers[0].weight.dtype} (its "
+            f"weight's), got {x.dtype}: cast the input, or run under torch.autocast"
+        )
     with _no_autocast(x):
         x = x.to(dtype)
         a, ranks, per_layer = _adapter_args(layers, dtype)
