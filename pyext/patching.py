@@ -154,6 +154,9 @@ def load(model: nn.Module, directory: str | Path, allow_other_class: bool = Fals
             f"{config_path} lacks {missing} (or they are not JSON objects): a damaged checkpoint"
         )
     check_unpatched(model)
+    config = config_from_dict(meta["config"])
+    saved = load_file(tensors_path)
+    _check_shapes(model, meta["modules"], meta.get("base_model_class"))
     saved_class, this_class = meta.get("base_model_class"), type(model).__name__
     if saved_class is not None and saved_class != this_class:
         message = f"{config_path} was saved from a {saved_class}; this model is a {this_class}"
@@ -162,9 +165,6 @@ def load(model: nn.Module, directory: str | Path, allow_other_class: bool = Fals
                 f"{message}: load it onto the model it was trained from (or allow_other_class=True)"
             )
         warnings.warn(f"slimtune.load: {message}; loading anyway (allow_other_class=True)", stacklevel=2)
-    config = config_from_dict(meta["config"])
-    saved = load_file(tensors_path)
-    _check_shapes(model, meta["modules"], meta.get("base_model_class"))
     plan = for_config(config).glue.plan(model, config, saved)
     planned = {r.name for r in plan.replacements}
     if planned != set(meta["modules"]):
