@@ -57,8 +57,6 @@ class SparseDelta:
                 raise ValueError(f"delta module {name!r} is {type(module).__name__}, not an nn.Linear")
             if entry.axis not in (0, 1):
                 raise ValueError(f"delta of {name!r} has axis {entry.axis!r}; 0 (rows) or 1 (columns)")
-            # One rule for every index (range, no wrap-around of -1, no entry twice), before any write.
-            ops.check_index(entry.index, weight.shape[entry.axis], f"delta of {name!r}", distinct=True)
             expected = list(weight.shape)
             expected[entry.axis] = entry.index.numel()
             if list(entry.values.shape) != expected:
@@ -66,6 +64,11 @@ class SparseDelta:
                     f"delta of {name!r} is {tuple(entry.values.shape)} but the weight {tuple(weight.shape)} "
                     f"needs {tuple(expected)}: the delta belongs to another model"
                 )
+            # One rule for every index (range, no wrap-around of -1, no entry twice), before any write.
+            try:
+                ops.check_index(entry.index, weight.shape[entry.axis], f"delta of {name!r}", distinct=True)
+            except ValueError as err:
+                raise ValueError(f"{err}: the delta belongs to another model, or is damaged") from None
             if not entry.values.is_floating_point():
                 raise TypeError(f"delta of {name!r} holds {entry.values.dtype} values; expected floats")
             resolved.append((weight, entry))
