@@ -136,3 +136,20 @@ def test_sparse_delta_validates_every_entry_before_the_first_write() -> None:
         untouched = make_model("llama").model.layers[1].mlp.down_proj.weight
         assert torch.equal(model.model.layers[1].mlp.down_proj.weight, untouched)
         assert torch.equal(weight, before)
+
+
+def test_trainer_entry_diffs_validate_every_entry_before_the_first_write() -> None:
+    from slimtune.apps.train.diff import EntryDiff
+
+    model = make_model("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    good = (torch.tensor([0, 1]), torch.ones(2, dtype=torch.float64))
+    for entry, error, match in [
+        ((torch.tensor([0, -1]), torch.ones(2, dtype=torch.float64)), ValueError, "index value -1 is out"),
+        ((torch.tensor([4, 4]), torch.ones(2, dtype=torch.float64)), ValueError, "holds a value twice"),
+        ((torch.tensor([0, 1, 2]), torch.ones(2, dtype=torch.float64)), ValueError, "a damaged diff"),
+    ]:
+        diff = EntryDiff({"model.norm.weight": good, "model.layers.0.mlp.up_proj.weight": entry})
+        with pytest.raises(error, match=match):
+            diff.apply(model)
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

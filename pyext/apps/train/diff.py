@@ -42,16 +42,19 @@ class EntryDiff:
     def apply(self, model: nn.Module, scale: float = 1.0) -> nn.Module:
         """parameter[entries] += scale * change, in place (all names are checked first)."""
         params = {}
-        for name, (index, _) in self.entries.items():
+        for name, (index, values) in self.entries.items():
             try:
                 params[name] = model.get_parameter(name)
             except AttributeError:
                 raise ValueError(
                     f"diff entry {name!r} is not a parameter of {type(model).__name__}"
                 ) from None
-            if index.numel() and int(index.max()) >= params[name].numel():
+            # Every entry is checked before the first write: range (no -1 wrap-around), distinct, lengths.
+            slimtune.ops.check_index(index, params[name].numel(), f"diff entry {name!r}", distinct=True)
+            if values.shape != index.shape or not values.is_floating_point():
                 raise ValueError(
-                    f"diff entry {name!r} points past the parameter's {params[name].numel()} values"
+                    f"diff entry {name!r} has {tuple(index.shape)} indices but values of shape "
+                    f"{tuple(values.shape)} and dtype {values.dtype}: a damaged diff"
                 )
         with torch.no_grad():
             for name, (index, values) in self.entries.items():
