@@ -60,6 +60,17 @@ def _peft_config(directory: Path) -> dict[str, Any]:
             f"{path} describes a {config.get('peft_type')!r} adapter; slimtune.load_peft loads "
             f"PEFT LoRA adapters only"
         )
+    init = config.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian", None):
+        # PiSSA, OLoRA, CorDA, LoftQ, EVA...: PEFT rewrites the base weights (or builds them from data)
+        # when it creates such an adapter, so these tensors are not an adapter on the plain base model.
+        raise ValueError(
+            f"{path} sets init_lora_weights={init!r}: PEFT changes the base weights for that initialisation, "
+            f"so the adapter does not apply to this base model as saved; load it with peft (and merge), "
+            f"or convert it with PEFT's own tools to a plain LoRA first"
+        )
+    if not _is_off(config.get("loftq_config")) or not _is_off(config.get("corda_config")):
+        raise ValueError(f"{path} carries a LoftQ or CorDA configuration, which slimtune does not implement")
     for key in UNSUPPORTED:
         if not _is_off(config.get(key)):
             raise ValueError(

@@ -153,3 +153,14 @@ def test_trainer_entry_diffs_validate_every_entry_before_the_first_write() -> No
         with pytest.raises(error, match=match):
             diff.apply(model)
         assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "corda", "loftq", "eva"])
+def test_peft_adapters_whose_init_rewrites_the_base_are_refused(init: str, tmp_path) -> None:
+    model = make_model("llama")
+    slimtune.apply(model, slimtune.LoRAConfig(r=4, alpha=8))
+    directory = slimtune.save(model, tmp_path / "peft", format="peft")
+    config = json.loads((directory / "adapter_config.json").read_text())
+    (directory / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": init}))
+    fresh = make_model("llama")
+    refused(fresh, lambda: slimtune.load_peft(fresh, directory), ValueError, f"init_lora_weights='{init}'")
