@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from slimtune.apps.cli import main as cli_main
 from slimtune.apps.train import RecipeError, load_recipe, run
 
@@ -145,3 +146,36 @@ def test_cli_prints_one_message_and_exits_2(tmp_path, capsys):
     assert cli_main(["train", str(path), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "stages[0].batch_size: expected an integer" in err and "Traceback" not in err
+
+
+def test_non_utf8_recipe_and_data_name_their_line(tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(b"# caf\xe9\n" + GOOD.encode())  # a Latin-1 comment on line 1
+    assert cli_main(["train", str(path), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:" in err and "not UTF-8 text (byte 0xe9)" in err and "Traceback" not in err
+    (tmp_path / "d.jsonl").write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff"}\n')
+    path = _write(tmp_path, GOOD.replace("{task: copy, n: 16}", "{path: d.jsonl}"))
+    with pytest.raises(RecipeError, match=r"d.jsonl:2: not UTF-8 text \(byte 0xff\)"):
+        run(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_that_is_a_file_and_data_dir_that_is_no_dataset_are_refused(tmp_path):
+    path = _write(tmp_path, GOOD)
+    (tmp_path / "taken").write_text("not a folder")
+    with pytest.raises(RecipeError, match="is a file, not a folder"):
+        run(path, tmp_path / "taken")
+    assert (tmp_path / "taken").read_text() == "not a folder"
+    (tmp_path / "plain").mkdir()
+    path = _write(tmp_path, GOOD.replace("{task: copy, n: 16}", "{path: plain}"))
+    with pytest.raises(RecipeError, match=r"is a directory but not a dataset written by datasets\.save_to"):
+        run(path, tmp_path / "out")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where CUDA is absent")
+def test_device_cuda_without_cuda_is_refused_up_front(tmp_path):
+    path = _write(tmp_path, "device: cuda\n" + GOOD)
+    with pytest.raises(RecipeError, match="device: cuda was asked for but torch sees no CUDA device"):
+        run(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .schema import read_utf8
 from .tasks import Example, encode, generate
 from .tokenizer import Tokenizer
 
@@ -53,13 +54,19 @@ def read_records(path: Path, n: int | None = None) -> tuple[list[Example], bool]
             import datasets
         except ImportError:
             raise DataError(f"{path} is a directory: reading it needs `pip install datasets`") from None
-        data = datasets.load_from_disk(str(path))
+        try:
+            data = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as err:
+            raise DataError(
+                f"{path} is a directory but not a dataset written by datasets.save_to_disk ({err}); "
+                f"point the path at a JSONL file or such a dataset"
+            ) from None
         if isinstance(data, datasets.DatasetDict):
             data = data["train"] if "train" in data else next(iter(data.values()))
         records = [(f"{path} row {i}", row) for i, row in enumerate(data)]
     elif path.is_file():
         records = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for number, line in enumerate(read_utf8(path, DataError).splitlines(), 1):
             if line.strip():
                 try:
                     records.append((f"{path}:{number}", json.loads(line)))

@@ -305,6 +305,11 @@ def parse(data: Any, file: Path) -> Recipe:
     device = top.get("device", TEXT, "auto")
     if device not in ("auto", "cpu", "cuda"):
         raise top.error("device", f"{device!r} is not one of auto, cpu, cuda")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise top.error("device", "cuda was asked for but torch sees no CUDA device; use auto or cpu")
     model = _model(top.section("model"), base)
     method_section = top.section("method", {"name": "full"})
     name, options = _method(method_section, None)

@@ -131,6 +131,8 @@ class RunDir:
 
     def __init__(self, root: Path, recipe: Recipe, resume: bool, world: loop.World) -> None:
         self.root, self.recipe = root, recipe
+        if root.exists() and not root.is_dir():
+            raise RecipeError(f"--output {root} is a file, not a folder: choose a folder for the run")
         marker = root / "recipe.json"
         current = json.loads(json.dumps(recipe.data, sort_keys=True, default=str))
         if marker.exists():

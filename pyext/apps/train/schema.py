@@ -157,12 +157,24 @@ class Section:
             raise self.error(unknown[0], f"unknown key {unknown[0]!r}; known keys here: {known}")
 
 
+def read_utf8(file: Path, error: type[Exception]) -> str:
+    """The file as UTF-8 text, or `error` naming the line and byte that are not UTF-8."""
+    raw = file.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise error(
+            f"{file}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); save the file as UTF-8"
+        ) from None
+
+
 def load_yaml(file: Path) -> Any:
     """The file's YAML, every mapping a `Mapping` that knows its lines; RecipeError if it is not YAML."""
     if not file.is_file():
-        raise RecipeError(f"{file}: no such recipe file")
+        raise RecipeError(f"{file}: no such recipe file" + (" (it is a directory)" if file.is_dir() else ""))
     try:
-        return yaml.load(file.read_text(), Loader=_Loader)
+        return yaml.load(read_utf8(file, RecipeError), Loader=_Loader)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
         raise RecipeError(f"{file}:{mark.line + 1 if mark else 1}: not valid YAML: {err.problem}") from None
