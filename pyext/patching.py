@@ -10,10 +10,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from . import __version__
+from . import __version__, files
 from .architectures import architecture
 from .config import MethodConfig
 from .layers.lora import restore_weight_
@@ -122,8 +122,8 @@ def save(model: nn.Module, directory: str | Path, format: str = "slimtune") -> P
         "config": state.config.to_dict(),
         "modules": shapes,
     }
-    save_file(tensors, directory / TENSORS_FILE, metadata={"format": "pt"})
-    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    files.save_tensors(tensors, directory / TENSORS_FILE, metadata={"format": "pt"})
+    files.write_text(directory / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
     return directory
 
 

@@ -12,9 +12,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from . import files
 from .config import LoRAConfig
 from .methods.lora import LoRAMethod
 from .state import check_unpatched, commit, patched_layers, require_patched
@@ -139,6 +140,6 @@ def save_peft(model: nn.Module, directory: str | Path) -> Path:
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
-    (directory / CONFIG_FILE).write_text(json.dumps(peft, indent=2) + "\n")
+    files.save_tensors(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    files.write_text(directory / CONFIG_FILE, json.dumps(peft, indent=2) + "\n")
     return directory

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from . import ops
+from . import files, ops
 from .layers.partial import PartialLinear
 from .methods import method_for
 from .state import patch_state, patched_layers, require_patched
@@ -110,7 +110,7 @@ class SparseDelta:
             tensors[f"{name}.index"] = entry.index.contiguous()
             tensors[f"{name}.values"] = entry.values.contiguous()
             axes[name] = entry.axis
-        save_file(tensors, path, metadata={"format": "slimtune-delta", "axes": json.dumps(axes)})
+        files.save_tensors(tensors, path, metadata={"format": "slimtune-delta", "axes": json.dumps(axes)})
         return path
 
     @classmethod

@@ -7,7 +7,14 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pyext"
-PUBLIC = {"slimtune", "slimtune.registry", "slimtune.architectures", "slimtune.ops", "slimtune.layers"}
+PUBLIC = {
+    "slimtune",
+    "slimtune.registry",
+    "slimtune.architectures",
+    "slimtune.ops",
+    "slimtune.layers",
+    "slimtune.files",
+}
 
 
 def module_name(path: Path) -> str:

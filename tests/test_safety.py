@@ -5,6 +5,7 @@ methods refuse tied weights. Each refusal leaves the model as it was."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import slimtune
@@ -164,3 +165,28 @@ def test_peft_adapters_whose_init_rewrites_the_base_are_refused(init: str, tmp_p
     (directory / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": init}))
     fresh = make_model("llama")
     refused(fresh, lambda: slimtune.load_peft(fresh, directory), ValueError, f"init_lora_weights='{init}'")
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch) -> None:
+    """A write that dies half-way leaves the previous checkpoint whole and no stray file behind."""
+    import slimtune.files
+
+    model = make_model("llama")
+    slimtune.apply(model, slimtune.PaCAConfig(r=4))
+    directory = slimtune.save(model, tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    assert set(before) == {"slimtune_config.json", "slimtune_model.safetensors"}
+
+    def dies(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(slimtune.files, "save_file", dies)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.paca_columns.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        slimtune.save(model, directory)
+    after = {p.name: p.read_bytes() for p in directory.iterdir()}
+    assert after == before
+    fresh = make_model("llama")
+    slimtune.load(fresh, directory)  # the old checkpoint still loads

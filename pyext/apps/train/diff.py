@@ -13,7 +13,7 @@ from pathlib import Path
 import slimtune
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 FORMAT = "slimtune-entry-diff"
@@ -80,7 +80,7 @@ class EntryDiff:
         tensors = {}
         for name, (index, values) in self.entries.items():
             tensors[f"{name}.index"], tensors[f"{name}.values"] = index.contiguous(), values.contiguous()
-        save_file(tensors, path, metadata={"format": FORMAT})
+        slimtune.files.save_tensors(tensors, path, metadata={"format": FORMAT})
         return Path(path)
 
     @classmethod

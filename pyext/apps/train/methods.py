@@ -16,7 +16,7 @@ from typing import Any
 
 import slimtune
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from slimtune.registry import SPARSE_DELTA
 from torch import Tensor, nn
 
@@ -50,7 +50,7 @@ class StageMethod:
     def save(self, model: nn.Module, directory: Path) -> None:
         """The trained tensors, whole (a dense method changes every entry of them)."""
         trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(trained, directory / "trained.safetensors")
+        slimtune.files.save_tensors(trained, directory / "trained.safetensors")
 
     def restore(self, model: nn.Module, directory: Path) -> None:
         """Redo a finished stage from its checkpoint (on `--resume`)."""

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import zlib
@@ -22,6 +21,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
+import slimtune
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -145,7 +145,7 @@ class RunDir:
         world.barrier()  # every rank has read the marker before rank 0 writes it
         if world.rank == 0:
             root.mkdir(parents=True, exist_ok=True)
-            marker.write_text(json.dumps(current, indent=1) + "\n")
+            slimtune.files.write_text(marker, json.dumps(current, indent=1) + "\n")
             shutil.copyfile(recipe.file, root / "recipe.yaml")
         world.barrier()
 
@@ -160,9 +160,7 @@ class RunDir:
     def write(path: Path, data: dict[str, Any]) -> None:
         """Atomically, so a result file exists only once complete (it marks a stage finished)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(partial, path)
+        slimtune.files.write_text(path, json.dumps(data, indent=1) + "\n")
 
     def diff_file(self, op: post.Op) -> Path | None:
         names = [s.name for s in self.recipe.stages]
@@ -316,12 +314,12 @@ def report(recipe: Recipe, base: dict[str, Any], records: list[dict[str, Any]], 
             for r in records
         ],
     }
-    (root / "metrics.json").write_text(json.dumps(data, indent=1) + "\n")
+    slimtune.files.write_text(root / "metrics.json", json.dumps(data, indent=1) + "\n")
     labels = ["base", *names]
     metrics.heatmap(labels, tasks, acc, root / "forgetting.png")
     metrics.loss_curves(names, [r["losses"] for r in records], root / "losses.png")
     text = metrics.table(labels, tasks, acc, loss, branches)
-    (root / "summary.txt").write_text(text + "\n")
+    slimtune.files.write_text(root / "summary.txt", text + "\n")
     print(text)
     return data
 
