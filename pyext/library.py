@@ -26,7 +26,8 @@ from . import ops
 COLUMNS, ROWS = 1, 0
 
 
-def _rows(t: Tensor) -> Tensor:
+def as_rows(t: Tensor) -> Tensor:
+    """The tensor as (tokens, features): every leading dimension folded into one."""
     return t.reshape(-1, t.shape[-1])
 
 
@@ -209,7 +210,7 @@ def _partial_forward(
 ) -> tuple[Tensor, Tensor | None]:
     """y = x W^T + b and, for trained columns, the compact x[..., index] that backward keeps."""
     y = F.linear(x, weight, bias)
-    kept = k.gather_columns(_rows(x), index).to(y.dtype) if keep and axis == COLUMNS else None
+    kept = k.gather_columns(as_rows(x), index).to(y.dtype) if keep and axis == COLUMNS else None
     return y, kept
 
 
@@ -221,11 +222,11 @@ def _partial_backward(
     if need_x:
         grad_x = dy.matmul(weight.to(dy.dtype)).reshape(x_shape)
     if need_trained:
-        dy2 = _rows(dy)
+        dy2 = as_rows(dy)
         if axis == COLUMNS:
             grad_trained = k.column_grad(dy2, kept.to(dy.dtype), None, trained_dtype)
         else:
-            grad_trained = k.column_grad(_rows(kept).to(dy.dtype), dy2, index, trained_dtype).t()
+            grad_trained = k.column_grad(as_rows(kept).to(dy.dtype), dy2, index, trained_dtype).t()
     return grad_x, grad_trained
 
 
@@ -316,8 +317,8 @@ class _ProjectFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, xa, a, ranks, *per_projection):
         weights, biases, bs = per_projection[0::3], per_projection[1::3], per_projection[2::3]
-        x2 = _rows(x)
-        xa2 = x2 if xa is None else _rows(xa)
+        x2 = as_rows(x)
+        xa2 = x2 if xa is None else as_rows(xa)
         outs, u = _project(DIRECT, x2, xa2, a, weights, biases, bs, ranks)
         ctx.save_for_backward(xa2, u, a, *weights, *bs)
         ctx.ranks, ctx.shares_input, ctx.x_shape = ranks, xa is None, x.shape
@@ -339,7 +340,7 @@ class _GatedMLPFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a_in, a_down, b_down, w_down, bias_down, activation, ranks, *per_projection):
         weights, biases, bs = per_projection[0::3], per_projection[1::3], per_projection[2::3]
-        x2 = _rows(x)
+        x2 = as_rows(x)
         y, outs, u, u_down = _gated_forward(
             DIRECT, x2, a_in, a_down, b_down, w_down, bias_down, activation, ranks, weights, biases, bs
         )
@@ -429,8 +430,8 @@ def lora_project(
     bs: list[Tensor],
 ) -> tuple[list[Tensor], Tensor]:
     """Outputs x W_i^T + bias_i + u_i b_i^T (2-D) of projections reading x, and u = xa a^T (xa None: x)."""
-    x2 = _rows(x)
-    return _project(DIRECT, x2, x2 if xa is None else _rows(xa), a, weights, biases, bs, ranks)
+    x2 = as_rows(x)
+    return _project(DIRECT, x2, x2 if xa is None else as_rows(xa), a, weights, biases, bs, ranks)
 
 
 @lora_project.register_fake
@@ -450,7 +451,7 @@ def _lora_project_backward(ctx, d_outs: list[Tensor], _du: Tensor | None):
     xa, u, a, *rest = ctx.saved_tensors
     n = ctx.count
     dx, dxa, da, dbs = _project_backward(
-        TRACEABLE, d_outs, _rows(xa), u, a, rest[:n], rest[n:], ctx.ranks, ctx.shares_input,
+        TRACEABLE, d_outs, as_rows(xa), u, a, rest[:n], rest[n:], ctx.ranks, ctx.shares_input,
         ctx.needs_input_grad[0],
     )  # fmt: skip
     dx = None if dx is None else dx.reshape(ctx.x_shape)
@@ -479,7 +480,7 @@ def lora_gated_mlp(
     gate/up outputs (one packed gate_up output for Phi-3), u of the inputs' adapters, u of the down
     adapter). h = act(gate) * up is recomputed in backward instead of being kept."""
     return _gated_forward(
-        DIRECT, _rows(x), a_in, a_down, b_down, w_down, bias_down, activation, ranks, weights, biases, bs
+        DIRECT, as_rows(x), a_in, a_down, b_down, w_down, bias_down, activation, ranks, weights, biases, bs
     )
 
 
@@ -507,7 +508,7 @@ def _gated_mlp_backward(ctx, dy: Tensor, *_unused):
     x, u, a_in, a_down, b_down, w_down, u_down, *rest = ctx.saved_tensors
     n = ctx.count
     dx, da_in, da_down, db_down, dbs = _gated_backward(
-        TRACEABLE, dy, _rows(x), u, a_in, a_down, b_down, w_down, u_down, rest[:n], rest[n : 2 * n],
+        TRACEABLE, dy, as_rows(x), u, a_in, a_down, b_down, w_down, u_down, rest[:n], rest[n : 2 * n],
         rest[2 * n :], ctx.ranks, ctx.activation, ctx.needs_input_grad[0],
     )  # fmt: skip
     dx = None if dx is None else dx.reshape(ctx.x_shape)

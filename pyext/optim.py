@@ -109,6 +109,5 @@ class PartialAdamW(torch.optim.Optimizer):
                     increment_version(weight)
                     owner.mark_synced(by_owner=True)
                 elif owner is not None:
-                    owner.sync_(force=True)
-                    owner.mark_synced(by_owner=True)
+                    owner.sync_(force=True, by_owner=True)
         return loss

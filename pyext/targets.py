@@ -136,14 +136,18 @@ def check_plain_linear(name: str, module: nn.Module) -> nn.Linear:
     return module
 
 
-def check_not_tied(model: nn.Module, name: str, module: nn.Module, method: str) -> None:
-    """Refuse training a weight in place when another module shares it (tied embeddings): the
-    trained entries would reach one of its users and leave the other reading stale values."""
-    users = [n for n, p in model.named_parameters(remove_duplicate=False) if p is module.weight]
-    if len(users) > 1:
-        others = sorted(u for u in users if not u.startswith(name + "."))
-        raise ValueError(
-            f"module {name!r} shares its weight with {others} (tied embeddings): {method} trains weight "
-            f"entries in place and cannot keep both users in sync; exclude {name!r} from target_modules, "
-            f"or untie the weights first (config.tie_word_embeddings=False)"
-        )
+def check_untied(model: nn.Module, names: list[str], method: str) -> None:
+    """Refuse training weights in place when another module shares one of them (tied embeddings):
+    the trained entries would reach one of its users and leave the other reading stale values."""
+    users: dict[int, list[str]] = {}
+    for parameter_name, parameter in model.named_parameters(remove_duplicate=False):
+        users.setdefault(id(parameter), []).append(parameter_name)
+    for name in names:
+        sharing = users[id(model.get_submodule(name).weight)]
+        if len(sharing) > 1:
+            others = sorted(u for u in sharing if not u.startswith(name + "."))
+            raise ValueError(
+                f"module {name!r} shares its weight with {others} (tied embeddings): {method} trains weight "
+                f"entries in place and cannot keep both users in sync; exclude {name!r} from "
+                f"target_modules, or untie the weights first (config.tie_word_embeddings=False)"
+            )

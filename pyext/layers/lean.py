@@ -24,16 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import library
+from ..library import as_rows
 from .partial import COLUMNS, PartialLinear
 from .standin import StandIn
 
 IGNORE_INDEX = -100
 BACKWARD_CHUNK = 4096  # tokens per step of the norm and MLP backward: bounds their temporaries
-
-
-def _rows(t: Tensor) -> Tensor:
-    return t.reshape(-1, t.shape[-1])
 
 
 def _chunks(n: int) -> list[slice]:
@@ -67,7 +63,7 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, rstd, weight = ctx.saved_tensors
-        x2, r2, dy2 = _rows(x), rstd.reshape(-1, 1), _rows(dy)
+        x2, r2, dy2 = as_rows(x), rstd.reshape(-1, 1), as_rows(dy)
         dx = torch.empty_like(x2) if ctx.needs_input_grad[0] else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for rows in _chunks(x2.shape[0]):  # float32 temporaries of one chunk of tokens at a time
@@ -151,7 +147,7 @@ class _LeanMLPFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, act: nn.Module, fused: bool, axes: tuple[int, ...], *parts):
         per = [parts[i : i + 4] for i in range(0, len(parts), 4)]
-        x2 = _rows(x)
+        x2 = as_rows(x)
         outs = [F.linear(x2, w, b) for w, b, _, _ in per[:-1]]
         gate, up = outs[0].chunk(2, dim=-1) if fused else outs
         h = act(gate) * up
@@ -228,10 +224,7 @@ class LeanGatedMLP(StandIn):
         parts, axes = [], []
         for p in projections:
             if isinstance(p, PartialLinear):
-                if torch.compiler.is_compiling():
-                    library.run_write_trained(p.weight, p.index, p.trained, p.axis)
-                else:
-                    p.sync_()
+                p.prepare_forward()
             weight, bias, trained, index, axis = _projection_parts(p)
             parts += [weight, bias, trained, index]
             axes.append(axis)
@@ -342,7 +335,7 @@ class LeanLMHead(nn.Module):
         # Token t predicts label t + 1 (HF's ForCausalLMLoss); the last position predicts nothing.
         targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden.device)
         fn = _ChunkedLinearCrossEntropy
-        self._loss = fn.apply(_rows(hidden), self.weight, targets, self.softcap, self.chunk, normalizer)
+        self._loss = fn.apply(as_rows(hidden), self.weight, targets, self.softcap, self.chunk, normalizer)
         return hidden.new_empty(*hidden.shape[:-1], 0)  # stands in for the logits; replaced by None
 
     def restore(self) -> nn.Linear:

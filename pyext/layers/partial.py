@@ -25,12 +25,7 @@ from torch import Tensor, nn
 from .. import library, ops
 from ..library import COLUMNS, ROWS
 
-__all__ = ["COLUMNS", "ROWS", "PartialLinear", "write_trained"]
-
-
-def write_trained(weight: Tensor, index: Tensor, trained: Tensor, axis: int) -> None:
-    """weight[:, index] = trained (columns) or weight[index, :] = trained (rows), in place."""
-    library.run_write_trained(weight, index, trained, axis)
+__all__ = ["COLUMNS", "ROWS", "PartialLinear"]
 
 
 class PartialLinear(nn.Module):
@@ -102,11 +97,12 @@ class PartialLinear(nn.Module):
         return self.trained.grad is not None and not self._stepped_by_owner
 
     @torch.no_grad()
-    def sync_(self, force: bool = False) -> None:
-        """Write the trained entries into the dense weight if they may have changed since the last sync."""
+    def sync_(self, force: bool = False, by_owner: bool = False) -> None:
+        """Write the trained entries into the dense weight if they may have changed since the last sync
+        (`force`: write them anyway; `by_owner`: see `mark_synced`)."""
         if force or self.needs_sync():
-            write_trained(self.weight, self.index, self.trained, self.axis)
-            self.mark_synced()
+            library.run_write_trained(self.weight, self.index, self.trained, self.axis)
+            self.mark_synced(by_owner)
 
     def mark_synced(self, by_owner: bool = False) -> None:
         """Record that the weight holds the trained entries (`by_owner`: a bound PartialAdamW's
@@ -114,11 +110,16 @@ class PartialLinear(nn.Module):
         self._stale, self._stepped_by_owner = False, by_owner
         self._synced = self._version_key()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def prepare_forward(self) -> None:
+        """Make the weight hold the trained entries before a product reads it. A compiled graph keeps
+        no Python state between calls, so there the entries are written every time."""
         if torch.compiler.is_compiling():
-            write_trained(self.weight, self.index, self.trained, self.axis)
+            library.run_write_trained(self.weight, self.index, self.trained, self.axis)
         else:
             self.sync_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.prepare_forward()
         return library.run_partial_linear(x, self.weight, self.bias, self.trained, self.index, self.axis)
 
     def checkpoint_tensors(self) -> dict[str, Tensor]:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..config import PaCAConfig
 from ..layers.paca import PaCALinear
 from ..registry import FUSED_KERNELS, IN_PLACE, MERGE, SPARSE_DELTA, MethodInfo, register
-from ..targets import check_not_tied, check_plain_linear, match_targets
+from ..targets import check_plain_linear, check_untied, match_targets
 from .base import Method, Plan, Replacement
 
 
@@ -28,7 +28,6 @@ class PaCAMethod(Method):
         plan = []
         for name, module in targets:
             linear = check_plain_linear(name, module)
-            check_not_tied(model, name, linear, "PaCA")
             if config.r > linear.in_features:
                 raise ValueError(
                     f"PaCAConfig.r={config.r} exceeds the {linear.in_features} input columns of {name!r}; "
@@ -39,6 +38,7 @@ class PaCAMethod(Method):
             else:
                 index, columns = self._saved_columns(name, linear, config.r, saved)
             plan.append(Replacement(name, _builder(linear, index, columns)))
+        check_untied(model, [r.name for r in plan], "PaCA")
         return Plan(plan)
 
     @staticmethod

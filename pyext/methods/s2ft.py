@@ -24,7 +24,7 @@ from ..config import S2FTConfig
 from ..layers.partial import COLUMNS, ROWS
 from ..layers.s2ft import S2FTLinear
 from ..registry import IN_PLACE, MERGE, SPARSE_DELTA, MethodInfo, register
-from ..targets import check_not_tied, check_plain_linear
+from ..targets import check_plain_linear, check_untied
 from .base import Method, Plan, Replacement
 
 
@@ -91,6 +91,7 @@ class S2FTMethod(Method):
             for permutation in permutations:
                 permutation.apply(model)
 
+        check_untied(model, [r.name for r in replacements], "S2FT")
         return Plan(replacements, prepare, {"permutations": permutations, "selections": selections})
 
     # ---- selection ------------------------------------------------------------------------------
@@ -251,7 +252,6 @@ def _permute(model: nn.Module, name: str, order: Tensor, dim: int) -> list[Permu
 
 def _replacement(model: nn.Module, name: str, index: Tensor, axis: int, saved) -> Replacement:
     linear = check_plain_linear(name, model.get_submodule(name))
-    check_not_tied(model, name, linear, "S2FT")
     block = None
     if saved is not None:
         block = saved.get(f"{name}.trained")
