@@ -309,6 +309,15 @@ def gated_mlp_candidate(module: nn.Module, arch: Architecture) -> tuple[GatedMLP
     return GatedMLPSpec(layout.inputs, layout.down, kind), ""
 
 
+def probe_input(weight: torch.Tensor, *shape: int, seed: int = 0) -> torch.Tensor | None:
+    """A seeded random input of `shape` in the weight's dtype and device, or None on the meta device
+    (no values to compare): what fused and lean paths are checked on before they are accepted."""
+    if weight.device.type == "meta":
+        return None
+    generator = torch.Generator(device=weight.device).manual_seed(seed)
+    return torch.randn(*shape, generator=generator, device=weight.device).to(weight.dtype)
+
+
 @torch.no_grad()
 def probe_gated_mlp(module: nn.Module, spec: GatedMLPSpec, seed: int = 0) -> str | None:
     """Check numerically that `module.forward` computes down(act(gate(x)) * up(x)); None if it does,
@@ -318,10 +327,9 @@ def probe_gated_mlp(module: nn.Module, spec: GatedMLPSpec, seed: int = 0) -> str
     down = getattr(module, spec.down)
     first = getattr(module, spec.inputs[0])
     weight = first.weight
-    if weight.device.type == "meta":
+    x = probe_input(weight, 3, first.in_features, seed=seed)
+    if x is None:
         return "weights on the meta device: accepted by structure, not probed"
-    generator = torch.Generator(device=weight.device).manual_seed(seed)
-    x = torch.randn(3, first.in_features, generator=generator, device=weight.device).to(weight.dtype)
     outs = [getattr(module, name)(x).float() for name in spec.inputs]
     gate, up = outs[0].chunk(2, dim=-1) if len(outs) == 1 else outs
     act, _ = GLU_ACTIVATIONS[spec.activation](gate)
