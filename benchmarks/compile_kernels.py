@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -188,15 +189,12 @@ def variants(launch: Launch) -> list[tuple[JITFunction, dict, int, int, str]]:
         names = [p.name for p in fn.params]
         bound = dict(zip(names, launch.args, strict=False)) | kwargs
         for p in fn.params:  # defaults of unset constexprs
-            if p.name not in bound and p.default is not inspect_empty:
+            if p.name not in bound and p.default is not inspect.Parameter.empty:
                 bound[p.name] = p.default
         blocks = {k: v for k, v in bound.items() if k.startswith("BLOCK") or k in ("GROUP_N", "TERMS")}
         label = ", ".join(f"{k}={v}" for k, v in blocks.items()) + f", warps={warps}, stages={stages}"
         out.append((fn, bound, warps, stages, label))
     return out
-
-
-inspect_empty = __import__("inspect").Parameter.empty
 
 
 def ptxas_usage(ptx: str, arch: str) -> tuple[int, int]:

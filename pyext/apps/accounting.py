@@ -20,7 +20,7 @@ from __future__ import annotations
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import slimtune
@@ -326,7 +326,7 @@ def account_step(
                 counter.matmul_flops = 0
                 counter.attention_flops = 0.0
                 counter.bytes_moved = counter.matmul_bytes = 0
-            recorder = record_saved(model, saved, existing) if last else _nothing()
+            recorder = record_saved(model, saved, existing) if last else nullcontext()
             with recorder:
                 loss = model(**batch).loss
             forward = (counter.matmul_flops, counter.attention_flops)
@@ -365,11 +365,6 @@ def account_step(
     )
 
 
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
-
-
 @dataclass(frozen=True)
 class Card:
     """Published dense peaks of a card (vendor datasheets, SXM parts), for the roofline model."""
@@ -395,6 +390,3 @@ def modelled_ms(account: StepAccount, card: Card, dtype: torch.dtype) -> float:
     compute = (account.forward_flops + account.backward_flops) / (peak * 1e12)
     memory = (account.bytes_moved - account.matmul_bytes) / (card.tb_per_s * 1e12)
     return (compute + memory) * 1e3
-
-
-Prepare = Callable[[nn.Module], tuple[nn.Module, torch.optim.Optimizer | None]]

@@ -29,7 +29,6 @@ from typing import Any
 
 import slimtune
 import torch
-from torch import nn
 
 from . import accounting
 from .bench import (
@@ -48,10 +47,6 @@ GiB = 2**30
 ALLOCATOR_OVERHEAD_GIB = 1.04
 DEFAULT_METHODS = ("floor", "paca", "s2ft", "lora", "hydra", "peft-lora", "peft-lora-bf16", "full")
 BASELINES = ("floor", "peft-lora", "peft-lora-bf16", "full")  # every row gets its ratio to these
-
-
-def build(config, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
-    return build_model(config, device, dtype, seed)
 
 
 @dataclass
@@ -102,7 +97,7 @@ def _batch(config, setup: Setup, device: torch.device) -> dict[str, torch.Tensor
 def account(method: str, setup: Setup, config) -> Row:
     """The exact accounting of one method on the meta device."""
     dtype = DTYPES[setup.dtype]
-    model = build(config, torch.device("meta"), dtype, setup.options.seed)
+    model = build_model(config, torch.device("meta"), dtype, setup.options.seed)
     with slimtune.on_meta():
         model, optimizer = METHODS[method](model, setup.options)
     step = accounting.account_step(model, optimizer, _batch(config, setup, torch.device("meta")))
@@ -128,7 +123,7 @@ def account(method: str, setup: Setup, config) -> Row:
 def measure(row: Row, method: str, setup: Setup, config, out: Path) -> None:
     """Measured step time (CUDA events; host clock on CPU) and, on CUDA, peak memory, beside the model."""
     device = torch.device(setup.device)
-    model = build(config, device, DTYPES[setup.dtype], setup.options.seed)
+    model = build_model(config, device, DTYPES[setup.dtype], setup.options.seed)
     model, optimizer = METHODS[method](model, setup.options)
     batch = _batch(config, setup, device)
     row.trainable_params = count_trainable(model)
