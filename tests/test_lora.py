@@ -437,18 +437,22 @@ def test_other_peft_types_and_options_are_refused(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["blas", "triton"])  # the CUDA default (cuBLAS), and the fused kernel
 @pytest.mark.parametrize("family", ["llama", "phi3"])
-def test_gpu_bf16_matches_peft_bf16(family, tmp_path):
+def test_gpu_bf16_matches_peft_bf16(family, backend, tmp_path):
     base = make_model(family, dtype=torch.bfloat16, hidden_size=256, intermediate_size=704).cuda()
     config = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
     ref = peft.get_peft_model(copy.deepcopy(base), config, autocast_adapter_dtype=False)
     ref.save_pretrained(tmp_path)
     ours = slimtune.load_peft(base, tmp_path)
     assert all(isinstance(m, LoRALinear) for m in slimtune.state.patched_layers(ours).values())
-    assert ops.lora_linear.choose(torch.device("cuda"))[0] == "triton"
+    assert ops.lora_linear.choose(torch.device("cuda"))[0] == "blas"
     ids = make_batch(batch=2, seq=64).cuda()
     _, ref_logits = loss_and_grads(ref, ids)
-    _, logits = loss_and_grads(ours, ids)
+    with contextlib.ExitStack() as stack:
+        for op in ("lora_linear", "lora_input_grad"):
+            stack.enter_context(ops.use_backend(op, backend))
+        _, logits = loss_and_grads(ours, ids)
     torch.testing.assert_close(logits.float(), ref_logits.float(), rtol=0.05, atol=0.1)
     expected = peft_grads(ref)
     for name, param in ours.named_parameters():
