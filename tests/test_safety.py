@@ -69,6 +69,9 @@ def test_adapter_layers_refuse_another_input_dtype_like_nn_linear() -> None:
         layer(x)
     with pytest.raises(RuntimeError):
         torch.nn.functional.linear(x, layer.weight)  # what nn.Linear does
+    mlp = model.model.layers[0].mlp  # the fused gated-MLP path refuses it alike
+    with pytest.raises(RuntimeError, match=r"input of a LoRALinear to have dtype torch\.bfloat16"):
+        mlp(torch.randn(2, 3, mlp.gate_proj.in_features))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x).dtype == torch.bfloat16  # autocast: the input is cast, as for nn.Linear
 

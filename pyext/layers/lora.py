@@ -39,15 +39,19 @@ def _autocasting(device: str) -> bool:
     return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # meta: no autocast
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def _compute_dtype(x: Tensor, layer: AdapterLinear) -> tuple[torch.dtype, contextlib.AbstractContextManager]:
+    """The dtype the products run in, and a context with autocast off inside (inputs are cast up front,
+    and every product must keep the dtype it is given). Outside autocast an input of another dtype
+    than the layer's weight is refused, as nn.Linear refuses it."""
     device = x.device.type
-    return torch.get_autocast_dtype(device) if _autocasting(device) else x.dtype
-
-
-def _no_autocast(x: Tensor) -> contextlib.AbstractContextManager:
-    """Inputs are cast up front; inside, every product must keep the dtype it is given."""
-    device = x.device.type
-    return torch.autocast(device, enabled=False) if _autocasting(device) else contextlib.nullcontext()
+    if _autocasting(device):
+        return torch.get_autocast_dtype(device), torch.autocast(device, enabled=False)
+    if x.dtype != layer.weight.dtype:
+        raise RuntimeError(
+            f"expected the input of a {type(layer).__name__} to have dtype {layer.weight.dtype} (its "
+            f"weight's), got {x.dtype}: cast the input, or run under torch.autocast"
+        )
+    return x.dtype, contextlib.nullcontext()
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -70,13 +74,8 @@ def _adapter_args(
 
 def project(x: Tensor, layers: Sequence[AdapterLinear], dropout: float = 0.0) -> list[Tensor]:
     """The outputs of adapter layers that read the same x (one down-projection GEMM for all)."""
-    dtype = _compute_dtype(x)
-    if dtype != layers[0].weight.dtype and not _autocasting(x.device.type):  # as nn.Linear refuses it
-        raise RuntimeError(
-            f"expected the input of a {type(layers[0]).__name__} to have dtype {layers[0].weight.dtype} (its "
-            f"weight's), got {x.dtype}: cast the input, or run under torch.autocast"
-        )
-    with _no_autocast(x):
+    dtype, no_autocast = _compute_dtype(x, layers[0])
+    with no_autocast:
         x = x.to(dtype)
         a, ranks, per_layer = _adapter_args(layers, dtype)
         xa = F.dropout(x, dropout, training=True) if dropout else None
@@ -87,8 +86,8 @@ def project(x: Tensor, layers: Sequence[AdapterLinear], dropout: float = 0.0) ->
 
 def gated_mlp(x: Tensor, inputs: Sequence[AdapterLinear], down: AdapterLinear, activation: str) -> Tensor:
     """down(act(gate(x)) * up(x)) through one autograd function; `inputs` is [gate, up] or [gate_up]."""
-    dtype = _compute_dtype(x)
-    with _no_autocast(x):
+    dtype, no_autocast = _compute_dtype(x, inputs[0])
+    with no_autocast:
         x = x.to(dtype)
         a_in, ranks, per_layer = _adapter_args(inputs, dtype)
         a_down, b_down = down.adapter(dtype)
