@@ -6,7 +6,7 @@ only the names exported here and the public modules `registry`, `architectures` 
 
 __version__ = "0.1.0"
 
-from . import architectures, files, ops, registry
+from . import architectures, files, ops, registry, transaction
 from .config import HydraConfig, LoRAConfig, MethodConfig, PaCAConfig, S2FTConfig
 from .info import info
 from .lean_mode import lean, lean_report, unlean
@@ -43,6 +43,7 @@ __all__ = [
     "report",
     "save",
     "trainable_parameters",
+    "transaction",
     "unlean",
     "unmerge",
 ]

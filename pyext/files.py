@@ -1,16 +1,25 @@
-"""Atomic file writes: a file is either absent, the old version, or complete (never truncated).
+"""Atomic file writes, and tensor reads that name a damaged file instead of raising deep inside.
 
-Everything slimtune writes (checkpoints, deltas, PEFT directories, the trainer's run folder) goes
-through these, so a kill -9 mid-write cannot leave a file that a later load or `--resume` trips on.
+A written file is either absent, the old version, or complete (never truncated): everything slimtune
+writes (checkpoints, deltas, PEFT directories, the trainer's run folder) goes through these, so a
+kill -9 mid-write cannot leave a file that a later load or `--resume` trips on. Tensor files carry a
+SHA-256 of their tensors in the safetensors metadata, verified on read: a flipped bit in stored
+values is refused instead of loading into a different model (files without one, e.g. PEFT's, load
+as they are).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+
+CHECKSUM = "slimtune_sha256"  # metadata key of the checksum over a file's tensors
 
 
 def _partial(path: Path) -> Path:
@@ -29,15 +38,57 @@ def write_text(path: str | Path, text: str) -> Path:
     return path
 
 
+def digest(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes (in name order)."""
+    hasher = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu().contiguous()
+        hasher.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        hasher.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return hasher.hexdigest()
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def save_tensors(
     tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> Path:
-    """`safetensors.torch.save_file`, atomically."""
+    """`safetensors.torch.save_file`, atomically, with a checksum that `read_tensors` verifies."""
     path = Path(path)
     partial = _partial(path)
+    metadata = {**(metadata or {}), CHECKSUM: digest(tensors)}
     try:
         save_file(tensors, partial, metadata=metadata)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)  # gone after the rename; a failed write leaves nothing
     return path
+
+
+def read_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; ValueError naming the file for anything unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (no __iter__)
+    except Exception as err:  # safetensors raises its own error types (and OSError) for a damaged file
+        raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from None
+    if CHECKSUM in metadata and metadata[CHECKSUM] != digest(tensors):
+        raise ValueError(f"{path} is damaged: its tensors do not match the checksum written with them")
+    return tensors, metadata
+
+
+def index_value_pairs(tensors: dict[str, Tensor], path: str | Path) -> dict[str, tuple[Tensor, Tensor]]:
+    """`NAME.index` / `NAME.values` tensors paired by NAME; ValueError for an unpaired or odd key."""
+    pairs: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, _, part = key.rpartition(".")
+        if not name or part not in ("index", "values"):
+            raise ValueError(f"{path}: tensor {key!r} is neither NAME.index nor NAME.values: a damaged diff")
+        pairs.setdefault(name, {})[part] = tensor
+    for name, parts in pairs.items():
+        if len(parts) != 2:
+            raise ValueError(f"{path}: {name!r} has {sorted(parts)}, needs index and values: a damaged diff")
+    return {name: (parts["index"], parts["values"]) for name, parts in pairs.items()}

@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import json
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
 from torch import nn
 
 from . import __version__, files
 from .architectures import architecture
 from .config import MethodConfig
-from .layers.lora import restore_weight_
+from .layers.lora import remerge_weight_, restore_weight_
+from .methods.base import Step
 from .methods.lora import UNMERGE_ATTR
 from .peft_compat import save_peft
 from .registry import config_from_dict, for_config
@@ -32,6 +33,7 @@ from .state import (
 CONFIG_FILE = "slimtune_config.json"
 TENSORS_FILE = "slimtune_model.safetensors"
 FORMAT_VERSION = 1
+CONFIG_DIGEST = "slimtune_config_sha256"  # in the tensors' metadata: the config they were saved with
 
 
 def apply(model: nn.Module, config: MethodConfig) -> nn.Module:
@@ -94,10 +96,12 @@ def unmerge(model: nn.Module) -> nn.Module:
             )
     saved = {f"{name}.{key}": t for name, rec in records.items() for key, t in rec.tensors.items()}
     plan = for_config(config).glue.plan(model, config, saved)
-    for name, rec in records.items():
-        restore_weight_(model.get_submodule(name).weight, rec)
-    delattr(model, UNMERGE_ATTR)
-    return commit(model, config, plan)
+    restores = [
+        Step(partial(restore_weight_, weight, rec), partial(remerge_weight_, weight, rec))
+        for weight, rec in ((model.get_submodule(name).weight, rec) for name, rec in records.items())
+    ]
+    restores.append(Step(partial(delattr, model, UNMERGE_ATTR)))
+    return commit(model, config, plan, before=restores)
 
 
 def save(model: nn.Module, directory: str | Path, format: str = "slimtune") -> Path:
@@ -122,7 +126,8 @@ def save(model: nn.Module, directory: str | Path, format: str = "slimtune") -> P
         "config": state.config.to_dict(),
         "modules": shapes,
     }
-    files.save_tensors(tensors, directory / TENSORS_FILE, metadata={"format": "pt"})
+    bound = {"format": "pt", CONFIG_DIGEST: files.text_digest(_canonical(meta))}  # ties the two files
+    files.save_tensors(tensors, directory / TENSORS_FILE, metadata=bound)
     files.write_text(directory / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
     return directory
 
@@ -154,8 +159,13 @@ def load(model: nn.Module, directory: str | Path, allow_other_class: bool = Fals
             f"{config_path} lacks {missing} (or they are not JSON objects): a damaged checkpoint"
         )
     check_unpatched(model)
+    saved, tensor_meta = files.read_tensors(tensors_path)
+    if CONFIG_DIGEST in tensor_meta and tensor_meta[CONFIG_DIGEST] != files.text_digest(_canonical(meta)):
+        raise ValueError(
+            f"{config_path} does not match {tensors_path.name} (it was edited or damaged since "
+            f"slimtune.save wrote both): refusing to load the tensors under another config"
+        )
     config = config_from_dict(meta["config"])
-    saved = load_file(tensors_path)
     _check_shapes(model, meta["modules"], meta.get("base_model_class"))
     saved_class, this_class = meta.get("base_model_class"), type(model).__name__
     if saved_class is not None and saved_class != this_class:
@@ -174,6 +184,10 @@ def load(model: nn.Module, directory: str | Path, allow_other_class: bool = Fals
             f"the checkpoint belongs to another model"
         )
     return commit(model, config, plan)
+
+
+def _canonical(meta: dict[str, Any]) -> str:
+    return json.dumps(meta, sort_keys=True, separators=(",", ":"))
 
 
 def _shape(layer: nn.Module) -> list[int]:

@@ -12,7 +12,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
 from torch import nn
 
 from . import files
@@ -90,7 +89,7 @@ def load_peft(model: nn.Module, directory: str | Path) -> nn.Module:
     directory = Path(directory)
     peft = _peft_config(directory)
     saved = {}
-    for key, tensor in load_file(directory / WEIGHTS_FILE).items():
+    for key, tensor in files.read_tensors(directory / WEIGHTS_FILE)[0].items():
         module, _, kind = key.removeprefix(PREFIX).partition(".lora_")
         if not key.startswith(PREFIX) or f"lora_{kind}" not in KINDS:
             raise ValueError(

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from . import files, ops
 from .layers.partial import PartialLinear
 from .methods import method_for
 from .state import patch_state, patched_layers, require_patched
+from .transaction import Transaction
 
 
 @dataclass(frozen=True)
@@ -76,12 +76,14 @@ class SparseDelta:
 
     def apply(self, model: nn.Module, scale: float = 1.0) -> nn.Module:
         """weight[entries] += scale * change, in place; returns the model."""
-        with torch.no_grad():
-            for weight, entry in self._check(model):
+        resolved = self._check(model)
+        with torch.no_grad(), Transaction(model) as transaction:
+            for weight, entry in resolved:
                 index = entry.index.to(weight.device)
                 current = weight.index_select(entry.axis, index).double()
-                updated = current + scale * entry.values.to(weight.device)
-                weight.index_copy_(entry.axis, index, updated.to(weight.dtype))
+                updated = (current + scale * entry.values.to(weight.device)).to(weight.dtype)
+                transaction.keep_entries(weight, index, entry.axis)
+                weight.index_copy_(entry.axis, index, updated)
         return model
 
     def revert(self, model: nn.Module) -> nn.Module:
@@ -115,15 +117,17 @@ class SparseDelta:
 
     @classmethod
     def load(cls, path: str | Path) -> SparseDelta:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        tensors, metadata = files.read_tensors(path)
         if metadata.get("format") != "slimtune-delta":
             raise ValueError(f"{path} is not a slimtune delta file (written by SparseDelta.save)")
-        tensors = load_file(path)
-        axes = json.loads(metadata["axes"])
-        return cls({n: DeltaEntry(a, tensors[f"{n}.index"], tensors[f"{n}.values"]) for n, a in axes.items()})
+        pairs = files.index_value_pairs(tensors, path)
+        try:
+            axes = json.loads(metadata.get("axes", ""))
+        except json.JSONDecodeError:
+            axes = None
+        if not isinstance(axes, dict) or set(axes) != set(pairs):
+            raise ValueError(f"{path}: its axes metadata does not name exactly its entries: a damaged delta")
+        return cls({name: DeltaEntry(axes[name], *pairs[name]) for name in pairs})
 
 
 def add_sparse(

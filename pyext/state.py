@@ -6,14 +6,16 @@ install patch state without importing the public entry points (no import cycles)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
 
 from .config import MethodConfig
-from .methods.base import Plan
+from .methods.base import Plan, Step
 from .registry import for_config
+from .transaction import Transaction
 
 _STATE = "_slimtune_state"
 
@@ -55,20 +57,28 @@ def check_unpatched(model: nn.Module) -> None:
         )
 
 
-def commit(model: nn.Module, config: MethodConfig, plan: Plan) -> nn.Module:
-    """Carry out a validated plan: prepare, build every layer, then swap and freeze."""
+def commit(model: nn.Module, config: MethodConfig, plan: Plan, before: Sequence[Step] = ()) -> nn.Module:
+    """Carry out a validated plan, all or nothing: the `before` steps and the plan's, then build every
+    layer, then swap and freeze. Any failure (an allocation included) rolls the model back."""
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    if plan.prepare is not None:
-        plan.prepare()
-    built = [(r.name, r.build()) for r in plan.replacements]
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    for name, layer in built:
-        layer.train(model.get_submodule(name).training)  # a new layer takes the mode of what it replaces
-        model.set_submodule(name, layer)
-    setattr(model, _STATE, PatchState(config, [name for name, _ in built], requires_grad, plan.extra))
-    if callable(getattr(model, "save_pretrained", None)):
-        model.save_pretrained = RefuseSavePretrained(type(model).__name__, config.method)
+    with Transaction(model) as transaction:
+        for step in (*before, *plan.steps):
+            step.do()  # a step writes once, at its end: if it fails, it wrote nothing
+            if step.undo is not None:
+                transaction.on_rollback(step.undo)
+        built = []
+        for replacement in plan.replacements:
+            if replacement.writes is not None:
+                transaction.keep_entries(model.get_submodule(replacement.name).weight, *replacement.writes)
+            built.append((replacement.name, replacement.build()))
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for name, layer in built:
+            layer.train(model.get_submodule(name).training)  # a new layer takes the replaced one's mode
+            model.set_submodule(name, layer)
+        setattr(model, _STATE, PatchState(config, [name for name, _ in built], requires_grad, plan.extra))
+        if callable(getattr(model, "save_pretrained", None)):
+            model.save_pretrained = RefuseSavePretrained(type(model).__name__, config.method)
     return model
 
 

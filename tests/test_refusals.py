@@ -17,7 +17,9 @@ def snapshot(model: nn.Module) -> dict:
         "types": {n: type(m) for n, m in model.named_modules()},
         "values": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "attrs": sorted(vars(model)),
+        # instance attributes of every module (a forward override, a stand-in save_pretrained) and modes
+        "attrs": {n: sorted(vars(m)) for n, m in model.named_modules()},
+        "training": {n: m.training for n, m in model.named_modules()},
     }
 
 
@@ -26,6 +28,7 @@ def assert_untouched(model: nn.Module, before: dict) -> None:
     assert after["types"] == before["types"]
     assert after["grad"] == before["grad"]
     assert after["attrs"] == before["attrs"]
+    assert after["training"] == before["training"]
     assert after["values"].keys() == before["values"].keys()
     for key, value in before["values"].items():
         assert torch.equal(after["values"][key], value), key

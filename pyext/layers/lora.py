@@ -194,6 +194,13 @@ def restore_weight_(weight: Tensor, record: MergeRecord) -> None:
     weight.copy_(base)
 
 
+@torch.no_grad()
+def remerge_weight_(weight: Tensor, record: MergeRecord) -> None:
+    """Undo `restore_weight_` (a failed `unmerge`): W0 + delta rounded once, as `merge` wrote it."""
+    weight.copy_((weight.double() + record.b @ record.a).to(weight.dtype))
+    record.version = weight._version
+
+
 class AdapterLinear(nn.Module):
     """Common part of LoRALinear and HydraLinear: frozen `weight`/`bias` and the fused forward."""
 

@@ -13,22 +13,40 @@ from ..config import MethodConfig
 
 @dataclass(frozen=True)
 class Replacement:
-    """One planned module swap: validated up front, built only once every swap has been validated."""
+    """One planned module swap: validated up front, built only once every swap has been validated.
+
+    `writes` is `(index, axis)` where `build` writes checkpoint values into the replaced module's
+    weight (its slices `index` along `axis`), so that a failed commit can put the originals back.
+    """
 
     name: str
     build: Callable[[], nn.Module]
+    writes: tuple[Tensor, int] | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    """A change made before the layers are built (S2FT's co-permutation, LoRA's fused MLPs).
+
+    `do` writes once, at its end (a `do` that fails wrote nothing); `undo` reverses a finished `do`
+    exactly; None where `do` only swaps modules or sets module attributes, which the commit's
+    transaction puts back by itself.
+    """
+
+    do: Callable[[], None]
+    undo: Callable[[], None] | None = None
 
 
 @dataclass
 class Plan:
     """Everything `apply`/`load` will do, decided before the model is touched.
 
-    `prepare` runs first (e.g. S2FT's co-permutation of coupled weights), then the swaps are built
-    and installed; `extra` is kept in the model's patch state for `merge` and `save`.
+    The steps run first, then the swaps are built and installed, all in one transaction (see
+    `slimtune.transaction`); `extra` is kept in the model's patch state for `merge` and `save`.
     """
 
     replacements: list[Replacement]
-    prepare: Callable[[], None] | None = None
+    steps: list[Step] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 import zlib
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from ..layers.lora import (
 )
 from ..registry import FUSED_KERNELS, MERGE, PEFT_FORMAT, UNMERGE, MethodInfo, register
 from ..targets import check_plain_linear, match_targets
-from .base import Method, Plan, Replacement
+from .base import Method, Plan, Replacement, Step
 
 UNMERGE_ATTR = "_slimtune_unmerge"
 
@@ -116,9 +117,8 @@ class AdapterMethod(Method):
             )
             for name, linear in targets
         ]
-        return Plan(
-            replacements, prepare=lambda: fusion.install(model), extra={"config": config, "fusion": fusion}
-        )
+        extra = {"config": config, "fusion": fusion}
+        return Plan(replacements, [Step(partial(fusion.install, model))], extra)
 
     def trained_shapes(self, linear: nn.Linear, config: Any) -> dict[str, tuple[int, int]]:
         """The shape of each trained tensor of the layer built on `linear` (checked on load)."""

@@ -9,6 +9,8 @@ from torch import Tensor, nn
 
 from ..config import PaCAConfig
 from ..layers.paca import PaCALinear
+from ..layers.partial import COLUMNS
+from ..ops import check_index
 from ..registry import FUSED_KERNELS, IN_PLACE, MERGE, SPARSE_DELTA, MethodInfo, register
 from ..targets import check_plain_linear, check_untied, match_targets
 from .base import Method, Plan, Replacement
@@ -37,7 +39,8 @@ class PaCAMethod(Method):
                 index, columns = column_index(name, linear.in_features, config.r, config.seed), None
             else:
                 index, columns = self._saved_columns(name, linear, config.r, saved)
-            plan.append(Replacement(name, _builder(linear, index, columns)))
+            writes = None if columns is None else (index, COLUMNS)  # saved columns go into the weight
+            plan.append(Replacement(name, _builder(linear, index, columns), writes))
         check_untied(model, [r.name for r in plan], "PaCA")
         return Plan(plan)
 
@@ -55,11 +58,12 @@ class PaCAMethod(Method):
                 f"checkpoint columns of {name!r} have shape {tuple(columns.shape)} but this model's layer "
                 f"needs {expected}: the checkpoint belongs to another model"
             )
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= linear.in_features):
-            raise ValueError(
-                f"checkpoint index of {name!r} points outside its {linear.in_features} input columns: "
-                f"the checkpoint belongs to another model"
-            )
+        try:
+            check_index(index, linear.in_features, f"checkpoint index of {name!r}", distinct=True)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{err}: the checkpoint belongs to another model, or is damaged") from None
+        if not columns.is_floating_point():
+            raise TypeError(f"checkpoint columns of {name!r} hold {columns.dtype} values; expected floats")
         return index, columns
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -23,9 +24,10 @@ from ..architectures import BlockLayout, architecture, block_layout, block_stack
 from ..config import S2FTConfig
 from ..layers.partial import COLUMNS, ROWS
 from ..layers.s2ft import S2FTLinear
+from ..ops import check_index
 from ..registry import IN_PLACE, MERGE, SPARSE_DELTA, MethodInfo, register
 from ..targets import check_plain_linear, check_untied
-from .base import Method, Plan, Replacement
+from .base import Method, Plan, Replacement, Step
 
 
 @dataclass(frozen=True)
@@ -87,12 +89,9 @@ class S2FTMethod(Method):
                     selections[f"{layout.name}.channels"] = channels
                     self._plan_channels(model, layout, config, channels, permutations, replacements, saved)
 
-        def prepare() -> None:
-            for permutation in permutations:
-                permutation.apply(model)
-
         check_untied(model, [r.name for r in replacements], "S2FT")
-        return Plan(replacements, prepare, {"permutations": permutations, "selections": selections})
+        steps = [Step(partial(p.apply, model), partial(p.apply, model, inverse=True)) for p in permutations]
+        return Plan(replacements, steps, {"permutations": permutations, "selections": selections})
 
     # ---- selection ------------------------------------------------------------------------------
 
@@ -236,9 +235,11 @@ def _check_head_shapes(model: nn.Module, layout: BlockLayout, geometry: tuple[in
 def _saved_units(saved: dict[str, Tensor], key: str, available: int) -> Tensor:
     if key not in saved:
         raise ValueError(f"checkpoint has no selection {key!r}: it was saved from another model or config")
-    units = saved[key].long()
-    if units.numel() and (int(units.max()) >= available or int(units.min()) < 0):
-        raise ValueError(f"checkpoint selection {key!r} exceeds the {available} units there: another model")
+    units = saved[key]
+    try:
+        check_index(units, available, f"checkpoint selection {key!r}", distinct=True)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{err}: the checkpoint belongs to another model, or is damaged") from None
     return units
 
 
@@ -260,6 +261,8 @@ def _replacement(model: nn.Module, name: str, index: Tensor, axis: int, saved) -
             raise ValueError(
                 f"checkpoint block of {name!r} is missing or not {expected}: another model or config"
             )
+        if not block.is_floating_point():
+            raise TypeError(f"checkpoint block of {name!r} holds {block.dtype} values; expected floats")
 
     def build() -> S2FTLinear:
         layer = S2FTLinear(model.get_submodule(name), index, axis)
@@ -269,7 +272,7 @@ def _replacement(model: nn.Module, name: str, index: Tensor, axis: int, saved) -
             layer.sync_()
         return layer
 
-    return Replacement(name, build)
+    return Replacement(name, build, None if block is None else (index, axis))
 
 
 def _geometry(model: nn.Module) -> tuple[int, int, int]:

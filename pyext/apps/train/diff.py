@@ -12,8 +12,6 @@ from pathlib import Path
 
 import slimtune
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 FORMAT = "slimtune-entry-diff"
@@ -56,11 +54,13 @@ class EntryDiff:
                     f"diff entry {name!r} has {tuple(index.shape)} indices but values of shape "
                     f"{tuple(values.shape)} and dtype {values.dtype}: a damaged diff"
                 )
-        with torch.no_grad():
+        with torch.no_grad(), slimtune.transaction.Transaction(model) as transaction:
             for name, (index, values) in self.entries.items():
                 flat = params[name].view(-1)
                 where = index.to(flat.device)
-                flat[where] = (flat[where].double() + scale * values.to(flat.device)).to(flat.dtype)
+                updated = (flat[where].double() + scale * values.to(flat.device)).to(flat.dtype)
+                transaction.keep_entries(flat, where, 0)
+                flat[where] = updated
         return model
 
     def revert(self, model: nn.Module) -> nn.Module:
@@ -85,18 +85,13 @@ class EntryDiff:
 
     @classmethod
     def load(cls, path: str | Path) -> EntryDiff:
-        tensors = load_file(path)
-        names = {key.rsplit(".", 1)[0] for key in tensors}
-        return cls({n: (tensors[f"{n}.index"], tensors[f"{n}.values"]) for n in names})
+        tensors, _ = slimtune.files.read_tensors(path)
+        return cls(slimtune.files.index_value_pairs(tensors, path))
 
 
 def load_diff(path: str | Path) -> EntryDiff | slimtune.SparseDelta:
     """A diff file of either kind: entry-level (LT-SFT) or `slimtune.delta` (PaCA, S2FT)."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            kind = (handle.metadata() or {}).get("format")
-    except Exception as err:  # safetensors raises its own error type for a file it cannot read
-        raise ValueError(f"{path} is not a safetensors file: {err}") from None
+    kind = slimtune.files.read_tensors(path)[1].get("format")
     if kind == FORMAT:
         return EntryDiff.load(path)
     if kind == "slimtune-delta":

@@ -16,7 +16,6 @@ from typing import Any
 
 import slimtune
 import torch
-from safetensors.torch import load_file
 from slimtune.registry import SPARSE_DELTA
 from torch import Tensor, nn
 
@@ -54,9 +53,18 @@ class StageMethod:
 
     def restore(self, model: nn.Module, directory: Path) -> None:
         """Redo a finished stage from its checkpoint (on `--resume`)."""
+        path = directory / "trained.safetensors"
+        tensors, _ = slimtune.files.read_tensors(path)
+        params = dict(model.named_parameters())
+        for name, tensor in tensors.items():  # all checked before the first write
+            if name not in params or params[name].shape != tensor.shape or not tensor.is_floating_point():
+                raise ValueError(
+                    f"{path}: {name!r} ({tuple(tensor.shape)}, {tensor.dtype}) is not a parameter of this "
+                    f"model of that shape: the run folder belongs to another model, or is damaged"
+                )
         with torch.no_grad():
-            for name, tensor in load_file(directory / "trained.safetensors").items():
-                model.get_parameter(name).copy_(tensor)
+            for name, tensor in tensors.items():
+                params[name].copy_(tensor)
 
     def finish(self, model: nn.Module) -> None:
         """Leave a plain model (no slimtune layers, no hooks) for evaluation and the next stage."""
