@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 TargetModules = str | tuple[str, ...]
@@ -27,11 +27,27 @@ def _normalise_targets(target_modules: str | list[str] | tuple[str, ...]) -> Tar
     )
 
 
+def _normalise_saved(modules: object) -> tuple[str, ...]:
+    if isinstance(modules, list | tuple) and all(isinstance(m, str) and m for m in modules):
+        return tuple(modules)
+    raise TypeError(
+        f"modules_to_save must be a list of module-name suffixes such as ['score'], got {modules!r}"
+    )
+
+
 @dataclass(frozen=True)
 class MethodConfig:
-    """Common base: the method's name and a JSON round trip for checkpoints."""
+    """Common base: the method's name, the modules trained in full beside it, a JSON round trip.
+
+    `modules_to_save` (keyword-only, every method): module-name suffixes whose parameters train in
+    full and are saved with the checkpoint, as PEFT's option of that name (see `full_modules`).
+    """
 
     method: ClassVar[str] = ""
+    modules_to_save: tuple[str, ...] = field(default=(), kw_only=True)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modules_to_save", _normalise_saved(self.modules_to_save))
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -72,6 +88,7 @@ class PaCAConfig(MethodConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.r, bool) or not isinstance(self.r, int):
             raise TypeError(f"PaCAConfig.r must be an int (trained input columns per linear), got {self.r!r}")
         if self.r < 1:
@@ -113,6 +130,7 @@ class S2FTConfig(MethodConfig):
     selection: str = "random"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_units("S2FTConfig.heads", self.heads)
         _check_units("S2FTConfig.channels", self.channels)
         if not self.heads and not self.channels:
@@ -165,6 +183,7 @@ class LoRAConfig(MethodConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_rank("LoRAConfig.r", self.r)
         _check_adapter_common("LoRAConfig", self.alpha, self.fp32_master, self.seed)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float):
@@ -193,6 +212,7 @@ class HydraConfig(MethodConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_rank("HydraConfig.r_parallel", self.r_parallel)
         _check_rank("HydraConfig.r_sequential", self.r_sequential)
         _check_adapter_common("HydraConfig", self.alpha, self.fp32_master, self.seed)

@@ -11,8 +11,10 @@ as they are).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -20,6 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 CHECKSUM = "slimtune_sha256"  # metadata key of the checksum over a file's tensors
+CONFIG_DIGEST = "slimtune_config_sha256"  # metadata key: the digest of the config saved beside them
 
 
 def _partial(path: Path) -> Path:
@@ -48,8 +51,19 @@ def digest(tensors: dict[str, Tensor]) -> str:
     return hasher.hexdigest()
 
 
-def text_digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+def json_digest(value: Any) -> str:
+    """SHA-256 of a JSON value in canonical form (sorted keys, no spaces): layout edits do not count."""
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def check_bound(config_path: Path, value: Any, metadata: dict[str, str], tensors_path: Path) -> None:
+    """Refuse a config that is not the one its tensors were saved with (where they record it)."""
+    if CONFIG_DIGEST in metadata and metadata[CONFIG_DIGEST] != json_digest(value):
+        raise ValueError(
+            f"{config_path} does not match {tensors_path.name} (it was edited or damaged since slimtune "
+            f"wrote both): refusing to load the tensors under another config"
+        )
 
 
 def save_tensors(
@@ -65,6 +79,14 @@ def save_tensors(
     finally:
         partial.unlink(missing_ok=True)  # gone after the rename; a failed write leaves nothing
     return path
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON value in `path`; ValueError naming the file for bytes that are not UTF-8 JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({type(err).__name__}: {err})") from None
 
 
 def read_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -26,6 +26,8 @@ from .state import (
     clear,
     commit,
     patched_layers,
+    plan,
+    plan_checkpoint,
     require_patched,
     state_tensors,
 )
@@ -33,7 +35,6 @@ from .state import (
 CONFIG_FILE = "slimtune_config.json"
 TENSORS_FILE = "slimtune_model.safetensors"
 FORMAT_VERSION = 1
-CONFIG_DIGEST = "slimtune_config_sha256"  # in the tensors' metadata: the config they were saved with
 
 
 def apply(model: nn.Module, config: MethodConfig) -> nn.Module:
@@ -46,7 +47,7 @@ def apply(model: nn.Module, config: MethodConfig) -> nn.Module:
             f"expected a slimtune config such as slimtune.PaCAConfig, got {type(config).__name__}"
         )
     check_unpatched(model)
-    return commit(model, config, for_config(config).glue.plan(model, config))
+    return commit(model, config, plan(model, config))
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -95,13 +96,13 @@ def unmerge(model: nn.Module) -> nn.Module:
                 f"untouched merged weights"
             )
     saved = {f"{name}.{key}": t for name, rec in records.items() for key, t in rec.tensors.items()}
-    plan = for_config(config).glue.plan(model, config, saved)
+    adapters = plan(model, config, saved)  # modules trained in full kept their values through merge
     restores = [
         Step(partial(restore_weight_, weight, rec), partial(remerge_weight_, weight, rec))
         for weight, rec in ((model.get_submodule(name).weight, rec) for name, rec in records.items())
     ]
     restores.append(Step(partial(delattr, model, UNMERGE_ATTR)))
-    return commit(model, config, plan, before=restores)
+    return commit(model, config, adapters, before=restores)
 
 
 def save(model: nn.Module, directory: str | Path, format: str = "slimtune") -> Path:
@@ -126,7 +127,7 @@ def save(model: nn.Module, directory: str | Path, format: str = "slimtune") -> P
         "config": state.config.to_dict(),
         "modules": shapes,
     }
-    bound = {"format": "pt", CONFIG_DIGEST: files.text_digest(_canonical(meta))}  # ties the two files
+    bound = {"format": "pt", files.CONFIG_DIGEST: files.json_digest(meta)}  # ties the two files
     files.save_tensors(tensors, directory / TENSORS_FILE, metadata=bound)
     files.write_text(directory / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
     return directory
@@ -143,10 +144,7 @@ def load(model: nn.Module, directory: str | Path, allow_other_class: bool = Fals
     for path in (config_path, tensors_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: is {directory} a directory written by slimtune.save?")
-    try:
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err}): not a slimtune checkpoint") from None
+    meta = files.read_json(config_path)
     if (
         not isinstance(meta, dict)
         or meta.get("format") != "slimtune"
@@ -160,11 +158,7 @@ def load(model: nn.Module, directory: str | Path, allow_other_class: bool = Fals
         )
     check_unpatched(model)
     saved, tensor_meta = files.read_tensors(tensors_path)
-    if CONFIG_DIGEST in tensor_meta and tensor_meta[CONFIG_DIGEST] != files.text_digest(_canonical(meta)):
-        raise ValueError(
-            f"{config_path} does not match {tensors_path.name} (it was edited or damaged since "
-            f"slimtune.save wrote both): refusing to load the tensors under another config"
-        )
+    files.check_bound(config_path, meta, tensor_meta, tensors_path)
     config = config_from_dict(meta["config"])
     _check_shapes(model, meta["modules"], meta.get("base_model_class"))
     saved_class, this_class = meta.get("base_model_class"), type(model).__name__
@@ -175,19 +169,15 @@ def load(model: nn.Module, directory: str | Path, allow_other_class: bool = Fals
                 f"{message}: load it onto the model it was trained from (or allow_other_class=True)"
             )
         warnings.warn(f"slimtune.load: {message}; loading anyway (allow_other_class=True)", stacklevel=2)
-    plan = for_config(config).glue.plan(model, config, saved)
-    planned = {r.name for r in plan.replacements}
+    restore = plan_checkpoint(model, config, saved, str(tensors_path))
+    planned = {r.name for r in restore.replacements}
     if planned != set(meta["modules"]):
         extra = sorted(planned - set(meta["modules"]))[:5]
         raise ValueError(
             f"the checkpoint's target_modules select modules it has no tensors for ({extra}...): "
             f"the checkpoint belongs to another model"
         )
-    return commit(model, config, plan)
-
-
-def _canonical(meta: dict[str, Any]) -> str:
-    return json.dumps(meta, sort_keys=True, separators=(",", ":"))
+    return commit(model, config, restore)
 
 
 def _shape(layer: nn.Module) -> list[int]:

@@ -1,8 +1,15 @@
 """PEFT interop: load a PEFT LoRA adapter directory into slimtune layers, and write one PEFT loads.
 
 A PEFT LoRA directory is `adapter_config.json` plus `adapter_model.safetensors` with tensors
-`base_model.model.<module>.lora_A.weight` (r x in) and `.lora_B.weight` (out x r); PEFT's scaling is
-lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA), the same product as slimtune's LoRALinear.
+`base_model.model.<module>.lora_A.weight` (r x in) and `.lora_B.weight` (out x r), and, for
+`modules_to_save`, `base_model.model.<module>.<parameter>`; PEFT's scaling is lora_alpha / r
+(lora_alpha / sqrt(r) with rsLoRA), the same product as slimtune's LoRALinear.
+
+Every field of PEFT's LoraConfig is accounted for: the ones below that slimtune reads or that do not
+change the loaded model (`READ`, `INERT`) are taken; every other field (DoRA, bias, rank/alpha
+patterns, quantisation-aware and data-driven initialisations, ...) must be off, else the adapter
+is refused naming it, so no PEFT option loads to outputs other than PEFT's. Fields a future PEFT
+adds are refused the same way until they are classified here.
 """
 
 from __future__ import annotations
@@ -14,37 +21,55 @@ from typing import Any
 
 from torch import nn
 
-from . import files
+from . import files, full_modules
 from .config import LoRAConfig
-from .methods.lora import LoRAMethod
-from .state import check_unpatched, commit, patched_layers, require_patched
+from .state import check_unpatched, commit, patched_layers, plan_checkpoint, require_patched
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 KINDS = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}
 
-# PEFT LoRA options without a slimtune equivalent: refused unless off (None, False, "none", {} or []).
-UNSUPPORTED = (
-    "use_dora",
-    "fan_in_fan_out",
-    "bias",
-    "lora_bias",
-    "modules_to_save",
-    "layers_to_transform",
-    "rank_pattern",
-    "alpha_pattern",
-    "target_parameters",
-    "layer_replication",
-    "trainable_token_indices",
-    "use_qalora",
-    "use_bdlora",
-    "alora_invocation_tokens",
+# Fields slimtune reads, with PEFT's types (a truthy string is not a bool).
+READ: dict[str, tuple[type, ...]] = {
+    "peft_type": (str,),
+    "r": (int,),
+    "lora_alpha": (int, float),
+    "lora_dropout": (int, float, type(None)),
+    "use_rslora": (bool,),
+    "init_lora_weights": (bool, str, type(None)),
+    "modules_to_save": (list, type(None)),
+}
+# Fields that do not change the model loaded from the saved tensors: metadata, how PEFT chose the
+# modules (the tensors name them), run-time settings, sub-options of features refused when on.
+INERT = frozenset(
+    {
+        "task_type",
+        "auto_mapping",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "target_modules",
+        "exclude_modules",
+        "layers_pattern",
+        "megatron_core",
+        "runtime_config",
+        "qalora_group_size",
+        "ensure_weight_tying",
+    }
 )
+# Initialisations whose adapter applies to the unchanged base weights (the tensors are saved).
+PLAIN_INITS = (True, False, "gaussian", None)
 
 
 def _is_off(value: Any) -> bool:
     return value in (None, False, "none", {}, [])
+
+
+def _meaning(peft: dict[str, Any]) -> dict[str, Any]:
+    """The fields of an adapter config that decide the model it loads to (an edited path does not)."""
+    return {key: value for key, value in sorted(peft.items()) if key not in INERT}
 
 
 def _peft_config(directory: Path) -> dict[str, Any]:
@@ -54,14 +79,22 @@ def _peft_config(directory: Path) -> dict[str, Any]:
             raise FileNotFoundError(
                 f"{needed} not found: is {directory} a PEFT adapter directory (save_pretrained)?"
             )
-    config = json.loads(path.read_text())
+    config = files.read_json(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not a PEFT adapter config object")
+    for key, kinds in READ.items():
+        value = config.get(key)
+        if key in config and (
+            not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
+        ):
+            raise TypeError(f"{path}: {key}={value!r} is not a {' or '.join(k.__name__ for k in kinds)}")
     if config.get("peft_type") != "LORA":
         raise ValueError(
             f"{path} describes a {config.get('peft_type')!r} adapter; slimtune.load_peft loads "
             f"PEFT LoRA adapters only"
         )
     init = config.get("init_lora_weights", True)
-    if init not in (True, False, "gaussian", None):
+    if init not in PLAIN_INITS:
         # PiSSA, OLoRA, CorDA, LoftQ, EVA...: PEFT rewrites the base weights (or builds them from data)
         # when it creates such an adapter, so these tensors are not an adapter on the plain base model.
         raise ValueError(
@@ -69,12 +102,10 @@ def _peft_config(directory: Path) -> dict[str, Any]:
             f"so the adapter does not apply to this base model as saved; load it with peft (and merge), "
             f"or convert it with PEFT's own tools to a plain LoRA first"
         )
-    if not _is_off(config.get("loftq_config")) or not _is_off(config.get("corda_config")):
-        raise ValueError(f"{path} carries a LoftQ or CorDA configuration, which slimtune does not implement")
-    for key in UNSUPPORTED:
-        if not _is_off(config.get(key)):
+    for key, value in config.items():
+        if key not in READ and key not in INERT and not _is_off(value):
             raise ValueError(
-                f"{path} sets {key}={config[key]!r}, which slimtune's LoRA does not implement; "
+                f"{path} sets {key}={value!r}, which slimtune's LoRA does not implement; "
                 f"load it with peft, or retrain without {key}"
             )
     return config
@@ -88,25 +119,45 @@ def load_peft(model: nn.Module, directory: str | Path) -> nn.Module:
     """
     directory = Path(directory)
     peft = _peft_config(directory)
-    saved = {}
-    for key, tensor in files.read_tensors(directory / WEIGHTS_FILE)[0].items():
+    tensors, metadata = files.read_tensors(directory / WEIGHTS_FILE)
+    files.check_bound(directory / CONFIG_FILE, _meaning(peft), metadata, directory / WEIGHTS_FILE)
+    saved, adapted = {}, set()
+    for key, tensor in tensors.items():
+        if not key.startswith(PREFIX):
+            raise ValueError(f"{directory / WEIGHTS_FILE} holds {key!r}, which is not under {PREFIX!r}")
         module, _, kind = key.removeprefix(PREFIX).partition(".lora_")
-        if not key.startswith(PREFIX) or f"lora_{kind}" not in KINDS:
-            raise ValueError(
-                f"{directory / WEIGHTS_FILE} holds {key!r}, not a LoRA weight of a linear layer "
-                f"({PREFIX}<module>.lora_A.weight / .lora_B.weight)"
-            )
-        saved[f"{module}.{KINDS[f'lora_{kind}']}"] = tensor
-    r = peft["r"]
-    alpha = peft["lora_alpha"] * (math.sqrt(r) if peft.get("use_rslora") else 1)
-    names = sorted({key.rsplit(".", 1)[0] for key in saved})
-    config = LoRAConfig(r=r, alpha=alpha, target_modules=names, dropout=peft.get("lora_dropout") or 0.0)
+        if f"lora_{kind}" in KINDS:
+            saved[f"{module}.{KINDS[f'lora_{kind}']}"] = tensor
+            adapted.add(module)
+        else:  # a parameter of a module trained in full; the plan refuses it if none is listed
+            saved[full_modules.PREFIX + key.removeprefix(PREFIX)] = tensor
+    r, alpha = peft.get("r"), peft.get("lora_alpha")
+    if r is None or alpha is None or not adapted:
+        raise ValueError(
+            f"{directory / CONFIG_FILE} needs an int r and a number lora_alpha (got r={r!r}, "
+            f"lora_alpha={alpha!r}) and {WEIGHTS_FILE} at least one adapter: a damaged PEFT adapter"
+        )
+    if peft.get("use_rslora"):
+        alpha = alpha * math.sqrt(r)
+    config = LoRAConfig(
+        r=r,
+        alpha=alpha,
+        target_modules=sorted(adapted),
+        dropout=peft.get("lora_dropout") or 0.0,
+        modules_to_save=peft.get("modules_to_save") or (),
+    )
     check_unpatched(model)
-    return commit(model, config, LoRAMethod().plan(model, config, saved))
+    restore = plan_checkpoint(model, config, saved, str(directory / WEIGHTS_FILE))
+    restore.extra["peft_config"] = peft  # re-saving keeps its fields (see save_peft)
+    return commit(model, config, restore)
 
 
 def save_peft(model: nn.Module, directory: str | Path) -> Path:
-    """Write `model`'s LoRA adapters as a PEFT directory that `peft.PeftModel.from_pretrained` loads."""
+    """Write `model`'s LoRA adapters as a PEFT directory that `peft.PeftModel.from_pretrained` loads.
+
+    A model loaded with `load_peft` keeps its adapter config's fields (initialisation, rsLoRA, task
+    type, paths), so re-saving never rewrites a field into another meaning.
+    """
     state = require_patched(model, " (nothing to save)")
     config = state.config
     if not isinstance(config, LoRAConfig):
@@ -120,25 +171,31 @@ def save_peft(model: nn.Module, directory: str | Path) -> Path:
         for name, layer in layers.items()
         for kind in ("lora_A", "lora_B")
     }
+    for key, parameter in full_modules.parameters(model, state.full_modules).items():
+        tensors[PREFIX + key.removeprefix(full_modules.PREFIX)] = parameter.detach().to("cpu").contiguous()
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
+    loaded = state.extra.get("peft_config", {})
+    rslora = loaded.get("use_rslora") is True
     peft = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
         "base_model_name_or_path": name_or_path or None,
+        "init_lora_weights": True,
+        **{key: value for key, value in loaded.items() if key in INERT or key == "init_lora_weights"},
         "r": config.r,
-        "lora_alpha": config.alpha,
+        "lora_alpha": loaded["lora_alpha"] if rslora else config.alpha,
+        "use_rslora": rslora,
         "lora_dropout": config.dropout,
         "target_modules": sorted(layers),
+        "modules_to_save": state.full_modules or None,
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_rslora": False,
         "use_dora": False,
-        "modules_to_save": None,
-        "init_lora_weights": True,
         "inference_mode": True,
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    files.save_tensors(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    bound = {"format": "pt", files.CONFIG_DIGEST: files.json_digest(_meaning(peft))}
+    files.save_tensors(tensors, directory / WEIGHTS_FILE, metadata=bound)
     files.write_text(directory / CONFIG_FILE, json.dumps(peft, indent=2) + "\n")
     return directory

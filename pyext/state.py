@@ -10,8 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from . import full_modules
 from .config import MethodConfig
 from .methods.base import Plan, Step
 from .registry import for_config
@@ -28,6 +30,7 @@ class PatchState:
     modules: list[str]
     requires_grad: dict[str, bool] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    full_modules: list[str] = field(default_factory=list)  # trained in full (modules_to_save)
 
 
 def patch_state(model: nn.Module) -> PatchState | None:
@@ -66,6 +69,10 @@ def commit(model: nn.Module, config: MethodConfig, plan: Plan, before: Sequence[
             step.do()  # a step writes once, at its end: if it fails, it wrote nothing
             if step.undo is not None:
                 transaction.on_rollback(step.undo)
+        for parameter, value in plan.full_values:
+            transaction.keep(parameter)
+            with torch.no_grad():
+                parameter.copy_(value)
         built = []
         for replacement in plan.replacements:
             if replacement.writes is not None:
@@ -73,13 +80,61 @@ def commit(model: nn.Module, config: MethodConfig, plan: Plan, before: Sequence[
             built.append((replacement.name, replacement.build()))
         for parameter in model.parameters():
             parameter.requires_grad_(False)
+        for parameter in full_modules.parameters(model, plan.full_modules).values():
+            parameter.requires_grad_(True)
         for name, layer in built:
             layer.train(model.get_submodule(name).training)  # a new layer takes the replaced one's mode
             model.set_submodule(name, layer)
-        setattr(model, _STATE, PatchState(config, [name for name, _ in built], requires_grad, plan.extra))
+        names = [name for name, _ in built]
+        state = PatchState(config, names, requires_grad, plan.extra, plan.full_modules)
+        setattr(model, _STATE, state)
         if callable(getattr(model, "save_pretrained", None)):
             model.save_pretrained = RefuseSavePretrained(type(model).__name__, config.method)
     return model
+
+
+class _Reads(dict):
+    """A checkpoint's tensors that remember which keys the method's plan read."""
+
+    def __init__(self, tensors: dict[str, Tensor]) -> None:
+        super().__init__(tensors)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> Tensor:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+
+def plan(model: nn.Module, config: MethodConfig, saved: dict[str, Tensor] | None = None) -> Plan:
+    """The whole plan of `apply` (or `unmerge`, from `saved` adapters): the method's swaps and the
+    modules trained in full, which keep the values they have."""
+    plan = for_config(config).glue.plan(model, config, saved)
+    plan.full_modules = full_modules.resolve(
+        model, config.modules_to_save, [r.name for r in plan.replacements]
+    )
+    return plan
+
+
+def plan_checkpoint(model: nn.Module, config: MethodConfig, saved: dict[str, Tensor], source: str) -> Plan:
+    """The whole plan to restore `saved` onto `model`; refused if any saved tensor goes unread
+    (a tensor no layer uses means the file belongs to another model or config, or was edited)."""
+    reads = _Reads(saved)
+    plan = for_config(config).glue.plan(model, config, reads)
+    plan.full_modules = full_modules.resolve(
+        model, config.modules_to_save, [r.name for r in plan.replacements]
+    )
+    plan.full_values = full_modules.saved_values(model, plan.full_modules, reads)
+    unread = sorted(set(saved) - reads.read)
+    if unread:
+        raise ValueError(
+            f"{source} holds tensors that no layer of this model reads ({unread[:4]}"
+            f"{'...' if len(unread) > 4 else ''}): it belongs to another model or config, or is damaged"
+        )
+    return plan
 
 
 class RefuseSavePretrained:
@@ -111,4 +166,6 @@ def patched_layers(model: nn.Module) -> dict[str, nn.Module]:
 def state_tensors(model: nn.Module) -> dict[str, Tensor]:
     """Every tensor a checkpoint of the patched model keeps, keyed by module name."""
     state = require_patched(model)
-    return for_config(state.config).glue.checkpoint_tensors(patched_layers(model), state.extra)
+    tensors = for_config(state.config).glue.checkpoint_tensors(patched_layers(model), state.extra)
+    full = full_modules.parameters(model, state.full_modules)
+    return {**tensors, **{key: parameter.detach() for key, parameter in full.items()}}

@@ -43,6 +43,11 @@ class Transaction:
         original = tensor.detach().index_select(dim, index).clone()
         self.on_rollback(lambda: tensor.detach().index_copy_(dim, index, original))
 
+    def keep(self, tensor: Tensor) -> None:
+        """Keep all of `tensor` (a module trained in full that a load overwrites)."""
+        original = tensor.detach().clone()
+        self.on_rollback(lambda: tensor.detach().copy_(original))
+
     def rollback(self) -> None:
         with torch.no_grad():
             for undo in reversed(self._undo):

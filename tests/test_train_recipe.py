@@ -90,6 +90,27 @@ BAD = {
         "    steps: 1\n    steps: 2\n",
         ":12: not valid YAML: duplicate key 'steps'",
     ),
+    "steps beyond sense": (
+        "steps: 1",
+        "steps: 1000000000000",
+        ":11: stages[0].steps: 1000000000000 is beyond",
+    ),
+    "steps as an exponent string": ("steps: 1", "steps: 1e12", ":11: stages[0].steps: expected an integer"),
+    "n beyond sense": (
+        "{task: copy, n: 16}",
+        "{task: copy, n: 1000000000000}",
+        ":10: stages[0].data[0].n: 1000",
+    ),
+    "seq_len beyond sense": (
+        "model:\n",
+        "seq_len: 1000000000\nmodel:\n",
+        ":1: seq_len: 1000000000 is beyond",
+    ),
+    "seq_len beyond the model": (
+        "model:\n",
+        "seq_len: 4096\nmodel:\n",
+        "exceeds the 512 positions of the model",
+    ),
     "not a mapping": (
         "    data:\n      - {task: copy, n: 16}\n",
         "    data:\n      - copy\n",
@@ -179,3 +200,17 @@ def test_device_cuda_without_cuda_is_refused_up_front(tmp_path):
     with pytest.raises(RecipeError, match="device: cuda was asked for but torch sees no CUDA device"):
         run(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_builtin_tokenizer_warns_about_characters_it_cannot_encode():
+    from slimtune.apps.train.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer()
+    with pytest.warns(UserWarning, match=r"cannot encode 'éïü'"):
+        ids = tokenizer.encode("naïve? no: éü")[-2:]
+    assert ids == [tokenizer.unk_id, tokenizer.unk_id]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per character
+        tokenizer.encode("üéï plain")

@@ -142,6 +142,37 @@ def test_resume_refuses_another_recipe(tmp_path):
         run(_write(tmp_path, data), tmp_path / "run", resume=True)
 
 
+def test_resume_refuses_changed_data_unless_told(tmp_path):
+    (tmp_path / "data.jsonl").write_text(
+        "".join(f'{{"prompt": "{i}+{i}=", "completion": "{2 * i}"}}\n' for i in range(20))
+    )
+    data = _four_stages()
+    data["stages"], data["tasks"] = data["stages"][:1], data["tasks"][:1]
+    data["stages"][0]["data"] = [{"path": str(tmp_path / "data.jsonl")}]
+    recipe = _write(tmp_path, data)
+    run(recipe, tmp_path / "run")
+    digests = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert list(digests) == [str(tmp_path / "data.jsonl")]
+    run(recipe, tmp_path / "run", resume=True)  # same data: resumes
+    with open(tmp_path / "data.jsonl", "a") as handle:
+        handle.write('{"prompt": "9+9=", "completion": "19"}\n')
+    with pytest.raises(RecipeError, match=r"data\.jsonl: the data changed since the run .* --changed-data"):
+        run(recipe, tmp_path / "run", resume=True)
+    assert json.loads((tmp_path / "run" / "data.json").read_text()) == digests  # the folder is unchanged
+    run(recipe, tmp_path / "run", resume=True, changed_data=True)
+    assert json.loads((tmp_path / "run" / "data.json").read_text()) != digests
+
+
+def test_a_damaged_run_file_is_named_on_resume(tmp_path):
+    data = _four_stages()
+    data["stages"], data["tasks"] = data["stages"][:1], data["tasks"][:1]
+    recipe = _write(tmp_path, data)
+    run(recipe, tmp_path / "run")
+    (tmp_path / "run" / "base.json").write_bytes(b'{"copy": \xff')
+    with pytest.raises(RecipeError, match=r"base\.json is not valid JSON.*run folder is damaged"):
+        run(recipe, tmp_path / "run", resume=True)
+
+
 def test_ddp_with_gloo_gives_the_losses_of_one_process(tmp_path):
     stage = {"batch_size": 8, "grad_accum": 2, "steps": 3, "lr": 1.0e-2}
     data = {

@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume", action="store_true", help="continue the run in the folder after its last finished stage"
     )
+    train.add_argument(
+        "--changed-data",
+        action="store_true",
+        help="with --resume: go on although a data file changed since the run started (refused otherwise)",
+    )
 
     profile = sub.add_parser(
         "profile",

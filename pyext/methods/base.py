@@ -48,6 +48,8 @@ class Plan:
     replacements: list[Replacement]
     steps: list[Step] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    full_modules: list[str] = field(default_factory=list)  # modules_to_save, by full name
+    full_values: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (parameter, saved value)
 
 
 class Method:

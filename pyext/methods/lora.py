@@ -133,6 +133,10 @@ class AdapterMethod(Method):
             tensor = saved.get(f"{name}.{key}")
             if tensor is None:
                 raise ValueError(f"the checkpoint has no tensor {key!r} for module {name!r}")
+            if not tensor.is_floating_point():
+                raise TypeError(
+                    f"the checkpoint's {key} of {name!r} holds {tensor.dtype} values; expected floats"
+                )
             if tuple(tensor.shape) != expected:
                 raise ValueError(
                     f"the checkpoint's {key} of {name!r} has shape {tuple(tensor.shape)} but this model's "

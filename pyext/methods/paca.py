@@ -39,6 +39,11 @@ class PaCAMethod(Method):
                 index, columns = column_index(name, linear.in_features, config.r, config.seed), None
             else:
                 index, columns = self._saved_columns(name, linear, config.r, saved)
+                if not torch.equal(index, column_index(name, linear.in_features, config.r, config.seed)):
+                    raise ValueError(
+                        f"checkpoint index of {name!r} is not the one PaCAConfig(seed={config.seed}) selects "
+                        f"there: the checkpoint was edited or belongs to another model"
+                    )
             writes = None if columns is None else (index, COLUMNS)  # saved columns go into the weight
             plan.append(Replacement(name, _builder(linear, index, columns), writes))
         check_untied(model, [r.name for r in plan], "PaCA")

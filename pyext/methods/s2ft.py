@@ -263,6 +263,9 @@ def _replacement(model: nn.Module, name: str, index: Tensor, axis: int, saved) -
             )
         if not block.is_floating_point():
             raise TypeError(f"checkpoint block of {name!r} holds {block.dtype} values; expected floats")
+        stored = saved.get(f"{name}.index")  # redundant with the selection: must agree with it
+        if stored is not None and not torch.equal(stored, index):
+            raise ValueError(f"checkpoint index of {name!r} disagrees with its block's selection: damaged")
 
     def build() -> S2FTLinear:
         layer = S2FTLinear(model.get_submodule(name), index, axis)

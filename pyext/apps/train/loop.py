@@ -95,6 +95,8 @@ def train(
     optimizer = make_optimizer(params, stage)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(stage, steps, step))
     net = nn.parallel.DistributedDataParallel(model) if world.size > 1 else model
+    if world.size > 1:  # dropout masks differ across ranks, as across the rows of one process; the data
+        torch.manual_seed(torch.initial_seed() + world.rank)  # order and method init were drawn alike
     if world.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(world.device)
     model.train()

@@ -19,6 +19,16 @@ from .post import Op
 from .schema import INT, LIST, NAMES, NUMBER, TEXT, Mapping, RecipeError, Section, load_yaml
 from .tasks import TASKS
 
+# Upper bounds checked when the recipe is read: a larger value is a typo (or would allocate or run
+# for days before failing), never a run anyone meant.
+LIMITS = {
+    "steps": 10**8,
+    "epochs": 10**6,
+    "batch_size": 2**16,
+    "n": 10**7,  # generated or read examples per source or task
+    "seq_len": 2**20,
+}
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -171,7 +181,7 @@ def _source(section: Section, base: Path, stages: list[str]) -> Source:
         task=section.get("task", TEXT, None),
         stage=section.get("stage", TEXT, None),
         weight=section.positive("weight", NUMBER, 1.0),
-        n=section.positive("n", INT, None),
+        n=section.positive("n", INT, None, LIMITS["n"]),
         where=section.where(kind),
     )
     if source.task is not None and source.task not in TASKS:
@@ -239,8 +249,8 @@ def _stage(
             "weight_decay", "sparse-diff needs weight_decay 0 (decay would move unmasked entries)"
         )
     schedule = section.get("schedule", TEXT, "constant")
-    if section.get("warmup_steps", INT, 0) < 0:
-        raise section.error("warmup_steps", "must be >= 0")
+    if not 0 <= section.get("warmup_steps", INT, 0) <= LIMITS["steps"]:
+        raise section.error("warmup_steps", f"must be in [0, {LIMITS['steps']:g}]")
     if schedule not in SCHEDULES:
         raise section.error("schedule", f"{schedule!r} is not one of {', '.join(SCHEDULES)}")
     writes_diff = make_method(method_name, options).writes_diff
@@ -252,10 +262,10 @@ def _stage(
         name=name,
         parent=parent,
         data=sources,
-        steps=section.positive("steps", INT, None) if length == "steps" else None,
-        epochs=section.positive("epochs", NUMBER, None) if length == "epochs" else None,
-        batch_size=section.positive("batch_size", INT, 8),
-        grad_accum=section.positive("grad_accum", INT, 1),
+        steps=section.positive("steps", INT, None, LIMITS["steps"]) if length == "steps" else None,
+        epochs=section.positive("epochs", NUMBER, None, LIMITS["epochs"]) if length == "epochs" else None,
+        batch_size=section.positive("batch_size", INT, 8, LIMITS["batch_size"]),
+        grad_accum=section.positive("grad_accum", INT, 1, LIMITS["batch_size"]),
         lr=section.positive("lr", NUMBER, 1e-3),
         schedule=schedule,
         warmup_steps=section.get("warmup_steps", INT, 0),
@@ -282,7 +292,7 @@ def _task(section: Section, base: Path, names: set[str], stages: list[str]) -> T
         name=name,
         task=section.get("task", TEXT, None),
         path=_path(section, "path", base) if kind == "path" else None,
-        n=section.positive("n", INT, 64 if kind == "task" else None),
+        n=section.positive("n", INT, 64 if kind == "task" else None, LIMITS["n"]),
         stages=section.get("stage", NAMES, ()),
         where=section.where(kind),
     )
@@ -301,7 +311,7 @@ def parse(data: Any, file: Path) -> Recipe:
     base = file.parent
     description = top.get("description", TEXT, "")
     seed = top.get("seed", INT, 0)
-    seq_len = top.positive("seq_len", INT, 64)
+    seq_len = top.positive("seq_len", INT, 64, LIMITS["seq_len"])
     device = top.get("device", TEXT, "auto")
     if device not in ("auto", "cpu", "cuda"):
         raise top.error("device", f"{device!r} is not one of auto, cpu, cuda")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -120,6 +121,12 @@ def prepare(recipe: Recipe, world: loop.World) -> Prepared:
         raise RecipeError(
             f"{recipe.model.where}: cannot build the model: {type(err).__name__}: {err}"
         ) from None
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and recipe.seq_len > positions:
+        raise RecipeError(
+            f"{recipe.file}: seq_len: {recipe.seq_len} exceeds the {positions} positions of the model; "
+            f"use seq_len <= {positions}"
+        )
     _check_stages(recipe, model, world)
     packed = _pack_stages(recipe, tokenizer)
     evals = [_eval_set(task, recipe) for task in recipe.tasks]
@@ -129,23 +136,35 @@ def prepare(recipe: Recipe, world: loop.World) -> Prepared:
 class RunDir:
     """The run's folder: the recipe it belongs to, each stage's checkpoint and result, logs, reports."""
 
-    def __init__(self, root: Path, recipe: Recipe, resume: bool, world: loop.World) -> None:
+    def __init__(
+        self, root: Path, recipe: Recipe, resume: bool, world: loop.World, changed_data: bool = False
+    ) -> None:
         self.root, self.recipe = root, recipe
         if root.exists() and not root.is_dir():
             raise RecipeError(f"--output {root} is a file, not a folder: choose a folder for the run")
-        marker = root / "recipe.json"
+        marker, data_marker = root / "recipe.json", root / "data.json"
         current = json.loads(json.dumps(recipe.data, sort_keys=True, default=str))
+        digests = data_digests(recipe)
         if marker.exists():
             if not resume:
                 raise RecipeError(
                     f"{root} already holds a run: pass --resume to continue it, or another --output"
                 )
-            if json.loads(marker.read_text()) != current:
+            if self.read(marker) != current:
                 raise RecipeError(f"{root} holds a run of a different recipe: choose another --output")
-        world.barrier()  # every rank has read the marker before rank 0 writes it
+            started = self.read(data_marker) or {}
+            changed = sorted(path for path in digests if started.get(path) != digests[path])
+            if changed and not changed_data:
+                raise RecipeError(
+                    f"{changed[0]}: the data changed since the run in {root} started (SHA-256 differs"
+                    f"{f', and {len(changed) - 1} more' if len(changed) > 1 else ''}); restore it, or pass "
+                    f"--resume --changed-data to go on with the new data"
+                )
+        world.barrier()  # every rank has read the markers before rank 0 writes them
         if world.rank == 0:
             root.mkdir(parents=True, exist_ok=True)
             slimtune.files.write_text(marker, json.dumps(current, indent=1) + "\n")
+            slimtune.files.write_text(data_marker, json.dumps(digests, indent=1, sort_keys=True) + "\n")
             shutil.copyfile(recipe.file, root / "recipe.yaml")
         world.barrier()
 
@@ -154,7 +173,18 @@ class RunDir:
 
     @staticmethod
     def read(path: Path) -> dict[str, Any] | None:
-        return json.loads(path.read_text()) if path.exists() else None
+        """A JSON file of the run folder (None if absent); RecipeError naming it if damaged."""
+        if not path.exists():
+            return None
+        try:
+            data = slimtune.files.read_json(path)
+        except ValueError as err:
+            raise RecipeError(
+                f"{err}: the run folder is damaged; delete the file or choose another --output"
+            ) from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path} holds no JSON object: the run folder is damaged")
+        return data
 
     @staticmethod
     def write(path: Path, data: dict[str, Any]) -> None:
@@ -191,6 +221,23 @@ def _logging(root: Path, rank: int) -> Iterator[None]:
         for handler in handlers:
             log.removeHandler(handler)
             handler.close()
+
+
+def data_digests(recipe: Recipe) -> dict[str, str]:
+    """SHA-256 of every data file the recipe reads (a dataset folder: of all its files), by path."""
+    paths = [s.path for stage in recipe.stages for s in stage.data if s.path is not None]
+    paths += [t.path for t in recipe.tasks if t.path is not None]
+    digests = {}
+    for path in paths:
+        hasher = hashlib.sha256()
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file():
+                hasher.update(str(file.relative_to(path) if path.is_dir() else "").encode())
+                with file.open("rb") as handle:
+                    for block in iter(lambda h=handle: h.read(1 << 20), b""):
+                        hasher.update(block)
+        digests[str(path)] = hasher.hexdigest()
+    return digests
 
 
 def evaluate_all(recipe: Recipe, prepared: Prepared) -> dict[str, dict[str, float | None]]:
@@ -324,13 +371,21 @@ def report(recipe: Recipe, base: dict[str, Any], records: list[dict[str, Any]], 
     return data
 
 
-def run(recipe_path: str | Path, output: str | Path | None = None, resume: bool = False) -> RunResult:
-    """Train a recipe end to end; RecipeError (before any training) for a bad recipe or run folder."""
+def run(
+    recipe_path: str | Path,
+    output: str | Path | None = None,
+    resume: bool = False,
+    changed_data: bool = False,
+) -> RunResult:
+    """Train a recipe end to end; RecipeError (before any training) for a bad recipe or run folder.
+
+    `resume` continues the run in `output`; its data must be what the run started with unless
+    `changed_data`."""
     recipe = load_recipe(recipe_path)
     world = loop.World.start(recipe.device)
     prepared = prepare(recipe, world)
     root = Path(output) if output is not None else Path("runs") / recipe.file.stem
-    run_dir = RunDir(root, recipe, resume, world)
+    run_dir = RunDir(root, recipe, resume, world, changed_data)
     with _logging(root, world.rank):
         log.info("run %s: %s, %d stages, %d tasks", root, recipe.file, len(recipe.stages), len(recipe.tasks))
         base = run_dir.read(root / "base.json")
@@ -345,7 +400,9 @@ def run(recipe_path: str | Path, output: str | Path | None = None, resume: bool 
 def main(args: argparse.Namespace) -> int:
     """`slimtune train RECIPE [--output DIR] [--resume]`: a bad recipe is one message and exit code 2."""
     try:
-        run(args.recipe, args.output, args.resume)
+        if args.changed_data and not args.resume:
+            raise RecipeError("--changed-data goes with --resume (it lets a resumed run use changed data)")
+        run(args.recipe, args.output, args.resume, args.changed_data)
     except RecipeError as err:
         print(f"slimtune train: {err}", file=sys.stderr)
         return 2

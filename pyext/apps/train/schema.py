@@ -129,10 +129,16 @@ class Section:
         except TypeError:
             raise self.error(key, f"expected {KINDS[kind]}, got {self.data[key]!r}") from None
 
-    def positive(self, key: str, kind: Callable[[Any], Any], default: Any = _REQUIRED) -> Any:
+    def positive(
+        self, key: str, kind: Callable[[Any], Any], default: Any = _REQUIRED, at_most: float | None = None
+    ) -> Any:
+        """A value > 0 and, where `at_most` is given, no larger (refused up front, not after an hour
+        of allocation or a hang)."""
         value = self.get(key, kind, default)
         if value is not None and value <= 0:
             raise self.error(key, f"must be > 0, got {value}")
+        if value is not None and at_most is not None and value > at_most:
+            raise self.error(key, f"{value} is beyond the largest value that makes sense here ({at_most:g})")
         return value
 
     def section(self, key: str, default: Any = _REQUIRED) -> Section:

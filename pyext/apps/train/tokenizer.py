@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -31,9 +32,21 @@ class CharTokenizer:
     def __init__(self) -> None:
         self._ids = {c: i + 4 for i, c in enumerate(self.chars)}
         self.vocab_size = len(self.chars) + 4
+        self._warned: set[str] = set()  # characters already warned about (once each)
 
     def encode(self, text: str) -> list[int]:
-        return [self._ids.get(c, self.unk_id) for c in text]
+        ids = [self._ids.get(c, self.unk_id) for c in text]
+        if self.unk_id in ids:
+            new = sorted({c for c in text if c not in self._ids} - self._warned)
+            if new:
+                self._warned.update(new)
+                warnings.warn(
+                    f"the built-in character tokenizer cannot encode {''.join(new)!r} (printable ASCII and "
+                    f"newline only); those characters become <unk>. Use a model with its own tokenizer "
+                    f"(model: {{path: ...}} or a real built-in model) for such text",
+                    stacklevel=2,
+                )
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i - 4] for i in ids if i >= 4)
