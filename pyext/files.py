@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,18 @@ def check_bound(config_path: Path, value: Any, metadata: dict[str, str], tensors
             f"{config_path} does not match {tensors_path.name} (it was edited or damaged since slimtune "
             f"wrote both): refusing to load the tensors under another config"
         )
+
+
+def write_with(path: str | Path, writer: Callable[[Path], object]) -> Path:
+    """Atomically: `writer(temporary_path)` writes the file (e.g. `figure.savefig`), then a rename."""
+    path = Path(path)
+    partial = _partial(path).with_suffix(path.suffix)  # writers pick the format from the suffix
+    try:
+        writer(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
 
 
 def save_tensors(

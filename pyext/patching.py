@@ -31,6 +31,7 @@ from .state import (
     require_patched,
     state_tensors,
 )
+from .transaction import Transaction
 
 CONFIG_FILE = "slimtune_config.json"
 TENSORS_FILE = "slimtune_model.safetensors"
@@ -63,10 +64,11 @@ def merge(model: nn.Module) -> nn.Module:
     """
     state = require_patched(model)
     layers = patched_layers(model)
-    for_config(state.config).glue.unpatch(model, layers, state.extra)
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(state.requires_grad.get(name, True))
-    clear(model)
+    with Transaction(model) as transaction:
+        for_config(state.config).glue.unpatch(model, layers, state.extra, transaction)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(state.requires_grad.get(name, True))
+        clear(model)
     return model
 
 

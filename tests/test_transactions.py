@@ -4,6 +4,8 @@ later good call gives the right model."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import slimtune
 import torch
@@ -173,3 +175,24 @@ def test_rollback_restores_instance_attributes_and_training_modes() -> None:
         model.model.set_submodule("norm", torch.nn.Identity())
         raise KeyError("boom")
     assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_a_failure_mid_merge_leaves_the_patched_model(method, monkeypatch) -> None:
+    from slimtune.layers.lora import AdapterLinear
+    from slimtune.layers.partial import PartialLinear
+
+    model, ids = trained(method), make_batch()
+    expected = logits(model, ids)
+    merged_copy = logits(slimtune.merge(copy.deepcopy(model)), ids)
+    owner, attribute = {
+        "paca": (PartialLinear, "to_linear"),
+        "s2ft": (Permutation, "apply"),  # the inverse co-permutations, after the layers were swapped
+        "lora": (AdapterLinear, "merge"),
+        "hydra": (AdapterLinear, "merge"),
+    }[method]
+    with monkeypatch.context() as patch:
+        fail_on_call(patch, owner, attribute, 3, torch.OutOfMemoryError)
+        refused(model, lambda: slimtune.merge(model), torch.OutOfMemoryError, "injected")
+    assert torch.equal(logits(model, ids), expected)
+    assert torch.equal(logits(slimtune.merge(model), ids), merged_copy)  # as if nothing had failed

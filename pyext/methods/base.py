@@ -9,6 +9,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..config import MethodConfig
+from ..transaction import Transaction
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,10 @@ class Method:
         """Where the trained entries of layer `name` sit in the original model's layout."""
         return layer.index.cpu()
 
-    def unpatch(self, model: nn.Module, layers: dict[str, nn.Module], extra: dict[str, Any]) -> None:
-        """Put plain modules holding the trained weights back in place of the method's layers."""
+    def unpatch(
+        self, model: nn.Module, layers: dict[str, nn.Module], extra: dict[str, Any], transaction: Transaction
+    ) -> None:
+        """Put plain modules holding the trained weights back in place of the method's layers; every
+        value write registers its undo with `transaction` (module swaps it undoes by itself)."""
         for name, layer in layers.items():
             model.set_submodule(name, layer.to_linear())

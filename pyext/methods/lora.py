@@ -27,9 +27,11 @@ from ..layers.lora import (
     LoRALinear,
     MergeRecord,
     SharedInput,
+    restore_weight_,
 )
 from ..registry import FUSED_KERNELS, MERGE, PEFT_FORMAT, UNMERGE, MethodInfo, register
 from ..targets import check_plain_linear, match_targets
+from ..transaction import Transaction
 from .base import Method, Plan, Replacement, Step
 
 UNMERGE_ATTR = "_slimtune_unmerge"
@@ -163,12 +165,15 @@ class AdapterMethod(Method):
 
         return build
 
-    def unpatch(self, model: nn.Module, layers: dict[str, nn.Module], extra: dict[str, Any]) -> None:
+    def unpatch(
+        self, model: nn.Module, layers: dict[str, nn.Module], extra: dict[str, Any], transaction: Transaction
+    ) -> None:
         """Merge every layer in place (exactly) and keep what `unmerge` needs on the model."""
         extra["fusion"].remove(model)
         records: dict[str, MergeRecord] = {}
         for name, layer in layers.items():
             linear, records[name] = layer.merge()
+            transaction.on_rollback(partial(restore_weight_, linear.weight, records[name]))
             model.set_submodule(name, linear)
         setattr(model, UNMERGE_ATTR, (extra["config"], records))
 

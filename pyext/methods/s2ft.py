@@ -27,6 +27,7 @@ from ..layers.s2ft import S2FTLinear
 from ..ops import check_index
 from ..registry import IN_PLACE, MERGE, SPARSE_DELTA, MethodInfo, register
 from ..targets import check_plain_linear, check_untied
+from ..transaction import Transaction
 from .base import Method, Plan, Replacement, Step
 
 
@@ -200,10 +201,13 @@ class S2FTMethod(Method):
         tensors.update(extra["selections"])
         return tensors
 
-    def unpatch(self, model: nn.Module, layers: dict[str, nn.Module], extra: dict[str, Any]) -> None:
-        super().unpatch(model, layers, extra)
+    def unpatch(
+        self, model: nn.Module, layers: dict[str, nn.Module], extra: dict[str, Any], transaction: Transaction
+    ) -> None:
+        super().unpatch(model, layers, extra, transaction)
         for permutation in reversed(extra["permutations"]):
             permutation.apply(model, inverse=True)
+            transaction.on_rollback(partial(permutation.apply, model))
 
     def original_index(self, name: str, layer: S2FTLinear, extra: dict[str, Any]) -> Tensor:
         """Where the trained entries of `name` sit in the original (unpermuted) layout."""

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import slimtune
 import yaml
 
 from .runner import run
@@ -76,7 +77,9 @@ def main(args: argparse.Namespace) -> int:
     """`slimtune demo`: write the recipe to a fresh folder, run it, print the comparison."""
     folder = Path(tempfile.mkdtemp(prefix="slimtune-demo-"))
     path = folder / "demo.yaml"
-    path.write_text(yaml.safe_dump(recipe(args.steps, args.seed, args.device.type), sort_keys=False))
+    slimtune.files.write_text(
+        path, yaml.safe_dump(recipe(args.steps, args.seed, args.device.type), sort_keys=False)
+    )
     result = run(path, folder / "run")
     cuda = args.device.type == "cuda"
     print(f"\n{table(result.metrics, 'peak MiB' if cuda else 'state MiB')}\n")

@@ -15,6 +15,8 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+import slimtune
+
 Matrix = list[list[float | None]]
 
 
@@ -86,7 +88,7 @@ def heatmap(rows: list[str], tasks: list[str], acc: Matrix, path: Path) -> None:
             )
     fig.colorbar(image, ax=ax, label="exact-match accuracy")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    slimtune.files.write_with(path, lambda partial: fig.savefig(partial, dpi=120))
     plt.close(fig)
 
 
@@ -107,5 +109,5 @@ def loss_curves(stages: list[str], losses: list[list[float]], path: Path) -> Non
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    slimtune.files.write_with(path, lambda partial: fig.savefig(partial, dpi=120))
     plt.close(fig)
