@@ -6,7 +6,7 @@ only the names exported here and the public modules `registry`, `architectures` 
 
 __version__ = "0.1.0"
 
-from . import architectures, files, ops, registry, transaction
+from . import architectures, files, models, ops, registry, transaction
 from .config import HydraConfig, LoRAConfig, MethodConfig, PaCAConfig, S2FTConfig
 from .info import info
 from .lean_mode import lean, lean_report, unlean
@@ -37,6 +37,7 @@ __all__ = [
     "load_delta",
     "load_peft",
     "merge",
+    "models",
     "on_meta",
     "ops",
     "registry",

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
+
 TargetModules = str | tuple[str, ...]
 
 
@@ -25,6 +27,16 @@ def _normalise_targets(target_modules: str | list[str] | tuple[str, ...]) -> Tar
         f"target_modules must be 'all-linear', a regex string or a list of module-name suffixes, "
         f"got {target_modules!r}"
     )
+
+
+def _check_bool(owner: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner} must be True or False, got {value!r}")
+
+
+def master_dtype(fp32_master: bool, weight_dtype: torch.dtype) -> torch.dtype | None:
+    """float32 for the trained tensor of a half-precision weight when `fp32_master`, else None."""
+    return torch.float32 if fp32_master and weight_dtype in (torch.bfloat16, torch.float16) else None
 
 
 def _normalise_saved(modules: object) -> tuple[str, ...]:
@@ -77,8 +89,13 @@ class MethodConfig:
 class PaCAConfig(MethodConfig):
     """Partial connection adaptation: train `r` random input columns of every targeted linear.
 
-    The trained tensor of a layer is exactly its selected weight columns (no rescaling), so an
-    optimizer step on it is the dense step restricted to those columns.
+    By default the trained tensor of a layer is exactly its selected weight columns, so an
+    optimizer step on it is the dense step restricted to those columns. `alpha` reparametrises as
+    the PaCA authors' code does: the trained tensor is `W[:, idx] / (alpha / r)` and the weight
+    holds `(alpha / r) * trained`, which makes each Adam step alpha / r times larger in the weight
+    (4x at their r=16, alpha=64), so their learning rates carry over. `fp32_master` (default on)
+    keeps the trained tensor in float32 when the weight is bfloat16/float16: the optimizer steps
+    the float32 copy and the weight gets its rounded value (small steps do not round away).
     """
 
     method: ClassVar[str] = "paca"
@@ -86,6 +103,8 @@ class PaCAConfig(MethodConfig):
     r: int
     target_modules: TargetModules = "all-linear"
     seed: int = 0
+    alpha: float | None = None
+    fp32_master: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,7 +114,21 @@ class PaCAConfig(MethodConfig):
             raise ValueError(f"PaCAConfig.r must be >= 1 (trained input columns per linear), got {self.r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"PaCAConfig.seed must be an int, got {self.seed!r}")
+        if self.alpha is not None and (
+            isinstance(self.alpha, bool)
+            or not isinstance(self.alpha, int | float)
+            or not 0 < self.alpha < float("inf")
+        ):
+            raise ValueError(
+                f"PaCAConfig.alpha must be None (no rescaling) or a finite number > 0, got {self.alpha!r}"
+            )
+        _check_bool("PaCAConfig.fp32_master", self.fp32_master)
         object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
+
+    @property
+    def scale(self) -> float:
+        """The weight holds scale * trained: alpha / r, or 1 without `alpha`."""
+        return 1.0 if self.alpha is None else self.alpha / self.r
 
 
 def _check_units(owner: str, value: int | float) -> None:
@@ -117,7 +150,8 @@ class S2FTConfig(MethodConfig):
     heads and the `down_proj` input columns of the selected channels train; `train_v_rows` and
     `train_gate_up_rows` also train the matching `v_proj` rows and `gate_proj`/`up_proj` rows.
     `selection` is "random" (from `seed`) or "weight-norm" (the units with the largest output-side
-    weight norms).
+    weight norms). `fp32_master` (default on) keeps the trained blocks of a bfloat16/float16 model
+    in float32, as PaCA's option of that name.
     """
 
     method: ClassVar[str] = "s2ft"
@@ -128,6 +162,7 @@ class S2FTConfig(MethodConfig):
     train_v_rows: bool = False
     train_gate_up_rows: bool = False
     selection: str = "random"
+    fp32_master: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -139,9 +174,8 @@ class S2FTConfig(MethodConfig):
             raise ValueError(f"S2FTConfig.selection is 'random' or 'weight-norm', not {self.selection!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"S2FTConfig.seed must be an int, got {self.seed!r}")
-        for name in ("train_v_rows", "train_gate_up_rows"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"S2FTConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("train_v_rows", "train_gate_up_rows", "fp32_master"):
+            _check_bool(f"S2FTConfig.{name}", getattr(self, name))
         if self.train_v_rows and not self.heads:
             raise ValueError("S2FTConfig.train_v_rows needs heads > 0 (the v rows follow the selected heads)")
         if self.train_gate_up_rows and not self.channels:

@@ -46,6 +46,7 @@ def _(x: Tensor, index: Tensor) -> Tensor:
 
 
 def _write_trained(weight: Tensor, index: Tensor, trained: Tensor, axis: int) -> None:
+    trained = trained.to(weight.dtype)  # a float32 master is rounded once, here
     if axis == COLUMNS:
         ops.scatter_columns.run(weight, index, trained)
     else:

@@ -86,7 +86,10 @@ class PartialAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
                 state["step"] += 1
                 owner = owners.get(id(p))
-                fused = owner is not None and owner.axis == COLUMNS
+                # Fused: the kernel mirrors the new columns into the weight (same dtype, no scale).
+                fused = (
+                    owner is not None and owner.axis == COLUMNS and not owner.master and owner.scale == 1.0
+                )
                 weight, index = (owner.weight, owner.index) if fused else (None, None)
                 library.partial_adamw_(
                     p,

@@ -153,7 +153,7 @@ def delta(model: nn.Module) -> SparseDelta:
             raise ValueError(
                 f"slimtune.delta covers partial methods (PaCA, S2FT); {name!r} is {type(layer).__name__}"
             )
-        change = layer.trained.detach().double() - layer.initial.double()
+        change = layer.change()
         index = method.original_index(name, layer, state.extra)
         order = torch.argsort(index)  # entries sorted by original index
         entries[name] = DeltaEntry(

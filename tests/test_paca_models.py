@@ -15,10 +15,10 @@ FAMILY_NAMES = sorted(FAMILIES)
 R = 5
 
 
-def patched(family: str, r: int = R, **kwargs) -> tuple[nn.Module, nn.Module]:
+def patched(family: str, r: int = R, fp32_master: bool = True, **kwargs) -> tuple[nn.Module, nn.Module]:
     """(base, patched copy) of a tiny model of `family`."""
     base = make_model(family, **kwargs)
-    model = slimtune.apply(copy.deepcopy(base), slimtune.PaCAConfig(r=r, seed=3))
+    model = slimtune.apply(copy.deepcopy(base), slimtune.PaCAConfig(r=r, seed=3, fp32_master=fp32_master))
     return base, model
 
 
@@ -222,9 +222,10 @@ def test_generate_uses_trained_columns():
     assert torch.equal(generated, merged.generate(prompt, max_new_tokens=5, do_sample=False))
 
 
+@pytest.mark.parametrize("fp32_master", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_models_train(dtype):
-    base, model = patched("llama", dtype=dtype)
+def test_half_precision_models_train(dtype, fp32_master):
+    base, model = patched("llama", dtype=dtype, fp32_master=fp32_master)
     ref = dense_reference(base, model)
     ids = make_batch()
     with torch.no_grad():
@@ -232,9 +233,11 @@ def test_half_precision_models_train(dtype):
     model(ids, labels=ids).loss.backward()
     ref(ids, labels=ids).loss.backward()
     for name, layer in paca_layers(model).items():
-        assert layer.paca_columns.grad.dtype == dtype
+        assert layer.paca_columns.grad.dtype == (torch.float32 if fp32_master else dtype)
         dense = ref.get_submodule(name).weight.grad[:, layer.paca_index]
-        torch.testing.assert_close(layer.paca_columns.grad, dense, rtol=2e-2, atol=2e-3)
+        torch.testing.assert_close(
+            layer.paca_columns.grad, dense.to(layer.paca_columns.dtype), rtol=2e-2, atol=2e-3
+        )
 
 
 @pytest.mark.gpu

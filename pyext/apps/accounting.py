@@ -292,6 +292,8 @@ class StepAccount:
     weights: int  # frozen parameters and buffers
     trainable: int  # trainable parameters (and master copies)
     trainable_count: int
+    masters: int  # of `trainable`: float32 trained tensors of a half-precision model (PaCA/S2FT masters,
+    # float32 adapters); they cost the same again as gradients
     gradients: int
     optimizer: int
     saved: dict[str, int]  # tensors saved for backward, by module kind
@@ -348,12 +350,15 @@ def account_step(
         if isinstance(t, Tensor)
     ]
     frozen = [p for p in params if not p.requires_grad] + list(model.buffers())
+    half = any(p.dtype in (torch.bfloat16, torch.float16) for p in params)
+    masters = [p for p in trainable if half and p.dtype == torch.float32]
     fwd_flops = forward[0] + forward[1]
     total_flops = counter.matmul_flops + counter.attention_flops
     return StepAccount(
         weights=storage_bytes(frozen),
         trainable=storage_bytes(trainable),
         trainable_count=sum(p.numel() for p in trainable),
+        masters=storage_bytes(masters),
         gradients=gradients,
         optimizer=storage_bytes(state),
         saved={kind: saved.by_kind.get(kind, 0) for kind in KINDS},

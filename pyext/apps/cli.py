@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --resume: go on although a data file changed since the run started (refused otherwise)",
     )
+    train.add_argument(
+        "--export-hf",
+        action="store_true",
+        help="also write the final model of each branch to RUN/export/STAGE as a plain Hugging Face "
+        "directory (save_pretrained of the merged model, with its tokenizer)",
+    )
 
     profile = sub.add_parser(
         "profile",

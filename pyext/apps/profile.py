@@ -55,6 +55,7 @@ class Row:
     trainable_params: int = 0
     weights: float = 0.0  # GiB, here and below
     trainable: float = 0.0
+    masters: float = 0.0  # float32 trained tensors of a half-precision model (part of `trainable`)
     gradients: float = 0.0
     optimizer: float = 0.0
     saved: dict[str, float] = field(default_factory=dict)
@@ -107,6 +108,7 @@ def account(method: str, setup: Setup, config) -> Row:
         trainable_params=step.trainable_count,
         weights=step.weights / GiB,
         trainable=step.trainable / GiB,
+        masters=step.masters / GiB,
         gradients=step.gradients / GiB,
         optimizer=step.optimizer / GiB,
         saved={kind: size / GiB for kind, size in step.saved.items()},
@@ -314,15 +316,16 @@ def _write_csv(rows: list[Row], path: Path) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
-            ["method", "trainable_params", "weights_gib", "trainable_gib", "gradients_gib", "optimizer_gib",
-             *[f"saved_{k.replace(' ', '_')}_gib" for k in kinds], "saved_total_gib", "peak_exact_gib",
-             "peak_card_gib", "forward_tflop", "backward_tflop", "bytes_moved_gb", "modelled_ms",
-             "measured_ms_min", "measured_ms_median", "measured_ms_max", "measured_peak_gib", "error"]
+            ["method", "trainable_params", "weights_gib", "trainable_gib", "masters_gib", "gradients_gib",
+             "optimizer_gib", *[f"saved_{k.replace(' ', '_')}_gib" for k in kinds], "saved_total_gib",
+             "peak_exact_gib", "peak_card_gib", "forward_tflop", "backward_tflop", "bytes_moved_gb",
+             "modelled_ms", "measured_ms_min", "measured_ms_median", "measured_ms_max", "measured_peak_gib",
+             "error"]
         )  # fmt: skip
         for r in rows:
             m = r.measured_ms or {}
             writer.writerow(
-                [r.method, r.trainable_params, r.weights, r.trainable, r.gradients, r.optimizer,
+                [r.method, r.trainable_params, r.weights, r.trainable, r.masters, r.gradients, r.optimizer,
                  *[r.saved.get(k, 0.0) for k in kinds], r.saved_total, r.peak_exact, r.peak_card,
                  r.forward_tflop, r.backward_tflop, r.bytes_moved_gb, r.modelled_ms,
                  m.get("min"), m.get("median"), m.get("max"), r.measured_peak, r.error or ""]
@@ -340,10 +343,10 @@ def table(rows: list[Row], setup: Setup) -> str:
         f"slimtune profile: {setup.model}, batch {setup.batch} x {setup.seq} tokens, {setup.dtype}, "
         f"accounted on meta; time modelled for {card} (a model, not a measurement)",
         "",
-        "| method | trainable | weights | params+grads+opt | saved for backward | peak (exact) "
-        "| peak on card | x floor | x PEFT LoRA | x full | TFLOP fwd+bwd | modelled ms | x floor |"
-        + (" measured ms min/med/max | measured peak |" if setup.device != "meta" else ""),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| method | trainable | weights | params+grads+opt | of which fp32 masters | saved for backward "
+        "| peak (exact) | peak on card | x floor | x PEFT LoRA | x full | TFLOP fwd+bwd | modelled ms "
+        "| x floor |" + (" measured ms min/med/max | measured peak |" if setup.device != "meta" else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         + ("---|---|" if setup.device != "meta" else ""),
     ]
     for r in rows:
@@ -353,7 +356,8 @@ def table(rows: list[Row], setup: Setup) -> str:
         state = r.trainable + r.gradients + r.optimizer
         line = (
             f"| {r.method} | {r.trainable_params / 1e6:.1f} M | {r.weights:.2f} | {state:.2f} "
-            f"| {r.saved_total:.2f} | {r.peak_exact:.2f} | {r.peak_card:.2f} | {_ratio(r, 'floor')} "
+            f"| {2 * r.masters:.3f} | {r.saved_total:.2f} | {r.peak_exact:.2f} | {r.peak_card:.2f} "
+            f"| {_ratio(r, 'floor')} "
             f"| {_ratio(r, 'peft-lora')} | {_ratio(r, 'full')} | {r.forward_tflop + r.backward_tflop:.1f} "
             f"| {r.modelled_ms:.1f} | {_ratio(r, 'floor', 'modelled_ms')} |"
         )
@@ -366,7 +370,9 @@ def table(rows: list[Row], setup: Setup) -> str:
         lines.append(line)
     lines += [
         "",
-        "Memory in GiB. Saved for backward, by module kind (GiB):",
+        "Memory in GiB. fp32 masters: float32 trained tensors of a half-precision model and their "
+        "float32 gradients (PaCA/S2FT masters, on by default: `fp32_master=False` stores the trained "
+        "entries in the weight's dtype; float32 LoRA adapters). Saved for backward, by module kind (GiB):",
         "",
         "| method | " + " | ".join(accounting.KINDS) + " |",
         "|---|" + "---|" * len(accounting.KINDS),

@@ -115,7 +115,7 @@ class LeanRMSNorm(nn.Module):
 def _projection_parts(p: nn.Module) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, int]:
     """(weight, bias, trained tensor or None, index or None, axis) of a Linear or PartialLinear."""
     if isinstance(p, PartialLinear):
-        return p.weight, p.bias, p.trained, p.index, p.axis
+        return p.weight, p.bias, p.effective(), p.index, p.axis
     return p.weight, p.bias, None, None, COLUMNS
 
 

@@ -17,6 +17,7 @@ Python state between calls, so under `torch.compile` every forward writes the tr
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -37,7 +38,14 @@ class PartialLinear(nn.Module):
     trained_name: ClassVar[str]
     index_name: ClassVar[str]
 
-    def __init__(self, base: nn.Linear, index: Tensor, axis: int) -> None:
+    def __init__(
+        self,
+        base: nn.Linear,
+        index: Tensor,
+        axis: int,
+        master_dtype: torch.dtype | None = None,
+        scale: float = 1.0,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.axis = base.in_features, base.out_features, axis
         self.weight = base.weight
@@ -47,11 +55,15 @@ class PartialLinear(nn.Module):
             self.bias.requires_grad_(False)
         size = self.weight.shape[axis]
         ops.check_index(index, size, f"{type(self).__name__} ({'columns' if axis else 'rows'})", True)
+        if not (isinstance(scale, int | float) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"{type(self).__name__}: scale must be a finite number > 0, got {scale!r}")
         index = index.to(device=self.weight.device).clone()  # each layer owns its index
         self.register_buffer(self.index_name, index)
+        self.scale = float(scale)
         initial = self.weight.detach().index_select(axis, index)
-        setattr(self, self.trained_name, nn.Parameter(initial.clone()))
-        # The base values of the trained entries: what `slimtune.delta` measures the change against.
+        trained = initial.to(master_dtype or self.weight.dtype) / self.scale
+        setattr(self, self.trained_name, nn.Parameter(trained))
+        # The base values of the weight's entries: what `slimtune.delta` measures the change against.
         self.register_buffer("initial", initial, persistent=False)
         self._synced: tuple[int, ...] | None = None
         self._stale = False  # a gradient arrived since the last sync
@@ -77,6 +89,22 @@ class PartialLinear(nn.Module):
     def trained(self) -> nn.Parameter:
         return getattr(self, self.trained_name)
 
+    def effective(self) -> Tensor:
+        """The trained entries in weight units: scale * trained (rounded to the weight's dtype on the
+        write into the weight)."""
+        return self.trained if self.scale == 1.0 else self.trained * self.scale
+
+    def change(self) -> Tensor:
+        """The change of the weight's entries since `apply`, exactly (float64): what the weight holds
+        (the master rounded, where there is one) minus what it held."""
+        written = self.effective().detach().to(self.weight.dtype)
+        return written.double() - self.initial.double()
+
+    @property
+    def master(self) -> bool:
+        """Whether the trained tensor is a higher-precision master of the weight's entries."""
+        return self.trained.dtype != self.weight.dtype
+
     @property
     def index(self) -> Tensor:
         return getattr(self, self.index_name)
@@ -101,7 +129,7 @@ class PartialLinear(nn.Module):
         """Write the trained entries into the dense weight if they may have changed since the last sync
         (`force`: write them anyway; `by_owner`: see `mark_synced`)."""
         if force or self.needs_sync():
-            library.run_write_trained(self.weight, self.index, self.trained, self.axis)
+            library.run_write_trained(self.weight, self.index, self.effective().detach(), self.axis)
             self.mark_synced(by_owner)
 
     def mark_synced(self, by_owner: bool = False) -> None:
@@ -114,16 +142,17 @@ class PartialLinear(nn.Module):
         """Make the weight hold the trained entries before a product reads it. A compiled graph keeps
         no Python state between calls, so there the entries are written every time."""
         if torch.compiler.is_compiling():
-            library.run_write_trained(self.weight, self.index, self.trained, self.axis)
+            library.run_write_trained(self.weight, self.index, self.effective().detach(), self.axis)
         else:
             self.sync_()
 
     def forward(self, x: Tensor) -> Tensor:
         self.prepare_forward()
-        return library.run_partial_linear(x, self.weight, self.bias, self.trained, self.index, self.axis)
+        return library.run_partial_linear(x, self.weight, self.bias, self.effective(), self.index, self.axis)
 
     def checkpoint_tensors(self) -> dict[str, Tensor]:
-        """What a checkpoint keeps of this layer: the index and the trained values."""
+        """What a checkpoint keeps of this layer: the index and the trained tensor (its own dtype,
+        before scaling)."""
         self.sync_()
         return {"index": self.index, "trained": self.trained.detach()}
 
@@ -136,4 +165,8 @@ class PartialLinear(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "columns" if self.axis == COLUMNS else "rows"
-        return f"in_features={self.in_features}, out_features={self.out_features}, trained {kind}={self.r}"
+        extra = (f", {self.trained.dtype} master" if self.master else "") + (
+            f", scale={self.scale:g}" if self.scale != 1.0 else ""
+        )
+        sizes = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{sizes}, trained {kind}={self.r}{extra}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .partial import PartialLinear
@@ -17,5 +18,7 @@ class S2FTLinear(PartialLinear):
     trained_name = "s2ft_block"
     index_name = "s2ft_index"
 
-    def __init__(self, base: nn.Linear, index: Tensor, axis: int) -> None:
-        super().__init__(base, index, axis)
+    def __init__(
+        self, base: nn.Linear, index: Tensor, axis: int, master_dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__(base, index, axis, master_dtype)

@@ -7,7 +7,7 @@ import zlib
 import torch
 from torch import Tensor, nn
 
-from ..config import PaCAConfig
+from ..config import PaCAConfig, master_dtype
 from ..layers.paca import PaCALinear
 from ..layers.partial import COLUMNS
 from ..ops import check_index
@@ -45,7 +45,7 @@ class PaCAMethod(Method):
                         f"there: the checkpoint was edited or belongs to another model"
                     )
             writes = None if columns is None else (index, COLUMNS)  # saved columns go into the weight
-            plan.append(Replacement(name, _builder(linear, index, columns), writes))
+            plan.append(Replacement(name, _builder(linear, index, columns, config), writes))
         check_untied(model, [r.name for r in plan], "PaCA")
         return Plan(plan)
 
@@ -72,9 +72,10 @@ class PaCAMethod(Method):
         return index, columns
 
 
-def _builder(linear: nn.Linear, index: Tensor, columns: Tensor | None):
+def _builder(linear: nn.Linear, index: Tensor, columns: Tensor | None, config: PaCAConfig):
     def build() -> PaCALinear:
-        layer = PaCALinear(linear, index)
+        master = master_dtype(config.fp32_master, linear.weight.dtype)
+        layer = PaCALinear(linear, index, master, config.scale)
         if columns is not None:
             with torch.no_grad():
                 layer.paca_columns.copy_(columns)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..architectures import BlockLayout, architecture, block_layout, block_stacks, head_geometry
-from ..config import S2FTConfig
+from ..config import S2FTConfig, master_dtype
 from ..layers.partial import COLUMNS, ROWS
 from ..layers.s2ft import S2FTLinear
 from ..ops import check_index
@@ -159,14 +159,16 @@ class S2FTMethod(Method):
             permutations += _permute(model, layout.v, kv_rows, dim=0)
         permutations += _permute(model, layout.o, q_rows, dim=1)
         trained = torch.arange(len(heads) * head_dim)
-        replacements.append(_replacement(model, layout.o, trained, COLUMNS, saved))
+        replacements.append(_replacement(model, layout.o, trained, COLUMNS, saved, config.fp32_master))
         if config.train_v_rows:
             v_rows = torch.arange(len(used_groups) * head_dim)
             if layout.qkv:
                 v_offset = (n_heads + n_kv) * head_dim
-                replacements.append(_replacement(model, layout.qkv, v_offset + v_rows, ROWS, saved))
+                replacements.append(
+                    _replacement(model, layout.qkv, v_offset + v_rows, ROWS, saved, config.fp32_master)
+                )
             else:
-                replacements.append(_replacement(model, layout.v, v_rows, ROWS, saved))
+                replacements.append(_replacement(model, layout.v, v_rows, ROWS, saved, config.fp32_master))
 
     def _plan_channels(self, model, layout, config, channels, permutations, replacements, saved) -> None:
         down = model.get_submodule(layout.down)
@@ -183,16 +185,25 @@ class S2FTMethod(Method):
                 if name:
                     permutations += _permute(model, name, order, dim=0)
         permutations += _permute(model, layout.down, order, dim=1)
-        replacements.append(_replacement(model, layout.down, trained, COLUMNS, saved))
+        replacements.append(_replacement(model, layout.down, trained, COLUMNS, saved, config.fp32_master))
         if config.train_gate_up_rows:
             if layout.gate_up:
                 replacements.append(
-                    _replacement(model, layout.gate_up, torch.cat([trained, size + trained]), ROWS, saved)
+                    _replacement(
+                        model,
+                        layout.gate_up,
+                        torch.cat([trained, size + trained]),
+                        ROWS,
+                        saved,
+                        config.fp32_master,
+                    )
                 )
             else:
                 for name in (layout.gate, layout.up):
                     if name:
-                        replacements.append(_replacement(model, name, trained, ROWS, saved))
+                        replacements.append(
+                            _replacement(model, name, trained, ROWS, saved, config.fp32_master)
+                        )
 
     # ---- checkpoints and merge ------------------------------------------------------------------
 
@@ -255,7 +266,9 @@ def _permute(model: nn.Module, name: str, order: Tensor, dim: int) -> list[Permu
     return perms
 
 
-def _replacement(model: nn.Module, name: str, index: Tensor, axis: int, saved) -> Replacement:
+def _replacement(
+    model: nn.Module, name: str, index: Tensor, axis: int, saved, fp32_master: bool
+) -> Replacement:
     linear = check_plain_linear(name, model.get_submodule(name))
     block = None
     if saved is not None:
@@ -272,7 +285,8 @@ def _replacement(model: nn.Module, name: str, index: Tensor, axis: int, saved) -
             raise ValueError(f"checkpoint index of {name!r} disagrees with its block's selection: damaged")
 
     def build() -> S2FTLinear:
-        layer = S2FTLinear(model.get_submodule(name), index, axis)
+        module = model.get_submodule(name)
+        layer = S2FTLinear(module, index, axis, master_dtype(fp32_master, module.weight.dtype))
         if block is not None:
             with torch.no_grad():
                 layer.s2ft_block.copy_(block)

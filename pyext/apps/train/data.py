@@ -9,19 +9,35 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .schema import read_utf8
-from .tasks import Example, encode, generate
-from .tokenizer import Tokenizer
+from .tasks import Example, chat, encode, generate
+from .tokenizer import ChatError, Tokenizer
 
 
 class DataError(ValueError):
     """A data problem; the recipe layer prefixes it with the recipe key that named the data."""
+
+
+FIELDS = ("prompt", "completion", "text", "messages")
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Form:
+    """How records of a file read: `fields` maps slimtune's field names (prompt, completion, text,
+    messages) to the file's own; `chat` wraps prompt/completion records in the chat template."""
+
+    fields: tuple[tuple[str, str], ...] = ()
+    chat: bool = False
+
+    def key(self, name: str) -> str:
+        return dict(self.fields).get(name, name)
 
 
 @dataclass(frozen=True)
@@ -35,19 +51,44 @@ class Source:
     weight: float = 1.0
     n: int | None = None
     where: str = ""
+    form: Form = field(default_factory=Form)
 
 
-def _record(record: object, origin: str) -> tuple[Example, bool]:
-    """A prompt/completion record (has an answer) or a plain-text record."""
+def _messages(turns: object, origin: str, key: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{origin}: {key!r} must be a non-empty list of {{role, content}} objects")
+    out = []
+    for i, turn in enumerate(turns):
+        ok = isinstance(turn, dict) and turn.get("role") in ROLES and isinstance(turn.get("content"), str)
+        if not ok:
+            raise DataError(
+                f"{origin}: {key}[{i}] must be an object with role ({', '.join(ROLES)}) and string content"
+            )
+        out.append((turn["role"], turn["content"]))
+    if out[-1][0] != "assistant":
+        raise DataError(f"{origin}: the last turn of {key!r} must be the assistant's (the answer)")
+    return tuple(out)
+
+
+def _record(record: object, origin: str, form: Form) -> tuple[Example, bool]:
+    """A chat, a prompt/completion record (both have an answer) or a plain-text record."""
     if isinstance(record, dict):
-        if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
-            return Example(record["prompt"], record["completion"]), True
-        if isinstance(record.get("text"), str):
-            return Example("", record["text"]), False
-    raise DataError(f"{origin}: expected an object with string 'prompt' and 'completion', or 'text'")
+        turns = form.key("messages")
+        if turns in record:
+            return Example("", "", _messages(record[turns], origin, turns)), True
+        prompt, completion = record.get(form.key("prompt")), record.get(form.key("completion"))
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return (chat(prompt, completion) if form.chat else Example(prompt, completion)), True
+        if isinstance(record.get(form.key("text")), str):
+            return Example("", record[form.key("text")]), False
+    names = [form.key(f) for f in FIELDS]
+    raise DataError(
+        f"{origin}: expected an object with {names[3]!r} (chat turns), string {names[0]!r} and "
+        f"{names[1]!r}, or {names[2]!r} (map other field names with `fields`)"
+    )
 
 
-def read_records(path: Path, n: int | None = None) -> tuple[list[Example], bool]:
+def read_records(path: Path, n: int | None = None, form: Form = Form()) -> tuple[list[Example], bool]:
     """Examples from a JSONL file or a `datasets.save_to_disk` directory, and whether they have answers."""
     if path.is_dir():
         try:
@@ -74,12 +115,12 @@ def read_records(path: Path, n: int | None = None) -> tuple[list[Example], bool]
                     raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
     else:
         raise DataError(f"{path} does not exist")
-    parsed = [_record(record, origin) for origin, record in records[:n]]
+    parsed = [_record(record, origin, form) for origin, record in records[:n]]
     if not parsed:
         raise DataError(f"{path} holds no records")
     kinds = {answer for _, answer in parsed}
     if len(kinds) > 1:
-        raise DataError(f"{path} mixes prompt/completion and plain-text records; use one kind per file")
+        raise DataError(f"{path} mixes records with answers and plain-text records; use one kind per file")
     return [example for example, _ in parsed], kinds.pop()
 
 
@@ -112,12 +153,15 @@ def pack(examples: list[Example], tokenizer: Tokenizer, seq_len: int) -> Packed:
     ids: list[int] = []
     labels: list[int] = []
     for example in examples:
-        ex_ids, ex_labels = encode(example, tokenizer)
+        try:
+            ex_ids, ex_labels = encode(example, tokenizer)
+        except ChatError as err:
+            raise DataError(str(err)) from None
         if len(ex_ids) > seq_len:
-            if example.prompt:
+            if example.prompt or example.messages:
                 raise DataError(
                     f"an example is {len(ex_ids)} tokens, longer than seq_len={seq_len}: raise seq_len "
-                    f"(prompt {example.prompt[:40]!r})"
+                    f"(starting {(example.prompt or example.messages[0][1])[:40]!r})"
                 )
             pieces = [
                 (ex_ids[i : i + seq_len], ex_labels[i : i + seq_len]) for i in range(0, len(ex_ids), seq_len)
@@ -148,10 +192,15 @@ def batch_order(rows: int, batch_size: int, steps: int, seed: int) -> Tensor:
 def source_examples(source: Source, seed: int, earlier: dict[str, list[Example]]) -> list[Example]:
     """The examples a source names (before its weight)."""
     if source.task is not None:
-        return generate(source.task, source.n or 2000, seed)
+        return as_form(generate(source.task, source.n or 2000, seed), source.form)
     if source.stage is not None:
         return earlier[source.stage]
-    return read_records(source.path, source.n)[0]
+    return read_records(source.path, source.n, source.form)[0]
+
+
+def as_form(examples: list[Example], form: Form) -> list[Example]:
+    """Generated examples wrapped in the chat template when the form asks for it."""
+    return [chat(e.prompt, e.completion) for e in examples] if form.chat else examples
 
 
 def mix(parts: list[tuple[list[Example], float]], seed: int) -> list[Example]:

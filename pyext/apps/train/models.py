@@ -1,4 +1,5 @@
-"""The recipe's model: a local Hugging Face directory with its tokenizer, or a built-in random-init Llama."""
+"""The recipe's model: a local Hugging Face directory with its tokenizer, a built-in pretrained model
+(`slimtune.models`, e.g. smollm2-135m), or a built-in random-init Llama (tests)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import slimtune
 import torch
 from torch import nn
 
@@ -54,6 +56,12 @@ def build(spec: ModelSpec, seed: int) -> tuple[nn.Module, Tokenizer]:
     import transformers
 
     dtype = DTYPES[spec.dtype]
+    if spec.builtin in slimtune.models.BUILTINS:
+        path = slimtune.models.path(spec.builtin)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation="eager"
+        )
+        return model, HFTokenizer(path)
     if spec.path is not None:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(spec.path), dtype=dtype)
         return model, HFTokenizer(spec.path)

@@ -8,16 +8,18 @@ same way by the runner, through the `where` each spec keeps, before any training
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import Source
+import slimtune
+
+from .data import FIELDS, Form, Source
 from .methods import StageMethod, known_methods, make_method, method_options
 from .models import BUILTIN, DTYPES, ModelSpec, llama_keys
 from .post import Op
-from .schema import INT, LIST, NAMES, NUMBER, TEXT, Mapping, RecipeError, Section, load_yaml
-from .tasks import TASKS
+from .schema import BOOL, INT, LIST, NAMES, NUMBER, TEXT, Mapping, RecipeError, Section, load_yaml
+from .tasks import TASKS, Match
 
 # Upper bounds checked when the recipe is read: a larger value is a typo (or would allocate or run
 # for days before failing), never a run anyone meant.
@@ -40,6 +42,8 @@ class TaskSpec:
     n: int | None
     stages: tuple[str, ...]
     where: str
+    form: Form = field(default_factory=Form)
+    match: Match = field(default_factory=Match)
 
 
 @dataclass(frozen=True)
@@ -132,10 +136,16 @@ def _model(section: Section, base: Path) -> ModelSpec:
         spec = ModelSpec(path=_path(section, "path", base), dtype=dtype, where=section.where())
     else:
         builtin = section.get("builtin", TEXT)
-        if builtin not in BUILTIN:
+        known = [*slimtune.models.names(), *BUILTIN]
+        if builtin not in known:
             raise section.error(
-                "builtin", f"{builtin!r} is not a built-in model; choose from {', '.join(BUILTIN)}"
+                "builtin", f"{builtin!r} is not a built-in model; choose from {', '.join(known)}"
             )
+        if builtin in slimtune.models.BUILTINS:
+            if section.has("config"):
+                raise section.error("config", f"{builtin} is pretrained: its config cannot be changed")
+            if not slimtune.models.is_available(builtin):
+                raise section.error("builtin", f"{builtin} is not installed: {slimtune.models.INSTALL}")
         config = section.section("config", {})
         for key in config.data:
             if key not in llama_keys():
@@ -183,6 +193,7 @@ def _source(section: Section, base: Path, stages: list[str]) -> Source:
         weight=section.positive("weight", NUMBER, 1.0),
         n=section.positive("n", INT, None, LIMITS["n"]),
         where=section.where(kind),
+        form=_form(section),
     )
     if source.task is not None and source.task not in TASKS:
         raise section.error("task", f"unknown generated task {source.task!r}; choose from {', '.join(TASKS)}")
@@ -192,6 +203,31 @@ def _source(section: Section, base: Path, stages: list[str]) -> Source:
         )
     section.close()
     return source
+
+
+def _form(section: Section) -> Form:
+    """`fields` (slimtune's field name: the file's) and `chat` (wrap prompt/completion in the template)."""
+    fields = section.section("fields", {})
+    for key, value in fields.data.items():
+        if key not in FIELDS:
+            raise fields.error(key, f"unknown field {key!r}; map any of {', '.join(FIELDS)} to a field name")
+        if not isinstance(value, str) or not value:
+            raise fields.error(key, f"expected the file's field name for {key!r}, got {value!r}")
+    return Form(tuple(sorted(fields.data.items())), section.get("chat", BOOL, False))
+
+
+def _match(section: Section) -> Match:
+    """`match` (exact, contains) and `answer_pattern` (a regex; its first group is the answer)."""
+    kind = section.get("match", TEXT, "exact")
+    if kind not in ("exact", "contains"):
+        raise section.error("match", f"{kind!r} is not one of exact, contains")
+    pattern = section.get("answer_pattern", TEXT, None)
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise section.error("answer_pattern", f"not a valid regular expression: {err}") from None
+    return Match(kind, pattern)
 
 
 def _ops(section: Section, key: str, base: Path, diff_stages: list[str]) -> tuple[Op, ...]:
@@ -295,6 +331,8 @@ def _task(section: Section, base: Path, names: set[str], stages: list[str]) -> T
         n=section.positive("n", INT, 64 if kind == "task" else None, LIMITS["n"]),
         stages=section.get("stage", NAMES, ()),
         where=section.where(kind),
+        form=_form(section),
+        match=_match(section),
     )
     if task.task is not None and task.task not in TASKS:
         raise section.error("task", f"unknown generated task {task.task!r}; choose from {', '.join(TASKS)}")

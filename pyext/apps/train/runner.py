@@ -28,12 +28,12 @@ from torch import nn
 from tqdm import tqdm
 
 from . import loop, metrics, models, post
-from .data import DataError, Packed, batch_order, mix, pack, read_records, source_examples
+from .data import DataError, Packed, as_form, batch_order, mix, pack, read_records, source_examples
 from .diff import load_diff
 from .methods import DIFF_FILE, Context, StageMethod
 from .recipe import Recipe, RecipeError, Stage, TaskSpec, load_recipe
-from .tasks import Example, evaluate, generate
-from .tokenizer import Tokenizer
+from .tasks import Example, encode, evaluate, generate
+from .tokenizer import ChatError, Tokenizer
 
 log = logging.getLogger("slimtune.train")
 
@@ -65,8 +65,8 @@ def _eval_set(task: TaskSpec, recipe: Recipe) -> tuple[list[Example], bool]:
     """A task's evaluation examples, and whether they have answers."""
     try:
         if task.task is not None:
-            return generate(task.task, task.n, recipe.seed, split="eval"), True
-        return read_records(task.path, task.n)
+            return as_form(generate(task.task, task.n, recipe.seed, split="eval"), task.form), True
+        return read_records(task.path, task.n, task.form)
     except DataError as err:
         raise RecipeError(f"{task.where}: {err}") from None
 
@@ -130,6 +130,11 @@ def prepare(recipe: Recipe, world: loop.World) -> Prepared:
     _check_stages(recipe, model, world)
     packed = _pack_stages(recipe, tokenizer)
     evals = [_eval_set(task, recipe) for task in recipe.tasks]
+    for task, (examples, _) in zip(recipe.tasks, evals, strict=True):
+        try:  # a chat task needs a tokenizer with a chat template: say so before training
+            encode(examples[0], tokenizer)
+        except ChatError as err:
+            raise RecipeError(f"{task.where}: {err}") from None
     return Prepared(model.to(world.device).eval(), tokenizer, packed, evals)
 
 
@@ -242,7 +247,7 @@ def data_digests(recipe: Recipe) -> dict[str, str]:
 
 def evaluate_all(recipe: Recipe, prepared: Prepared) -> dict[str, dict[str, float | None]]:
     return {
-        task.name: evaluate(prepared.model, prepared.tokenizer, examples, answers)
+        task.name: evaluate(prepared.model, prepared.tokenizer, examples, answers, match=task.match)
         for task, (examples, answers) in zip(recipe.tasks, prepared.evals, strict=True)
     }
 
@@ -327,9 +332,13 @@ def _branch_metrics(recipe: Recipe, acc: metrics.Matrix, leaf: int) -> dict[str,
     return metrics.forgetting([acc[j] for j in rows], [t.name for t in recipe.tasks], learned)
 
 
-def train_stages(recipe: Recipe, prepared: Prepared, run: RunDir, world: loop.World) -> list[dict[str, Any]]:
-    """Every stage in order; a stage `from` an earlier one starts from a copy of that stage's model."""
+def train_stages(
+    recipe: Recipe, prepared: Prepared, run: RunDir, world: loop.World, export: bool = False
+) -> list[dict[str, Any]]:
+    """Every stage in order; a stage `from` an earlier one starts from a copy of that stage's model.
+    `export`: the model at the end of each branch is also written as a plain Hugging Face directory."""
     branch_points = {recipe.parent(j) for j in range(len(recipe.stages)) if recipe.parent(j) != j - 1}
+    leaves = set(recipe.leaves())
     snapshots, records = {}, []
     for index in range(len(recipe.stages)):
         if recipe.parent(index) != index - 1:
@@ -337,7 +346,33 @@ def train_stages(recipe: Recipe, prepared: Prepared, run: RunDir, world: loop.Wo
         records.append(train_stage(recipe, index, prepared, run, world))
         if index in branch_points:
             snapshots[index] = {k: v.detach().clone() for k, v in prepared.model.state_dict().items()}
+        if export and index in leaves and world.rank == 0:
+            folder = run.root / "export" / recipe.stages[index].name
+            export_hf(prepared.model, prepared.tokenizer, folder)
+            log.info(
+                "stage %s: exported the model to %s (transformers.from_pretrained loads it)",
+                recipe.stages[index].name,
+                folder,
+            )
     return records
+
+
+def export_hf(model: nn.Module, tokenizer: Tokenizer, folder: Path) -> Path:
+    """`save_pretrained` of the (plain, merged) model and its tokenizer, written to a temporary folder
+    and renamed into place."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        model.save_pretrained(partial)
+        save = getattr(tokenizer, "save", None)
+        if save is not None:
+            save(partial)
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
 
 
 def report(recipe: Recipe, base: dict[str, Any], records: list[dict[str, Any]], root: Path) -> dict[str, Any]:
@@ -376,11 +411,13 @@ def run(
     output: str | Path | None = None,
     resume: bool = False,
     changed_data: bool = False,
+    export_hf: bool = False,
 ) -> RunResult:
     """Train a recipe end to end; RecipeError (before any training) for a bad recipe or run folder.
 
     `resume` continues the run in `output`; its data must be what the run started with unless
-    `changed_data`."""
+    `changed_data`. `export_hf` writes each branch's final model to `export/<stage>/` as a plain
+    Hugging Face directory."""
     recipe = load_recipe(recipe_path)
     world = loop.World.start(recipe.device)
     prepared = prepare(recipe, world)
@@ -392,7 +429,7 @@ def run(
         if base is None and world.rank == 0:
             base = evaluate_all(recipe, prepared)
             run_dir.write(root / "base.json", base)
-        records = train_stages(recipe, prepared, run_dir, world)
+        records = train_stages(recipe, prepared, run_dir, world, export_hf)
         data = report(recipe, base, records, root) if world.rank == 0 else None
     return RunResult(root, prepared.model, data)
 
@@ -402,7 +439,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.changed_data and not args.resume:
             raise RecipeError("--changed-data goes with --resume (it lets a resumed run use changed data)")
-        run(args.recipe, args.output, args.resume, args.changed_data)
+        run(args.recipe, args.output, args.resume, args.changed_data, args.export_hf)
     except RecipeError as err:
         print(f"slimtune train: {err}", file=sys.stderr)
         return 2

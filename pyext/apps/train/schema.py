@@ -82,8 +82,9 @@ def NAMES(value: Any) -> tuple[str, ...]:
     return tuple(names)
 
 
-TEXT, MAPPING, LIST = _kind(str), _kind(dict), _kind(list)
+TEXT, MAPPING, LIST, BOOL = _kind(str), _kind(dict), _kind(list), _kind(bool)
 KINDS: dict[Callable[[Any], Any], str] = {
+    BOOL: "true or false",
     INT: "an integer",
     NUMBER: "a finite number",
     TEXT: "a string",

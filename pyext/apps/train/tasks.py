@@ -7,6 +7,7 @@ task, so a model can tell tasks apart and a later stage can overwrite what an ea
 from __future__ import annotations
 
 import random
+import re
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,10 +23,45 @@ LETTERS, DIGITS = "abcdefghij", "0123456789"
 
 @dataclass(frozen=True)
 class Example:
-    """A prompt and its completion; plain text is a completion with an empty prompt."""
+    """A prompt and its completion; plain text is a completion with an empty prompt.
+
+    A chat example holds `messages` ((role, content) pairs) instead, rendered with the tokenizer's
+    chat template and trained on its assistant turns; its last turn is the assistant's answer, which
+    evaluation compares with the model's greedy reply to the turns before it.
+    """
 
     prompt: str
     completion: str
+    messages: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def answer(self) -> str:
+        return self.messages[-1][1] if self.messages else self.completion
+
+
+@dataclass(frozen=True)
+class Match:
+    """How a greedy answer is scored: `exact` (after stripping spaces), `contains` (the expected
+    answer appears in the reply, case-insensitive), or `pattern` (a regex whose first group, or whole
+    match, found in the reply must equal the expected answer)."""
+
+    kind: str = "exact"
+    pattern: str | None = None
+
+    def __call__(self, reply: str, expected: str) -> bool:
+        if self.pattern is not None:
+            found = re.search(self.pattern, reply)
+            if found is None:
+                return False
+            return (found.group(1) if found.groups() else found.group(0)).strip() == expected.strip()
+        if self.kind == "contains":
+            return expected.strip().lower() in reply.lower()
+        return reply.strip() == expected.strip()
+
+
+def chat(prompt: str, completion: str) -> Example:
+    """A prompt/completion pair as a one-turn chat (user, assistant)."""
+    return Example("", "", (("user", prompt), ("assistant", completion)))
 
 
 def _successor(alphabet: str) -> Callable[[str], str]:
@@ -70,10 +106,21 @@ def generate(task: str, n: int, seed: int, split: str = "train") -> list[Example
 
 
 def encode(example: Example, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids and labels: -100 on bos and the prompt, so only the completion (and eos) is learned."""
-    prompt = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(example.prompt)
+    """Token ids and labels: -100 on bos and the prompt, so only the completion (and eos) is learned;
+    for a chat, only the assistant turns."""
+    if example.messages:
+        return tokenizer.encode_chat(example.messages)
+    prompt = prompt_ids(example, tokenizer)
     completion = [*tokenizer.encode(example.completion), tokenizer.eos_id]
     return prompt + completion, [-100] * len(prompt) + completion
+
+
+def prompt_ids(example: Example, tokenizer: Tokenizer) -> list[int]:
+    """What the model sees before its answer: bos + prompt, or the chat up to the last assistant turn
+    with the template's generation prompt."""
+    if example.messages:
+        return tokenizer.chat_prompt(example.messages[:-1])
+    return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(example.prompt)
 
 
 def token_loss_sum(
@@ -91,9 +138,14 @@ def token_loss_sum(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, tokenizer: Tokenizer, examples: list[Example], answers: bool, batch_size: int = 64
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    examples: list[Example],
+    answers: bool,
+    batch_size: int = 64,
+    match: Match = Match(),
 ) -> dict[str, float | None]:
-    """Mean completion loss per token and, for tasks with answers, greedy exact-match accuracy."""
+    """Mean completion loss per token and, for tasks with answers, greedy accuracy under `match`."""
     model.eval()
     device = next(model.parameters()).device
     total, count, correct = 0.0, 0, 0
@@ -108,24 +160,27 @@ def evaluate(
         count += int((labels[:, 1:] != -100).sum())
         if answers:
             correct += sum(
-                p == e.completion for p, e in zip(greedy(model, tokenizer, batch), batch, strict=True)
+                match(p, e.answer) for p, e in zip(greedy(model, tokenizer, batch), batch, strict=True)
             )
     return {"loss": total / max(count, 1), "accuracy": correct / len(examples) if answers else None}
 
 
-def greedy(model: nn.Module, tokenizer: Tokenizer, batch: list[Example]) -> list[str]:
-    """Greedy completions of the prompts, cut at eos.
+def greedy(
+    model: nn.Module, tokenizer: Tokenizer, batch: list[Example], max_new_tokens: int | None = None
+) -> list[str]:
+    """Greedy completions of the prompts, cut at eos (at most the expected answer's length + 1
+    tokens, or `max_new_tokens`).
 
     Left-padded, and each new token recomputes the whole (short) sequence: for the few-token
     answers of evaluation tasks this is faster than `generate` and its per-call overhead.
     """
     device = next(model.parameters()).device
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    prompts = [bos + tokenizer.encode(e.prompt) for e in batch]
+    prompts = [prompt_ids(e, tokenizer) for e in batch]
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[tokenizer.pad_id] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    for _ in range(max(len(tokenizer.encode(e.completion)) for e in batch) + 1):
+    steps = max_new_tokens or max(len(tokenizer.encode(e.answer)) for e in batch) + 1
+    for _ in range(steps):
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)

