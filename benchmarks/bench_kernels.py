@@ -4,8 +4,9 @@ Every op of `slimtune.ops.OPS` runs on each backend that can run on this machine
 present, else CPU), forced with `ops.use_backend`, next to the `torch` reference. The PaCA layer's
 forward + backward runs next to a dense `nn.Linear` with the input gradient only (the floor, the
 group's reference), a dense one with input and weight gradients, and the naive PaCA autograd
-function of /work/shared/anchors.md. Shapes: TinyLlama's projections, 4096 and 16384 tokens, r=64,
-bf16 on CUDA; small fp32 shapes on CPU. Benchmarks are grouped by op and shape; `extra_info` holds
+function of the H200 anchors (benchmarks/results/anchors-h200-2026-11-26.md). Shapes: TinyLlama's
+projections, 4096 and 16384 tokens, r=64, bf16 on CUDA; small fp32 shapes on CPU. Benchmarks are
+grouped by op and shape; `extra_info` holds
 the bytes moved and FLOPs of one call and the GB/s and TFLOP/s achieved at the median, and the
 summary at the end prints those rates and each backend's speedup over the group's reference.
 

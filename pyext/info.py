@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 
 import torch
@@ -11,10 +12,18 @@ from .ops import OPS, backend_unavailable
 from .registry import methods
 
 
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def info(quiet: bool = False) -> str:
     """Print (unless `quiet`) and return a report of versions and the backend of every op, with reasons."""
     lines = [
-        f"slimtune {__version__}  python {platform.python_version()}  torch {torch.__version__}",
+        f"slimtune {__version__}  python {platform.python_version()}  torch {torch.__version__}  "
+        + "  ".join(f"{name} {_version(name)}" for name in ("transformers", "peft", "triton")),
         f"extension slimtune._C: {'built' if _ext.available() else 'missing: ' + str(_ext.load_error())}"
         + (
             f", CUDA kernels {'compiled' if _ext.cuda_compiled() else 'not compiled'}"

@@ -1,4 +1,5 @@
-"""`slimtune bench`: the end-to-end training-step benchmark of anchors.md, one row per method.
+"""`slimtune bench`: the end-to-end training-step benchmark of the H200 anchors (the protocol in
+benchmarks/results/anchors-h200-2026-11-26.md), one row per method.
 
 Every method builds a fresh random-init model from the same seed and times the same step
 (forward with labels, backward, optimizer step, zero_grad), so the rows differ only in the method.
@@ -200,7 +201,8 @@ def build_model(spec, device: torch.device, dtype: torch.dtype, seed: int) -> nn
 def train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer | None, batch: dict[str, torch.Tensor]
 ) -> torch.Tensor:
-    """One step as anchors.md defines it; returns the detached loss (reading it syncs the device)."""
+    """One step as the anchors' protocol defines it; returns the detached loss (reading it syncs the
+    device)."""
     loss = model(**batch).loss
     loss.backward()
     if optimizer is not None:

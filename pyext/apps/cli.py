@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="slimtune",
         description="Sparse and partial fine-tuning of Hugging Face models with custom kernels.",
     )
+    from slimtune import __version__
+
+    parser.add_argument("--version", action="version", version=f"slimtune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("info", help="versions, extension build and the backend each op uses, with reasons")
@@ -172,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="time one training step per method (the anchors.md protocol) and write a report",
+        help="time one training step per method (the protocol of "
+        "benchmarks/results/anchors-h200-2026-11-26.md) and write a report",
         description="End-to-end step benchmark: fresh random-init model per method, median step time and "
         "peak CUDA memory, each shown as a ratio to the floor. Writes .md and .json under --out.",
     )

@@ -67,47 +67,65 @@ def table(
     return "\n".join(lines)
 
 
-def heatmap(rows: list[str], tasks: list[str], acc: Matrix, path: Path) -> None:
-    """The accuracy matrix as a heatmap PNG, one row per stage (and the base model)."""
+def heatmap(
+    rows: list[str], tasks: list[str], acc: Matrix, path: Path, loss: Matrix | None = None, title: str = ""
+) -> None:
+    """The accuracy matrix as a heatmap PNG, one row per stage (and the base model); a task without
+    answers (plain text, loss-only) shows its loss in grey cells."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     values = [[float("nan") if v is None else v for v in row] for row in acc]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(tasks), 1.2 + 0.5 * len(rows)))
-    image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("#d9d9d9")
+    fig, ax = plt.subplots(figsize=(2.2 + 1.2 * len(tasks), 1.6 + 0.5 * len(rows)))
+    image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel("task")
     ax.set_ylabel("after stage")
+    ax.set_title(title or "accuracy after each stage (grey: loss of tasks without answers)")
     for j, row in enumerate(acc):
         for i, value in enumerate(row):
-            ax.text(
-                i, j, _cell(value), ha="center", va="center", color="white" if (value or 0) < 0.6 else "black"
-            )
+            if value is None:
+                text, color = ("loss\n" + _cell(loss[j][i])) if loss is not None else "-", "black"
+            else:
+                text, color = _cell(value), "white" if value < 0.6 else "black"
+            ax.text(i, j, text, ha="center", va="center", color=color, fontsize=8)
     fig.colorbar(image, ax=ax, label="exact-match accuracy")
     fig.tight_layout()
     slimtune.files.write_with(path, lambda partial: fig.savefig(partial, dpi=120))
     plt.close(fig)
 
 
-def loss_curves(stages: list[str], losses: list[list[float]], path: Path) -> None:
-    """Training loss per step, stages one after another on a common step axis."""
+def loss_curves(
+    stages: list[str],
+    losses: list[list[float]],
+    path: Path,
+    parents: list[int] | None = None,
+    title: str = "",
+) -> None:
+    """Training loss per step. Each stage starts where the stage it continues from ended (`parents[j]`,
+    -1 for the base model), so parallel branches are drawn side by side, not end to end."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    offset = 0
-    for name, curve in zip(stages, losses, strict=True):
-        ax.plot(range(offset, offset + len(curve)), curve, label=name)
-        offset += len(curve)
-    ax.set_xlabel("step")
+    parents = parents if parents is not None else list(range(-1, len(stages) - 1))
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    ends: list[int] = []
+    for j, (name, curve) in enumerate(zip(stages, losses, strict=True)):
+        start = ends[parents[j]] if parents[j] >= 0 else 0
+        ax.plot(range(start, start + len(curve)), curve, label=name)
+        ends.append(start + len(curve))
+    ax.set_xlabel("step (a stage starts where the model it continues from ended)")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
-    ax.legend()
+    ax.set_title(title or "training loss per stage")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     slimtune.files.write_with(path, lambda partial: fig.savefig(partial, dpi=120))
     plt.close(fig)

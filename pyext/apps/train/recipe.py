@@ -217,17 +217,19 @@ def _form(section: Section) -> Form:
 
 
 def _match(section: Section) -> Match:
-    """`match` (exact, contains) and `answer_pattern` (a regex; its first group is the answer)."""
+    """`match` (exact, contains, loss), `answer_pattern` (a regex; its first group is the answer) and
+    `max_new_tokens` (the reply's budget)."""
     kind = section.get("match", TEXT, "exact")
-    if kind not in ("exact", "contains"):
-        raise section.error("match", f"{kind!r} is not one of exact, contains")
+    if kind not in ("exact", "contains", "loss"):
+        raise section.error("match", f"{kind!r} is not one of exact, contains, loss")
+    budget = section.positive("max_new_tokens", INT, None, 4096)
     pattern = section.get("answer_pattern", TEXT, None)
     if pattern is not None:
         try:
             re.compile(pattern)
         except re.error as err:
             raise section.error("answer_pattern", f"not a valid regular expression: {err}") from None
-    return Match(kind, pattern)
+    return Match(kind, pattern, budget)
 
 
 def _ops(section: Section, key: str, base: Path, diff_stages: list[str]) -> tuple[Op, ...]:

@@ -398,8 +398,10 @@ def report(recipe: Recipe, base: dict[str, Any], records: list[dict[str, Any]], 
     }
     slimtune.files.write_text(root / "metrics.json", json.dumps(data, indent=1) + "\n")
     labels = ["base", *names]
-    metrics.heatmap(labels, tasks, acc, root / "forgetting.png")
-    metrics.loss_curves(names, [r["losses"] for r in records], root / "losses.png")
+    title = recipe.description or recipe.file.stem
+    metrics.heatmap(labels, tasks, acc, root / "forgetting.png", loss, f"{title}: accuracy after each stage")
+    parents = [recipe.parent(j) for j in range(len(names))]
+    metrics.loss_curves(names, [r["losses"] for r in records], root / "losses.png", parents, title)
     text = metrics.table(labels, tasks, acc, loss, branches)
     slimtune.files.write_text(root / "summary.txt", text + "\n")
     print(text)

@@ -42,11 +42,17 @@ class Example:
 @dataclass(frozen=True)
 class Match:
     """How a greedy answer is scored: `exact` (after stripping spaces), `contains` (the expected
-    answer appears in the reply, case-insensitive), or `pattern` (a regex whose first group, or whole
-    match, found in the reply must equal the expected answer)."""
+    answer appears in the reply, case-insensitive), `pattern` (a regex whose first group, or whole
+    match, found in the reply must equal the expected answer), or `loss` (not at all: loss only)."""
 
     kind: str = "exact"
     pattern: str | None = None
+    max_new_tokens: int | None = None  # the reply's budget (default: the expected answer's length + 1)
+
+    @property
+    def scores(self) -> bool:
+        """False for `loss`: the task is scored by its loss only (no greedy replies)."""
+        return self.kind != "loss"
 
     def __call__(self, reply: str, expected: str) -> bool:
         if self.pattern is not None:
@@ -158,11 +164,11 @@ def evaluate(
         mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in encoded], device=device)
         total += float(token_loss_sum(model, ids, labels, mask))
         count += int((labels[:, 1:] != -100).sum())
-        if answers:
-            correct += sum(
-                match(p, e.answer) for p, e in zip(greedy(model, tokenizer, batch), batch, strict=True)
-            )
-    return {"loss": total / max(count, 1), "accuracy": correct / len(examples) if answers else None}
+        if answers and match.scores:
+            replies = greedy(model, tokenizer, batch, match.max_new_tokens)
+            correct += sum(match(p, e.answer) for p, e in zip(replies, batch, strict=True))
+    accuracy = correct / len(examples) if answers and match.scores else None
+    return {"loss": total / max(count, 1), "accuracy": accuracy}
 
 
 def greedy(
@@ -171,8 +177,9 @@ def greedy(
     """Greedy completions of the prompts, cut at eos (at most the expected answer's length + 1
     tokens, or `max_new_tokens`).
 
-    Left-padded, and each new token recomputes the whole (short) sequence: for the few-token
-    answers of evaluation tasks this is faster than `generate` and its per-call overhead.
+    Left-padded; the prompts run once and each new token reads the key/value cache (only the last
+    position's logits are computed), as `generate` does, without its per-call overhead. Rows stop
+    mattering at their eos; the batch stops when every row has one.
     """
     device = next(model.parameters()).device
     prompts = [prompt_ids(e, tokenizer) for e in batch]
@@ -180,11 +187,24 @@ def greedy(
     ids = torch.tensor([[tokenizer.pad_id] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     steps = max_new_tokens or max(len(tokenizer.encode(e.answer)) for e in batch) + 1
+    step_ids, cache = ids, None
+    done = torch.zeros(len(batch), dtype=torch.bool, device=device)
     for _ in range(steps):
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
+        out = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache, step_ids = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, step_ids], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        done |= step_ids[:, 0] == tokenizer.eos_id
+        if bool(done.all()):
+            break
     texts = []
     for row in ids[:, width:].tolist():
         cut = row.index(tokenizer.eos_id) if tokenizer.eos_id in row else len(row)
