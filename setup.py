@@ -78,6 +78,11 @@ if os.environ.get("SLIMTUNE_BUILD_EXT", "1") == "0":
 setup(
     package_dir={"slimtune": "pyext", "slimtune.triton_kernels": "triton_kernels"},
     packages=["slimtune", "slimtune.triton_kernels"] + [f"slimtune.{p}" for p in find_packages("pyext")],
+    # the shipped recipes (with their data) and the demo's data install with the package
+    package_data={
+        "slimtune": ["recipes/*.yaml", "recipes/data/*.jsonl"],
+        "slimtune.apps.train": ["demo_data/*.jsonl"],
+    },
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
 )

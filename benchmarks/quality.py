@@ -24,6 +24,7 @@ import argparse
 import csv
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -84,6 +85,8 @@ class Preset:
     seeds: tuple[int, ...] = (0, 1)
     methods: tuple[str, ...] = tuple(METHODS)
     lr_points: int = 3  # how many of each sweep's values
+    candidates: int | None = None  # probe candidates screened (None: all shipped)
+    prompts: int | None = None  # generic prompts the base answers (None: all shipped)
 
 
 PRESETS = {
@@ -96,10 +99,12 @@ PRESETS = {
         probes=4,
         text=2,
         replies=2,
-        replay=4,
+        replay=2,
         seeds=(0,),
-        methods=("full", "paca", "full+lines"),
+        methods=("full", "paca"),
         lr_points=1,
+        candidates=12,
+        prompts=4,
     ),
 }
 
@@ -140,7 +145,7 @@ def prepare(out: Path, preset: Preset) -> dict[str, Any]:
         data.write_jsonl(folder / f"{task}-train.jsonl", data.task_records(task, preset.train_n, 0, "train"))
         data.write_jsonl(folder / f"{task}-eval.jsonl", data.task_records(task, preset.eval_n, 0, "eval"))
     # (a) probes the base answers correctly
-    candidates = data.read_jsonl("probes.jsonl")
+    candidates = data.read_jsonl("probes.jsonl")[: preset.candidates]
     examples = [Example("", "", (("user", c["question"]), ("assistant", c["answer"]))) for c in candidates]
     contains = Match("contains", max_new_tokens=16)
     replies = []
@@ -158,7 +163,7 @@ def prepare(out: Path, preset: Preset) -> dict[str, Any]:
     text = data.read_jsonl("text.jsonl")
     data.write_jsonl(folder / "text.jsonl", [{"text": t["text"]} for t in text[: preset.text]])
     # (c) the base model's own replies; those not scored are replay chats
-    prompts = [p["prompt"] for p in data.read_jsonl("prompts.jsonl")]
+    prompts = [p["prompt"] for p in data.read_jsonl("prompts.jsonl")][: preset.prompts]
     own = [Example("", "", (("user", p), ("assistant", ""))) for p in prompts]
     answers = []
     for start in range(0, len(own), 16):
@@ -274,7 +279,9 @@ def sweep(out: Path, preset: Preset, workers: int) -> list[Run]:
     walls = {}
     if jobs:
         print(f"quality: {len(jobs)} runs on {workers} processes", flush=True)
-        with ProcessPoolExecutor(workers) as pool:
+        # A fresh process per run: nothing (memory, torch state) carries from one run to the next.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1) as pool:
             for done, (folder, wall) in enumerate(pool.map(_run_one, jobs), 1):
                 walls[folder] = wall
                 print(f"quality: {done}/{len(jobs)} {Path(folder).name} ({wall:.0f} s)", flush=True)

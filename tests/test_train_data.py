@@ -7,8 +7,8 @@ import random
 
 import pytest
 import torch
-from slimtune.apps.train.data import DataError, batch_order, pack, read_records, weighted
-from slimtune.apps.train.tasks import Example, encode, generate
+from slimtune.apps.train.data import DataError, Form, batch_order, pack, read_records, weighted
+from slimtune.apps.train.tasks import Example, Match, encode, generate
 from slimtune.apps.train.tokenizer import CharTokenizer
 
 TOKENIZER = CharTokenizer()
@@ -75,7 +75,7 @@ def test_jsonl_records(tmp_path):
     path.write_text(json.dumps({"text": "hello"}) + "\n")
     assert read_records(path) == ([Example("", "hello")], False)
     path.write_text(json.dumps({"text": "a"}) + "\n" + json.dumps({"prompt": "b", "completion": "c"}) + "\n")
-    with pytest.raises(DataError, match="mixes prompt/completion and plain-text"):
+    with pytest.raises(DataError, match="mixes records with answers and plain-text"):
         read_records(path)
     path.write_text(json.dumps({"question": "a"}) + "\n")
     with pytest.raises(DataError, match=r"d\.jsonl:1: expected an object"):
@@ -93,3 +93,43 @@ def test_batch_order_is_epochs_of_shuffles():
     assert len(order) >= 24
     assert sorted(order[:10].tolist()) == list(range(10)) and sorted(order[10:20].tolist()) == list(range(10))
     assert torch.equal(order, batch_order(rows=10, batch_size=4, steps=6, seed=0))
+
+
+def test_chat_records_field_mapping_and_chat_wrapping(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    path.write_text(json.dumps({"conversation": turns}) + "\n")
+    examples, answers = read_records(path, form=Form((("messages", "conversation"),)))
+    assert answers and examples[0].messages == (("user", "hi"), ("assistant", "hello"))
+    assert examples[0].answer == "hello"
+    path.write_text(json.dumps({"q": "2+2", "a": "4"}) + "\n")
+    form = Form((("completion", "a"), ("prompt", "q")), chat=True)
+    (example,), _ = read_records(path, form=form)
+    assert example.messages == (("user", "2+2"), ("assistant", "4"))
+    (plain,), _ = read_records(path, form=Form((("completion", "a"), ("prompt", "q"))))
+    assert plain == Example("2+2", "4")
+    for bad, match in [
+        ([{"role": "user", "content": "hi"}], "last turn .* must be the assistant's"),
+        (
+            [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}],
+            r"\[0\] must be an object with role",
+        ),
+        ([], "non-empty list"),
+    ]:
+        path.write_text(json.dumps({"messages": bad}) + "\n")
+        with pytest.raises(DataError, match=match):
+            read_records(path)
+
+
+def test_chat_data_with_the_character_tokenizer_is_refused_by_name():
+    chat = Example("", "", (("user", "hi"), ("assistant", "hello")))
+    with pytest.raises(DataError, match="character tokenizer has no chat template"):
+        pack([chat], CharTokenizer(), 64)
+
+
+def test_answer_matching():
+    assert Match()(" 42 ", "42") and not Match()("42.", "42")
+    assert Match("contains")("The capital is Paris.", "paris")
+    assert Match(pattern=r"answer is (\d+)")("so the answer is 7, yes", "7")
+    assert not Match(pattern=r"answer is (\d+)")("no number", "7")
+    assert not Match("loss").scores

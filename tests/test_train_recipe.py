@@ -214,3 +214,11 @@ def test_the_builtin_tokenizer_warns_about_characters_it_cannot_encode():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per character
         tokenizer.encode("üéï plain")
+
+
+def test_a_shipped_recipe_is_found_by_name():
+    from slimtune.apps.train.recipe import SHIPPED, shipped_recipes
+
+    assert "sequential" in shipped_recipes()
+    assert load_recipe("sequential").file == SHIPPED / "sequential.yaml"
+    assert (SHIPPED / "data").is_dir()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from slimtune.apps.train import RecipeError, demo, load_recipe, loop, run
+from slimtune.apps.train import RecipeError, load_recipe, loop, run
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -142,6 +142,17 @@ def test_resume_refuses_another_recipe(tmp_path):
         run(_write(tmp_path, data), tmp_path / "run", resume=True)
 
 
+def test_stages_from_base_start_from_the_model_as_built(tmp_path):
+    data = _four_stages()
+    first = dict(data["stages"][0], lr=5e-2)
+    again = dict(first, name="again", **{"from": "base"}, lr=1e-12)  # no change: the base again
+    data["stages"], data["tasks"] = [first, again], [dict(data["tasks"][0], stage=["a0", "again"])]
+    data["stages"][0]["name"] = "a0"
+    result = run(_write(tmp_path, data), tmp_path / "run")
+    base_loss, (trained, untrained) = result.metrics["base"]["loss"][0], result.metrics["loss"]
+    assert abs(untrained[0] - base_loss) < 1e-4 < abs(trained[0] - base_loss)
+
+
 def test_resume_refuses_changed_data_unless_told(tmp_path):
     (tmp_path / "data.jsonl").write_text(
         "".join(f'{{"prompt": "{i}+{i}=", "completion": "{2 * i}"}}\n' for i in range(20))
@@ -244,16 +255,6 @@ def test_branches_start_from_the_named_stage(tmp_path):
     assert branched.metrics["accuracy"][2] == linear.metrics["accuracy"][1]
     assert set(branched.metrics["branches"]) == {"b", "c"}
     assert branched.metrics["branches"]["c"] == linear.metrics["branches"]["c"]
-
-
-def test_demo_recipe_compares_every_method(tmp_path):
-    data = demo.recipe(steps=2, seed=0, device="cpu")
-    data["model"] = {"builtin": "tiny-llama"}
-    for entry in [*data["tasks"], *(source for stage in data["stages"] for source in stage["data"])]:
-        entry["n"] = 16
-    result = run(_write(tmp_path, data), tmp_path / "run")
-    lines = demo.table(result.metrics, "state MiB").splitlines()
-    assert [line.split()[0] for line in lines[2:]] == list(demo.METHODS)
 
 
 def test_local_model_directory_with_its_tokenizer(tmp_path):

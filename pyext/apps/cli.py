@@ -75,12 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="sequential fine-tuning demo: learn task A, then task B with each method; what is kept of A",
-        description="Pre-train a small random-init Llama on a generated task A, then teach it task B with "
-        "full fine-tuning, LoRA, PaCA, S2FT and HFT from the same start; print accuracy on B, retention of "
-        "A, backward transfer, ms per step and memory, and save the forgetting heatmap. With --single-task: "
-        "one task, PaCA vs full fine-tuning vs PEFT LoRA, each in a fresh process (final loss, ms per step, "
-        "peak memory).",
+        help="teach the built-in pretrained model a new task with each method; what each keeps of the rest",
+        description="Teach the built-in SmolLM2-135M-Instruct a new task with full fine-tuning, LoRA, PaCA, "
+        "S2FT and HFT, each from the same base at the learning rate the quality benchmark found best; print "
+        "the new task's accuracy, the share of general questions still answered, the NLL drift on English "
+        "prose, ms per step and memory, and save the heatmap and loss curves. With --single-task: a small "
+        "random-init model, PaCA vs full fine-tuning vs PEFT LoRA, each in a fresh process (final loss, ms "
+        "per step, peak memory).",
     )
     demo.add_argument(
         "--single-task",
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=_positive_int,
         default=None,
-        help="training steps per method (default 150 sequential, 200 single-task)",
+        help="training steps per method (default 16; 200 with --single-task)",
     )
     demo.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda if available)")
     demo.add_argument("--seed", type=int, default=0, help="seed for the model, data and PaCA columns")
@@ -103,7 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoints, the forgetting matrix, plots and logs to the run folder (see docs/trainer.md). "
         "Under `torchrun --nproc_per_node N` it trains with DistributedDataParallel.",
     )
-    train.add_argument("recipe", help="recipe file (examples in recipes/)")
+    train.add_argument(
+        "recipe",
+        help="recipe file, or the name of a recipe shipped with slimtune (sequential, mixed, dmt, lines, "
+        "hft, sparse-diff: the files of slimtune/recipes)",
+    )
     train.add_argument("--output", default=None, help="run folder (default runs/<recipe name>)")
     train.add_argument(
         "--resume", action="store_true", help="continue the run in the folder after its last finished stage"
@@ -245,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 from . import demo
             else:
                 from .train import demo
-            args.steps = args.steps or (200 if args.single_task else 150)
+            args.steps = args.steps or (200 if args.single_task else 16)
             return demo.main(args)
         if args.command == "train":
             from .train import runner

@@ -7,8 +7,10 @@ one process and N processes (each with a slice of the batch) take the same gradi
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +22,8 @@ from tqdm import tqdm
 from .data import Packed
 from .recipe import Stage
 from .tasks import token_loss_sum
+
+log = logging.getLogger("slimtune.train")
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,10 @@ def train(
         torch.cuda.reset_peak_memory_stats(world.device)
     model.train()
     share = stage.batch_size // world.size
-    bar = tqdm(total=steps, desc=stage.name, disable=world.rank != 0, dynamic_ncols=True)
+    # On a terminal a bar updates in place; otherwise (a log, CI) a short line every tenth of the stage.
+    interactive = sys.stderr.isatty()
+    bar = tqdm(total=steps, desc=stage.name, disable=world.rank != 0 or not interactive, dynamic_ncols=True)
+    every = max(1, steps // 10)
     for step in range(steps):
         started = time.perf_counter()
         rows = order[step * stage.batch_size : (step + 1) * stage.batch_size]
@@ -128,5 +135,10 @@ def train(
         trace.ms.append((time.perf_counter() - started) * 1e3)
         bar.set_postfix(loss=f"{trace.losses[-1]:.4f}")
         bar.update()
+        if not interactive and world.rank == 0 and ((step + 1) % every == 0 or step + 1 == steps):
+            log.info(
+                "stage %s: step %d/%d, loss %.4f, %.0f ms/step",
+                stage.name, step + 1, steps, trace.losses[-1], trace.ms[-1],
+            )  # fmt: skip
     bar.close()
     model.eval()

@@ -49,7 +49,8 @@ class TaskSpec:
 @dataclass(frozen=True)
 class Stage:
     name: str
-    parent: str | None  # `from`: the stage whose model this one starts from (None: the previous one)
+    parent: str | None  # `from`: the stage whose model this one starts from (None: the previous one;
+    # "base": the recipe's model as built, so several stages can start from the same base)
     data: tuple[Source, ...]
     steps: int | None
     epochs: float | None
@@ -87,6 +88,8 @@ class Recipe:
         """The stage whose model stage `index` starts from (-1: the base model)."""
         names = [s.name for s in self.stages]
         parent = self.stages[index].parent
+        if parent == BASE:
+            return -1
         return names.index(parent) if parent is not None else index - 1
 
     def lineage(self, index: int) -> list[int]:
@@ -100,11 +103,14 @@ class Recipe:
 
 
 SCHEDULES = ("constant", "linear", "cosine")
+BASE = "base"  # `from: base`: start from the model as built
 NAME = re.compile(r"[A-Za-z0-9_.+-]+")
 
 
 def _name(section: Section, key: str, seen: set[str]) -> str:
     name = section.get(key, TEXT)
+    if name == BASE:
+        raise section.error(key, f"{BASE!r} names the base model (`from: {BASE}`); choose another name")
     if not NAME.fullmatch(name):
         raise section.error(key, f"{name!r}: use letters, digits and _ . + - (it names files)")
     if name in seen:
@@ -273,8 +279,10 @@ def _stage(
     earlier = sorted(names)
     name = _name(section, "name", names)
     parent = section.get("from", TEXT, None)
-    if parent is not None and parent not in earlier:
-        raise section.error("from", f"{parent!r} is not an earlier stage (earlier: {earlier or 'none'})")
+    if parent is not None and parent != BASE and parent not in earlier:
+        raise section.error(
+            "from", f"{parent!r} is not an earlier stage (earlier: {earlier or 'none'}) or {BASE!r}"
+        )
     sources = tuple(_source(s, base, earlier) for s in section.sections("data"))
     if not sources:
         raise section.error("data", "a stage needs at least one data source")
@@ -377,7 +385,16 @@ def parse(data: Any, file: Path) -> Recipe:
     return Recipe(file, dict(data), description, seed, seq_len, device, model, tasks, stages)
 
 
+SHIPPED = Path(__file__).resolve().parents[2] / "recipes"  # installed with the package
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.stem for p in SHIPPED.glob("*.yaml"))
+
+
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and check a recipe file."""
+    """Read and check a recipe file; a bare name such as `sequential` is a shipped recipe."""
     file = Path(path)
+    if not file.exists() and file.suffix == "" and (SHIPPED / f"{file.name}.yaml").is_file():
+        file = SHIPPED / f"{file.name}.yaml"
     return parse(load_yaml(file), file)

@@ -340,6 +340,8 @@ def train_stages(
     branch_points = {recipe.parent(j) for j in range(len(recipe.stages)) if recipe.parent(j) != j - 1}
     leaves = set(recipe.leaves())
     snapshots, records = {}, []
+    if -1 in branch_points:  # some stage starts from the base model again
+        snapshots[-1] = {k: v.detach().clone() for k, v in prepared.model.state_dict().items()}
     for index in range(len(recipe.stages)):
         if recipe.parent(index) != index - 1:
             prepared.model.load_state_dict(snapshots[recipe.parent(index)])

@@ -19,6 +19,9 @@ from torch import nn
 from .tokenizer import Tokenizer
 
 LETTERS, DIGITS = "abcdefghij", "0123456789"
+# Evaluation computes the loss on at most this many logits at once (rows x tokens x vocabulary): a
+# real vocabulary (49k for SmolLM2) times a batch of 64 would need gigabytes in float32.
+LOGITS_BUDGET = 2**24
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,10 @@ def evaluate(
         ids = torch.tensor([i + [tokenizer.pad_id] * (width - len(i)) for i, _ in encoded], device=device)
         labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in encoded], device=device)
         mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in encoded], device=device)
-        total += float(token_loss_sum(model, ids, labels, mask))
+        rows = max(1, LOGITS_BUDGET // (width * tokenizer.vocab_size))  # bounds the logits' memory
+        for part in range(0, len(batch), rows):
+            chunk = slice(part, part + rows)
+            total += float(token_loss_sum(model, ids[chunk], labels[chunk], mask[chunk]))
         count += int((labels[:, 1:] != -100).sum())
         if answers and match.scores:
             replies = greedy(model, tokenizer, batch, match.max_new_tokens)
