@@ -376,6 +376,9 @@ def markdown(data: dict[str, Any], table_text: str) -> str:
             f"- step: forward with labels, backward, optimizer step, zero_grad; {s['warmup']} warm-up, "
             f"median of {s['steps']} timed steps; peak = torch.cuda.max_memory_allocated over them",
             f"- method options: {', '.join(f'{k}={v}' for k, v in s['method_options'].items())}",
+            "- PaCA and S2FT keep float32 masters of their trained entries in a half-precision model "
+            "(their default): 4 bytes per trained entry and 4 for its gradient instead of 2 and 2; "
+            "`slimtune profile` accounts them (column 'of which fp32 masters')",
             *(
                 [f"- CPU threads: {s['cpu_threads']} (a CPU time, never a GPU result)"]
                 if s["cpu_threads"]
