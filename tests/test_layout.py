@@ -14,6 +14,10 @@ PUBLIC = {
     "slimtune.ops",
     "slimtune.layers",
     "slimtune.files",
+    "slimtune.models",
+    "slimtune.targets",
+    "slimtune.transaction",
+    "slimtune.diagnostics",
 }
 
 

@@ -1,0 +1,68 @@
+"""Grafting: the full mask reproduces the fine-tuned model, the empty mask the base; the learned
+mask recovers a fine-tune's loss better than a random one of the same size; overlaps are Jaccard."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from slimtune.apps.train.graft import _top_mask, graft_diff, localize, overlap, task_loss
+from tiny_models import make_batch, make_model
+
+
+def _tuned(base):
+    tuned = copy.deepcopy(base)
+    ids = make_batch(seed=3)
+    optimizer = torch.optim.AdamW(tuned.parameters(), lr=1e-2)
+    for _ in range(5):
+        tuned(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return tuned, {"input_ids": ids, "labels": ids}
+
+
+def _linear_masks(base, value: bool):
+    from slimtune.apps.train.graft import _weights
+
+    return {
+        name: torch.full_like(w, value, dtype=torch.bool) for name, w in _weights(base, "all-linear").items()
+    }
+
+
+def test_full_and_empty_masks_give_the_fine_tuned_and_the_base_model() -> None:
+    base = make_model("llama")
+    tuned, batch = _tuned(base)
+    ids = batch["input_ids"]
+    full = graft_diff(base, tuned, _linear_masks(base, True)).apply(copy.deepcopy(base))
+    for name, module in full.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers"):
+            assert torch.equal(module.weight, tuned.get_submodule(name).weight), name
+    empty = graft_diff(base, tuned, _linear_masks(base, False)).apply(copy.deepcopy(base))
+    with torch.no_grad():
+        assert torch.equal(empty(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def test_the_learned_region_recovers_more_than_a_random_one() -> None:
+    base = make_model("llama")
+    tuned, batch = _tuned(base)
+    diff, masks = localize(base, tuned, task_loss(batch), sparsity=0.02, steps=30, lr=0.2)
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    assert kept == round(0.02 * total) or kept == int(0.02 * total) + 1
+    generator = torch.Generator().manual_seed(0)
+    noise = {name: torch.rand(m.shape, generator=generator) for name, m in masks.items()}
+    random = graft_diff(base, tuned, _top_mask(noise, 0.02))
+    with torch.no_grad():
+        losses = {
+            name: float(d.apply(copy.deepcopy(base))(**batch).loss)
+            for name, d in (("learned", diff), ("random", random))
+        }
+        base_loss, tuned_loss = float(base(**batch).loss), float(tuned(**batch).loss)
+    assert tuned_loss < losses["learned"] < losses["random"] <= base_loss + 1e-3, (
+        losses,
+        base_loss,
+        tuned_loss,
+    )
+    assert overlap(masks, masks)["jaccard"] == 1.0
+    disjoint = {name: ~m for name, m in masks.items()}
+    assert overlap(masks, disjoint) == {"jaccard": 0.0, "of_first": 0.0, "of_second": 0.0}
