@@ -332,6 +332,17 @@ def matched(rows: list[dict[str, Any]], threshold: float) -> dict[str, dict[str,
     return best
 
 
+def best_lrs(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per method, the learning rate of its most retentive run that still learns (see `matched`)."""
+    out = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        run = matched(rows, 0.9)[method] or matched(rows, 0.5)[method]
+        if run is None:
+            run = max((r for r in rows if r["method"] == method), key=lambda r: r["target"])
+        out[method] = run["lr"]
+    return out
+
+
 def pareto_plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -441,6 +452,17 @@ def write(
                 f"| {r['probe_retention']:.2f} | {r['text_nll_drift']:+.3f} | {r['reply_nll_drift']:+.3f} |"
             )
         lines.append("")
+    lines += [
+        "## The learning rate each method gets in `slimtune demo`",
+        "",
+        "The run with the best probe retention among those reaching 90% target (else 50%, else the best "
+        "target):",
+        "",
+        "| method | lr |",
+        "|---|---|",
+        *(f"| {method} | {lr:g} |" for method, lr in best_lrs(rows).items()),
+        "",
+    ]
     lines += ["## Every run", "", "| method | lr | seed | swap after stage 1 | swap | code | probe retention "
               "| text NLL drift | reply NLL drift |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:

