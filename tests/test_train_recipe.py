@@ -111,6 +111,11 @@ BAD = {
         "seq_len: 4096\nmodel:\n",
         "exceeds the 512 positions of the model",
     ),
+    "intruder threshold": (
+        "model:\n",
+        "intruders: {threshold: 2}\nmodel:\n",
+        ":1: intruders.threshold: a cosine",
+    ),
     "not a mapping": (
         "    data:\n      - {task: copy, n: 16}\n",
         "    data:\n      - copy\n",

@@ -142,6 +142,23 @@ def test_resume_refuses_another_recipe(tmp_path):
         run(_write(tmp_path, data), tmp_path / "run", resume=True)
 
 
+def test_intruder_dimensions_are_counted_after_every_stage(tmp_path):
+    data = _four_stages()
+    data["stages"], data["tasks"] = data["stages"][:2], data["tasks"][:1]
+    data["intruders"] = {"k": 4, "threshold": 0.5}
+    result = run(_write(tmp_path, data), tmp_path / "run")
+    intruders = result.metrics["intruders"]
+    assert list(intruders) == [s["name"] for s in data["stages"]]
+    for record in intruders.values():
+        assert record["total"] == sum(record["per_module"].values()) == sum(record["per_block"])
+        assert len(record["per_block"]) == 2 and all(0 <= c <= 4 for c in record["per_module"].values())
+    assert (tmp_path / "run" / "intruders.png").is_file()
+    stage = json.loads(
+        (tmp_path / "run" / "stages" / f"01-{data['stages'][0]['name']}" / "result.json").read_text()
+    )
+    assert stage["intruders"] == intruders[data["stages"][0]["name"]]["per_module"]
+
+
 def test_stages_from_base_start_from_the_model_as_built(tmp_path):
     data = _four_stages()
     first = dict(data["stages"][0], lr=5e-2)

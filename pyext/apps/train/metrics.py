@@ -11,6 +11,7 @@ Tasks without answers (plain text) have loss only and take no part in these.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -125,6 +126,42 @@ def loss_curves(
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
     ax.set_title(title or "training loss per stage")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    fig.tight_layout()
+    slimtune.files.write_with(path, lambda partial: fig.savefig(partial, dpi=120))
+    plt.close(fig)
+
+
+def intruder_summary(stages: list[str], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per stage: the total intruder dimensions, per block (by the first number in a module name)
+    and per module (the stage's `intruders` record)."""
+    out = {}
+    for name, record in zip(stages, records, strict=True):
+        counts = record.get("intruders") or {}
+        blocks: dict[int, int] = {}
+        for module, count in counts.items():
+            found = re.search(r"\.(\d+)\.", module)
+            if found:
+                blocks[int(found[1])] = blocks.get(int(found[1]), 0) + count
+        per_block = [blocks.get(i, 0) for i in range(max(blocks, default=-1) + 1)]
+        out[name] = {"total": sum(counts.values()), "per_block": per_block, "per_module": counts}
+    return out
+
+
+def intruder_plot(summary: dict[str, Any], path: Path, title: str = "") -> None:
+    """Intruder dimensions per block after each stage, one line per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for stage, record in summary.items():
+        blocks = record["per_block"]
+        ax.plot(range(len(blocks)), blocks, marker="o", label=f"{stage} ({record['total']})")
+    ax.set_xlabel("block")
+    ax.set_ylabel("intruder dimensions (block's linears)")
+    ax.set_title(title or "intruder dimensions against the base model, after each stage")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     slimtune.files.write_with(path, lambda partial: fig.savefig(partial, dpi=120))

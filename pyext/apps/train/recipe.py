@@ -73,6 +73,16 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class Intruders:
+    """`intruders`: after every stage, count each targeted linear's intruder dimensions against the
+    base model (`slimtune.diagnostics.intruder_dimensions`)."""
+
+    k: int = 10
+    threshold: float = 0.5
+    target_modules: str | tuple[str, ...] = "all-linear"
+
+
+@dataclass(frozen=True)
 class Recipe:
     file: Path
     data: dict[str, Any]  # as read, to check that `--resume` continues the same recipe
@@ -83,6 +93,7 @@ class Recipe:
     model: ModelSpec
     tasks: tuple[TaskSpec, ...]
     stages: tuple[Stage, ...]
+    intruders: Intruders | None = None
 
     def parent(self, index: int) -> int:
         """The stage whose model stage `index` starts from (-1: the base model)."""
@@ -381,8 +392,19 @@ def parse(data: Any, file: Path) -> Recipe:
     tasks = tuple(_task(s, base, task_names, [s.name for s in stages]) for s in top.sections("tasks"))
     if not tasks:
         raise top.error("tasks", "a recipe needs at least one evaluation task")
+    intruders = _intruders(top.section("intruders")) if top.has("intruders") else None
     top.close()
-    return Recipe(file, dict(data), description, seed, seq_len, device, model, tasks, stages)
+    return Recipe(file, dict(data), description, seed, seq_len, device, model, tasks, stages, intruders)
+
+
+def _intruders(section: Section) -> Intruders:
+    k = section.positive("k", INT, 10, 4096)
+    threshold = section.positive("threshold", NUMBER, 0.5)
+    if threshold > 1:
+        raise section.error("threshold", f"a cosine threshold is in (0, 1], got {threshold}")
+    targets = section.get("target_modules", NAMES, ("all-linear",))
+    section.close()
+    return Intruders(k, threshold, targets[0] if targets == ("all-linear",) else targets)
 
 
 SHIPPED = Path(__file__).resolve().parents[2] / "recipes"  # installed with the package

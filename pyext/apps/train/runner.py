@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -253,9 +254,15 @@ def evaluate_all(recipe: Recipe, prepared: Prepared) -> dict[str, dict[str, floa
 
 
 def train_stage(
-    recipe: Recipe, index: int, prepared: Prepared, run: RunDir, world: loop.World
+    recipe: Recipe,
+    index: int,
+    prepared: Prepared,
+    run: RunDir,
+    world: loop.World,
+    base: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Run one stage (or restore it if finished) with its operations; returns its result record."""
+    """Run one stage (or restore it if finished) with its operations; returns its result record
+    (with the intruder dimensions against `base` where the recipe asks for them)."""
     stage, model = recipe.stages[index], prepared.model
     directory, method = run.stage(index), stage.method()
     done = run.read(directory / "result.json")
@@ -282,6 +289,11 @@ def train_stage(
             "memory_mib": trace.memory_mib,
             "eval": evaluate_all(recipe, prepared) if world.rank == 0 else None,
         }
+        if recipe.intruders is not None and world.rank == 0:
+            config = recipe.intruders
+            done["intruders"] = slimtune.diagnostics.intruder_dimensions(
+                base, model, config.k, config.threshold, config.target_modules
+            )
         if world.rank == 0:
             run.write(directory / "result.json", done)
             log.info("stage %s: %s", stage.name, _brief(done["eval"]))
@@ -340,12 +352,13 @@ def train_stages(
     branch_points = {recipe.parent(j) for j in range(len(recipe.stages)) if recipe.parent(j) != j - 1}
     leaves = set(recipe.leaves())
     snapshots, records = {}, []
+    base = copy.deepcopy(prepared.model) if recipe.intruders is not None else None  # to compare against
     if -1 in branch_points:  # some stage starts from the base model again
         snapshots[-1] = {k: v.detach().clone() for k, v in prepared.model.state_dict().items()}
     for index in range(len(recipe.stages)):
         if recipe.parent(index) != index - 1:
             prepared.model.load_state_dict(snapshots[recipe.parent(index)])
-        records.append(train_stage(recipe, index, prepared, run, world))
+        records.append(train_stage(recipe, index, prepared, run, world, base))
         if index in branch_points:
             snapshots[index] = {k: v.detach().clone() for k, v in prepared.model.state_dict().items()}
         if export and index in leaves and world.rank == 0:
@@ -392,6 +405,7 @@ def report(recipe: Recipe, base: dict[str, Any], records: list[dict[str, Any]], 
         "loss": loss[1:],
         **branches[names[-1]],
         "branches": branches,
+        **({"intruders": metrics.intruder_summary(names, records)} if recipe.intruders else {}),
         "training": [
             {"stage": r["stage"], "steps": len(r["losses"]), "final_loss": r["losses"][-1]}
             | {k: r[k] for k in ("ms_per_step", "memory_mib")}
@@ -404,6 +418,8 @@ def report(recipe: Recipe, base: dict[str, Any], records: list[dict[str, Any]], 
     metrics.heatmap(labels, tasks, acc, root / "forgetting.png", loss, f"{title}: accuracy after each stage")
     parents = [recipe.parent(j) for j in range(len(names))]
     metrics.loss_curves(names, [r["losses"] for r in records], root / "losses.png", parents, title)
+    if recipe.intruders:
+        metrics.intruder_plot(data["intruders"], root / "intruders.png", title)
     text = metrics.table(labels, tasks, acc, loss, branches)
     slimtune.files.write_text(root / "summary.txt", text + "\n")
     print(text)
