@@ -172,11 +172,12 @@ def prepare(out: Path, preset: Preset) -> dict[str, Any]:
         answers += greedy(model, tok, own[start : start + 16], 48)
     chats = [_chat(p, a.strip()) for p, a in zip(prompts, answers, strict=True) if a.strip()]
     data.write_jsonl(folder / "replies.jsonl", chats[: preset.replies])
-    replay = chats[preset.replies :] + [{"text": t["text"]} for t in text[preset.text :]]
-    replay_chats = [r for r in replay if "messages" in r][: preset.replay]
-    data.write_jsonl(folder / "replay.jsonl", replay_chats)
+    # Replay: general prose the drift measure does not score (plain text packs into rows of any
+    # length; the base's long replies would not fit seq_len whole).
+    replay = [{"text": t["text"]} for t in text[preset.text :]][: preset.replay]
+    data.write_jsonl(folder / "replay.jsonl", replay)
     base_candidates = {"kept_probes": len(kept), "candidates": len(candidates)}
-    info = {"probes": base_candidates, "replay": len(replay_chats)}
+    info = {"probes": base_candidates, "replay": len(replay)}
     base = _base_eval(out, preset, evaluate)
     info["base"] = base
     info_path.write_text(json.dumps(info, indent=1))
@@ -208,10 +209,8 @@ def recipe(spec: MethodSpec, lr: float, seed: int, preset: Preset) -> dict[str, 
     stages = []
     for name in data.TASKS:
         sources = [{"path": f"data/{name}-train.jsonl"}]
-        if spec.pattern == "mixing":  # a quarter replay of general chats, every stage
-            sources.append(
-                {"path": "data/replay.jsonl", "weight": max(1.0, preset.train_n / 4 / preset.replay)}
-            )
+        if spec.pattern == "mixing":  # replay of general prose (about a sixth of the rows), every stage
+            sources.append({"path": "data/replay.jsonl"})
         if spec.pattern == "dmt" and stages:  # the later stage keeps k = 1/256 of the earlier stage's data
             sources.append({"stage": stages[-1]["name"], "weight": "1/256"})
         entry = {"name": name, "data": sources, **stage}

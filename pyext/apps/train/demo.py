@@ -28,11 +28,11 @@ MODEL = "smollm2-135m"
 DATA = Path(__file__).resolve().parent / "demo_data"
 # Options and the learning rate each method gets (from the quality benchmark; see the module docstring).
 METHODS: dict[str, tuple[dict[str, Any], float]] = {
-    "full": ({"name": "full"}, 3e-5),
-    "lora": ({"name": "lora", "r": 16, "alpha": 32}, 3e-4),
-    "paca": ({"name": "paca", "r": 32}, 3e-4),
-    "s2ft": ({"name": "s2ft", "heads": 1, "channels": 64}, 3e-4),
-    "hft": ({"name": "hft"}, 3e-5),
+    "full": ({"name": "full"}, 1e-4),
+    "lora": ({"name": "lora", "r": 16, "alpha": 32}, 3e-3),
+    "paca": ({"name": "paca", "r": 32}, 3e-3),
+    "s2ft": ({"name": "s2ft", "heads": 1, "channels": 64}, 3e-3),
+    "hft": ({"name": "hft"}, 1e-4),
 }
 
 
