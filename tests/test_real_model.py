@@ -197,3 +197,25 @@ def test_the_demo_recipe_compares_every_method_from_the_base(tmp_path) -> None:
     lines = demo.table(result.metrics, "state MiB").splitlines()
     assert [line.split()[0] for line in lines[2:]] == list(demo.METHODS)
     assert all(stage["from"] == "base" for stage in data["stages"])
+
+
+def test_concurrent_first_loads_build_the_cache_once(tmp_path, monkeypatch) -> None:
+    import threading
+    import time
+
+    calls = []
+
+    def fake_dequantise(source, folder):
+        calls.append(folder)
+        time.sleep(0.3)
+        (folder / "config.json").write_text("{}")
+
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(slimtune.models, "_dequantise", fake_dequantise)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(slimtune.models.path(NAME))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and len(set(results)) == 1 and (results[0] / "config.json").is_file()
