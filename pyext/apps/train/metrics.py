@@ -12,6 +12,7 @@ Tasks without answers (plain text) have loss only and take no part in these.
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -87,7 +88,10 @@ def heatmap(
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel("task")
     ax.set_ylabel("after stage")
-    ax.set_title(title or "accuracy after each stage (grey: loss of tasks without answers)")
+    ax.set_title(
+        textwrap.fill(title or "accuracy after each stage (grey: loss of tasks without answers)", 56),
+        fontsize=9,
+    )
     for j, row in enumerate(acc):
         for i, value in enumerate(row):
             if value is None:
@@ -125,7 +129,7 @@ def loss_curves(
     ax.set_xlabel("step (a stage starts where the model it continues from ended)")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
-    ax.set_title(title or "training loss per stage")
+    ax.set_title(textwrap.fill(title or "training loss per stage", 80), fontsize=9)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     slimtune.files.write_with(path, lambda partial: fig.savefig(partial, dpi=120))
