@@ -8,7 +8,7 @@ The model is the built-in SmolLM2-135M-Instruct (`slimtune.models`); the new tas
 benchmarks/results/quality-smollm2-135m). After each, the trainer measures the new task's held-out
 accuracy, the share of 64 general-knowledge questions the base answered correctly that are still
 answered (retention), and the per-token NLL change on English prose (drift). The data ship with
-slimtune (`demo_data/`, made by the benchmark's preparation). About 6 minutes on a 2-core CPU.
+slimtune (`demo_data/`, made by the benchmark's preparation). About 4 minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
