@@ -102,6 +102,15 @@ def read_json(path: str | Path) -> Any:
         raise ValueError(f"{path} is not valid JSON ({type(err).__name__}: {err})") from None
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors file, without reading its tensors (ValueError as `read_tensors`)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types (and OSError) for a damaged file
+        raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from None
+
+
 def read_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file; ValueError naming the file for anything unreadable."""
     try:

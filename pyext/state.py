@@ -123,18 +123,15 @@ def plan_checkpoint(model: nn.Module, config: MethodConfig, saved: dict[str, Ten
     """The whole plan to restore `saved` onto `model`; refused if any saved tensor goes unread
     (a tensor no layer uses means the file belongs to another model or config, or was edited)."""
     reads = _Reads(saved)
-    plan = for_config(config).glue.plan(model, config, reads)
-    plan.full_modules = full_modules.resolve(
-        model, config.modules_to_save, [r.name for r in plan.replacements]
-    )
-    plan.full_values = full_modules.saved_values(model, plan.full_modules, reads)
+    restore = plan(model, config, reads)
+    restore.full_values = full_modules.saved_values(model, restore.full_modules, reads)
     unread = sorted(set(saved) - reads.read)
     if unread:
         raise ValueError(
             f"{source} holds tensors that no layer of this model reads ({unread[:4]}"
             f"{'...' if len(unread) > 4 else ''}): it belongs to another model or config, or is damaged"
         )
-    return plan
+    return restore
 
 
 class RefuseSavePretrained:

@@ -91,7 +91,7 @@ class EntryDiff:
 
 def load_diff(path: str | Path) -> EntryDiff | slimtune.SparseDelta:
     """A diff file of either kind: entry-level (LT-SFT) or `slimtune.delta` (PaCA, S2FT)."""
-    kind = slimtune.files.read_tensors(path)[1].get("format")
+    kind = slimtune.files.read_metadata(path).get("format")  # the loader below reads the tensors once
     if kind == FORMAT:
         return EntryDiff.load(path)
     if kind == "slimtune-delta":

@@ -123,8 +123,9 @@ class HFTokenizer:
         for i, (role, _) in enumerate(messages):
             if role != "assistant":
                 continue
-            start, end = len(self.chat_prompt(messages[:i])), len(self._render(messages[: i + 1], False))
-            if self.chat_prompt(messages[:i]) != ids[:start] or end > len(ids):
+            prompt = self.chat_prompt(messages[:i])
+            start, end = len(prompt), len(self._render(messages[: i + 1], False))
+            if prompt != ids[:start] or end > len(ids):
                 raise ChatError(
                     f"the chat template of {self.path} renders a conversation's start differently from "
                     f"the conversation: assistant turns cannot be located; use prompt/completion data"
