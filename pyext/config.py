@@ -198,13 +198,18 @@ def _check_adapter_common(owner: str, alpha: float, fp32_master: bool, seed: int
         raise TypeError(f"{owner}.seed must be an int, got {seed!r}")
 
 
+LORA_INITS = ("random", "corda-kpm", "corda-ipm")
+
+
 @dataclass(frozen=True)
 class LoRAConfig(MethodConfig):
     """LoRA: y = W x + b + (alpha / r) B A x on every targeted linear, B zero at first (as in PEFT).
 
     A is drawn per layer from `seed` with PEFT's default (Kaiming-uniform) bounds. Adapter weights
     are kept in the model's dtype; `fp32_master=True` keeps float32 masters, cast per forward.
-    `dropout` > 0 drops adapter inputs (as PEFT does) on a slower, unfused path.
+    `dropout` > 0 drops adapter inputs (as PEFT does) on a slower, unfused path. `init` "corda-kpm"
+    or "corda-ipm" builds the adapter from the input covariance instead (`slimtune.corda.apply`;
+    the base weight becomes the residual and a checkpoint keeps the initial factors).
     """
 
     method: ClassVar[str] = "lora"
@@ -215,10 +220,13 @@ class LoRAConfig(MethodConfig):
     dropout: float = 0.0
     fp32_master: bool = False
     seed: int = 0
+    init: str = "random"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_rank("LoRAConfig.r", self.r)
+        if self.init not in LORA_INITS:
+            raise ValueError(f"LoRAConfig.init is one of {', '.join(LORA_INITS)}, not {self.init!r}")
         _check_adapter_common("LoRAConfig", self.alpha, self.fp32_master, self.seed)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float):
             raise TypeError(f"LoRAConfig.dropout must be a float in [0, 1), got {self.dropout!r}")

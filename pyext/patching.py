@@ -87,6 +87,11 @@ def unmerge(model: nn.Module) -> nn.Module:
         )
     check_unpatched(model)
     config, records = record
+    if getattr(config, "init", "random") != "random":
+        raise ValueError(
+            f"unmerge does not rebuild CorDA adapters (LoRAConfig(init={config.init!r})): reload the "
+            f"checkpoint saved before merge with slimtune.load onto the original base model"
+        )
     for name, rec in records.items():
         try:
             module = model.get_submodule(name)

@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import files, full_modules
@@ -171,6 +172,16 @@ def save_peft(model: nn.Module, directory: str | Path) -> Path:
         for name, layer in layers.items()
         for kind in ("lora_A", "lora_B")
     }
+    rank, alpha = config.r, config.alpha
+    if config.init != "random":
+        # A CorDA adapter trains on the residual base W - s B0 A0. PEFT loads onto the original
+        # base, so the change is written as one rank-2r LoRA: s (B A - B0 A0) = s [B B0] [A; -A0]
+        # (as PEFT's own `path_initial_model_for_weight_conversion` does); alpha doubles with r.
+        for name, (a0, b0) in state.extra["corda"].items():
+            a, b = (f"{PREFIX}{name}.{kind}.weight" for kind in ("lora_A", "lora_B"))
+            tensors[a] = torch.cat([tensors[a], -a0.to(tensors[a].dtype)]).contiguous()
+            tensors[b] = torch.cat([tensors[b], b0.to(tensors[b].dtype)], dim=1).contiguous()
+        rank, alpha = 2 * config.r, 2 * config.alpha
     for key, parameter in full_modules.parameters(model, state.full_modules).items():
         tensors[PREFIX + key.removeprefix(full_modules.PREFIX)] = parameter.detach().to("cpu").contiguous()
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
@@ -182,8 +193,8 @@ def save_peft(model: nn.Module, directory: str | Path) -> Path:
         "base_model_name_or_path": name_or_path or None,
         "init_lora_weights": True,
         **{key: value for key, value in loaded.items() if key in INERT or key == "init_lora_weights"},
-        "r": config.r,
-        "lora_alpha": loaded["lora_alpha"] if rslora else config.alpha,
+        "r": rank,
+        "lora_alpha": loaded["lora_alpha"] if rslora else alpha,
         "use_rslora": rslora,
         "lora_dropout": config.dropout,
         "target_modules": sorted(layers),

@@ -66,3 +66,62 @@ def test_the_learned_region_recovers_more_than_a_random_one() -> None:
     assert overlap(masks, masks)["jaccard"] == 1.0
     disjoint = {name: ~m for name, m in masks.items()}
     assert overlap(masks, disjoint) == {"jaccard": 0.0, "of_first": 0.0, "of_second": 0.0}
+
+
+def _graft_recipe(tmp_path, apply: bool = False):
+    import yaml
+
+    stage = {"steps": 4, "batch_size": 4, "lr": 1e-2}
+    graft = {"graft": {"sparsity": 0.01, "steps": 3, "batch_size": 4, "apply": apply}}
+    data = {
+        "seed": 2,
+        "seq_len": 32,
+        "model": {"builtin": "tiny-llama"},
+        "tasks": [
+            {"name": "copy", "task": "copy", "n": 4, "stage": "a"},
+            {"name": "reverse", "task": "reverse", "n": 4, "stage": "b"},
+        ],
+        "stages": [
+            {"name": "a", "data": [{"task": "copy", "n": 32}], **stage, "post": [graft]},
+            {"name": "b", "data": [{"task": "reverse", "n": 32}], **stage, "post": [graft]},
+        ],
+    }
+    path = tmp_path / f"graft-{apply}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_graft_operation_reports_recovery_and_overlap(tmp_path) -> None:
+    import json
+
+    from slimtune.apps.train import run
+    from slimtune.apps.train.diff import EntryDiff
+
+    run(_graft_recipe(tmp_path), tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(report["grafts"]) == {"a", "b"} and set(report["graft_overlap"]) == {"a|b"}
+    a = report["grafts"]["a"]
+    assert 0 < a["share"] <= 0.0101 and set(a["tasks"]) == {"copy"}
+    copy_scores = a["tasks"]["copy"]
+    assert set(copy_scores) == {"score", "start", "tuned", "graft", "recovered"}
+    overlap = report["graft_overlap"]["a|b"]
+    assert 0.0 <= overlap["jaccard"] <= min(overlap["of_first"], overlap["of_second"]) <= 1.0
+    diff = EntryDiff.load(next((tmp_path / "run" / "stages").glob("01-*/graft.safetensors")))
+    assert sum(i.numel() for i, _ in diff.entries.values()) == a["entries"]
+
+
+def test_applied_graft_continues_from_start_plus_graft(tmp_path) -> None:
+    from slimtune.apps.train import load_recipe, models, run
+    from slimtune.apps.train.diff import EntryDiff
+
+    path = _graft_recipe(tmp_path, apply=True)
+    final = run(path, tmp_path / "run").model
+    folder = tmp_path / "run" / "stages"
+    # With `apply`, each stage ends at its start plus its graft: the final model minus both grafts
+    # is the base model, every parameter (embeddings and norms too, which no graft touches).
+    for stage in ("02-b", "01-a"):
+        EntryDiff.load(folder / stage / "graft.safetensors").revert(final)
+    recipe = load_recipe(path)
+    base, _ = models.build(recipe.model, recipe.seed)
+    for name, p in final.named_parameters():
+        torch.testing.assert_close(p, base.get_parameter(name), atol=1e-6, rtol=0, msg=name)

@@ -18,6 +18,7 @@ PUBLIC = {
     "slimtune.targets",
     "slimtune.transaction",
     "slimtune.diagnostics",
+    "slimtune.corda",
 }
 
 

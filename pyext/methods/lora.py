@@ -178,8 +178,55 @@ class AdapterMethod(Method):
         setattr(model, UNMERGE_ATTR, (extra["config"], records))
 
 
+CORDA_FACTORS = ("corda_A", "corda_B")  # a CorDA checkpoint's initial factors, per layer
+
+
 class LoRAMethod(AdapterMethod):
+    """LoRA; with a CorDA `init` the base weights become residuals W - s B0 A0 of the initial factors,
+    which a checkpoint keeps (`<module>.corda_A`, `.corda_B`) so that it reloads onto the original
+    base model (see `slimtune.corda`)."""
+
     name = "lora"
+
+    def plan(self, model: nn.Module, config: LoRAConfig, saved: dict[str, Tensor] | None = None) -> Plan:
+        plan = super().plan(model, config, saved)
+        if config.init == "random":
+            return plan
+        if saved is None:
+            raise ValueError(
+                f"LoRAConfig(init={config.init!r}) builds the adapter from input covariances: use "
+                f"slimtune.corda.apply(model, config, slimtune.corda.covariances(model, batches))"
+            )
+        factors, residuals = {}, []
+        for replacement in plan.replacements:
+            name, linear = replacement.name, model.get_submodule(replacement.name)
+            a0, b0 = self._initial(name, linear, config, saved)
+            factors[name] = (a0, b0)
+            residuals.append(Step(partial(_to_residual, linear, a0, b0, config.alpha / config.r)))
+        plan.steps[:0] = residuals  # before the layers are built on the (residual) weights
+        plan.extra["corda"] = factors
+        return plan
+
+    def _initial(
+        self, name: str, linear: nn.Linear, config: LoRAConfig, saved: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        shapes = self.trained_shapes(linear, config)
+        found = []
+        for key, shape in zip(CORDA_FACTORS, shapes.values(), strict=True):
+            tensor = saved.get(f"{name}.{key}")
+            if tensor is None or not tensor.is_floating_point() or tuple(tensor.shape) != shape:
+                raise ValueError(
+                    f"the checkpoint's {key} of {name!r} is missing or not a float {shape} tensor: a CorDA "
+                    f"adapter reloads only with its initial factors (the checkpoint is damaged or not CorDA)"
+                )
+            found.append(tensor)
+        return found[0], found[1]
+
+    def checkpoint_tensors(self, layers: dict[str, nn.Module], extra: dict[str, Any]) -> dict[str, Tensor]:
+        tensors = super().checkpoint_tensors(layers, extra)
+        for name, (a0, b0) in extra.get("corda", {}).items():
+            tensors[f"{name}.corda_A"], tensors[f"{name}.corda_B"] = a0, b0
+        return tensors
 
     def make_layer(self, name: str, linear: nn.Linear, config: LoRAConfig) -> LoRALinear:
         dtype = torch.float32 if config.fp32_master else None
@@ -189,6 +236,17 @@ class LoRAMethod(AdapterMethod):
 
     def trained_shapes(self, linear: nn.Linear, config: LoRAConfig) -> dict[str, tuple[int, int]]:
         return {"lora_A": (config.r, linear.in_features), "lora_B": (linear.out_features, config.r)}
+
+
+def residual(weight: Tensor, a0: Tensor, b0: Tensor, scaling: float) -> Tensor:
+    """W - s B0 A0 in float64, rounded once to the weight's dtype (the same bits on every reload)."""
+    delta = scaling * (b0.to(weight.device, torch.float64) @ a0.to(weight.device, torch.float64))
+    return (weight.detach().double() - delta).to(weight.dtype)
+
+
+def _to_residual(linear: nn.Linear, a0: Tensor, b0: Tensor, scaling: float) -> None:
+    # A new Parameter rather than an in-place write: the transaction puts the original one back.
+    linear.weight = nn.Parameter(residual(linear.weight, a0, b0, scaling), requires_grad=False)
 
 
 class HydraMethod(AdapterMethod):

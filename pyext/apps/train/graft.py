@@ -18,13 +18,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import slimtune
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .data import Packed, batch_order
 from .diff import EntryDiff
+
+GRAFT_FILE = "graft.safetensors"
+
+
+@dataclass(frozen=True)
+class Graft:
+    """The trainer's `graft` operation: localise what the stage taught (a share `sparsity` of the
+    targeted entries, the mask optimised `steps` times at `lr` on batches of the stage's data) and
+    report how much of it the graft recovers; `apply` continues from the graft, not the fine-tune."""
+
+    sparsity: float = 1e-4
+    steps: int = 50
+    lr: float = 0.1
+    batch_size: int = 8
+    target_modules: str | tuple[str, ...] = "all-linear"
+    apply: bool = False
+    where: str = ""
 
 
 def _weights(model: nn.Module, target_modules) -> dict[str, nn.Parameter]:
@@ -118,3 +137,42 @@ def task_loss(batch: dict[str, Tensor]) -> Callable[[nn.Module, dict[str, Tensor
         return functional_call(model, params, args=(), kwargs=batch).loss
 
     return loss
+
+
+def data_loss(packed: Packed, batch_size: int, seed: int) -> Callable[[nn.Module, dict[str, Tensor]], Tensor]:
+    """Like `task_loss`, on a new seeded batch of `packed`'s rows at every call."""
+    order, calls = batch_order(len(packed), batch_size, 1, seed), [0]
+
+    def loss(model: nn.Module, params: dict[str, Tensor]) -> Tensor:
+        start = calls[0] * batch_size % len(order)
+        rows = order[start : start + batch_size]
+        if len(rows) < min(batch_size, len(order)):
+            rows = order[:batch_size]
+        calls[0] += 1
+        device = next(iter(params.values())).device
+        ids, labels, mask = (t[rows].to(device) for t in (packed.ids, packed.labels, packed.mask))
+        return task_loss({"input_ids": ids, "labels": labels, "attention_mask": mask})(model, params)
+
+    return loss
+
+
+def recovered(start: float, tuned: float, grafted: float) -> float | None:
+    """The share of the fine-tune's change in a score that the graft recovers (None: no change)."""
+    return (grafted - start) / (tuned - start) if tuned != start else None
+
+
+def diff_overlap(first: EntryDiff, second: EntryDiff) -> dict[str, float]:
+    """`overlap` of two grafts' regions, from their diffs' entries."""
+    shared = sum(
+        int(torch.isin(index, second.entries[name][0]).sum())
+        for name, (index, _) in first.entries.items()
+        if name in second.entries
+    )
+    one = sum(index.numel() for index, _ in first.entries.values())
+    two = sum(index.numel() for index, _ in second.entries.values())
+    union = one + two - shared
+    return {
+        "jaccard": shared / union if union else 0.0,
+        "of_first": shared / one if one else 0.0,
+        "of_second": shared / two if two else 0.0,
+    }

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -94,8 +95,10 @@ def train(
     steps: int,
     world: World,
     trace: Trace,
+    after_step: Callable[[int], None] | None = None,
 ) -> None:
-    """`steps` optimizer steps on the rows `order` lists, `stage.batch_size` rows per step."""
+    """`steps` optimizer steps on the rows `order` lists, `stage.batch_size` rows per step;
+    `after_step(n)` runs after the n-th step (k-FPF), with the gradients cleared."""
     optimizer = make_optimizer(params, stage)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(stage, steps, step))
     net = nn.parallel.DistributedDataParallel(model) if world.size > 1 else model
@@ -129,6 +132,8 @@ def train(
         if step == 0:
             trace.memory_mib = memory_mib(model, optimizer, world.device)
         optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(step + 1)
         if world.size > 1:
             dist.all_reduce(total)
         trace.losses.append(float(total) / count)

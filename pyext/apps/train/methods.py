@@ -30,6 +30,7 @@ class Context:
 
     seed: int
     train: Callable[[list[nn.Parameter], int], None]
+    samples: Any = None  # CorDA's covariance rows (a `Packed`), where the method needs them
 
 
 class StageMethod:
@@ -194,11 +195,28 @@ class Patched(StageMethod):
         self.writes_diff = slimtune.registry.for_config(config).has(SPARSE_DELTA)
 
     def check(self, model: nn.Module) -> None:
-        # Validates every target without touching the model.
-        slimtune.registry.for_config(self.config).glue.plan(model, self.config)
+        # Validates every target without touching the model (CorDA's targets are LoRA's: its
+        # factors come from data only at setup).
+        config = self.config
+        if getattr(config, "init", "random") != "random":
+            config = dataclasses.replace(config, init="random")
+        slimtune.registry.for_config(config).glue.plan(model, config)
 
     def setup(self, model: nn.Module, context: Context) -> list[nn.Parameter]:
-        slimtune.apply(model, self.config)
+        if getattr(self.config, "init", "random") == "random":
+            slimtune.apply(model, self.config)
+        else:  # CorDA: the adapter from the input covariance on the stage's samples
+            rows = context.samples
+            device = next(model.parameters()).device
+            batches = [
+                {
+                    "input_ids": rows.ids[i : i + 8].to(device),
+                    "attention_mask": rows.mask[i : i + 8].to(device),
+                }
+                for i in range(0, len(rows), 8)
+            ]
+            covariance = slimtune.corda.covariances(model, batches, self.config.target_modules)
+            slimtune.corda.apply(model, self.config, covariance)
         return slimtune.trainable_parameters(model)
 
     def save(self, model: nn.Module, directory: Path) -> None:

@@ -11,17 +11,22 @@ import torch
 from torch import Tensor, nn
 
 from .diff import load_diff
+from .fpf import FPF
+from .graft import Graft
 
 
 @dataclass(frozen=True)
 class Op:
-    """`lines` (alpha, beta), or `add_diff` / `revert_diff` of `target`: a stage name or a diff file."""
+    """`lines` (alpha, beta), `add_diff` / `revert_diff` of `target` (a stage name or a diff file),
+    `fpf` (its settings), or `graft` (its settings; the runner carries out these two)."""
 
     kind: str
     alpha: float = 0.5
     beta: float = 0.5
     target: str = ""
     where: str = ""
+    fpf: FPF | None = None
+    graft: Graft | None = None
 
 
 def lines_scales(model: nn.Module, alpha: float, beta: float) -> dict[str, float]:

@@ -15,6 +15,8 @@ from typing import Any
 import slimtune
 
 from .data import FIELDS, Form, Source
+from .fpf import AUTO, FPF
+from .graft import Graft
 from .methods import StageMethod, known_methods, make_method, method_options
 from .models import BUILTIN, DTYPES, ModelSpec, llama_keys
 from .post import Op
@@ -66,6 +68,9 @@ class Stage:
     pre: tuple[Op, ...]
     post: tuple[Op, ...]
     where: str
+    kfpf: FPF | None = None  # k-FPF: FPF k times during the stage's training
+    corda_data: tuple[Source, ...] = ()  # CorDA's samples (empty: the stage's own data)
+    corda_rows: int = 32
 
     def method(self) -> StageMethod:
         """A fresh method object for this stage (it holds the stage's training state)."""
@@ -106,6 +111,10 @@ class Recipe:
     def lineage(self, index: int) -> list[int]:
         """The stages whose training the model after stage `index` holds, in order."""
         return [*self.lineage(self.parent(index)), index] if index >= 0 else []
+
+    def uses_fpf(self) -> bool:
+        """Whether any stage runs FPF (then every stage records its modules' drift)."""
+        return any(s.kfpf is not None or any(op.kind == "fpf" for op in s.post) for s in self.stages)
 
     def leaves(self) -> list[int]:
         """The stages no other stage starts from: the ends of the recipe's branches (the last one last)."""
@@ -279,9 +288,64 @@ def _ops(section: Section, key: str, base: Path, diff_stages: list[str]) -> tupl
                 )
             target = value if value in diff_stages else str(base / value)
             ops.append(Op(kind, target=target, where=f"{where}.{kind}"))
+        elif kind == "fpf":
+            if key == "pre":
+                raise RecipeError(f"{where}: fpf fine-tunes after a stage's training; it belongs in post")
+            args = Section(value or Mapping(), f"{section.path}.{key}[{i}].fpf", section.file, line)
+            ops.append(Op("fpf", where=f"{where}.fpf", fpf=_fpf(args, k=False)))
+        elif kind == "graft":
+            if key == "pre":
+                raise RecipeError(f"{where}: graft localises what a stage taught; it belongs in post")
+            args = Section(value or Mapping(), f"{section.path}.{key}[{i}].graft", section.file, line)
+            ops.append(Op("graft", where=f"{where}.graft", graft=_graft(args)))
         else:
-            raise RecipeError(f"{where}: unknown operation {kind!r}; use lines, add_diff or revert_diff")
+            raise RecipeError(
+                f"{where}: unknown operation {kind!r}; use lines, add_diff, revert_diff, fpf or graft"
+            )
     return tuple(ops)
+
+
+def _fpf(section: Section, k: bool) -> FPF:
+    """FPF settings (`kfpf` also takes `k`, how many times during the stage)."""
+    modules = section.get("modules", NAMES, (AUTO,))
+    fpf = FPF(
+        buffer=section.positive("buffer", INT, 32, LIMITS["n"]),
+        modules=AUTO if modules == (AUTO,) else modules,
+        top=section.positive("top", INT, 4, 10**6),
+        steps=section.positive("steps", INT, 20, LIMITS["steps"]),
+        lr=section.positive("lr", NUMBER, 1e-4),
+        batch_size=section.positive("batch_size", INT, 8, LIMITS["batch_size"]),
+        k=section.positive("k", INT, None, 10**4) if k else 0,
+        where=section.where(),
+    )
+    if k and fpf.k is None:
+        raise section.error(None, "missing required key 'k' (how many times FPF runs during the stage)")
+    if AUTO in modules and len(modules) > 1:
+        raise section.error("modules", f"give {AUTO!r} or a list of module names, not both")
+    section.close()
+    return fpf
+
+
+def _graft(section: Section) -> Graft:
+    """Grafting settings: the share of targeted entries kept, the mask's optimisation, the data."""
+    sparsity = section.positive("sparsity", NUMBER, 1e-4)
+    if sparsity > 1:
+        raise section.error("sparsity", f"the share of entries kept is at most 1, got {sparsity}")
+    graft = Graft(
+        sparsity=sparsity,
+        steps=section.positive("steps", INT, 50, LIMITS["steps"]),
+        lr=section.positive("lr", NUMBER, 0.1),
+        batch_size=section.positive("batch_size", INT, 8, LIMITS["batch_size"]),
+        target_modules=_all_linear(section.get("target_modules", NAMES, ("all-linear",))),
+        apply=section.get("apply", BOOL, False),
+        where=section.where(),
+    )
+    section.close()
+    return graft
+
+
+def _all_linear(targets: tuple[str, ...]) -> str | tuple[str, ...]:
+    return targets[0] if targets == ("all-linear",) else targets
 
 
 def _stage(
@@ -311,6 +375,22 @@ def _stage(
     if schedule not in SCHEDULES:
         raise section.error("schedule", f"{schedule!r} is not one of {', '.join(SCHEDULES)}")
     writes_diff = make_method(method_name, options).writes_diff
+    kfpf = _fpf(section.section("kfpf"), k=True) if section.has("kfpf") else None
+    corda_data, corda_rows = (), 32
+    if section.has("corda"):
+        corda = section.section("corda")
+        if not str(options.get("init", "random")).startswith("corda"):
+            raise section.error(
+                "corda", "corda sets CorDA's samples; it needs method lora with init corda-kpm or corda-ipm"
+            )
+        corda_data = tuple(_source(s, base, earlier) for s in corda.sections("data", []))
+        corda_rows = corda.positive("rows", INT, 32, LIMITS["n"])
+        corda.close()
+    if kfpf is not None and method_name not in ("full", "hft"):
+        raise section.error(
+            "kfpf", f"k-FPF trains the model's own modules during the stage: it needs method full or hft, "
+            f"not {method_name} (an fpf post operation works after a stage of any method)"
+        )  # fmt: skip
     pre = _ops(section, "pre", base, list(diff_stages))
     post = _ops(section, "post", base, [*diff_stages, name] if writes_diff else list(diff_stages))
     if writes_diff:
@@ -333,6 +413,9 @@ def _stage(
         pre=pre,
         post=post,
         where=section.where(),
+        kfpf=kfpf,
+        corda_data=corda_data,
+        corda_rows=corda_rows,
     )
     if stage.batch_size % stage.grad_accum:
         raise section.error(
@@ -404,7 +487,7 @@ def _intruders(section: Section) -> Intruders:
         raise section.error("threshold", f"a cosine threshold is in (0, 1], got {threshold}")
     targets = section.get("target_modules", NAMES, ("all-linear",))
     section.close()
-    return Intruders(k, threshold, targets[0] if targets == ("all-linear",) else targets)
+    return Intruders(k, threshold, _all_linear(targets))
 
 
 SHIPPED = Path(__file__).resolve().parents[2] / "recipes"  # installed with the package

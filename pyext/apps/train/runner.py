@@ -18,7 +18,7 @@ import shutil
 import sys
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import loop, metrics, models, post
+from . import fpf, graft, loop, metrics, models, post
 from .data import DataError, Packed, as_form, batch_order, mix, pack, read_records, source_examples
 from .diff import load_diff
 from .methods import DIFF_FILE, Context, StageMethod
@@ -47,6 +47,7 @@ class Prepared:
     tokenizer: Tokenizer
     packed: list[Packed]
     evals: list[tuple[list[Example], bool]]
+    samples: dict[int, Packed] = field(default_factory=dict)  # CorDA's rows, by stage index
 
 
 @dataclass
@@ -83,6 +84,12 @@ def _check_stages(recipe: Recipe, model: nn.Module, world: loop.World) -> None:
             raise RecipeError(
                 f"{stage.method_where}: {stage.method_name} cannot train this model: {err}"
             ) from None
+        for op in stage.post:
+            if op.kind == "graft" and not any(stage.name in t.stages for t in recipe.tasks):
+                raise RecipeError(
+                    f"{op.where}: graft scores the skill on the tasks the stage teaches; give a task "
+                    f"`stage: {stage.name}`"
+                )
         for op in (*stage.pre, *stage.post):
             if op.target and op.target not in names:
                 try:
@@ -114,6 +121,25 @@ def _pack_stages(recipe: Recipe, tokenizer: Tokenizer) -> list[Packed]:
     return packed
 
 
+def _corda_samples(recipe: Recipe, tokenizer: Tokenizer, packed: list[Packed]) -> dict[int, Packed]:
+    """The covariance rows of every CorDA stage: its `corda` data, or its own training rows."""
+    samples = {}
+    for index, stage in enumerate(recipe.stages):
+        if not str(stage.method_options.get("init", "random")).startswith("corda"):
+            continue
+        rows = packed[index]
+        if stage.corda_data:
+            seed = stage_seed(recipe.seed, stage.name) + 1
+            try:
+                parts = [(source_examples(s, seed, {}), s.weight) for s in stage.corda_data]
+                rows = pack(mix(parts, seed), tokenizer, recipe.seq_len)
+            except DataError as err:
+                raise RecipeError(f"{stage.where}.corda: {err}") from None
+        count = min(stage.corda_rows, len(rows))
+        samples[index] = Packed(rows.ids[:count], rows.labels[:count], rows.mask[:count])
+    return samples
+
+
 def prepare(recipe: Recipe, world: loop.World) -> Prepared:
     """Build the model, check every stage against it, and read all data: every refusal comes here."""
     try:
@@ -129,14 +155,22 @@ def prepare(recipe: Recipe, world: loop.World) -> Prepared:
             f"use seq_len <= {positions}"
         )
     _check_stages(recipe, model, world)
+    for stage in recipe.stages:  # listed FPF modules must exist (auto is decided during the run)
+        for settings in [stage.kfpf, *(op.fpf for op in stage.post)]:
+            if settings is not None and settings.modules != fpf.AUTO:
+                try:
+                    fpf.choose(model, settings, [])
+                except ValueError as err:
+                    raise RecipeError(f"{settings.where}: {err}") from None
     packed = _pack_stages(recipe, tokenizer)
+    samples = _corda_samples(recipe, tokenizer, packed)
     evals = [_eval_set(task, recipe) for task in recipe.tasks]
     for task, (examples, _) in zip(recipe.tasks, evals, strict=True):
         try:  # a chat task needs a tokenizer with a chat template: say so before training
             encode(examples[0], tokenizer)
         except ChatError as err:
             raise RecipeError(f"{task.where}: {err}") from None
-    return Prepared(model.to(world.device).eval(), tokenizer, packed, evals)
+    return Prepared(model.to(world.device).eval(), tokenizer, packed, evals, samples)
 
 
 class RunDir:
@@ -253,6 +287,44 @@ def evaluate_all(recipe: Recipe, prepared: Prepared) -> dict[str, dict[str, floa
     }
 
 
+@dataclass
+class StageRun:
+    """One stage's place in the run: its recipe entry, the stages before it on its branch (their
+    records) and what the model was when it started (where an operation needs it)."""
+
+    recipe: Recipe
+    index: int
+    prepared: Prepared
+    world: loop.World
+    history: list[dict[str, Any]]
+    start: dict[str, torch.Tensor] | None = None
+
+    @property
+    def stage(self) -> Stage:
+        return self.recipe.stages[self.index]
+
+    @property
+    def seed(self) -> int:
+        return stage_seed(self.recipe.seed, self.stage.name)
+
+    def drifts(self, current: dict[str, float] | None = None) -> list[dict[str, float]]:
+        """The module drifts of the stages so far on this branch (FPF's `auto`)."""
+        return [r["drift"] for r in self.history if r.get("drift")] + ([current] if current else [])
+
+    def fpf(self, settings: fpf.FPF, drift: dict[str, float] | None, salt: int) -> dict[str, Any]:
+        """One FPF step on the buffer of the branch's data so far; its record."""
+        modules = fpf.choose(self.prepared.model, settings, self.drifts(drift))
+        packs = [self.prepared.packed[j] for j in self.recipe.lineage(self.index)]
+        rows = fpf.buffer(packs, settings.buffer, self.seed + salt)
+        losses = fpf.finetune(
+            self.prepared.model, modules, rows, settings, self.stage, self.world, self.seed + salt
+        )
+        log.info(
+            "stage %s: fpf on %d buffer rows, modules %s", self.stage.name, len(rows), ", ".join(modules)
+        )
+        return {"modules": modules, "buffer_rows": len(rows), "losses": losses}
+
+
 def train_stage(
     recipe: Recipe,
     index: int,
@@ -260,27 +332,38 @@ def train_stage(
     run: RunDir,
     world: loop.World,
     base: nn.Module | None = None,
+    history: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run one stage (or restore it if finished) with its operations; returns its result record
-    (with the intruder dimensions against `base` where the recipe asks for them)."""
+    (with the intruder dimensions against `base` where the recipe asks for them). `history`: the
+    records of the earlier stages on this stage's branch."""
     stage, model = recipe.stages[index], prepared.model
     directory, method = run.stage(index), stage.method()
     done = run.read(directory / "result.json")
     for op in stage.pre:
         _operate(op, model, None, run)
-    scales = any(op.kind == "lines" for op in stage.post)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()} if scales else None
+    here = StageRun(recipe, index, prepared, world, history or [])
+    if recipe.uses_fpf() or any(op.kind in ("lines", "graft") for op in stage.post):
+        here.start = fpf.snapshot(model)
+    extra: dict[str, Any] = {}
     if done is not None:
         method.restore(model, directory)
         log.info("stage %s: restored from %s", stage.name, directory)
+        drift = done.get("drift")
     else:
-        trace = _fit(recipe.seed, stage, method, model, prepared.packed[index], world)
+        trace = _fit(here, method, extra)
         if world.rank == 0:
             directory.mkdir(parents=True, exist_ok=True)
             method.save(model, directory)
         method.finish(model)
-    for op in stage.post:
-        _operate(op, model, before, run)
+        drift = fpf.drift(model, here.start) if recipe.uses_fpf() else None
+    for number, op in enumerate(stage.post):
+        if op.kind == "fpf":
+            extra.setdefault("fpf", []).append(here.fpf(op.fpf, drift, 1000 + number))
+        elif op.kind == "graft":
+            extra.setdefault("graft", []).append(_graft(here, op, run))
+        else:
+            _operate(op, model, here.start, run)
     if done is None:
         done = {
             "stage": stage.name,
@@ -288,6 +371,8 @@ def train_stage(
             "ms_per_step": median(trace.ms),
             "memory_mib": trace.memory_mib,
             "eval": evaluate_all(recipe, prepared) if world.rank == 0 else None,
+            **({"drift": drift} if drift is not None else {}),
+            **extra,
         }
         if recipe.intruders is not None and world.rank == 0:
             config = recipe.intruders
@@ -301,20 +386,81 @@ def train_stage(
     return done
 
 
-def _fit(
-    seed: int, stage: Stage, method: StageMethod, model: nn.Module, packed: Packed, world: loop.World
-) -> loop.Trace:
-    """Set the stage's method up and train; every draw follows from the recipe seed and the stage name."""
-    trace, seed = loop.Trace(), stage_seed(seed, stage.name)
+def _fit(here: StageRun, method: StageMethod, extra: dict[str, Any]) -> loop.Trace:
+    """Set the stage's method up and train (with its k-FPF steps, recorded in `extra`); every draw
+    follows from the recipe seed and the stage name."""
+    stage, model, world = here.stage, here.prepared.model, here.world
+    packed, trace, seed = here.prepared.packed[here.index], loop.Trace(), here.seed
     torch.manual_seed(seed)
+    steps = _steps(stage, len(packed))
 
-    def train(params: list[nn.Parameter], steps: int) -> None:
-        order = batch_order(len(packed), stage.batch_size, steps, seed)
-        loop.train(model, params, packed, order, stage, steps, world, trace)
+    def train(params: list[nn.Parameter], count: int, after=None) -> None:
+        order = batch_order(len(packed), stage.batch_size, count, seed)
+        loop.train(model, params, packed, order, stage, count, world, trace, after)
 
-    params = method.setup(model, Context(seed, train))
-    train(params, _steps(stage, len(packed)))
+    params = method.setup(model, Context(seed, train, here.prepared.samples.get(here.index)))
+    after = None
+    if stage.kfpf is not None:  # k evenly spaced FPF steps, the last at the end of the stage
+        points = {math.ceil(steps * i / stage.kfpf.k) for i in range(1, stage.kfpf.k + 1)}
+
+        def after(step: int) -> None:
+            if step in points:
+                record = here.fpf(stage.kfpf, fpf.drift(model, here.start), step)
+                extra.setdefault("kfpf", []).append({"after_step": step, **record})
+
+    train(params, steps, after)
     return trace
+
+
+def _graft(here: StageRun, op: post.Op, run: RunDir) -> dict[str, Any]:
+    """Localise the stage's skill (`graft`): save it as the stage's `graft.safetensors` entry diff
+    and score the graft against the stage's start and its fine-tune on the tasks the stage teaches."""
+    settings, model, recipe = op.graft, here.prepared.model, here.recipe
+    start = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, parameter in start.named_parameters():
+            parameter.copy_(here.start[name])
+    loss = graft.data_loss(here.prepared.packed[here.index], settings.batch_size, here.seed + 7)
+    try:
+        diff, masks = graft.localize(
+            start, model, loss, settings.sparsity, settings.steps, settings.lr, settings.target_modules
+        )
+    except ValueError as err:
+        raise RecipeError(f"{op.where}: {err}") from None
+    if here.world.rank == 0:
+        run.stage(here.index).mkdir(parents=True, exist_ok=True)
+        diff.save(run.stage(here.index) / graft.GRAFT_FILE)
+    taught = [j for j, t in enumerate(recipe.tasks) if here.stage.name in t.stages]
+    scores = {"start": _scores(here, start, taught), "tuned": _scores(here, model, taught)}
+    diff.apply(start)
+    scores["graft"] = _scores(here, start, taught)
+    if settings.apply:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                parameter.copy_(start.get_parameter(name))
+    entries = sum(int(m.sum()) for m in masks.values())
+    tasks = {}
+    for j in taught:
+        name, kind = (
+            recipe.tasks[j].name,
+            "accuracy" if scores["tuned"][j]["accuracy"] is not None else "loss",
+        )
+        values = {state: scores[state][j][kind] for state in scores}
+        tasks[name] = {"score": kind, **values, "recovered": graft.recovered(*values.values())}
+    log.info("stage %s: graft of %d entries recovers %s", here.stage.name, entries, tasks)
+    return {
+        "entries": entries,
+        "share": entries / sum(m.numel() for m in masks.values()),
+        "applied": settings.apply,
+        "tasks": tasks,
+    }
+
+
+def _scores(here: StageRun, model: nn.Module, tasks: list[int]) -> dict[int, dict[str, float | None]]:
+    prepared, recipe = here.prepared, here.recipe
+    return {
+        j: evaluate(model, prepared.tokenizer, *prepared.evals[j], match=recipe.tasks[j].match) for j in tasks
+    }
 
 
 def _operate(op: post.Op, model: nn.Module, before: dict[str, torch.Tensor] | None, run: RunDir) -> None:
@@ -358,7 +504,8 @@ def train_stages(
     for index in range(len(recipe.stages)):
         if recipe.parent(index) != index - 1:
             prepared.model.load_state_dict(snapshots[recipe.parent(index)])
-        records.append(train_stage(recipe, index, prepared, run, world, base))
+        history = [records[j] for j in recipe.lineage(index)[:-1]]
+        records.append(train_stage(recipe, index, prepared, run, world, base, history))
         if index in branch_points:
             snapshots[index] = {k: v.detach().clone() for k, v in prepared.model.state_dict().items()}
         if export and index in leaves and world.rank == 0:
@@ -390,6 +537,22 @@ def export_hf(model: nn.Module, tokenizer: Tokenizer, folder: Path) -> Path:
     return folder
 
 
+def _graft_summary(names: list[str], records: list[dict[str, Any]], root: Path) -> dict[str, Any]:
+    """Each grafted stage's last graft, and the pairwise overlap of the stages' regions."""
+    grafted = [(j, r["graft"][-1]) for j, r in enumerate(records) if r.get("graft")]
+    if not grafted:
+        return {}
+    folders = {j: root / "stages" / f"{j + 1:02d}-{names[j]}" / graft.GRAFT_FILE for j, _ in grafted}
+    diffs = {j: graft.EntryDiff.load(path) for j, path in folders.items() if path.exists()}
+    overlap = {
+        f"{names[a]}|{names[b]}": graft.diff_overlap(diffs[a], diffs[b])
+        for a in diffs
+        for b in diffs
+        if a < b
+    }
+    return {"grafts": {names[j]: record for j, record in grafted}, "graft_overlap": overlap}
+
+
 def report(recipe: Recipe, base: dict[str, Any], records: list[dict[str, Any]], root: Path) -> dict[str, Any]:
     """metrics.json, forgetting.png, losses.png and summary.txt; prints the summary table."""
     tasks, names = [t.name for t in recipe.tasks], [s.name for s in recipe.stages]
@@ -406,6 +569,7 @@ def report(recipe: Recipe, base: dict[str, Any], records: list[dict[str, Any]], 
         **branches[names[-1]],
         "branches": branches,
         **({"intruders": metrics.intruder_summary(names, records)} if recipe.intruders else {}),
+        **_graft_summary(names, records, root),
         "training": [
             {"stage": r["stage"], "steps": len(r["losses"]), "final_loss": r["losses"][-1]}
             | {k: r[k] for k in ("ms_per_step", "memory_mib")}

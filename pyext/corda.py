@@ -1,0 +1,173 @@
+"""CorDA: LoRA adapters built from the context of the data (Yang et al., "CorDA: Context-Oriented
+Decomposition Adaptation of Large Language Models", NeurIPS 2024).
+
+Each targeted linear's weight W is decomposed through the covariance C of its inputs on a few
+samples: W C = U S V^T, so W = U S (V^T C^-1). The adapter takes r of those components, B0 = U_r
+sqrt(S_r / s) and A0 = sqrt(S_r / s) V_r^T C^-1 (s = alpha / r), and the base weight becomes the
+residual W - s B0 A0, so outputs at initialisation are unchanged.
+
+- knowledge-preserved mode (`corda-kpm`): C comes from question-answer samples of what to keep;
+  the r components with the *smallest* singular values train, the ones that carry that knowledge
+  stay frozen in the residual;
+- instruction-previewed mode (`corda-ipm`): C comes from the target task's data; the r *largest*
+  components train.
+
+The numbers follow PEFT's `preprocess_corda` (per-call input scaling by the batch's maximum, the
+doubling damping of C until its inverse is accurate), so both give the same adapter; departures:
+covariances accumulate in float64 (PEFT: float32), the decomposition runs in float64, inputs of
+any batch shape are flattened to tokens (PEFT takes one sequence per call), and siblings that read
+the same input (q/k/v, gate/up) share one covariance (PEFT keeps one per module).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import LoRAConfig
+from .methods.lora import residual
+from .state import check_unpatched, commit, plan
+from .targets import check_plain_linear, match_targets
+
+MODES = {"corda-kpm": "smallest", "corda-ipm": "largest"}
+
+
+@torch.no_grad()
+def covariances(
+    model: nn.Module,
+    run: Iterable[Any] | Callable[[], None],
+    target_modules: str | tuple[str, ...] | list[str] = "all-linear",
+    offload: bool = False,
+) -> dict[str, Tensor]:
+    """The input covariance of every targeted linear, by module name (float64, in_features^2).
+
+    `run` is an iterable of batches (a tensor of input ids, or a dict of model keyword arguments)
+    or a callable that runs the model itself. Each call's inputs are flattened to tokens, scaled by
+    their maximum and accumulated as X^T X; the result is the mean over calls. Accumulators live
+    beside the weights, or on the CPU with `offload` (slower; for a model whose covariances do not
+    fit beside it: in_features^2 * 8 bytes per distinct input). Padding tokens count as context
+    unless a dict batch gives an `attention_mask`.
+    """
+    targets = [(name, check_plain_linear(name, m)) for name, m in match_targets(model, target_modules)]
+    sums: dict[str, Tensor] = {}
+    calls: dict[str, int] = {}
+    shared: dict[str, str] = {}  # module -> the sibling whose accumulator holds its (identical) input
+    keep: list[Tensor | None] = [None]  # the batch's attention mask, flattened to tokens
+    last: list[Any] = [None, ""]  # the latest input and the module that counted it: siblings that
+    # read one tensor (q/k/v, gate/up) run one after the other, and count it once
+
+    def hook(name: str, module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        x = args[0]
+        if x is last[0]:
+            if shared.setdefault(name, last[1]) != last[1]:
+                raise RuntimeError(f"{name} read the input of {shared[name]} once and of {last[1]} later")
+            return
+        if name in shared:
+            raise RuntimeError(f"{name} shared an input with {shared[name]} in one forward but not the next")
+        last[:] = [x, name]
+        x = x.detach().reshape(-1, x.shape[-1])
+        if keep[0] is not None and keep[0].numel() == x.shape[0]:
+            x = x[keep[0].to(x.device)]  # padding is not context
+        x = x.double()
+        if not torch.isfinite(x).all():
+            raise ValueError(f"CorDA: the input of {name} holds NaN or inf values; check the samples")
+        x = x / x.max().abs().clamp_min(torch.finfo(torch.float64).tiny)
+        product = x.T @ x
+        device = torch.device("cpu") if offload else product.device
+        if name not in sums:
+            sums[name] = torch.zeros_like(product, device=device)
+            calls[name] = 0
+        sums[name] += product.to(device)
+        calls[name] += 1
+
+    handles = [m.register_forward_pre_hook(lambda m, a, n=n: hook(n, m, a)) for n, m in targets]
+    was_training = model.training
+    model.eval()
+    try:
+        batches = [run] if callable(run) else run
+        for batch in batches:
+            if callable(batch):
+                batch()
+            elif isinstance(batch, dict):
+                mask = batch.get("attention_mask")
+                keep[0] = None if mask is None else mask.reshape(-1).bool()
+                model(**batch)
+            else:
+                model(batch)
+    finally:
+        last[:] = [None, ""]
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    missing = [name for name, _ in targets if name not in sums and name not in shared]
+    if missing:
+        raise ValueError(f"CorDA: {missing[:4]} never ran on the samples; check target_modules and `run`")
+    means = {name: sums[name] / calls[name] for name in sums}
+    return {name: means[shared.get(name, name)] for name, _ in targets}
+
+
+def decompose(weight: Tensor, covariance: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(U, S, V) in float64 with W C = U S V'^T and V = C^-1 V' (so W = U diag(S) V^T); C is damped
+    by a multiple of its mean diagonal, doubled until its inverse is accurate, as in PEFT."""
+    w, c = weight.detach().double(), covariance.to(weight.device, torch.float64)
+    eye = torch.eye(c.shape[0], dtype=torch.float64, device=c.device)
+    damp = 0.01
+    while True:
+        damped = c + eye * c.diagonal().mean() * damp
+        inverse = torch.linalg.inv(damped)
+        if torch.dist(damped @ inverse, eye) < 0.05:
+            break
+        damp *= 2
+    u, s, vh = torch.linalg.svd(w @ damped, full_matrices=False)
+    return u, s, (vh @ inverse).T
+
+
+def factors(
+    weight: Tensor, covariance: Tensor, rank: int, mode: str, scaling: float
+) -> tuple[Tensor, Tensor]:
+    """The initial (A0, B0), float64, of `mode` ("corda-kpm": the smallest components; "corda-ipm":
+    the largest) with s * B0 @ A0 the chosen part of the weight."""
+    u, s, v = decompose(weight, covariance)
+    pick = slice(-rank, None) if MODES[mode] == "smallest" else slice(0, rank)
+    root = (s[pick] / scaling).sqrt()
+    return (v[:, pick] * root).T.contiguous(), (u[:, pick] * root).contiguous()
+
+
+def apply(model: nn.Module, config: LoRAConfig, covariance: dict[str, Tensor]) -> nn.Module:
+    """`slimtune.apply` for a LoRA config with a CorDA `init`: the adapter of every target from its
+    covariance, the base weight replaced by the residual (all checked first, in one transaction)."""
+    if not isinstance(config, LoRAConfig) or config.init not in MODES:
+        raise ValueError(
+            f"slimtune.corda.apply needs LoRAConfig(init= one of {sorted(MODES)}), got {config!r}"
+        )
+    check_unpatched(model)
+    saved: dict[str, Tensor] = {}
+    for name, module in match_targets(model, config.target_modules):
+        linear = check_plain_linear(name, module)
+        c = covariance.get(name)
+        if c is None:
+            raise ValueError(f"CorDA: no covariance for {name}; collect it with slimtune.corda.covariances")
+        if tuple(c.shape) != (linear.in_features,) * 2:
+            raise ValueError(
+                f"CorDA: the covariance of {name} is {tuple(c.shape)}, but the layer reads "
+                f"{linear.in_features} features: it was collected on another model"
+            )
+        if config.r > min(linear.in_features, linear.out_features):
+            raise ValueError(
+                f"CorDA: rank {config.r} exceeds the rank of {name} ({tuple(linear.weight.shape)})"
+            )
+        dtype = torch.float32 if config.fp32_master else linear.weight.dtype
+        a0, b0 = (
+            t.to(dtype).cpu()
+            for t in factors(linear.weight, c, config.r, config.init, config.alpha / config.r)
+        )
+        saved.update(
+            {f"{name}.lora_A": a0, f"{name}.lora_B": b0, f"{name}.corda_A": a0, f"{name}.corda_B": b0}
+        )
+    return commit(model, config, plan(model, config, saved))
+
+
+__all__ = ["MODES", "apply", "covariances", "decompose", "factors", "residual"]

@@ -1,0 +1,194 @@
+"""CorDA: covariance collection, the decomposition, outputs at init, PEFT's CorDA, save/load/merge."""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import slimtune
+import torch
+from slimtune.corda import covariances, decompose
+from tiny_models import make_batch, make_model
+
+
+def _batches(count: int = 4, seq: int = 9, rows: int = 1) -> list[torch.Tensor]:
+    return [make_batch(batch=rows, seq=seq, seed=10 + i) for i in range(count)]
+
+
+def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+
+
+def test_covariance_is_the_scaled_mean_and_siblings_share_one():
+    model = make_model("llama")
+    batches = _batches(3, rows=2)
+    inputs = {}
+    handle = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(
+        lambda m, a: inputs.setdefault("down", []).append(a[0].detach().reshape(-1, a[0].shape[-1]).double())
+    )
+    cov = covariances(model, batches)
+    handle.remove()
+    expected = sum((x / x.max().abs()).T @ (x / x.max().abs()) for x in inputs["down"]) / len(inputs["down"])
+    torch.testing.assert_close(cov["model.layers.0.mlp.down_proj"], expected)
+    attn = [cov[f"model.layers.1.self_attn.{p}_proj"] for p in "qkv"]
+    assert attn[0] is attn[1] is attn[2] and attn[0].dtype == torch.float64
+    assert cov["model.layers.1.self_attn.o_proj"] is not attn[0]
+
+
+@pytest.mark.parametrize("mode", ["corda-kpm", "corda-ipm"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_init_keeps_outputs_and_adapter_spans_the_chosen_components(family, mode):
+    model = make_model(family)
+    ids = make_batch()
+    before = model(ids).logits
+    cov = covariances(model, _batches())
+    config = slimtune.LoRAConfig(r=4, alpha=8, init=mode)
+    weights = {n: m.weight.detach().clone() for n, m in slimtune.targets.match_targets(model, "all-linear")}
+    slimtune.corda.apply(model, config, cov)
+    torch.testing.assert_close(model(ids).logits, before, atol=2e-5, rtol=1e-5)
+    for name, layer in slimtune.patching.patched_layers(model).items():
+        change = (layer.lora_B.double() @ layer.lora_A.double()) * layer.scaling
+        torch.testing.assert_close(layer.weight.double() + change, weights[name].double(), atol=1e-6, rtol=0)
+        # In the context's basis (W C), the adapter is exactly the r smallest (kpm) or largest (ipm)
+        # singular components: its singular values there are those of W C.
+        _, s, _ = decompose(weights[name], cov[name])
+        c = (
+            cov[name]
+            + torch.eye(cov[name].shape[0], dtype=torch.float64) * cov[name].diagonal().mean() * 0.01
+        )
+        mine = torch.linalg.svdvals(change @ c)[:4]
+        chosen = s[-4:] if mode == "corda-kpm" else s[:4]
+        torch.testing.assert_close(mine, chosen.sort(descending=True).values, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+def test_same_adapter_and_outputs_as_peft_corda(mode):
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    base = make_model("llama")
+    batches = _batches()  # PEFT's hook takes one sequence per call
+    targets = ["q_proj", "v_proj", "down_proj"]
+    ref = copy.deepcopy(base)
+    lora = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights="corda",
+        corda_config=CordaConfig(corda_method=mode),
+    )  # fmt: skip
+    preprocess_corda(ref, lora, run_model=lambda: [ref(b) for b in batches])
+    ref = peft.get_peft_model(ref, lora)
+    ours = copy.deepcopy(base)
+    config = slimtune.LoRAConfig(r=4, alpha=8, target_modules=targets, init=f"corda-{mode}")
+    slimtune.corda.apply(ours, config, covariances(ours, batches, targets))
+    for name, layer in slimtune.patching.patched_layers(ours).items():
+        theirs = ref.base_model.model.get_submodule(name)
+        a, b = theirs.lora_A["default"].weight, theirs.lora_B["default"].weight
+        # Components match one by one (an SVD fixes each only up to a sign shared by its two factors).
+        for i in range(4):
+            torch.testing.assert_close(
+                torch.outer(layer.lora_B[:, i], layer.lora_A[i]),
+                torch.outer(b[:, i], a[i]),
+                atol=2e-4,
+                rtol=2e-3,
+            )
+        torch.testing.assert_close(layer.weight, theirs.base_layer.weight, atol=2e-5, rtol=1e-4)
+    ids = make_batch()
+    torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def _trained_corda(mode: str = "corda-kpm"):
+    base = make_model("llama")
+    model = copy.deepcopy(base)
+    config = slimtune.LoRAConfig(r=4, alpha=8, init=mode)
+    slimtune.corda.apply(model, config, covariances(model, _batches()))
+    with torch.no_grad():
+        for p in slimtune.trainable_parameters(model):
+            p.add_(torch.randn_like(p) * 0.05)
+    return base, model
+
+
+def test_checkpoint_reloads_onto_the_original_base(tmp_path):
+    base, model = _trained_corda()
+    ids = make_batch()
+    slimtune.save(model, tmp_path / "ckpt")
+    loaded = slimtune.load(copy.deepcopy(base), tmp_path / "ckpt")
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+    merged = slimtune.merge(loaded)
+    torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="CorDA adapters"):
+        slimtune.unmerge(merged)
+
+
+def test_checkpoint_without_its_initial_factors_is_refused(tmp_path):
+    base, model = _trained_corda()
+    slimtune.save(model, tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "adapter.safetensors"
+    if not path.exists():
+        (path,) = (tmp_path / "ckpt").glob("*.safetensors")
+    tensors, meta = slimtune.files.read_tensors(path)
+    kept = {k: v for k, v in tensors.items() if not k.endswith("corda_A")}
+    slimtune.files.save_tensors(kept, path, metadata=meta)
+    target = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="corda_A"):
+        slimtune.load(target, tmp_path / "ckpt")
+    assert _same_state(target, base)
+
+
+def test_peft_export_is_a_plain_lora_on_the_original_base(tmp_path):
+    base, model = _trained_corda("corda-ipm")
+    ids = make_batch()
+    slimtune.save(model, tmp_path / "peft", format="peft")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=2e-5, rtol=1e-5)
+    again = slimtune.load_peft(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=2e-5, rtol=1e-5)
+
+
+def test_refusals_leave_the_model_untouched():
+    model = make_model("llama")
+    original = copy.deepcopy(model)
+    with pytest.raises(ValueError, match=r"slimtune\.corda\.apply"):
+        slimtune.apply(model, slimtune.LoRAConfig(r=2, alpha=4, init="corda-kpm"))
+    cov = covariances(model, _batches(2))
+    cov["model.layers.1.mlp.down_proj"] = torch.eye(5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"down_proj.*another model"):
+        slimtune.corda.apply(model, slimtune.LoRAConfig(r=2, alpha=4, init="corda-kpm"), cov)
+    del cov["model.layers.1.mlp.down_proj"]
+    with pytest.raises(ValueError, match=r"no covariance for model\.layers\.1\.mlp\.down_proj"):
+        slimtune.corda.apply(model, slimtune.LoRAConfig(r=2, alpha=4, init="corda-ipm"), cov)
+    with pytest.raises(ValueError, match="init"):
+        slimtune.LoRAConfig(r=2, alpha=4, init="pissa")
+    assert _same_state(model, original) and slimtune.state.patch_state(model) is None
+
+
+def test_trainer_stage_checkpoint_reloads_onto_the_base(tmp_path):
+    import yaml
+    from slimtune.apps.train import load_recipe, models, run
+
+    data = {
+        "seed": 0,
+        "seq_len": 32,
+        "model": {"builtin": "tiny-llama"},
+        "tasks": [{"name": "copy", "task": "copy", "n": 4, "stage": "a"}],
+        "stages": [
+            {
+                "name": "a",
+                "data": [{"task": "copy", "n": 32}],
+                "method": {"name": "lora", "r": 2, "alpha": 4, "init": "corda-kpm"},
+                "corda": {"data": [{"task": "reverse", "n": 16}], "rows": 8},
+                "steps": 3,
+                "batch_size": 4,
+                "lr": 1e-2,
+            }
+        ],
+    }
+    path = tmp_path / "corda.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    final = run(path, tmp_path / "run").model
+    recipe = load_recipe(path)
+    base, _ = models.build(recipe.model, recipe.seed)
+    slimtune.merge(slimtune.load(base, tmp_path / "run" / "stages" / "01-a" / "slimtune"))
+    ids = make_batch()
+    torch.testing.assert_close(base(ids).logits, final(ids).logits, atol=1e-5, rtol=1e-5)
