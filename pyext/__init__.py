@@ -6,7 +6,7 @@ only the names exported here and the public modules `registry`, `architectures` 
 
 __version__ = "0.1.0"
 
-from . import architectures, corda, diagnostics, files, models, ops, registry, targets, transaction
+from . import architectures, corda, diagnostics, files, models, ops, prompt, registry, targets, transaction
 from .config import HydraConfig, LoRAConfig, MethodConfig, PaCAConfig, S2FTConfig
 from .info import info
 from .lean_mode import lean, lean_report, unlean
@@ -42,6 +42,7 @@ __all__ = [
     "models",
     "on_meta",
     "ops",
+    "prompt",
     "registry",
     "report",
     "save",

@@ -19,6 +19,7 @@ PUBLIC = {
     "slimtune.transaction",
     "slimtune.diagnostics",
     "slimtune.corda",
+    "slimtune.prompt",
 }
 
 

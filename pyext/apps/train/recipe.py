@@ -46,6 +46,10 @@ class TaskSpec:
     where: str
     form: Form = field(default_factory=Form)
     match: Match = field(default_factory=Match)
+    prompt: str | None = None  # None: the model as it is; "without": no soft prompt; a prompt stage's name
+
+
+WITHOUT = "without"
 
 
 @dataclass(frozen=True)
@@ -425,8 +429,13 @@ def _stage(
     return stage
 
 
-def _task(section: Section, base: Path, names: set[str], stages: list[str]) -> TaskSpec:
+def _task(section: Section, base: Path, names: set[str], stages: list[str], prompts: list[str]) -> TaskSpec:
     name = _name(section, "name", names)
+    prompt = section.get("prompt", TEXT, None)
+    if prompt is not None and prompt != WITHOUT and prompt not in prompts:
+        raise section.error(
+            "prompt", f"{prompt!r} is neither {WITHOUT!r} nor a stage of method prompt ({prompts or 'none'})"
+        )
     kind = _one_of(section, ("task", "path"))
     task = TaskSpec(
         name=name,
@@ -437,6 +446,7 @@ def _task(section: Section, base: Path, names: set[str], stages: list[str]) -> T
         where=section.where(kind),
         form=_form(section),
         match=_match(section),
+        prompt=prompt,
     )
     if task.task is not None and task.task not in TASKS:
         raise section.error("task", f"unknown generated task {task.task!r}; choose from {', '.join(TASKS)}")
@@ -472,7 +482,10 @@ def parse(data: Any, file: Path) -> Recipe:
     if not stages:
         raise top.error("stages", "a recipe needs at least one stage")
     task_names: set[str] = set()
-    tasks = tuple(_task(s, base, task_names, [s.name for s in stages]) for s in top.sections("tasks"))
+    prompts = [s.name for s in stages if s.method_name == "prompt"]
+    tasks = tuple(
+        _task(s, base, task_names, [s.name for s in stages], prompts) for s in top.sections("tasks")
+    )
     if not tasks:
         raise top.error("tasks", "a recipe needs at least one evaluation task")
     intruders = _intruders(top.section("intruders")) if top.has("intruders") else None

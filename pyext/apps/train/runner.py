@@ -37,6 +37,7 @@ from .tasks import Example, encode, evaluate, generate
 from .tokenizer import ChatError, Tokenizer
 
 log = logging.getLogger("slimtune.train")
+SOFT_PROMPT = "soft_prompt.safetensors"  # beside an exported model with a soft prompt
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Prepared:
     packed: list[Packed]
     evals: list[tuple[list[Example], bool]]
     samples: dict[int, Packed] = field(default_factory=dict)  # CorDA's rows, by stage index
+    prompts: dict[str, Any] = field(default_factory=dict)  # the soft prompt of each prompt stage so far
 
 
 @dataclass
@@ -282,9 +284,21 @@ def data_digests(recipe: Recipe) -> dict[str, str]:
 
 def evaluate_all(recipe: Recipe, prepared: Prepared) -> dict[str, dict[str, float | None]]:
     return {
-        task.name: evaluate(prepared.model, prepared.tokenizer, examples, answers, match=task.match)
-        for task, (examples, answers) in zip(recipe.tasks, prepared.evals, strict=True)
+        task.name: _evaluate(prepared, task, *evals)
+        for task, evals in zip(recipe.tasks, prepared.evals, strict=True)
     }
+
+
+def _evaluate(
+    prepared: Prepared, task: TaskSpec, examples: list[Example], answers: bool, model: nn.Module | None = None
+) -> dict[str, float | None]:
+    """One task, with the soft prompt it asks for (`prompt`: none, or a prompt stage's; before that
+    stage has run, none)."""
+    model = prepared.model if model is None else model
+    if task.prompt is None:
+        return evaluate(model, prepared.tokenizer, examples, answers, match=task.match)
+    with slimtune.prompt.using(model, prepared.prompts.get(task.prompt)):
+        return evaluate(model, prepared.tokenizer, examples, answers, match=task.match)
 
 
 @dataclass
@@ -357,6 +371,8 @@ def train_stage(
             method.save(model, directory)
         method.finish(model)
         drift = fpf.drift(model, here.start) if recipe.uses_fpf() else None
+    if stage.method_name == "prompt":
+        prepared.prompts[stage.name] = slimtune.prompt.attached(model)
     for number, op in enumerate(stage.post):
         if op.kind == "fpf":
             extra.setdefault("fpf", []).append(here.fpf(op.fpf, drift, 1000 + number))
@@ -458,9 +474,7 @@ def _graft(here: StageRun, op: post.Op, run: RunDir) -> dict[str, Any]:
 
 def _scores(here: StageRun, model: nn.Module, tasks: list[int]) -> dict[int, dict[str, float | None]]:
     prepared, recipe = here.prepared, here.recipe
-    return {
-        j: evaluate(model, prepared.tokenizer, *prepared.evals[j], match=recipe.tasks[j].match) for j in tasks
-    }
+    return {j: _evaluate(prepared, recipe.tasks[j], *prepared.evals[j], model=model) for j in tasks}
 
 
 def _operate(op: post.Op, model: nn.Module, before: dict[str, torch.Tensor] | None, run: RunDir) -> None:
@@ -500,14 +514,14 @@ def train_stages(
     snapshots, records = {}, []
     base = copy.deepcopy(prepared.model) if recipe.intruders is not None else None  # to compare against
     if -1 in branch_points:  # some stage starts from the base model again
-        snapshots[-1] = {k: v.detach().clone() for k, v in prepared.model.state_dict().items()}
+        snapshots[-1] = _snapshot(prepared.model)
     for index in range(len(recipe.stages)):
         if recipe.parent(index) != index - 1:
-            prepared.model.load_state_dict(snapshots[recipe.parent(index)])
+            _restore(prepared.model, snapshots[recipe.parent(index)])
         history = [records[j] for j in recipe.lineage(index)[:-1]]
         records.append(train_stage(recipe, index, prepared, run, world, base, history))
         if index in branch_points:
-            snapshots[index] = {k: v.detach().clone() for k, v in prepared.model.state_dict().items()}
+            snapshots[index] = _snapshot(prepared.model)
         if export and index in leaves and world.rank == 0:
             folder = run.root / "export" / recipe.stages[index].name
             export_hf(prepared.model, prepared.tokenizer, folder)
@@ -519,6 +533,20 @@ def train_stages(
     return records
 
 
+def _snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], Any]:
+    """The model's state and its soft prompt (frozen, so the object itself), to branch from."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, slimtune.prompt.attached(model)
+
+
+def _restore(model: nn.Module, snapshot: tuple[dict[str, torch.Tensor], Any]) -> None:
+    state, prompt = snapshot
+    model.load_state_dict(state)
+    if slimtune.prompt.attached(model) is not None:
+        slimtune.prompt.detach(model)
+    if prompt is not None:
+        slimtune.prompt.attach(model, prompt)
+
+
 def export_hf(model: nn.Module, tokenizer: Tokenizer, folder: Path) -> Path:
     """`save_pretrained` of the (plain, merged) model and its tokenizer, written to a temporary folder
     and renamed into place."""
@@ -527,6 +555,8 @@ def export_hf(model: nn.Module, tokenizer: Tokenizer, folder: Path) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     try:
         model.save_pretrained(partial)
+        if slimtune.prompt.attached(model) is not None:  # not part of the HF weights: saved beside them
+            slimtune.prompt.save(model, partial / SOFT_PROMPT)
         save = getattr(tokenizer, "save", None)
         if save is not None:
             save(partial)

@@ -1,0 +1,206 @@
+"""Soft prompts: trainable embeddings prepended to every input (prompt tuning), the first half of
+ProMoT (Wang et al., "Preserving In-Context Learning ability in Large Language Model Fine-tuning",
+2022; at ICLR 2024 as "Two-stage LLM Fine-tuning with Less Specialization and More Generalization").
+
+`attach(model, prompt)` makes the model read the prompt's learned embeddings before its input:
+the first forward of a sequence prepends them (and ones to the attention mask, -100 to the labels,
+`tokens` to the positions; the input's first token is not a target, as without the prompt); later
+cached steps only shift positions and the mask. Logits come back for the caller's positions only,
+so losses, greedy decoding and `generate` see the model they called (hidden states keep the
+prompt's positions). The prompt is not a parameter of the model: `model.parameters()`,
+`state_dict` and `save_pretrained` do not hold it, so a later stage that trains the whole model
+leaves it frozen, and it is saved and loaded on its own (`save`, `load`), bound to the model's
+class and embedding width.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import files
+
+FORMAT = "slimtune-soft-prompt"
+_ATTR = "_slimtune_prompt"
+INITS = ("vocab", "zeros")
+
+
+class SoftPrompt(nn.Module):
+    """`tokens` x hidden trainable embeddings."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    @property
+    def tokens(self) -> int:
+        return self.weight.shape[0]
+
+
+class _Prompted:
+    """The prompted model's `forward`: the prompt prepended on the first call of a sequence."""
+
+    def __init__(self, model: nn.Module, prompt: SoftPrompt, inner: Any) -> None:
+        self.model, self.prompt, self.inner = model, prompt, inner
+
+    def _forward(self, **kwargs: Any) -> Any:
+        if self.inner is not None:
+            return self.inner(**kwargs)
+        return type(self.model).forward(self.model, **kwargs)
+
+    def __call__(self, input_ids: Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            raise TypeError("a model with a soft prompt takes keyword arguments after input_ids")
+        n = self.prompt.tokens
+        past = kwargs.get("past_key_values")
+        first = past is None or past.get_seq_length() == 0
+        embeds = kwargs.pop("inputs_embeds", None)
+        if first:
+            if embeds is None:
+                embeds = self.model.get_input_embeddings()(input_ids)
+            rows = embeds.shape[0]
+            prompt = self.prompt.weight.to(embeds.device, embeds.dtype).unsqueeze(0).expand(rows, -1, -1)
+            kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
+            labels = kwargs.get("labels")
+            if labels is not None:
+                # -100 over the prompt and on the first token too (which only the prompt would
+                # predict): the loss is the one the returned logits give.
+                kwargs["labels"] = torch.cat([labels.new_full((rows, n + 1), -100), labels[:, 1:]], dim=1)
+            lead = torch.arange(n, device=embeds.device)
+            if kwargs.get("position_ids") is not None:
+                positions = kwargs["position_ids"]
+                kwargs["position_ids"] = torch.cat([lead.expand(positions.shape[0], n), positions + n], dim=1)
+            if kwargs.get("cache_position") is not None:
+                kwargs["cache_position"] = torch.cat([lead, kwargs["cache_position"] + n])
+        else:
+            kwargs["input_ids"], kwargs["inputs_embeds"] = input_ids, embeds
+            for key in ("position_ids", "cache_position"):
+                if kwargs.get(key) is not None:
+                    kwargs[key] = kwargs[key] + n
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+        out = self._forward(**kwargs)
+        length = kwargs["inputs_embeds"].shape[1] if first else None
+        if first and getattr(out, "logits", None) is not None and out.logits.shape[1] == length:
+            out.logits = out.logits[:, n:]
+        return out
+
+
+def attached(model: nn.Module) -> SoftPrompt | None:
+    """The model's soft prompt, or None."""
+    return model.__dict__.get(_ATTR)
+
+
+def _embedding(model: nn.Module) -> nn.Embedding:
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if get is not None else None
+    if not isinstance(embedding, nn.Embedding):
+        raise ValueError(
+            f"{type(model).__name__} has no input embedding (get_input_embeddings): no soft prompt"
+        )
+    return embedding
+
+
+def make(model: nn.Module, tokens: int, init: str = "vocab", seed: int = 0) -> SoftPrompt:
+    """A new prompt for `model`: the embeddings of `tokens` seeded random vocabulary entries
+    ("vocab", which trains faster than noise) or zeros."""
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= 4096:
+        raise ValueError(f"a soft prompt has 1 to 4096 tokens, got {tokens!r}")
+    if init not in INITS:
+        raise ValueError(f"soft prompt init is one of {', '.join(INITS)}, not {init!r}")
+    embedding = _embedding(model)
+    if init == "zeros":
+        return SoftPrompt(embedding.weight.new_zeros(tokens, embedding.embedding_dim))
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, embedding.num_embeddings, (tokens,), generator=generator)
+    return SoftPrompt(embedding.weight.detach()[ids.to(embedding.weight.device)].clone())
+
+
+def attach(model: nn.Module, prompt: SoftPrompt) -> SoftPrompt:
+    """Prepend `prompt` to every input of `model` (refused if one is attached, or the width differs)."""
+    if attached(model) is not None:
+        raise ValueError(f"{type(model).__name__} has a soft prompt already; slimtune.prompt.detach it first")
+    width = _embedding(model).embedding_dim
+    if prompt.weight.ndim != 2 or prompt.weight.shape[1] != width:
+        raise ValueError(
+            f"the soft prompt is {tuple(prompt.weight.shape)} but {type(model).__name__} embeds into "
+            f"{width}: "
+            f"it belongs to another model"
+        )
+    inner = model.__dict__.get("forward")
+    object.__setattr__(model, _ATTR, prompt)
+    model.forward = _Prompted(model, prompt, inner)
+    return prompt
+
+
+def detach(model: nn.Module) -> SoftPrompt:
+    """Remove the model's prompt (its `forward` is the one it had before) and return it."""
+    prompt = attached(model)
+    if prompt is None:
+        raise ValueError(f"{type(model).__name__} has no soft prompt to detach")
+    inner = model.forward.inner
+    del model.__dict__[_ATTR]
+    if inner is None:
+        del model.forward
+    else:
+        model.forward = inner
+    return prompt
+
+
+@contextlib.contextmanager
+def using(model: nn.Module, prompt: SoftPrompt | None) -> Iterator[nn.Module]:
+    """Run `model` with `prompt` attached (None: with none) for the block, then as it was."""
+    previous = attached(model)
+    if previous is not None:
+        detach(model)
+    try:
+        if prompt is not None:
+            attach(model, prompt)
+        yield model
+    finally:
+        if attached(model) is not None:
+            detach(model)
+        if previous is not None:
+            attach(model, previous)
+
+
+def _binding(model: nn.Module) -> dict[str, str]:
+    embedding = _embedding(model)
+    return {"format": FORMAT, "model_class": type(model).__name__, "width": str(embedding.embedding_dim)}
+
+
+def save(model: nn.Module, path: str | Path) -> Path:
+    """Write the attached prompt (with its model's class and width) to one tensor file."""
+    prompt = attached(model)
+    if prompt is None:
+        raise ValueError(f"{type(model).__name__} has no soft prompt to save")
+    files.save_tensors({"prompt": prompt.weight.detach().cpu().contiguous()}, path, metadata=_binding(model))
+    return Path(path)
+
+
+def load(model: nn.Module, path: str | Path) -> SoftPrompt:
+    """Read a prompt written by `save` and attach it; refused (model untouched) for another model's."""
+    tensors, metadata = files.read_tensors(path)
+    expected = _binding(model)
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a slimtune soft prompt (format {metadata.get('format')!r})")
+    for key in ("model_class", "width"):
+        if metadata.get(key) != expected[key]:
+            raise ValueError(
+                f"{path} is a soft prompt for {key} {metadata.get(key)!r}, but the model has "
+                f"{expected[key]!r}"
+            )
+    weight = tensors.get("prompt")
+    if set(tensors) != {"prompt"} or weight is None or weight.ndim != 2 or not weight.is_floating_point():
+        raise ValueError(f"{path} holds {sorted(tensors)}, not one float `prompt` matrix: a damaged file")
+    embedding = _embedding(model).weight
+    return attach(model, SoftPrompt(weight.to(embedding.device, embedding.dtype)))
+
+
+__all__ = ["INITS", "SoftPrompt", "attach", "attached", "detach", "load", "make", "save", "using"]
