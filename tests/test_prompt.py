@@ -117,8 +117,8 @@ def _promot(tmp_path, extra_stage=None):
             {"name": "bare", "task": "copy", "n": 4, "prompt": "without"},
         ],
         "stages": [
-            {"name": "copy-prompt", "data": [{"task": "copy", "n": 32}], "method": {"name": "prompt", "tokens": 4},
-             "lr": 0.1, **stage},
+            {"name": "copy-prompt", "data": [{"task": "copy", "n": 32}],
+             "method": {"name": "prompt", "tokens": 4}, "lr": 0.1, **stage},
             {"name": "copy", "data": [{"task": "copy", "n": 32}], "lr": 1e-2, **stage},
         ],
     }  # fmt: skip
