@@ -55,8 +55,8 @@ class MethodSpec:
     name: str
     method: dict[str, Any]
     lrs: tuple[float, ...]
-    pattern: str = "plain"  # plain | mixing (replay in every stage) | dmt | lines | corda-kpm | fpf | kfpf
-    # | graft | promot
+    # plain | mixing (replay in every stage) | dmt | lines | corda-kpm | fpf | kfpf | graft | promot
+    pattern: str = "plain"
     seeds: tuple[int, ...] | None = None  # None: the preset's
 
     def run_seeds(self, preset: Preset) -> tuple[int, ...]:
@@ -83,8 +83,13 @@ METHODS = {
         MethodSpec("full+fpf", {"name": "full"}, FULL_LRS, "fpf", (0,)),
         MethodSpec("full+kfpf", {"name": "full"}, FULL_LRS, "kfpf", (0,)),
         MethodSpec("full+graft", {"name": "full"}, FULL_LRS, "graft", (0,)),
+        MethodSpec("full+promot", {"name": "full"}, FULL_LRS, "promot", (0,)),
     )
 }
+# ProMoT: a 20-token soft prompt trained alone first (AdamW at 3e-2, not swept), then the model with it;
+# each new task is scored with its own prompt, general knowledge and drift without any.
+PROMPT = {"name": "prompt", "tokens": 20}
+PROMPT_LR = 3e-2
 # FPF: the 4 modules that drifted most, 8 steps at 1e-4 on a 32-row buffer of both tasks' data, after
 # the sequence (FPF) or twice in each stage (k-FPF); grafting keeps 0.1% of the linears' entries.
 FPF = {"buffer": 32, "modules": "auto", "top": 4, "steps": 8, "lr": 1e-4, "batch_size": 8}
@@ -241,6 +246,8 @@ def recipe(spec: MethodSpec, lr: float, seed: int, preset: Preset) -> dict[str, 
             entry["post"] = [{"fpf": FPF}]
         if spec.pattern == "graft":
             entry["post"] = [{"graft": GRAFT}]
+        if spec.pattern == "promot":
+            stages.append({**entry, "name": f"{name}-prompt", "method": PROMPT, "lr": PROMPT_LR})
         stages.append(entry)
     return {
         "description": f"quality benchmark: {spec.name} at lr {lr:g}, seed {seed}",
@@ -248,9 +255,14 @@ def recipe(spec: MethodSpec, lr: float, seed: int, preset: Preset) -> dict[str, 
         "seq_len": 64,
         "model": {"builtin": MODEL},
         "method": spec.method,
-        "tasks": TASKS,
+        "tasks": _promot_tasks() if spec.pattern == "promot" else TASKS,
         "stages": stages,
     }
+
+
+def _promot_tasks() -> list[dict[str, Any]]:
+    """The new tasks with their own stage's prompt; the general ones without a prompt."""
+    return [{**t, "prompt": f"{t['stage']}-prompt" if "stage" in t else "without"} for t in TASKS]
 
 
 def _base_eval(out: Path, preset: Preset, evaluate) -> dict[str, Any]:
@@ -331,7 +343,7 @@ def summarise(run: Run) -> dict[str, Any]:
     final_acc, final_loss, base_loss = m["accuracy"][-1], m["loss"][-1], m["base"]["loss"]
     at = {t: i for i, t in enumerate(tasks)}
     swap, code, probes = (final_acc[at[t]] for t in ("swap", "code", "probes"))
-    learned = m["accuracy"][0][at["swap"]]  # swap right after the stage that teaches it
+    learned = m["accuracy"][m["stages"].index("swap")][at["swap"]]  # right after the stage teaching it
     base_probes = m["base"]["accuracy"][at["probes"]]
     return {
         "method": run.method,
