@@ -192,3 +192,21 @@ def test_trainer_stage_checkpoint_reloads_onto_the_base(tmp_path):
     slimtune.merge(slimtune.load(base, tmp_path / "run" / "stages" / "01-a" / "slimtune"))
     ids = make_batch()
     torch.testing.assert_close(base(ids).logits, final(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_corda_samples_need_a_corda_init(tmp_path):
+    import yaml
+    from slimtune.apps.train import RecipeError, load_recipe
+
+    data = {
+        "model": {"builtin": "tiny-llama"},
+        "tasks": [{"name": "copy", "task": "copy"}],
+        "stages": [
+            {"name": "a", "data": [{"task": "copy"}], "steps": 1,
+             "method": {"name": "lora", "r": 2, "alpha": 4}, "corda": {"rows": 4}}
+        ],
+    }  # fmt: skip
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError, match="needs method lora with init corda-kpm or corda-ipm"):
+        load_recipe(path)

@@ -125,3 +125,17 @@ def test_applied_graft_continues_from_start_plus_graft(tmp_path) -> None:
     base, _ = models.build(recipe.model, recipe.seed)
     for name, p in final.named_parameters():
         torch.testing.assert_close(p, base.get_parameter(name), atol=1e-6, rtol=0, msg=name)
+
+
+def test_a_graft_needs_a_task_the_stage_teaches(tmp_path) -> None:
+    import pytest
+    import yaml
+    from slimtune.apps.train import RecipeError, run
+
+    path = _graft_recipe(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["tasks"][0].pop("stage")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(RecipeError, match="give a task `stage: a`"):
+        run(path, tmp_path / "run")
+    assert not (tmp_path / "run" / "stages").exists()
