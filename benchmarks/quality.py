@@ -58,6 +58,7 @@ class MethodSpec:
     # plain | mixing (replay in every stage) | dmt | lines | corda-kpm | fpf | kfpf | graft | promot
     pattern: str = "plain"
     seeds: tuple[int, ...] | None = None  # None: the preset's
+    settings: dict[str, Any] = field(default_factory=dict)  # over the pattern's operation's defaults
 
     def run_seeds(self, preset: Preset) -> tuple[int, ...]:
         return tuple(s for s in self.seeds if s in preset.seeds) if self.seeds else preset.seeds
@@ -83,6 +84,10 @@ METHODS = {
         MethodSpec("full+fpf", {"name": "full"}, FULL_LRS, "fpf", (0,)),
         MethodSpec("full+kfpf", {"name": "full"}, FULL_LRS, "kfpf", (0,)),
         MethodSpec("full+graft", {"name": "full"}, FULL_LRS, "graft", (0,)),
+        # How large a graft must be to keep the skills: 1% and 10% of the linears' entries, at the
+        # learning rate where full fine-tuning learns both tasks.
+        MethodSpec("full+graft-1%", {"name": "full"}, (1e-4,), "graft", (0,), {"sparsity": 1e-2}),
+        MethodSpec("full+graft-10%", {"name": "full"}, (1e-4,), "graft", (0,), {"sparsity": 1e-1}),
         MethodSpec("full+promot", {"name": "full"}, FULL_LRS, "promot", (0,)),
     )
 }
@@ -245,7 +250,7 @@ def recipe(spec: MethodSpec, lr: float, seed: int, preset: Preset) -> dict[str, 
         if spec.pattern == "fpf" and name == list(data.TASKS)[-1]:
             entry["post"] = [{"fpf": FPF}]
         if spec.pattern == "graft":
-            entry["post"] = [{"graft": GRAFT}]
+            entry["post"] = [{"graft": {**GRAFT, **spec.settings}}]
         if spec.pattern == "promot":
             stages.append({**entry, "name": f"{name}-prompt", "method": PROMPT, "lr": PROMPT_LR})
         stages.append(entry)

@@ -94,6 +94,7 @@ def _graft_recipe(tmp_path, apply: bool = False):
 def test_graft_operation_reports_recovery_and_overlap(tmp_path) -> None:
     import json
 
+    import pytest
     from slimtune.apps.train import run
     from slimtune.apps.train.diff import EntryDiff
 
@@ -103,7 +104,12 @@ def test_graft_operation_reports_recovery_and_overlap(tmp_path) -> None:
     a = report["grafts"]["a"]
     assert 0 < a["share"] <= 0.0101 and set(a["tasks"]) == {"copy"}
     copy_scores = a["tasks"]["copy"]
-    assert set(copy_scores) == {"score", "start", "tuned", "graft", "recovered"}
+    assert set(copy_scores) == {"accuracy", "loss"}
+    loss = copy_scores["loss"]
+    assert set(loss) == {"start", "tuned", "graft", "recovered"}
+    assert loss["recovered"] == pytest.approx(
+        (loss["graft"] - loss["start"]) / (loss["tuned"] - loss["start"])
+    )
     overlap = report["graft_overlap"]["a|b"]
     assert 0.0 <= overlap["jaccard"] <= min(overlap["of_first"], overlap["of_second"]) <= 1.0
     diff = EntryDiff.load(next((tmp_path / "run" / "stages").glob("01-*/graft.safetensors")))

@@ -457,13 +457,13 @@ def _graft(here: StageRun, op: post.Op, run: RunDir) -> dict[str, Any]:
     entries = sum(int(m.sum()) for m in masks.values())
     tasks = {}
     for j in taught:
-        name, kind = (
-            recipe.tasks[j].name,
-            "accuracy" if scores["tuned"][j]["accuracy"] is not None else "loss",
-        )
-        values = {state: scores[state][j][kind] for state in scores}
-        tasks[name] = {"score": kind, **values, "recovered": graft.recovered(*values.values())}
-    log.info("stage %s: graft of %d entries recovers %s", here.stage.name, entries, tasks)
+        tasks[recipe.tasks[j].name] = {
+            kind: {state: scores[state][j][kind] for state in scores}
+            | {"recovered": graft.recovered(*(scores[state][j][kind] for state in scores))}
+            for kind in ("accuracy", "loss")
+            if scores["tuned"][j][kind] is not None
+        }
+    log.info("stage %s: graft of %d entries: %s", here.stage.name, entries, tasks)
     return {
         "entries": entries,
         "share": entries / sum(m.numel() for m in masks.values()),
