@@ -266,8 +266,13 @@ def recipe(spec: MethodSpec, lr: float, seed: int, preset: Preset) -> dict[str, 
 
 
 def _promot_tasks() -> list[dict[str, Any]]:
-    """The new tasks with their own stage's prompt; the general ones without a prompt."""
-    return [{**t, "prompt": f"{t['stage']}-prompt" if "stage" in t else "without"} for t in TASKS]
+    """The new tasks with their own stage's prompt and again without it (what the prompt absorbed);
+    the general ones without a prompt."""
+    tasks = [{**t, "prompt": f"{t['stage']}-prompt" if "stage" in t else "without"} for t in TASKS]
+    bare = [
+        {"name": f"{t['name']}-bare", "path": t["path"], "prompt": "without"} for t in TASKS if "stage" in t
+    ]
+    return tasks + bare
 
 
 def _base_eval(out: Path, preset: Preset, evaluate) -> dict[str, Any]:
@@ -394,10 +399,10 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    colors = plt.get_cmap("tab10").colors
+    colors = plt.get_cmap("tab20").colors  # one colour per method (up to 20)
     for i, method in enumerate(methods):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["target"])
-        ax.scatter([r["target"] for r in mine], [r["probe_retention"] for r in mine], color=colors[i % 10],
+        ax.scatter([r["target"] for r in mine], [r["probe_retention"] for r in mine], color=colors[i % 20],
                    alpha=0.45, s=18)  # fmt: skip
         front, best = [], -1.0  # the upper-right frontier of the method's runs
         for r in sorted(mine, key=lambda r: -r["target"]):
@@ -405,7 +410,7 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path) -> None:
                 front.append(r)
                 best = r["probe_retention"]
         front.sort(key=lambda r: r["target"])
-        ax.plot([r["target"] for r in front], [r["probe_retention"] for r in front], color=colors[i % 10],
+        ax.plot([r["target"] for r in front], [r["probe_retention"] for r in front], color=colors[i % 20],
                 marker="o", label=method)  # fmt: skip
     ax.set_xlabel("new tasks learned (held-out accuracy of swap and of code, each after its own stage)")
     ax.set_ylabel("general-knowledge probes still answered (share of the base's)")

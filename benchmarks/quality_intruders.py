@@ -1,0 +1,116 @@
+"""Intruder dimensions of the quality benchmark's runs, beside their retention and target accuracy.
+
+    python benchmarks/quality_intruders.py --out WORK --results RESULTS
+
+For each method's runs in the matched-target tables of `quality.py` (the best retention at >= 90%
+and at >= 50% target), the final model is rebuilt from the run folder's stage checkpoints, as
+`slimtune train --resume` restores them (LiNeS is redone from the stage's start), and
+`slimtune.diagnostics.intruder_dimensions(base, final, k=10, threshold=0.5)` counts, over every
+linear of the blocks, the final weight's top-10 singular vectors with no base singular vector within
+cosine 0.5. Runs whose last operation is FPF or a graft are left out (the model after them is not in
+the checkpoints; rebuilding it means training again). Writes `intruders.csv` and `intruders.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import quality  # noqa: E402
+
+K, THRESHOLD = 10, 0.5
+
+
+def rebuild(folder: Path, recipe_path: Path):
+    """The run's final model: the base with every stage's checkpoint restored, LiNeS redone."""
+    from slimtune.apps.train import load_recipe, models, post
+
+    recipe = load_recipe(recipe_path)
+    model, _ = models.build(recipe.model, recipe.seed)
+    for index, stage in enumerate(recipe.stages):
+        if any(op.kind in ("fpf", "graft") for op in stage.post):
+            return None
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        method = stage.method()
+        method.restore(model, folder / "stages" / f"{index + 1:02d}-{stage.name}")
+        for op in stage.post:
+            if op.kind == "lines":
+                post.lines(model, before, op.alpha, op.beta)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True, help="the benchmark's work folder")
+    parser.add_argument("--results", type=Path, required=True, help="its results folder (runs.json)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    import slimtune
+    from slimtune.apps.train import load_recipe, models
+
+    rows = json.loads((args.results / "runs.json").read_text())["runs"]
+    chosen = {}
+    for threshold in (0.9, 0.5):
+        for method, row in quality.matched(rows, threshold).items():
+            if row is not None:
+                chosen.setdefault((method, row["lr"], row["seed"]), (row, []))[1].append(f">={threshold:.0%}")
+    base = None
+    table = []
+    for (method, lr, seed), (row, tables) in chosen.items():
+        tag = f"{method}-lr{lr:g}-seed{seed}"
+        recipe_path = args.out / f"{tag}.yaml"
+        if base is None:
+            recipe = load_recipe(recipe_path)
+            base, _ = models.build(recipe.model, recipe.seed)
+        with torch.no_grad():
+            final = rebuild(args.out / "runs" / tag, recipe_path)
+            counts = (
+                None if final is None else slimtune.diagnostics.intruder_dimensions(base, final, K, THRESHOLD)
+            )
+        total = None if counts is None else sum(counts.values())
+        table.append({
+            "method": method, "lr": lr, "seed": seed, "tables": " ".join(tables), "target": row["target"],
+            "probe_retention": row["probe_retention"], "intruders": total,
+            "matrices": None if counts is None else len(counts),
+        })  # fmt: skip
+        print(f"intruders: {tag}: {total}", flush=True)
+    with (args.results / "intruders.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    lines = [
+        "# Intruder dimensions of the matched runs",
+        "",
+        f"Command: `python benchmarks/quality_intruders.py {' '.join(argv or sys.argv[1:])}`  ",
+        f"Date: {datetime.date.today().isoformat()}; versions: "
+        + ", ".join(f"{k} {v}" for k, v in quality.versions().items()),
+        "",
+        f"Per run: the total, over the {table[0]['matrices'] or 'targeted'} linears of the blocks, of the final "
+        f"weight's top-{K} left singular vectors with no base singular vector within |cosine| {THRESHOLD} "
+        "(`slimtune.diagnostics.intruder_dimensions`). Runs ending in FPF or a graft: not rebuilt (-).",
+        "",
+        "| method | lr | seed | matched at | target | probe retention | intruder dimensions |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        count = "-" if r["intruders"] is None else str(r["intruders"])
+        lines.append(
+            f"| {r['method']} | {r['lr']:g} | {r['seed']} | {r['tables']} | {r['target']:.2f} "
+            f"| {r['probe_retention']:.2f} | {count} |"
+        )
+    (args.results / "intruders.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
