@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Per run: the total, over the {table[0]['matrices'] or 'targeted'} linears of the blocks, of the "
         f"final weight's top-{K} left singular vectors with no base singular vector within |cosine| "
-        f"{THRESHOLD} (`slimtune.diagnostics.intruder_dimensions`). Runs ending in FPF or a graft: not rebuilt (-).",
+        f"{THRESHOLD} (`slimtune.diagnostics.intruder_dimensions`). Runs ending in FPF or a graft: not "
+        "rebuilt (-).",
         "",
         "| method | lr | seed | matched at | target | probe retention | intruder dimensions |",
         "|---|---|---|---|---|---|---|",
