@@ -210,3 +210,24 @@ def test_corda_samples_need_a_corda_init(tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(RecipeError, match="needs method lora with init corda-kpm or corda-ipm"):
         load_recipe(path)
+
+
+def test_offloaded_covariances_and_masked_padding():
+    model = make_model("llama")
+    batches = _batches(2, rows=2)
+    here = covariances(model, batches, ["down_proj"])
+    offloaded = covariances(model, batches, ["down_proj"], offload=True)
+    for name in here:
+        torch.testing.assert_close(offloaded[name], here[name], rtol=0, atol=0)
+    # Padding (attention_mask 0) is not context: only the real tokens' inputs count.
+    ids = make_batch(batch=2, seq=7)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    seen = []
+    layer = model.model.layers[0].self_attn.q_proj
+    handle = layer.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().double()))
+    masked = covariances(model, [{"input_ids": ids, "attention_mask": mask}], ["q_proj"])
+    handle.remove()
+    x = seen[0].reshape(-1, seen[0].shape[-1])[mask.reshape(-1).bool()]
+    x = x / x.max().abs()
+    torch.testing.assert_close(masked["model.layers.0.self_attn.q_proj"], x.T @ x)
