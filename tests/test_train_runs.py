@@ -201,6 +201,22 @@ def test_a_damaged_run_file_is_named_on_resume(tmp_path):
         run(recipe, tmp_path / "run", resume=True)
 
 
+def test_a_given_base_evaluation_is_completed_with_the_tasks_it_lacks(tmp_path):
+    data = _four_stages()
+    data["stages"] = data["stages"][:1]
+    data["tasks"][1].pop("stage")
+    recipe = _write(tmp_path, data)
+    whole = run(recipe, tmp_path / "whole").metrics
+    (tmp_path / "given").mkdir()
+    given = json.loads((tmp_path / "whole" / "base.json").read_text())
+    (tmp_path / "given" / "base.json").write_text(
+        json.dumps({"copy": given["copy"]})
+    )  # as a benchmark shares it
+    completed = run(recipe, tmp_path / "given").metrics
+    assert json.loads((tmp_path / "given" / "base.json").read_text()) == given
+    assert completed["base"] == whole["base"]
+
+
 def test_ddp_with_gloo_gives_the_losses_of_one_process(tmp_path):
     stage = {"batch_size": 8, "grad_accum": 2, "steps": 3, "lr": 1.0e-2}
     data = {

@@ -639,9 +639,13 @@ def run(
     run_dir = RunDir(root, recipe, resume, world, changed_data)
     with _logging(root, world.rank):
         log.info("run %s: %s, %d stages, %d tasks", root, recipe.file, len(recipe.stages), len(recipe.tasks))
-        base = run_dir.read(root / "base.json")
-        if base is None and world.rank == 0:
-            base = evaluate_all(recipe, prepared)
+        base = run_dir.read(root / "base.json") or {}
+        missing = [j for j, task in enumerate(recipe.tasks) if task.name not in base]
+        if missing and world.rank == 0:  # a base evaluation given beside the run may lack some tasks
+            base |= {
+                recipe.tasks[j].name: _evaluate(prepared, recipe.tasks[j], *prepared.evals[j])
+                for j in missing
+            }
             run_dir.write(root / "base.json", base)
         records = train_stages(recipe, prepared, run_dir, world, export_hf)
         data = report(recipe, base, records, root) if world.rank == 0 else None
