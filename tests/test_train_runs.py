@@ -180,8 +180,14 @@ def test_resume_refuses_changed_data_unless_told(tmp_path):
     recipe = _write(tmp_path, data)
     run(recipe, tmp_path / "run")
     digests = json.loads((tmp_path / "run" / "data.json").read_text())
-    assert list(digests) == [str(tmp_path / "data.jsonl")]
+    assert list(digests) == ["data.jsonl"]  # from the recipe's folder, whatever the working directory
     run(recipe, tmp_path / "run", resume=True)  # same data: resumes
+    cwd = os.getcwd()
+    try:  # the same run resumed from elsewhere, the recipe given by a relative path
+        os.chdir(tmp_path)
+        run("recipe.yaml", "run", resume=True)
+    finally:
+        os.chdir(cwd)
     with open(tmp_path / "data.jsonl", "a") as handle:
         handle.write('{"prompt": "9+9=", "completion": "19"}\n')
     with pytest.raises(RecipeError, match=r"data\.jsonl: the data changed since the run .* --changed-data"):

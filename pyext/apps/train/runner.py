@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import zlib
@@ -194,8 +195,9 @@ class RunDir:
                 )
             if self.read(marker) != current:
                 raise RecipeError(f"{root} holds a run of a different recipe: choose another --output")
-            started = self.read(data_marker) or {}
-            changed = sorted(path for path in digests if started.get(path) != digests[path])
+            folder = recipe.file.resolve().parent  # older run folders keyed data by the path as given
+            started = {str((folder / k).resolve()): v for k, v in (self.read(data_marker) or {}).items()}
+            changed = sorted(p for p in digests if started.get(str((folder / p).resolve())) != digests[p])
             if changed and not changed_data:
                 raise RecipeError(
                     f"{changed[0]}: the data changed since the run in {root} started (SHA-256 differs"
@@ -266,7 +268,8 @@ def _logging(root: Path, rank: int) -> Iterator[None]:
 
 
 def data_digests(recipe: Recipe) -> dict[str, str]:
-    """SHA-256 of every data file the recipe reads (a dataset folder: of all its files), by path."""
+    """SHA-256 of every data file the recipe reads (a dataset folder: of all its files), by path
+    relative to the recipe's folder."""
     paths = [s.path for stage in recipe.stages for s in stage.data if s.path is not None]
     paths += [t.path for t in recipe.tasks if t.path is not None]
     digests = {}
@@ -278,7 +281,8 @@ def data_digests(recipe: Recipe) -> dict[str, str]:
                 with file.open("rb") as handle:
                     for block in iter(lambda h=handle: h.read(1 << 20), b""):
                         hasher.update(block)
-        digests[str(path)] = hasher.hexdigest()
+        # Keyed by the path from the recipe's folder: the same whatever the working directory.
+        digests[os.path.relpath(path.resolve(), recipe.file.resolve().parent)] = hasher.hexdigest()
     return digests
 
 
