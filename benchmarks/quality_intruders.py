@@ -8,7 +8,9 @@ and at >= 50% target), the final model is rebuilt from the run folder's stage ch
 `slimtune.diagnostics.intruder_dimensions(base, final, k=10, threshold=0.5)` counts, over every
 linear of the blocks, the final weight's top-10 singular vectors with no base singular vector within
 cosine 0.5. Runs whose last operation is FPF or a graft are left out (the model after them is not in
-the checkpoints; rebuilding it means training again). Writes `intruders.csv` and `intruders.md`.
+the checkpoints; rebuilding it means training again), and so are runs whose dense checkpoints are
+gone, unless `--checkpoints` names a folder of deterministic reruns that kept them. Writes
+`intruders.csv` and `intruders.md`.
 """
 
 from __future__ import annotations
@@ -30,21 +32,25 @@ K, THRESHOLD = 10, 0.5
 
 
 def rebuild(folder: Path, recipe_path: Path):
-    """The run's final model: the base with every stage's checkpoint restored, LiNeS redone."""
+    """The run's final model: the base with every stage's checkpoint restored, LiNeS redone (None,
+    and why, where it cannot be rebuilt)."""
     from slimtune.apps.train import load_recipe, models, post
 
     recipe = load_recipe(recipe_path)
     model, _ = models.build(recipe.model, recipe.seed)
     for index, stage in enumerate(recipe.stages):
         if any(op.kind in ("fpf", "graft") for op in stage.post):
-            return None
+            return None, "ends in FPF or a graft"
+        checkpoint = folder / "stages" / f"{index + 1:02d}-{stage.name}"
+        if not any(checkpoint.rglob("*.safetensors")):
+            return None, "dense checkpoints not kept"
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         method = stage.method()
         method.restore(model, folder / "stages" / f"{index + 1:02d}-{stage.name}")
         for op in stage.post:
             if op.kind == "lines":
                 post.lines(model, before, op.alpha, op.beta)
-    return model
+    return model, ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, required=True, help="the benchmark's work folder")
     parser.add_argument("--results", type=Path, required=True, help="its results folder (runs.json)")
+    parser.add_argument(
+        "--checkpoints", type=Path, nargs="*", default=[],
+        help="folders of deterministic reruns (same recipes) that kept the dense checkpoints",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     import slimtune
@@ -73,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             recipe = load_recipe(recipe_path)
             base, _ = models.build(recipe.model, recipe.seed)
         with torch.no_grad():
-            final = rebuild(args.out / "runs" / tag, recipe_path)
+            for folder in [args.out / "runs" / tag, *(c / tag for c in args.checkpoints)]:
+                final, why = rebuild(folder, recipe_path)  # the run's folder, then reruns that kept them
+                if final is not None or why != "dense checkpoints not kept":
+                    break
             counts = (
                 None if final is None else slimtune.diagnostics.intruder_dimensions(base, final, K, THRESHOLD)
             )
@@ -81,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         table.append({
             "method": method, "lr": lr, "seed": seed, "tables": " ".join(tables), "target": row["target"],
             "probe_retention": row["probe_retention"], "intruders": total,
-            "matrices": None if counts is None else len(counts),
+            "matrices": None if counts is None else len(counts), "not_rebuilt": why,
         })  # fmt: skip
         print(f"intruders: {tag}: {total}", flush=True)
     with (args.results / "intruders.csv").open("w", newline="") as f:
@@ -97,14 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Per run: the total, over the {table[0]['matrices'] or 'targeted'} linears of the blocks, of the "
         f"final weight's top-{K} left singular vectors with no base singular vector within |cosine| "
-        f"{THRESHOLD} (`slimtune.diagnostics.intruder_dimensions`). Runs ending in FPF or a graft: not "
-        "rebuilt (-).",
+        f"{THRESHOLD} (`slimtune.diagnostics.intruder_dimensions`). Not rebuilt (-): runs ending in FPF "
+        "or a graft, and runs whose dense stage checkpoints were deleted for disk space.",
         "",
         "| method | lr | seed | matched at | target | probe retention | intruder dimensions |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in table:
-        count = "-" if r["intruders"] is None else str(r["intruders"])
+        count = f"- ({r['not_rebuilt']})" if r["intruders"] is None else str(r["intruders"])
         lines.append(
             f"| {r['method']} | {r['lr']:g} | {r['seed']} | {r['tables']} | {r['target']:.2f} "
             f"| {r['probe_retention']:.2f} | {count} |"

@@ -1,6 +1,5 @@
 """Soft prompts: trainable embeddings prepended to every input (prompt tuning), the first half of
-ProMoT (Wang et al., "Preserving In-Context Learning ability in Large Language Model Fine-tuning",
-2022; at ICLR 2024 as "Two-stage LLM Fine-tuning with Less Specialization and More Generalization").
+ProMoT (Wang et al., "Preserving In-Context Learning ability in Large Language Model Fine-tuning").
 
 `attach(model, prompt)` makes the model read the prompt's learned embeddings before its input:
 the first forward of a sequence prepends them (and ones to the attention mask, -100 to the labels,
