@@ -6,9 +6,10 @@ cosine similarity with any left singular vector of the pre-trained matrix is bel
 i.e. fine-tuning added a high-ranking direction the pre-trained matrix did not have. The paper
 reports them for LoRA much more than for full fine-tuning, and ties them to forgetting.
 
-The SVDs run in float32 on the weights' device, batched over matrices of the same shape; the
-fine-tuned matrix needs only its top k singular vectors (a randomized low-rank SVD where k is small
-next to the matrix), the pre-trained one all of its left singular vectors.
+The SVDs run in float32 on the weights' device, batched over matrices of the same shape, and are
+exact on both sides: a randomized low-rank SVD of the fine-tuned matrix (tried first) is not exact
+enough where singular values decay slowly, as in pre-trained LLM weights, and then counted most
+top vectors of an unchanged matrix as intruders.
 """
 
 from __future__ import annotations
@@ -20,15 +21,6 @@ from torch import Tensor, nn
 
 from .config import TargetModules
 from .targets import match_targets
-
-
-def _top_left_vectors(weights: Tensor, k: int) -> Tensor:
-    """The top-k left singular vectors of each matrix of a (b, m, n) stack: (b, m, k)."""
-    smaller = min(weights.shape[-2:])
-    if 4 * (k + 8) < smaller:  # a randomized SVD with oversampling is exact enough for the top of it
-        u, _, _ = torch.svd_lowrank(weights, q=k + 8, niter=4)
-        return u[..., :k]
-    return torch.linalg.svd(weights, full_matrices=False).U[..., :k]
 
 
 @torch.no_grad()
@@ -65,7 +57,8 @@ def intruder_dimensions(
         for start in range(0, len(group), batch):
             part = group[start : start + batch]
             base_u = torch.linalg.svd(torch.stack([w.float() for _, w, _ in part]), full_matrices=False).U
-            tuned_u = _top_left_vectors(torch.stack([t.float().to(w.device) for _, w, t in part]), top)
+            tuned = torch.stack([t.float().to(w.device) for _, w, t in part])
+            tuned_u = torch.linalg.svd(tuned, full_matrices=False).U[..., :top]
             best = (base_u.transpose(-1, -2) @ tuned_u).abs().amax(dim=-2)  # (b, top)
             for (name, _, _), row in zip(part, (best < threshold).sum(-1).tolist(), strict=True):
                 counts[name] = int(row)

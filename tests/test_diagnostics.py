@@ -1,5 +1,5 @@
 """Intruder dimensions: none for a small full-rank perturbation, some for a LoRA-like update that adds
-new high singular directions, and the randomized SVD path agrees with the exact one."""
+new high singular directions, none for unchanged matrices of flat spectra."""
 
 from __future__ import annotations
 
@@ -39,15 +39,12 @@ def test_a_low_rank_update_with_new_high_directions_has_intruders() -> None:
     assert all(count == 0 for other, count in counts.items() if other != name)
 
 
-def test_the_randomized_svd_agrees_with_the_exact_one() -> None:
-    from slimtune.diagnostics import _top_left_vectors
-
-    generator = torch.Generator().manual_seed(2)
-    u = torch.linalg.qr(torch.randn(200, 200, generator=generator)).Q
-    weights = (u * torch.logspace(2, -2, 200)) @ torch.linalg.qr(torch.randn(200, 200, generator=generator)).Q
-    approx = _top_left_vectors(weights[None], 5)[0]
-    exact = torch.linalg.svd(weights).U[:, :5]
-    assert torch.allclose((approx * exact).sum(0).abs(), torch.ones(5), atol=1e-3)
+def test_matrices_with_flat_spectra_have_no_intruders_when_unchanged() -> None:
+    # Random-init (and pre-trained) weights have slowly decaying singular values: a randomized
+    # top-k SVD (the first version) rotated their top vectors and counted most as intruders.
+    base = make_model("llama", hidden_size=256, intermediate_size=320, num_attention_heads=4)
+    counts = intruder_dimensions(base, copy.deepcopy(base), k=10)
+    assert counts and set(counts.values()) == {0}
 
 
 def test_bad_arguments_and_patched_models_are_refused() -> None:
