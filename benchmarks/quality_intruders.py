@@ -35,18 +35,19 @@ def rebuild(folder: Path, recipe_path: Path):
     """The run's final model: the base with every stage's checkpoint restored, LiNeS redone (None,
     and why, where it cannot be rebuilt)."""
     from slimtune.apps.train import load_recipe, models, post
+    from slimtune.apps.train.runner import stage_folder
 
     recipe = load_recipe(recipe_path)
     model, _ = models.build(recipe.model, recipe.seed)
     for index, stage in enumerate(recipe.stages):
         if any(op.kind in ("fpf", "graft") for op in stage.post):
             return None, "ends in FPF or a graft"
-        checkpoint = folder / "stages" / f"{index + 1:02d}-{stage.name}"
+        checkpoint = stage_folder(folder, index, stage.name)
         if not any(checkpoint.rglob("*.safetensors")):
             return None, "dense checkpoints not kept"
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         method = stage.method()
-        method.restore(model, folder / "stages" / f"{index + 1:02d}-{stage.name}")
+        method.restore(model, checkpoint)
         for op in stage.post:
             if op.kind == "lines":
                 post.lines(model, before, op.alpha, op.beta)

@@ -231,3 +231,28 @@ def test_offloaded_covariances_and_masked_padding():
     x = seen[0].reshape(-1, seen[0].shape[-1])[mask.reshape(-1).bool()]
     x = x / x.max().abs()
     torch.testing.assert_close(masked["model.layers.0.self_attn.q_proj"], x.T @ x)
+
+
+def test_corda_samples_may_be_an_earlier_stage_s_data(tmp_path):
+    import yaml
+    from slimtune.apps.train import run
+
+    stage = {"steps": 1, "batch_size": 4}
+    data = {
+        "seq_len": 32,
+        "model": {"builtin": "tiny-llama"},
+        "tasks": [{"name": "copy", "task": "copy", "n": 4}],
+        "stages": [
+            {"name": "a", "data": [{"task": "copy", "n": 32}], **stage},
+            {"name": "b", "data": [{"task": "reverse", "n": 32}], **stage,
+             "method": {"name": "lora", "r": 2, "alpha": 4, "init": "corda-kpm"},
+             "corda": {"data": [{"stage": "a"}], "rows": 4}},
+        ],
+    }  # fmt: skip
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    run(path, tmp_path / "run")
+    saved = slimtune.files.read_tensors(
+        tmp_path / "run" / "stages" / "02-b" / "slimtune" / "slimtune_model.safetensors"
+    )
+    assert any(key.endswith("corda_A") for key in saved[0])

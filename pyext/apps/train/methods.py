@@ -193,17 +193,18 @@ class Patched(StageMethod):
         self.config = config
         self.name = config.method
         self.writes_diff = slimtune.registry.for_config(config).has(SPARSE_DELTA)
+        self._corda = getattr(config, "init", None) in slimtune.corda.MODES
 
     def check(self, model: nn.Module) -> None:
         # Validates every target without touching the model (CorDA's targets are LoRA's: its
         # factors come from data only at setup).
         config = self.config
-        if getattr(config, "init", "random") != "random":
+        if self._corda:
             config = dataclasses.replace(config, init="random")
         slimtune.registry.for_config(config).glue.plan(model, config)
 
     def setup(self, model: nn.Module, context: Context) -> list[nn.Parameter]:
-        if getattr(self.config, "init", "random") == "random":
+        if not self._corda:
             slimtune.apply(model, self.config)
         else:  # CorDA: the adapter from the input covariance on the stage's samples
             rows = context.samples

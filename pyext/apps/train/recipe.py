@@ -76,6 +76,11 @@ class Stage:
     corda_data: tuple[Source, ...] = ()  # CorDA's samples (empty: the stage's own data)
     corda_rows: int = 32
 
+    @property
+    def uses_corda(self) -> bool:
+        """Whether the stage's LoRA adapters are built by CorDA (from covariance samples)."""
+        return self.method_options.get("init") in slimtune.corda.MODES
+
     def method(self) -> StageMethod:
         """A fresh method object for this stage (it holds the stage's training state)."""
         return make_method(self.method_name, self.method_options)
@@ -383,7 +388,7 @@ def _stage(
     corda_data, corda_rows = (), 32
     if section.has("corda"):
         corda = section.section("corda")
-        if not str(options.get("init", "random")).startswith("corda"):
+        if options.get("init") not in slimtune.corda.MODES:
             raise section.error(
                 "corda", "corda sets CorDA's samples; it needs method lora with init corda-kpm or corda-ipm"
             )

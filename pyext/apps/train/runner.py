@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import fpf, graft, loop, metrics, models, post
-from .data import DataError, Packed, as_form, batch_order, mix, pack, read_records, source_examples
+from .data import DataError, Packed, Source, as_form, batch_order, mix, pack, read_records, source_examples
 from .diff import load_diff
 from .methods import DIFF_FILE, Context, StageMethod
 from .recipe import Recipe, RecipeError, Stage, TaskSpec, load_recipe
@@ -87,6 +87,12 @@ def _check_stages(recipe: Recipe, model: nn.Module, world: loop.World) -> None:
             raise RecipeError(
                 f"{stage.method_where}: {stage.method_name} cannot train this model: {err}"
             ) from None
+        for settings in [stage.kfpf, *(op.fpf for op in stage.post)]:  # listed FPF modules must exist
+            if settings is not None and settings.modules != fpf.AUTO:  # (auto is decided in the run)
+                try:
+                    fpf.choose(model, settings, [])
+                except ValueError as err:
+                    raise RecipeError(f"{settings.where}: {err}") from None
         for op in stage.post:
             if op.kind == "graft" and not any(stage.name in t.stages for t in recipe.tasks):
                 raise RecipeError(
@@ -106,41 +112,41 @@ def _check_stages(recipe: Recipe, model: nn.Module, world: loop.World) -> None:
             )
 
 
-def _pack_stages(recipe: Recipe, tokenizer: Tokenizer) -> list[Packed]:
-    """Every stage's data: read, weighted, mixed and packed (a `stage` source reuses an earlier mix)."""
-    packed, mixed = [], {}
-    for stage in recipe.stages:
-        parts, seed = [], stage_seed(recipe.seed, stage.name)
-        for source in stage.data:
-            try:
-                parts.append((source_examples(source, seed, mixed), source.weight))
-            except DataError as err:
-                raise RecipeError(f"{source.where}: {err}") from None
-        mixed[stage.name] = mix(parts, seed)
+def _mixed(sources: tuple[Source, ...], seed: int, earlier: dict[str, list[Example]]) -> list[Example]:
+    """The sources' examples, weighted and mixed (a `stage` source reuses an earlier stage's mix)."""
+    parts = []
+    for source in sources:
         try:
-            packed.append(pack(mixed[stage.name], tokenizer, recipe.seq_len))
+            parts.append((source_examples(source, seed, earlier), source.weight))
         except DataError as err:
-            raise RecipeError(f"{stage.where}: {err}") from None
-    return packed
+            raise RecipeError(f"{source.where}: {err}") from None
+    return mix(parts, seed)
 
 
-def _corda_samples(recipe: Recipe, tokenizer: Tokenizer, packed: list[Packed]) -> dict[int, Packed]:
-    """The covariance rows of every CorDA stage: its `corda` data, or its own training rows."""
-    samples = {}
+def _packed(examples: list[Example], tokenizer: Tokenizer, seq_len: int, where: str) -> Packed:
+    """The examples packed into rows; a DataError becomes a RecipeError at `where`."""
+    try:
+        return pack(examples, tokenizer, seq_len)
+    except DataError as err:
+        raise RecipeError(f"{where}: {err}") from None
+
+
+def _pack_stages(recipe: Recipe, tokenizer: Tokenizer) -> tuple[list[Packed], dict[int, Packed]]:
+    """Every stage's data, read, mixed and packed; and the covariance rows of every CorDA stage
+    (its `corda` data, or its own training rows)."""
+    packed, samples, mixed = [], {}, {}
     for index, stage in enumerate(recipe.stages):
-        if not str(stage.method_options.get("init", "random")).startswith("corda"):
-            continue
-        rows = packed[index]
-        if stage.corda_data:
-            seed = stage_seed(recipe.seed, stage.name) + 1
-            try:
-                parts = [(source_examples(s, seed, {}), s.weight) for s in stage.corda_data]
-                rows = pack(mix(parts, seed), tokenizer, recipe.seq_len)
-            except DataError as err:
-                raise RecipeError(f"{stage.where}.corda: {err}") from None
-        count = min(stage.corda_rows, len(rows))
-        samples[index] = Packed(rows.ids[:count], rows.labels[:count], rows.mask[:count])
-    return samples
+        seed = stage_seed(recipe.seed, stage.name)
+        mixed[stage.name] = _mixed(stage.data, seed, mixed)
+        packed.append(_packed(mixed[stage.name], tokenizer, recipe.seq_len, stage.where))
+        if stage.uses_corda:
+            rows = packed[-1]
+            if stage.corda_data:
+                corda = _mixed(stage.corda_data, seed + 1, mixed)
+                rows = _packed(corda, tokenizer, recipe.seq_len, f"{stage.where}.corda")
+            count = min(stage.corda_rows, len(rows))
+            samples[index] = Packed(rows.ids[:count], rows.labels[:count], rows.mask[:count])
+    return packed, samples
 
 
 def prepare(recipe: Recipe, world: loop.World) -> Prepared:
@@ -158,15 +164,7 @@ def prepare(recipe: Recipe, world: loop.World) -> Prepared:
             f"use seq_len <= {positions}"
         )
     _check_stages(recipe, model, world)
-    for stage in recipe.stages:  # listed FPF modules must exist (auto is decided during the run)
-        for settings in [stage.kfpf, *(op.fpf for op in stage.post)]:
-            if settings is not None and settings.modules != fpf.AUTO:
-                try:
-                    fpf.choose(model, settings, [])
-                except ValueError as err:
-                    raise RecipeError(f"{settings.where}: {err}") from None
-    packed = _pack_stages(recipe, tokenizer)
-    samples = _corda_samples(recipe, tokenizer, packed)
+    packed, samples = _pack_stages(recipe, tokenizer)
     evals = [_eval_set(task, recipe) for task in recipe.tasks]
     for task, (examples, _) in zip(recipe.tasks, evals, strict=True):
         try:  # a chat task needs a tokenizer with a chat template: say so before training
@@ -174,6 +172,11 @@ def prepare(recipe: Recipe, world: loop.World) -> Prepared:
         except ChatError as err:
             raise RecipeError(f"{task.where}: {err}") from None
     return Prepared(model.to(world.device).eval(), tokenizer, packed, evals, samples)
+
+
+def stage_folder(root: Path, index: int, name: str) -> Path:
+    """Where stage `index` (0-based) named `name` keeps its checkpoint and result in run folder `root`."""
+    return root / "stages" / f"{index + 1:02d}-{name}"
 
 
 class RunDir:
@@ -213,7 +216,7 @@ class RunDir:
         world.barrier()
 
     def stage(self, index: int) -> Path:
-        return self.root / "stages" / f"{index + 1:02d}-{self.recipe.stages[index].name}"
+        return stage_folder(self.root, index, self.recipe.stages[index].name)
 
     @staticmethod
     def read(path: Path) -> dict[str, Any] | None:
@@ -576,7 +579,7 @@ def _graft_summary(names: list[str], records: list[dict[str, Any]], root: Path) 
     grafted = [(j, r["graft"][-1]) for j, r in enumerate(records) if r.get("graft")]
     if not grafted:
         return {}
-    folders = {j: root / "stages" / f"{j + 1:02d}-{names[j]}" / graft.GRAFT_FILE for j, _ in grafted}
+    folders = {j: stage_folder(root, j, names[j]) / graft.GRAFT_FILE for j, _ in grafted}
     diffs = {j: graft.EntryDiff.load(path) for j, path in folders.items() if path.exists()}
     overlap = {
         f"{names[a]}|{names[b]}": graft.diff_overlap(diffs[a], diffs[b])
