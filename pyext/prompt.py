@@ -106,13 +106,18 @@ def _embedding(model: nn.Module) -> nn.Embedding:
     return embedding
 
 
-def make(model: nn.Module, tokens: int, init: str = "vocab", seed: int = 0) -> SoftPrompt:
-    """A new prompt for `model`: the embeddings of `tokens` seeded random vocabulary entries
-    ("vocab", which trains faster than noise) or zeros."""
+def check(tokens: int, init: str) -> None:
+    """ValueError unless `tokens` and `init` describe a soft prompt `make` can build."""
     if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= 4096:
         raise ValueError(f"a soft prompt has 1 to 4096 tokens, got {tokens!r}")
     if init not in INITS:
         raise ValueError(f"soft prompt init is one of {', '.join(INITS)}, not {init!r}")
+
+
+def make(model: nn.Module, tokens: int, init: str = "vocab", seed: int = 0) -> SoftPrompt:
+    """A new prompt for `model`: the embeddings of `tokens` seeded random vocabulary entries
+    ("vocab", which trains faster than noise) or zeros."""
+    check(tokens, init)
     embedding = _embedding(model)
     if init == "zeros":
         return SoftPrompt(embedding.weight.new_zeros(tokens, embedding.embedding_dim))
@@ -152,21 +157,23 @@ def detach(model: nn.Module) -> SoftPrompt:
     return prompt
 
 
+def replace(model: nn.Module, prompt: SoftPrompt | None) -> None:
+    """Attach `prompt` in place of the model's prompt, if any (None: leave the model without one)."""
+    if attached(model) is not None:
+        detach(model)
+    if prompt is not None:
+        attach(model, prompt)
+
+
 @contextlib.contextmanager
 def using(model: nn.Module, prompt: SoftPrompt | None) -> Iterator[nn.Module]:
     """Run `model` with `prompt` attached (None: with none) for the block, then as it was."""
     previous = attached(model)
-    if previous is not None:
-        detach(model)
     try:
-        if prompt is not None:
-            attach(model, prompt)
+        replace(model, prompt)
         yield model
     finally:
-        if attached(model) is not None:
-            detach(model)
-        if previous is not None:
-            attach(model, previous)
+        replace(model, previous)
 
 
 def _binding(model: nn.Module) -> dict[str, str]:
@@ -202,4 +209,16 @@ def load(model: nn.Module, path: str | Path) -> SoftPrompt:
     return attach(model, SoftPrompt(weight.to(embedding.device, embedding.dtype)))
 
 
-__all__ = ["INITS", "SoftPrompt", "attach", "attached", "detach", "load", "make", "save", "using"]
+__all__ = [
+    "INITS",
+    "SoftPrompt",
+    "attach",
+    "attached",
+    "check",
+    "detach",
+    "load",
+    "make",
+    "replace",
+    "save",
+    "using",
+]

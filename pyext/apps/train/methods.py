@@ -242,10 +242,7 @@ class SoftPrompt(StageMethod):
     name = "prompt"
 
     def __init__(self, tokens: int = 20, init: str = "vocab") -> None:
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= 4096:
-            raise ValueError(f"prompt tokens must be an int in [1, 4096], got {tokens!r}")
-        if init not in slimtune.prompt.INITS:
-            raise ValueError(f"prompt init is one of {', '.join(slimtune.prompt.INITS)}, not {init!r}")
+        slimtune.prompt.check(tokens, init)
         self.tokens, self.init = tokens, init
 
     def check(self, model: nn.Module) -> None:
@@ -254,23 +251,16 @@ class SoftPrompt(StageMethod):
     def setup(self, model: nn.Module, context: Context) -> list[nn.Parameter]:
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        self._replace(model, slimtune.prompt.make(model, self.tokens, self.init, context.seed))
+        slimtune.prompt.replace(model, slimtune.prompt.make(model, self.tokens, self.init, context.seed))
         prompt = slimtune.prompt.attached(model)
         prompt.weight.requires_grad_(True)
         return [prompt.weight]
-
-    @staticmethod
-    def _replace(model: nn.Module, prompt: slimtune.prompt.SoftPrompt | None) -> None:
-        if slimtune.prompt.attached(model) is not None:
-            slimtune.prompt.detach(model)
-        if prompt is not None:
-            slimtune.prompt.attach(model, prompt)
 
     def save(self, model: nn.Module, directory: Path) -> None:
         slimtune.prompt.save(model, directory / PROMPT_FILE)
 
     def restore(self, model: nn.Module, directory: Path) -> None:
-        self._replace(model, None)
+        slimtune.prompt.replace(model, None)
         slimtune.prompt.load(model, directory / PROMPT_FILE)
 
     def finish(self, model: nn.Module) -> None:

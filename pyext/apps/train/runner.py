@@ -548,10 +548,7 @@ def _snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], Any]:
 def _restore(model: nn.Module, snapshot: tuple[dict[str, torch.Tensor], Any]) -> None:
     state, prompt = snapshot
     model.load_state_dict(state)
-    if slimtune.prompt.attached(model) is not None:
-        slimtune.prompt.detach(model)
-    if prompt is not None:
-        slimtune.prompt.attach(model, prompt)
+    slimtune.prompt.replace(model, prompt)
 
 
 def export_hf(model: nn.Module, tokenizer: Tokenizer, folder: Path) -> Path:
