@@ -127,11 +127,17 @@ class AdapterMethod(Method):
         raise NotImplementedError
 
     def _saved(
-        self, name: str, linear: nn.Linear, config: Any, saved: dict[str, Tensor]
+        self,
+        name: str,
+        linear: nn.Linear,
+        config: Any,
+        saved: dict[str, Tensor],
+        shapes: dict[str, tuple[int, int]] | None = None,
     ) -> dict[str, Tensor]:
-        """The checkpoint tensors of module `name`, checked against the shapes this model needs."""
+        """The checkpoint tensors of module `name` (the trained ones, or `shapes`' keys), checked
+        against the shapes this model needs."""
         tensors = {}
-        for key, expected in self.trained_shapes(linear, config).items():
+        for key, expected in (shapes or self.trained_shapes(linear, config)).items():
             tensor = saved.get(f"{name}.{key}")
             if tensor is None:
                 raise ValueError(f"the checkpoint has no tensor {key!r} for module {name!r}")
@@ -210,22 +216,15 @@ class LoRAMethod(AdapterMethod):
     def _initial(
         self, name: str, linear: nn.Linear, config: LoRAConfig, saved: dict[str, Tensor]
     ) -> tuple[Tensor, Tensor]:
-        shapes = self.trained_shapes(linear, config)
-        found = []
-        for key, shape in zip(CORDA_FACTORS, shapes.values(), strict=True):
-            tensor = saved.get(f"{name}.{key}")
-            if tensor is None or not tensor.is_floating_point() or tuple(tensor.shape) != shape:
-                raise ValueError(
-                    f"the checkpoint's {key} of {name!r} is missing or not a float {shape} tensor: a CorDA "
-                    f"adapter reloads only with its initial factors (the checkpoint is damaged or not CorDA)"
-                )
-            found.append(tensor)
-        return found[0], found[1]
+        # A0 and B0 have the shapes of lora_A and lora_B.
+        shapes = dict(zip(CORDA_FACTORS, self.trained_shapes(linear, config).values(), strict=True))
+        found = self._saved(name, linear, config, saved, shapes)
+        return found["corda_A"], found["corda_B"]
 
     def checkpoint_tensors(self, layers: dict[str, nn.Module], extra: dict[str, Any]) -> dict[str, Tensor]:
         tensors = super().checkpoint_tensors(layers, extra)
         for name, (a0, b0) in extra.get("corda", {}).items():
-            tensors[f"{name}.corda_A"], tensors[f"{name}.corda_B"] = a0, b0
+            tensors.update(zip((f"{name}.{key}" for key in CORDA_FACTORS), (a0, b0), strict=True))
         return tensors
 
     def make_layer(self, name: str, linear: nn.Linear, config: LoRAConfig) -> LoRALinear:

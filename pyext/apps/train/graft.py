@@ -120,7 +120,13 @@ def localize(
 def overlap(first: dict[str, Tensor], second: dict[str, Tensor]) -> dict[str, float]:
     """How two skills' regions overlap: shared entries over the union (Jaccard) and over each."""
     shared = sum(int((first[n] & second[n]).sum()) for n in first if n in second)
-    one, two = sum(int(m.sum()) for m in first.values()), sum(int(m.sum()) for m in second.values())
+    return _shares(
+        shared, sum(int(m.sum()) for m in first.values()), sum(int(m.sum()) for m in second.values())
+    )
+
+
+def _shares(shared: int, one: int, two: int) -> dict[str, float]:
+    """Jaccard, and the shared share of each side, of regions of `one` and `two` entries."""
     union = one + two - shared
     return {
         "jaccard": shared / union if union else 0.0,
@@ -169,10 +175,4 @@ def diff_overlap(first: EntryDiff, second: EntryDiff) -> dict[str, float]:
         if name in second.entries
     )
     one = sum(index.numel() for index, _ in first.entries.values())
-    two = sum(index.numel() for index, _ in second.entries.values())
-    union = one + two - shared
-    return {
-        "jaccard": shared / union if union else 0.0,
-        "of_first": shared / one if one else 0.0,
-        "of_second": shared / two if two else 0.0,
-    }
+    return _shares(shared, one, sum(index.numel() for index, _ in second.entries.values()))
