@@ -105,7 +105,8 @@ def finetune(
     training mode and `requires_grad` flags are left as they were; returns the losses."""
     from . import loop  # loop imports the recipe, which imports this module
 
-    chosen = {id(p) for m in modules for p in owners(model)[m]}
+    owned = owners(model)
+    chosen = {id(p) for m in modules for p in owned[m]}
     flags = {id(p): p.requires_grad for p in model.parameters()}
     params = [p for p in model.parameters() if id(p) in chosen]
     mode = model.training
