@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import slimtune
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
+from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
@@ -63,19 +63,24 @@ def module_kind(name: str, module: nn.Module) -> str:
 
 
 class _FlashAttention(torch.autograd.Function):
-    """Flash attention's memory on any device: keeps q, k, v, out and the float32 log-sum-exp."""
+    """Flash attention's memory on any device: keeps q, k, v, out and the float32 log-sum-exp; its
+    backward counts 2.5x the forward FLOPs (flash attention recomputes the scores)."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, counter: StepCounter, flops: int) -> Tensor:
         out = torch.empty_like(q)
         lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
         ctx.save_for_backward(q, k, v, out, lse)
+        ctx.counter, ctx.flops = counter, flops
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         q, k, v, _, _ = ctx.saved_tensors
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # reads q, k, v, out, dout (and the log-sum-exp), writes dq, dk, dv
+        moved = 2 * _nbytes([q, k, v]) + 2 * _nbytes([grad])
+        ctx.counter.kernel(2.5 * ctx.flops, moved, [q])
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None, None
 
 
 def attention_flops(q: Tensor, k: Tensor, causal: bool) -> int:
@@ -86,24 +91,25 @@ def attention_flops(q: Tensor, k: Tensor, causal: bool) -> int:
     return flops // 2 if causal and tq == tk else flops
 
 
-class FlashAttentionMode(TorchFunctionMode):
-    """Routes meta-device `scaled_dot_product_attention` to `_FlashAttention`, counting its FLOPs
-    (backward: 2.5x the forward, flash attention's recomputation included)."""
+@contextmanager
+def flash_attention(counter: StepCounter) -> Iterator[None]:
+    """Meta-device `scaled_dot_product_attention` as flash attention (`_FlashAttention`), counting its
+    FLOPs. A patch of the function itself rather than a torch-function mode: gradient checkpointing
+    recomputes the forward inside backward, where such a mode is not active."""
+    original = F.scaled_dot_product_attention
 
-    def __init__(self, counter: StepCounter) -> None:
-        super().__init__()
-        self.counter = counter
+    def sdpa(query: Tensor, key: Tensor, value: Tensor, *args, **kwargs) -> Tensor:
+        if query.device.type != "meta":
+            return original(query, key, value, *args, **kwargs)
+        flops = attention_flops(query, key, causal=query.shape[-2] == key.shape[-2])
+        counter.kernel(flops, _nbytes([query, key, value, query]), [query])  # reads q, k, v; writes out
+        return _FlashAttention.apply(query, key, value, counter, flops)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.scaled_dot_product_attention and args[0].device.type == "meta":
-            q, k, v = args[:3]
-            fwd = attention_flops(q, k, causal=q.shape[-2] == k.shape[-2])
-            self.counter.attention_flops += fwd * (
-                3.5 if torch.is_grad_enabled() and q.requires_grad else 1.0
-            )
-            return _FlashAttention.apply(q, k, v)
-        return func(*args, **kwargs)
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 _VIEW_OPS = {"aten.view", "aten._unsafe_view", "aten.t", "aten.transpose", "aten.permute", "aten.expand",
@@ -113,23 +119,62 @@ _VIEW_OPS = {"aten.view", "aten._unsafe_view", "aten.t", "aten.transpose", "aten
              "aten.reshape", "aten.unflatten", "aten.flatten", "aten.view_as", "aten.lift_fresh"}  # fmt: skip
 
 
+Work = dict[tuple[bool, int, int], int]  # (16-bit, FLOPs, bytes moved) of one kernel -> how many ran
+
+
+PARTS = ("weights", "batch", "optimizer state", "gradients", "saved for backward", "temporaries")
+
+
 @dataclass
 class StepCounter:
-    """Live bytes (with their peak), FLOPs and bytes moved of what runs inside it."""
+    """Live bytes (with their peak and what they were at the peak), and the work of every kernel
+    that runs inside it: FLOPs and bytes moved per kernel, so that a roofline model can bound each
+    kernel by the slower of the two.
+
+    Every live storage belongs to one of `PARTS`: new ones are temporaries until the step shows them
+    to be kept for backward (`reclassify` from the saved-tensor hook) or to be a parameter's gradient
+    (from the accumulate-grad hook); weights, the batch and optimizer state exist before the step."""
 
     live: int = 0
     peak: int = 0
-    matmul_flops: int = 0
-    attention_flops: float = 0.0
+    parts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PARTS, 0))
+    peak_parts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PARTS, 0))
+    flops: float = 0.0
     bytes_moved: int = 0
-    matmul_bytes: int = 0
+    work: Work = field(default_factory=lambda: defaultdict(int))
     fused_depth: int = 0  # > 0 inside one of slimtune's fused kernels
-    _sizes: dict[int, int] = field(default_factory=dict)
+    fused_flops: int = 0  # FLOPs of the ops inside the running fused kernel
+    _sizes: dict[int, tuple[int, str]] = field(default_factory=dict)
 
-    def adopt(self, tensors: list[Tensor]) -> None:
-        """Count tensors that exist already (weights, buffers) as live."""
+    def adopt(self, tensors: list[Tensor], part: str) -> None:
+        """Count tensors that exist already as live, and as `part`."""
         for t in tensors:
             self._track(t)
+            self.reclassify(t, part)
+
+    def reclassify(self, t: Tensor, part: str, only_from: str | None = None) -> None:
+        key = t.untyped_storage()._cdata
+        if key not in self._sizes:
+            return
+        size, old = self._sizes[key]
+        if only_from is None or old == only_from:
+            self._sizes[key] = (size, part)
+            self.parts[old] -= size
+            self.parts[part] += size
+
+    def kernel(self, flops: float, moved: int, tensors: list[Tensor]) -> None:
+        """One kernel's work; 16-bit when any of its floating-point tensors is."""
+        half = any(t.dtype in (torch.bfloat16, torch.float16) for t in tensors)
+        self.flops += flops
+        self.bytes_moved += moved
+        self.work[(half, int(flops), moved)] += 1
+
+    def restart(self) -> None:
+        """Forget the work so far and count the peak from the live bytes now."""
+        self.peak = self.live
+        self.peak_parts = dict(self.parts)
+        self.flops, self.bytes_moved = 0.0, 0
+        self.work = defaultdict(int)
 
     def _track(self, t: Tensor) -> bool:
         storage = t.untyped_storage()
@@ -137,17 +182,19 @@ class StepCounter:
         if key in self._sizes:
             return False
         size = storage.nbytes()
-        self._sizes[key] = size
+        self._sizes[key] = (size, "temporaries")
+        self.parts["temporaries"] += size
         self.live += size
-        self.peak = max(self.peak, self.live)
+        if self.live > self.peak:
+            self.peak = self.live
+            self.peak_parts = dict(self.parts)
         weakref.finalize(storage, self._free, key)
         return True
 
     def _free(self, key: int) -> None:
-        self.live -= self._sizes.pop(key, 0)
-
-    def reset_peak(self) -> None:
-        self.peak = self.live
+        size, part = self._sizes.pop(key, (0, "temporaries"))
+        self.live -= size
+        self.parts[part] -= size
 
 
 class _Dispatch(TorchDispatchMode):
@@ -157,22 +204,35 @@ class _Dispatch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
+            return _meta_truth(args[0])
         out = func(*args, **kwargs)
         counter = self.counter
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
         new = [counter._track(t) for t in outputs]
-        name = str(func.overloadpacket)
-        if name not in _VIEW_OPS:
-            formula = _flop_formula(func.overloadpacket)
-            if formula is not None:
-                counter.matmul_flops += formula(*args, **kwargs, out_val=out)
-            if counter.fused_depth == 0:  # a fused kernel's traffic is counted once, by `fused_kernels`
-                inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
-                moved = _nbytes(inputs) + _nbytes([t for t, fresh in zip(outputs, new, strict=True) if fresh])
-                counter.bytes_moved += moved
-                if formula is not None:
-                    counter.matmul_bytes += moved
+        if str(func.overloadpacket) in _VIEW_OPS:
+            return out
+        formula = _flop_formula(func.overloadpacket)
+        flops = formula(*args, **kwargs, out_val=out) if formula is not None else 0
+        if counter.fused_depth:  # a fused kernel's traffic is counted once, by `fused_kernels`
+            counter.fused_flops += flops
+            return out
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        written = [t for t, fresh in zip(outputs, new, strict=True) if fresh]
+        counter.kernel(flops, _nbytes(inputs) + _nbytes(written), inputs + outputs)
         return out
+
+
+def _meta_truth(t: Tensor) -> bool:
+    """`bool(t)` for a meta tensor: the model code's checks for packed sequences or padding
+    (`(mask == 1).all()`), which hold for the accounting's unpadded batch of one sequence per row.
+    Any other scalar read has no answer without data and is refused by name."""
+    if t.dtype != torch.bool:
+        raise RuntimeError(
+            f"the accounting runs on the meta device and cannot read a {t.dtype} scalar "
+            "(a data-dependent size or branch in the model's code)"
+        )
+    return True
 
 
 def _nbytes(tensors: list[Tensor]) -> int:
@@ -182,27 +242,26 @@ def _nbytes(tensors: list[Tensor]) -> int:
 @contextmanager
 def fused_kernels(counter: StepCounter) -> Iterator[None]:
     """Count each of slimtune's ops whose CUDA default is a native kernel (Triton or CUDA C++) as one
-    pass over its inputs and outputs, as that kernel runs on a card, instead of the PyTorch
-    reference's ops that run on the meta device; matmul FLOPs inside are still counted. Ops whose
-    CUDA default is plain torch code ('blas') are counted op by op like the rest of the model."""
+    kernel: one pass over its inputs and outputs with the FLOPs of the ops inside, as it runs on a
+    card, instead of the PyTorch reference's ops that run on the meta device. Ops whose CUDA
+    default is plain torch code ('blas') are counted op by op like the rest of the model."""
     wrapped = [op for op in slimtune.ops.OPS.values() if op.prefer_cuda[:1] in (("triton",), ("cuda",))]
 
     def wrap(op):
         run = op.run
 
         def counted(*args, **kwargs):
-            flops = counter.matmul_flops
+            outer = counter.fused_depth == 0
+            if outer:
+                counter.fused_flops = 0
             counter.fused_depth += 1
             try:
                 out = run(*args, **kwargs)
             finally:
                 counter.fused_depth -= 1
-            if counter.fused_depth == 0:
+            if outer:
                 tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, Tensor)]
-                moved = _nbytes(tensors)
-                counter.bytes_moved += moved
-                if counter.matmul_flops > flops:
-                    counter.matmul_bytes += moved
+                counter.kernel(counter.fused_flops, _nbytes(tensors), tensors)
             return out
 
         return counted
@@ -241,8 +300,11 @@ class SavedTensors:
 
 
 @contextmanager
-def record_saved(model: nn.Module, saved: SavedTensors, exclude: set[int]) -> Iterator[None]:
-    """Saved-tensor hooks attributing each saved storage to the innermost running module's kind."""
+def record_saved(
+    model: nn.Module, saved: SavedTensors, exclude: set[int], counter: StepCounter
+) -> Iterator[None]:
+    """Saved-tensor hooks attributing each saved storage to the innermost running module's kind (and
+    the counter's temporaries it keeps to the part saved for backward)."""
     stack: list[str] = ["lm head and loss"]
     kinds = {id(m): module_kind(n, m) for n, m in model.named_modules()}
     handles = []
@@ -262,6 +324,7 @@ def record_saved(model: nn.Module, saved: SavedTensors, exclude: set[int]) -> It
 
     def pack(t: Tensor) -> Tensor:
         key = t.untyped_storage()._cdata
+        counter.reclassify(t, "saved for backward", only_from="temporaries")
         if key not in saved._seen and key not in exclude:
             saved._seen.add(key)
             saved.by_kind[stack[-1]] += t.untyped_storage().nbytes()
@@ -289,23 +352,61 @@ def storage_bytes(tensors) -> int:
 class StepAccount:
     """Exact bytes and work of one training step (the second one, so optimizer state exists)."""
 
-    weights: int  # frozen parameters and buffers
-    trainable: int  # trainable parameters (and master copies)
+    weights: int  # every parameter and buffer of the model, trained or frozen
+    trainable: int  # of `weights`: the trained parameters (and master copies)
     trainable_count: int
     masters: int  # of `trainable`: float32 trained tensors of a half-precision model (PaCA/S2FT masters,
     # float32 adapters); they cost the same again as gradients
     gradients: int
     optimizer: int
     saved: dict[str, int]  # tensors saved for backward, by module kind
-    peak: int  # the peak of live bytes over the step (weights included)
+    peak: int  # the peak of live bytes over the step (weights and the batch included)
+    peak_parts: dict[str, int]  # what was live at the peak, by `PARTS` (sums to `peak`)
     forward_flops: float
     backward_flops: float
     bytes_moved: int
-    matmul_bytes: int
+    work: Work  # every kernel's FLOPs and bytes (see StepCounter)
 
     @property
     def saved_total(self) -> int:
         return sum(self.saved.values())
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer | None) -> list[Tensor]:
+    states = optimizer.state.values() if optimizer is not None else ()
+    return [t for s in states for t in s.values() if isinstance(t, Tensor)]
+
+
+@contextmanager
+def _gradients_counted(params: list[nn.Parameter], counter: StepCounter) -> Iterator[None]:
+    """Each parameter's gradient counted as the gradients part once it is accumulated."""
+    handles = [
+        p.register_post_accumulate_grad_hook(lambda p: counter.reclassify(p.grad, "gradients"))
+        for p in params
+        if p.requires_grad
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, batch: dict[str, Tensor],
+                counter: StepCounter, recorder) -> tuple[float, int]:  # fmt: skip
+    """One step; returns its forward FLOPs and the bytes of the gradients it made."""
+    with recorder:
+        loss = model(**batch).loss
+    forward_flops = counter.flops
+    loss.backward()
+    del loss
+    gradients = storage_bytes([p.grad for p in model.parameters() if p.grad is not None])
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        model.zero_grad(set_to_none=True)
+    return forward_flops, gradients
 
 
 def account_step(
@@ -317,56 +418,40 @@ def account_step(
     """Run `steps` training steps under the counters and account the last one."""
     counter = StepCounter()
     params = list(model.parameters())
-    counter.adopt(params + list(model.buffers()))
-    existing = {t.untyped_storage()._cdata for t in params + list(model.buffers())}
+    weights = params + list(model.buffers())
+    counter.adopt(weights, "weights")
+    counter.adopt(list(batch.values()), "batch")
+    existing = {t.untyped_storage()._cdata for t in weights}
     saved = SavedTensors()
-    with FlashAttentionMode(counter), _Dispatch(counter), fused_kernels(counter):
-        for step in range(steps):
-            last = step == steps - 1
-            if last:
-                counter.reset_peak()
-                counter.matmul_flops = 0
-                counter.attention_flops = 0.0
-                counter.bytes_moved = counter.matmul_bytes = 0
-            recorder = record_saved(model, saved, existing) if last else nullcontext()
-            with recorder:
-                loss = model(**batch).loss
-            forward = (counter.matmul_flops, counter.attention_flops)
-            loss.backward()
-            del loss
-            grads = [p.grad for p in params if p.grad is not None]
-            gradients = storage_bytes(grads)
-            del grads
-            if optimizer is not None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                model.zero_grad(set_to_none=True)
+    with (
+        flash_attention(counter),
+        _Dispatch(counter),
+        fused_kernels(counter),
+        _gradients_counted(params, counter),
+    ):
+        for _ in range(steps - 1):
+            _train_step(model, optimizer, batch, counter, nullcontext())
+        counter.adopt(optimizer_state(optimizer), "optimizer state")
+        counter.restart()
+        forward_flops, gradients = _train_step(
+            model, optimizer, batch, counter, record_saved(model, saved, existing, counter)
+        )
     trainable = [p for p in params if p.requires_grad]
-    state = [
-        t
-        for s in (optimizer.state.values() if optimizer else ())
-        for t in s.values()
-        if isinstance(t, Tensor)
-    ]
-    frozen = [p for p in params if not p.requires_grad] + list(model.buffers())
     half = any(p.dtype in (torch.bfloat16, torch.float16) for p in params)
-    masters = [p for p in trainable if half and p.dtype == torch.float32]
-    fwd_flops = forward[0] + forward[1]
-    total_flops = counter.matmul_flops + counter.attention_flops
     return StepAccount(
-        weights=storage_bytes(frozen),
+        weights=storage_bytes(weights),
         trainable=storage_bytes(trainable),
         trainable_count=sum(p.numel() for p in trainable),
-        masters=storage_bytes(masters),
+        masters=storage_bytes([p for p in trainable if half and p.dtype == torch.float32]),
         gradients=gradients,
-        optimizer=storage_bytes(state),
+        optimizer=storage_bytes(optimizer_state(optimizer)),
         saved={kind: saved.by_kind.get(kind, 0) for kind in KINDS},
         peak=counter.peak,
-        forward_flops=float(fwd_flops),
-        backward_flops=float(total_flops - fwd_flops),
+        peak_parts=dict(counter.peak_parts),
+        forward_flops=forward_flops,
+        backward_flops=counter.flops - forward_flops,
         bytes_moved=counter.bytes_moved,
-        matmul_bytes=counter.matmul_bytes,
+        work=dict(counter.work),
     )
 
 
@@ -388,10 +473,13 @@ CARDS = {
 }
 
 
-def modelled_ms(account: StepAccount, card: Card, dtype: torch.dtype) -> float:
-    """Roofline model, not a measurement: matmuls at the card's peak FLOP rate, every other op at its
-    peak bandwidth (each op reading its inputs and writing its outputs once)."""
-    peak = card.tflops_16bit if dtype in (torch.bfloat16, torch.float16) else card.tflops_32bit
-    compute = (account.forward_flops + account.backward_flops) / (peak * 1e12)
-    memory = (account.bytes_moved - account.matmul_bytes) / (card.tb_per_s * 1e12)
-    return (compute + memory) * 1e3
+def modelled_ms(account: StepAccount, card: Card) -> float:
+    """Roofline model, not a measurement: each kernel takes the longer of its FLOPs at the card's peak
+    (tensor cores when any of its tensors is 16-bit) and its bytes at the card's bandwidth (reading
+    its inputs and writing its outputs once), so a skinny, memory-bound product (PaCA's column
+    gradient, LoRA's down-projection) costs its traffic, not its few FLOPs."""
+    seconds = 0.0
+    for (half, flops, moved), count in account.work.items():
+        peak = card.tflops_16bit if half else card.tflops_32bit
+        seconds += count * max(flops / (peak * 1e12), moved / (card.tb_per_s * 1e12))
+    return seconds * 1e3

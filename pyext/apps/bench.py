@@ -93,7 +93,7 @@ def _registered(name: str, optimizer: str | None = None) -> Callable[[nn.Module,
             return model, slimtune.PartialAdamW(model, lr=options.lr)
         return model, adamw(slimtune.trainable_parameters(model), options)
 
-    prepare.__doc__ = f"{name}: {method.summary}"
+    prepare.__doc__ = method.summary + (", stepped by PartialAdamW" if optimizer == "partial-adamw" else "")
     return prepare
 
 
@@ -115,7 +115,48 @@ def _peft_lora_bf16(model: nn.Module, options: MethodOptions) -> Prepared:
 
 
 def _full(model: nn.Module, options: MethodOptions) -> Prepared:
+    """Every weight trained, pure in the model's dtype: weights, gradients and AdamW moments all in
+    bf16 for a bf16 model (8 bytes per parameter; the anchors' full row)."""
     return model, adamw(_trainable(model), options)
+
+
+class MasterWeightAdamW:
+    """AdamW on float32 master copies of half-precision parameters: the model keeps computing in its
+    dtype, the optimizer keeps float32 masters and moments (16 bytes of state per parameter with the
+    half-precision weight and gradient: the usual mixed-precision full fine-tune). One parameter is
+    stepped at a time, so only one float32 gradient exists at once."""
+
+    def __init__(self, params: list[nn.Parameter], options: MethodOptions) -> None:
+        self.params = params
+        self.masters = [p.detach().float() for p in params]
+        self.steps = [adamw([m], options) for m in self.masters]
+
+    @property
+    def state(self) -> dict[nn.Parameter, dict[str, Any]]:
+        return {
+            p: {"master": m, **step.state[m]}
+            for p, m, step in zip(self.params, self.masters, self.steps, strict=True)
+        }
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p, master, step in zip(self.params, self.masters, self.steps, strict=True):
+            if p.grad is None:
+                continue
+            master.grad = p.grad.float()
+            step.step()
+            master.grad = None
+            p.copy_(master)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+def _full_mixed(model: nn.Module, options: MethodOptions) -> Prepared:
+    """Every weight trained in mixed precision: the model's dtype for weights and gradients, float32
+    masters and AdamW moments in the optimizer (16 bytes per parameter)."""
+    return model, MasterWeightAdamW(_trainable(model), options)  # type: ignore[return-value]
 
 
 def _floor_liger(model: nn.Module, options: MethodOptions) -> Prepared:
@@ -139,6 +180,8 @@ def _lean(
         model, optimizer = prepare(model, options)
         return slimtune.lean(model), optimizer
 
+    summary = " ".join((prepare.__doc__ or prepare.__name__).split()).split(". ")[0].rstrip(".")
+    prepare_lean.__doc__ = f"{summary}; with slimtune.lean (lean RMSNorm, gated MLP, chunked LM head + loss)"
     return prepare_lean
 
 
@@ -154,6 +197,7 @@ def _methods() -> dict[str, Callable[[nn.Module, MethodOptions], Prepared]]:
         "peft-lora": _peft_lora,
         "peft-lora-bf16": _peft_lora_bf16,
         "full": _full,
+        "full-mixed": _full_mixed,
         "floor+liger": _floor_liger,
     }
     lean = {f"{name}+lean": _lean(rows[name]) for name in ("floor", *slimtune.registry.methods(), "full")}
@@ -196,6 +240,22 @@ def build_model(spec, device: torch.device, dtype: torch.dtype, seed: int) -> nn
     with device:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.train()
+
+
+CHECKPOINTING = ("off", "reentrant", "non-reentrant")
+
+
+def enable_checkpointing(model: nn.Module, mode: str) -> None:
+    """HF gradient (activation) checkpointing of every decoder block, `mode` one of `CHECKPOINTING`."""
+    if mode not in CHECKPOINTING:
+        raise ValueError(f"unknown checkpointing mode {mode!r}; choose from {', '.join(CHECKPOINTING)}")
+    if mode == "off":
+        return
+    kwargs = {"use_reentrant": mode == "reentrant"}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.20
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def train_step(
@@ -257,7 +317,7 @@ def measure(method: str, setup: Setup) -> Row:
     config = model_config(setup.preset)
     model = build_model(config, device, DTYPES[setup.dtype], setup.options.seed)
     if setup.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model, "non-reentrant")  # HF's default
     model, optimizer = METHODS[method](model, setup.options)
     generator = torch.Generator().manual_seed(setup.options.seed + 1)
     ids = torch.randint(0, config.vocab_size, (setup.batch, setup.seq), generator=generator)

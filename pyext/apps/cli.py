@@ -168,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument(
         "--steps", type=_positive_int, default=10, help="timed steps on a device (default 10)"
     )
+    profile.add_argument(
+        "--checkpointing",
+        default="off",
+        help="comma list of HF gradient checkpointing modes, a row per method and mode: off, reentrant, "
+        "non-reentrant (default off)",
+    )
     profile.add_argument("--trace", action="store_true", help="a torch.profiler trace per method (cpu/cuda)")
     profile.add_argument("--memory-snapshot", action="store_true", help="a CUDA memory snapshot per method")
     profile.add_argument(

@@ -18,26 +18,30 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import io
 import json
 import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import slimtune
 import torch
+from slimtune import files
 
 from . import accounting
 from .bench import (
+    CHECKPOINTING,
     DTYPES,
     METHODS,
     PRESETS,
     MethodOptions,
     build_model,
     count_trainable,
+    enable_checkpointing,
     model_config,
     package_version,
     train_step,
@@ -52,24 +56,30 @@ BASELINES = ("floor", "peft-lora", "peft-lora-bf16", "full")  # every row gets i
 @dataclass
 class Row:
     method: str
+    checkpointing: str = "off"  # HF gradient checkpointing: off, reentrant, non-reentrant
     trainable_params: int = 0
-    weights: float = 0.0  # GiB, here and below
-    trainable: float = 0.0
+    weights: float = 0.0  # GiB, here and below: every parameter and buffer, trained or frozen
+    trainable: float = 0.0  # of `weights`: the trained parameters
     masters: float = 0.0  # float32 trained tensors of a half-precision model (part of `trainable`)
     gradients: float = 0.0
     optimizer: float = 0.0
     saved: dict[str, float] = field(default_factory=dict)
     saved_total: float = 0.0
     peak_exact: float = 0.0  # live bytes, exact
+    peak_parts: dict[str, float] = field(default_factory=dict)  # what is live at the peak (sums to it)
     peak_card: float = 0.0  # + allocator overhead
     forward_tflop: float = 0.0
     backward_tflop: float = 0.0
     bytes_moved_gb: float = 0.0
     modelled_ms: float = 0.0
     measured_ms: dict[str, float] | None = None  # min / median / max on the device
-    measured_peak: float | None = None
+    measured_peak: float | None = None  # CUDA: max_memory_allocated; CPU: the allocator's peak (profiler)
     error: str | None = None
     ratios: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.method if self.checkpointing == "off" else f"{self.method} (gc {self.checkpointing})"
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,7 @@ class Setup:
     device: str
     card: str
     options: MethodOptions = field(default_factory=MethodOptions)
+    checkpointing: str = "off"
     warmup: int = 3
     steps: int = 10
     trace: bool = False
@@ -95,16 +106,23 @@ def _batch(config, setup: Setup, device: torch.device) -> dict[str, torch.Tensor
     return {"input_ids": ids.to(device), "labels": ids.to(device)}
 
 
+def _prepared(method: str, setup: Setup, config, device: torch.device):
+    """A fresh model of `config` on `device`, checkpointed as the setup says, prepared for `method`."""
+    model = build_model(config, device, DTYPES[setup.dtype], setup.options.seed)
+    enable_checkpointing(model, setup.checkpointing)
+    if device.type != "meta":
+        return METHODS[method](model, setup.options)
+    with slimtune.on_meta():
+        return METHODS[method](model, setup.options)
+
+
 def account(method: str, setup: Setup, config) -> Row:
     """The exact accounting of one method on the meta device."""
-    dtype = DTYPES[setup.dtype]
-    model = build_model(config, torch.device("meta"), dtype, setup.options.seed)
-    with slimtune.on_meta():
-        model, optimizer = METHODS[method](model, setup.options)
+    model, optimizer = _prepared(method, setup, config, torch.device("meta"))
     step = accounting.account_step(model, optimizer, _batch(config, setup, torch.device("meta")))
-    card = accounting.CARDS[setup.card]
     return Row(
         method=method,
+        checkpointing=setup.checkpointing,
         trainable_params=step.trainable_count,
         weights=step.weights / GiB,
         trainable=step.trainable / GiB,
@@ -114,45 +132,73 @@ def account(method: str, setup: Setup, config) -> Row:
         saved={kind: size / GiB for kind, size in step.saved.items()},
         saved_total=step.saved_total / GiB,
         peak_exact=step.peak / GiB,
+        peak_parts={part: size / GiB for part, size in step.peak_parts.items()},
         peak_card=step.peak / GiB + ALLOCATOR_OVERHEAD_GIB,
         forward_tflop=step.forward_flops / 1e12,
         backward_tflop=step.backward_flops / 1e12,
         bytes_moved_gb=step.bytes_moved / 1e9,
-        modelled_ms=accounting.modelled_ms(step, card, dtype),
+        modelled_ms=accounting.modelled_ms(step, accounting.CARDS[setup.card]),
     )
 
 
-def measure(row: Row, method: str, setup: Setup, config, out: Path) -> None:
-    """Measured step time (CUDA events; host clock on CPU) and, on CUDA, peak memory, beside the model."""
-    device = torch.device(setup.device)
-    model = build_model(config, device, DTYPES[setup.dtype], setup.options.seed)
-    model, optimizer = METHODS[method](model, setup.options)
-    batch = _batch(config, setup, device)
-    row.trainable_params = count_trainable(model)
-    for _ in range(setup.warmup):
+def cpu_peak(model: torch.nn.Module, optimizer, batch: dict[str, torch.Tensor]) -> int:
+    """The CPU allocator's peak over one training step, in bytes: what is live before it (weights,
+    optimizer state, the batch) plus the highest running sum of the allocations and frees that
+    `torch.profiler` records during it (the bytes each tensor asked for, as the accounting counts)."""
+    before = accounting.storage_bytes(
+        [*model.parameters(), *model.buffers(), *accounting.optimizer_state(optimizer), *batch.values()]
+    )
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
         train_step(model, optimizer, batch)
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return before + peak
+
+
+def _timed_steps(model, optimizer, batch, setup: Setup, device: torch.device) -> list[float]:
+    """Each timed step's milliseconds: CUDA events on a card, the host clock elsewhere."""
     times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        if setup.memory_snapshot:
-            torch.cuda.memory._record_memory_history(max_entries=200_000)
-        for _ in range(setup.steps):
+    for _ in range(setup.steps):
+        if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             train_step(model, optimizer, batch)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
+        else:
+            start_s = time.perf_counter()
+            train_step(model, optimizer, batch)
+            times.append((time.perf_counter() - start_s) * 1e3)
+    return times
+
+
+def measure(row: Row, method: str, setup: Setup, config, out: Path) -> None:
+    """Measured step time (CUDA events; host clock on CPU) and peak memory, beside the accounting."""
+    device = torch.device(setup.device)
+    model, optimizer = _prepared(method, setup, config, device)
+    batch = _batch(config, setup, device)
+    row.trainable_params = count_trainable(model)
+    for _ in range(max(setup.warmup, 1)):  # one step at least: the optimizer state exists from then on
+        train_step(model, optimizer, batch)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        if setup.memory_snapshot:
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
+    else:
+        row.measured_peak = cpu_peak(model, optimizer, batch) / GiB
+    times = _timed_steps(model, optimizer, batch, setup, device)
+    if cuda:
         row.measured_peak = torch.cuda.max_memory_allocated(device) / GiB
         if setup.memory_snapshot:
             torch.cuda.memory._dump_snapshot(str(out / f"memory-{method}.pickle"))
             torch.cuda.memory._record_memory_history(enabled=None)
-    else:
-        for _ in range(setup.steps):
-            start = time.perf_counter()
-            train_step(model, optimizer, batch)
-            times.append((time.perf_counter() - start) * 1e3)
     row.measured_ms = {"min": min(times), "median": statistics.median(times), "max": max(times)}
     if setup.trace:
         with torch.profiler.profile(record_shapes=True, profile_memory=True) as prof:
@@ -161,10 +207,12 @@ def measure(row: Row, method: str, setup: Setup, config, out: Path) -> None:
 
 
 def _add_ratios(rows: list[Row]) -> None:
-    by_name = {r.method: r for r in rows if r.error is None}
+    """Each row's ratios to the baselines accounted with the same checkpointing."""
+    by_name = {(r.method, r.checkpointing): r for r in rows if r.error is None}
     for row in rows:
+        row.ratios = {}
         for base in BASELINES:
-            ref = by_name.get(base)
+            ref = by_name.get((base, row.checkpointing))
             if ref is None or row.error is not None:
                 continue
             ratio = {"peak": row.peak_card / ref.peak_card, "modelled_ms": row.modelled_ms / ref.modelled_ms}
@@ -173,6 +221,44 @@ def _add_ratios(rows: list[Row]) -> None:
             if row.measured_peak and ref.measured_peak:
                 ratio["measured_peak"] = row.measured_peak / ref.measured_peak
             row.ratios[base] = ratio
+
+
+def _check(methods, device: str, card: str, dtype: str, checkpointing) -> None:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if card not in accounting.CARDS:
+        raise ValueError(f"unknown card {card!r}; choose from {', '.join(accounting.CARDS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    bad = [c for c in checkpointing if c not in CHECKPOINTING]
+    if bad:
+        raise ValueError(f"unknown checkpointing mode(s) {bad}; choose from {', '.join(CHECKPOINTING)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but torch sees no CUDA device")
+
+
+def _row(method: str, setup: Setup, config, folder: Path) -> Row:
+    """Account (and on a device, measure) one row; its failure (e.g. out of memory) is its error."""
+    try:
+        row = account(method, setup, config)
+        if setup.device != "meta":
+            measure(row, method, setup, config, folder)
+    except Exception as err:  # the other rows still run
+        first = (str(err).splitlines() or [""])[0][:300]
+        row = Row(method, checkpointing=setup.checkpointing, error=f"{type(err).__name__}: {first}")
+    return row
+
+
+def _progress(row: Row) -> str:
+    if row.error:
+        return f"[profile] {row.label}: {row.error}"
+    line = f"[profile] {row.label}: accounted peak {row.peak_exact:.3f} GiB, {row.peak_card:.2f} on a card"
+    if row.measured_peak is not None:
+        line += f", measured {row.measured_peak:.3f} GiB"
+    if row.measured_ms:
+        line += f", {row.measured_ms['median']:.1f} ms/step measured"
+    return line + f", {row.modelled_ms:.1f} ms modelled"
 
 
 def profile(
@@ -185,41 +271,39 @@ def profile(
     card: str = "h200",
     out: str | Path | None = None,
     options: MethodOptions | None = None,
+    checkpointing: tuple[str, ...] | list[str] = ("off",),
     **measure_options: Any,
 ) -> dict[str, Any]:
-    """Account (and on a real device, measure) every method; write table, CSV, JSON and PNG to `out`.
-
-    Returns the report (also `report.json`). `out` None: `profiles/<model>-<batch>x<seq>-<dtype>`.
-    """
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    if card not in accounting.CARDS:
-        raise ValueError(f"unknown card {card!r}; choose from {', '.join(accounting.CARDS)}")
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but torch sees no CUDA device")
+    """Account (and on a real device, measure) every method under every checkpointing mode; write
+    table, CSV and JSON to `out` after every row (a run cut short keeps its finished rows), and the
+    plot at the end. Returns the report (also `report.json`). `out` None:
+    `profiles/<model>-<batch>x<seq>-<dtype>`."""
+    _check(methods, device, card, dtype, checkpointing)
     setup = Setup(model, batch, seq, dtype, device, card, options or MethodOptions(), **measure_options)
     config = model_config(model)
     name = Path(model).stem if model not in PRESETS else model
     folder = Path(out) if out is not None else Path("profiles") / f"{name}-{batch}x{seq}-{dtype}"
     folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for method in methods:
-        print(f"[profile] {method} ...", file=sys.stderr, flush=True)
-        try:
-            row = account(method, setup, config)
-            if device != "meta":
-                measure(row, method, setup, config, folder)
-        except Exception as err:  # one method's failure (e.g. out of memory) is that row's error
-            row = Row(method, error=f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}")
-        rows.append(row)
-    _add_ratios(rows)
+    rows: list[Row] = []
+    for mode in checkpointing:
+        for method in methods:
+            print(f"[profile] {method} (checkpointing {mode}) ...", file=sys.stderr, flush=True)
+            rows.append(_row(method, replace(setup, checkpointing=mode), config, folder))
+            print(_progress(rows[-1]), file=sys.stderr, flush=True)
+            _add_ratios(rows)
+            report = _write(rows, setup, methods, checkpointing, folder)
+    _plot(rows, setup, folder / "profile.png")
+    print(table(rows, setup))
+    print(f"[profile] wrote {folder}/profile.md, profile.csv, report.json, profile.png", file=sys.stderr)
+    return report
+
+
+def _write(rows: list[Row], setup: Setup, methods, checkpointing, folder: Path) -> dict[str, Any]:
+    """report.json, profile.csv and profile.md of the rows so far (each file replaced atomically)."""
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "setup": {**asdict(setup), "options": asdict(setup.options)},
-        "card_model": asdict(accounting.CARDS[card]),
+        "setup": {**asdict(setup), "options": asdict(setup.options), "checkpointing": list(checkpointing)},
+        "card_model": asdict(accounting.CARDS[setup.card]),
         "allocator_overhead_gib": ALLOCATOR_OVERHEAD_GIB,
         "versions": {
             "python": platform.python_version(),
@@ -230,27 +314,37 @@ def profile(
         },
         "notes": [
             "peak_exact: live bytes of the step, exact (meta-device accounting)",
+            "peak_parts: what is live at that peak, by part (sums to peak_exact)",
             f"peak_card: peak_exact + {ALLOCATOR_OVERHEAD_GIB} GiB allocator overhead (calibrated, see docs)",
-            "modelled_ms: a roofline model from the card's published peaks, not a measurement",
+            "modelled_ms: a roofline model from the card's published peaks, per kernel max(FLOPs/peak, "
+            "bytes/bandwidth); not a measurement",
+            *[f"{m}: {_summary(m)}" for m in methods],
         ],
-        "rows": [asdict(r) for r in rows],
+        "rows": [{**asdict(r), "label": r.label} for r in rows],
     }
-    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    files.write_text(folder / "report.json", json.dumps(report, indent=2) + "\n")
     _write_csv(rows, folder / "profile.csv")
-    text = table(rows, setup)
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+    command = (
+        f"slimtune profile --model {setup.model} --batch {setup.batch} --seq {setup.seq} --dtype "
+        f"{setup.dtype} --methods {','.join(methods)} --device {setup.device} --card {setup.card}"
+        + (f" --checkpointing {','.join(checkpointing)}" if list(checkpointing) != ["off"] else "")
+    )
     header = [
-        f"- date: {report['date']}; machine: {platform.machine()} ({platform.system()}), device {device}",
+        f"- date: {report['date']}; machine: {platform.machine()} ({platform.system()}), "
+        f"device {setup.device}",
         f"- versions: {versions}",
-        f"- command: `slimtune profile --model {model} --batch {batch} --seq {seq} --dtype {dtype} "
-        f"--methods {','.join(methods)} --device {device} --card {card}`",
+        f"- command: `{command}`",
         "",
     ]
-    (folder / "profile.md").write_text("\n".join(header) + text + "\n")
-    _plot(rows, setup, folder / "profile.png")
-    print(text)
-    print(f"[profile] wrote {folder}/profile.md, profile.csv, report.json, profile.png", file=sys.stderr)
+    files.write_text(folder / "profile.md", "\n".join(header) + table(rows, setup) + "\n")
     return report
+
+
+def _summary(method: str) -> str:
+    """The first sentence of a row's description (its preparing function's docstring)."""
+    doc = " ".join((METHODS[method].__doc__ or "").split())
+    return doc.split(". ")[0].rstrip(".") if doc else method
 
 
 def longest_sequence(
@@ -312,24 +406,26 @@ def longest_table(model: str, dtype: str, budget_gib: float, methods: list[str],
 
 
 def _write_csv(rows: list[Row], path: Path) -> None:
-    kinds = accounting.KINDS
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
+    kinds, parts = accounting.KINDS, accounting.PARTS
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(
+        ["method", "checkpointing", "trainable_params", "weights_gib", "trainable_gib", "masters_gib",
+         "gradients_gib", "optimizer_gib", *[f"saved_{k.replace(' ', '_')}_gib" for k in kinds],
+         "saved_total_gib", *[f"at_peak_{p.replace(' ', '_')}_gib" for p in parts], "peak_exact_gib",
+         "peak_card_gib", "forward_tflop", "backward_tflop", "bytes_moved_gb", "modelled_ms",
+         "measured_ms_min", "measured_ms_median", "measured_ms_max", "measured_peak_gib", "error"]
+    )  # fmt: skip
+    for r in rows:
+        m = r.measured_ms or {}
         writer.writerow(
-            ["method", "trainable_params", "weights_gib", "trainable_gib", "masters_gib", "gradients_gib",
-             "optimizer_gib", *[f"saved_{k.replace(' ', '_')}_gib" for k in kinds], "saved_total_gib",
-             "peak_exact_gib", "peak_card_gib", "forward_tflop", "backward_tflop", "bytes_moved_gb",
-             "modelled_ms", "measured_ms_min", "measured_ms_median", "measured_ms_max", "measured_peak_gib",
-             "error"]
+            [r.method, r.checkpointing, r.trainable_params, r.weights, r.trainable, r.masters, r.gradients,
+             r.optimizer, *[r.saved.get(k, 0.0) for k in kinds], r.saved_total,
+             *[r.peak_parts.get(p, 0.0) for p in parts], r.peak_exact, r.peak_card, r.forward_tflop,
+             r.backward_tflop, r.bytes_moved_gb, r.modelled_ms, m.get("min"), m.get("median"), m.get("max"),
+             r.measured_peak, r.error or ""]
         )  # fmt: skip
-        for r in rows:
-            m = r.measured_ms or {}
-            writer.writerow(
-                [r.method, r.trainable_params, r.weights, r.trainable, r.masters, r.gradients, r.optimizer,
-                 *[r.saved.get(k, 0.0) for k in kinds], r.saved_total, r.peak_exact, r.peak_card,
-                 r.forward_tflop, r.backward_tflop, r.bytes_moved_gb, r.modelled_ms,
-                 m.get("min"), m.get("median"), m.get("max"), r.measured_peak, r.error or ""]
-            )  # fmt: skip
+    files.write_text(path, buffer.getvalue())
 
 
 def _ratio(row: Row, base: str, key: str = "peak") -> str:
@@ -337,52 +433,110 @@ def _ratio(row: Row, base: str, key: str = "peak") -> str:
     return f"{value:.3f}" if value is not None else "-"
 
 
+def _measured(row: Row, device: str) -> str:
+    """The measured cells: times, and the peak with the accounting's error against it (against the
+    card's peak on CUDA, whose caching allocator adds its overhead; against the exact peak on CPU)."""
+    if not row.measured_ms:
+        return " - | - |"
+    m = row.measured_ms
+    peak = "-"
+    if row.measured_peak is not None:
+        accounted = row.peak_card if device == "cuda" else row.peak_exact
+        peak = f"{row.measured_peak:.4f} (accounted {accounted / row.measured_peak - 1:+.3%})"
+    return f" {m['min']:.1f} / {m['median']:.1f} / {m['max']:.1f} | {peak} |"
+
+
+def _line(r: Row, device: str) -> str:
+    if r.error:
+        return f"| {r.label} | error: {r.error} |"
+    line = (
+        f"| {r.label} | {r.trainable_params / 1e6:.1f} M | {r.weights:.2f} | {r.gradients + r.optimizer:.2f} "
+        f"| {2 * r.masters:.3f} | {r.saved_total:.2f} | {r.peak_exact:.2f} | {r.peak_card:.2f} "
+        f"| {_ratio(r, 'floor')} | {_ratio(r, 'peft-lora')} | {_ratio(r, 'full')} "
+        f"| {r.forward_tflop + r.backward_tflop:.1f} | {r.modelled_ms:.1f} "
+        f"| {_ratio(r, 'floor', 'modelled_ms')} |"
+    )
+    return line + (_measured(r, device) if device != "meta" else "")
+
+
 def table(rows: list[Row], setup: Setup) -> str:
     card = accounting.CARDS[setup.card].name
+    measured = setup.device != "meta"
     lines = [
-        f"slimtune profile: {setup.model}, batch {setup.batch} x {setup.seq} tokens, {setup.dtype}, "
-        f"accounted on meta; time modelled for {card} (a model, not a measurement)",
+        f"slimtune profile: {_model_name(setup.model)}, batch {setup.batch} x {setup.seq} tokens, "
+        f"{setup.dtype}, accounted on meta; time modelled for {card} (a model, not a measurement)",
         "",
-        "| method | trainable | weights | params+grads+opt | of which fp32 masters | saved for backward "
+        "| method | trainable | weights | grads + optimizer | fp32 masters + grads | saved for backward "
         "| peak (exact) | peak on card | x floor | x PEFT LoRA | x full | TFLOP fwd+bwd | modelled ms "
-        "| x floor |" + (" measured ms min/med/max | measured peak |" if setup.device != "meta" else ""),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-        + ("---|---|" if setup.device != "meta" else ""),
-    ]
-    for r in rows:
-        if r.error:
-            lines.append(f"| {r.method} | error: {r.error} |")
-            continue
-        state = r.trainable + r.gradients + r.optimizer
-        line = (
-            f"| {r.method} | {r.trainable_params / 1e6:.1f} M | {r.weights:.2f} | {state:.2f} "
-            f"| {2 * r.masters:.3f} | {r.saved_total:.2f} | {r.peak_exact:.2f} | {r.peak_card:.2f} "
-            f"| {_ratio(r, 'floor')} "
-            f"| {_ratio(r, 'peft-lora')} | {_ratio(r, 'full')} | {r.forward_tflop + r.backward_tflop:.1f} "
-            f"| {r.modelled_ms:.1f} | {_ratio(r, 'floor', 'modelled_ms')} |"
-        )
-        if setup.device != "meta" and r.measured_ms:
-            m = r.measured_ms
-            peak = "-"
-            if r.measured_peak is not None:  # the accounting's error against the measurement
-                peak = f"{r.measured_peak:.2f} (accounted {r.peak_card / r.measured_peak - 1:+.1%})"
-            line += f" {m['min']:.1f} / {m['median']:.1f} / {m['max']:.1f} | {peak} |"
-        lines.append(line)
-    lines += [
+        "| x floor |" + (" measured ms min/med/max | measured peak |" if measured else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if measured else ""),
+        *[_line(r, setup.device) for r in rows],
         "",
-        "Memory in GiB. fp32 masters: float32 trained tensors of a half-precision model and their "
-        "float32 gradients (PaCA/S2FT masters, on by default: `fp32_master=False` stores the trained "
-        "entries in the weight's dtype; float32 LoRA adapters). Saved for backward, by module kind (GiB):",
+        "Memory in GiB. weights: every parameter and buffer of the model, trained or frozen (a full "
+        "fine-tune's trained weights too). fp32 masters + grads: float32 trained tensors of a "
+        "half-precision model and their float32 gradients (PaCA/S2FT masters, on by default: "
+        "`fp32_master=False` stores the trained entries in the weight's dtype; float32 LoRA adapters). "
+        "Ratios compare rows with the same checkpointing. Rows:",
+        "",
+        *[f"- {m}: {_summary(m)}" for m in dict.fromkeys(r.method for r in rows)],
+        "",
+        "Live at the peak (GiB; the parts sum to the exact peak):",
+        "",
+        "| method | " + " | ".join(accounting.PARTS) + " |",
+        "|---|" + "---|" * len(accounting.PARTS),
+        *[
+            f"| {r.label} | " + " | ".join(f"{r.peak_parts.get(p, 0.0):.2f}" for p in accounting.PARTS) + " |"
+            for r in rows
+            if not r.error
+        ],
+        "",
+        "Saved for backward, by module kind (GiB; what checkpointing's own hooks keep is not seen here):",
         "",
         "| method | " + " | ".join(accounting.KINDS) + " |",
         "|---|" + "---|" * len(accounting.KINDS),
+        *[
+            f"| {r.label} | " + " | ".join(f"{r.saved.get(k, 0.0):.2f}" for k in accounting.KINDS) + " |"
+            for r in rows
+            if not r.error
+        ],
     ]
-    for r in rows:
-        if not r.error:
-            lines.append(
-                f"| {r.method} | " + " | ".join(f"{r.saved.get(k, 0.0):.2f}" for k in accounting.KINDS) + " |"
-            )
     return "\n".join(lines)
+
+
+def _model_name(model: str) -> str:
+    """A preset's name, or a model folder's or config file's own name (never an absolute path)."""
+    if model in PRESETS:
+        return model
+    path = Path(model)
+    return path.parent.name if path.name == "config.json" else path.name
+
+
+def _memory_panel(ax, ok: list[Row]) -> None:
+    """Stacked bars of what is live at each row's peak, plus the allocator allowance: each bar's top is
+    the table's peak on the card; a dashed line per card memory within reach of the bars."""
+    import matplotlib.pyplot as plt
+
+    names = [r.label for r in ok]
+    bottom = [0.0] * len(ok)
+    colors = plt.get_cmap("tab10").colors
+    parts = [(p, [r.peak_parts.get(p, 0.0) for r in ok]) for p in accounting.PARTS]
+    parts.append(("allocator allowance (calibrated)", [r.peak_card - r.peak_exact for r in ok]))
+    for i, (label, heights) in enumerate(parts):
+        if any(h > 0 for h in heights):
+            ax.bar(names, heights, bottom=bottom, label=label, color=colors[i % len(colors)])
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    top = max(bottom)
+    cards: dict[float, list[str]] = {}
+    for card in accounting.CARDS.values():
+        if card.memory_gib <= 2 * top:
+            cards.setdefault(card.memory_gib, []).append(card.name)
+    for gib, names_at in sorted(cards.items()):
+        ax.axhline(gib, color="black", linestyle="--", linewidth=0.8)
+        label = f"{' / '.join(names_at)}: {gib:g} GiB"
+        ax.text(len(ok) - 0.5, gib, label, va="bottom", ha="right", fontsize=7)
+    ax.set_ylim(0, 1.08 * max([top, *cards]))
+    ax.set_ylabel("GiB")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
 
 def _plot(rows: list[Row], setup: Setup, path: Path) -> None:
@@ -394,38 +548,25 @@ def _plot(rows: list[Row], setup: Setup, path: Path) -> None:
     ok = [r for r in rows if not r.error]
     if not ok:
         return
-    parts = [
-        ("weights", lambda r: r.weights),
-        ("trainable + grads + optimizer", lambda r: r.trainable + r.gradients + r.optimizer),
-        *[(f"saved: {k}", lambda r, k=k: r.saved.get(k, 0.0)) for k in accounting.KINDS],
-    ]
-    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [3, 2]})
-    names = [r.method for r in ok]
-    bottom = [0.0] * len(ok)
-    colors = plt.get_cmap("tab20").colors
-    for i, (label, value) in enumerate(parts):
-        heights = [value(r) for r in ok]
-        if any(heights):
-            ax_mem.bar(names, heights, bottom=bottom, label=label, color=colors[i % len(colors)])
-            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
-    transient = [max(r.peak_card - b, 0.0) for r, b in zip(ok, bottom, strict=True)]
-    ax_mem.bar(names, transient, bottom=bottom, label="transients + allocator overhead", color="lightgrey")
-    ax_mem.set_ylabel("GiB")
+    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(15, 6), gridspec_kw={"width_ratios": [3, 2]})
+    _memory_panel(ax_mem, ok)
     ax_mem.set_title(
-        f"Peak memory per step (accounted): {setup.model}, {setup.batch}x{setup.seq}, {setup.dtype}"
+        f"Peak memory per step (accounted): {_model_name(setup.model)}, {setup.batch}x{setup.seq}, "
+        f"{setup.dtype}",
+        fontsize=10,
     )
-    ax_mem.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    plt.setp(ax_mem.get_xticklabels(), rotation=50, ha="right")
+    names = [r.label for r in ok]
     ax_time.bar(names, [r.modelled_ms for r in ok], color="tab:blue", label="modelled")
-    if any(r.measured_ms for r in ok):
+    if setup.device == "cuda" and any(r.measured_ms for r in ok):  # a CPU time is no card's time
         ax_time.scatter(names, [r.measured_ms["median"] if r.measured_ms else float("nan") for r in ok],
                         color="black", zorder=3, label="measured median")  # fmt: skip
+        ax_time.legend(fontsize=7)
     ax_time.set_ylabel("ms per step")
-    ax_time.set_title(f"Step time, roofline model for {accounting.CARDS[setup.card].name}")
-    ax_time.legend(fontsize=7)
-    plt.setp(ax_time.get_xticklabels(), rotation=50, ha="right")
+    ax_time.set_title(f"Step time, roofline model for {accounting.CARDS[setup.card].name}", fontsize=10)
+    for ax in (ax_mem, ax_time):
+        plt.setp(ax.get_xticklabels(), rotation=50, ha="right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    files.write_with(path, lambda p: fig.savefig(p, dpi=110))
     plt.close(fig)
 
 
@@ -454,6 +595,7 @@ def main(args: argparse.Namespace) -> int:
             card=args.card,
             out=args.out,
             options=MethodOptions(paca_r=args.paca_r, lora_r=args.lora_r),
+            checkpointing=[c.strip() for c in args.checkpointing.split(",") if c.strip()],
             warmup=args.warmup,
             steps=args.steps,
             trace=args.trace,
