@@ -4,6 +4,7 @@ calibration against the H200 anchors, and the command's outputs."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -11,8 +12,9 @@ import slimtune
 import torch
 import transformers
 from slimtune.apps import accounting
+from slimtune.apps.bench import build_model
 from slimtune.apps.cli import main as cli_main
-from slimtune.apps.profile import ALLOCATOR_OVERHEAD_GIB, Setup, account, model_config, profile
+from slimtune.apps.profile import ALLOCATOR_OVERHEAD_GIB, Setup, account, model_config, profile, table
 from torch import nn
 
 N, K, M, R = 64, 48, 40, 4  # tokens, in, out, rank/columns
@@ -196,3 +198,140 @@ def test_lean_rows_keep_less_and_longest_sequence_bisects(tmp_path) -> None:
     assert cli_main(["profile", "--model", "tiny", "--dtype", "fp32", "--longest", "1.05", "--methods",
                      "floor", "--out", str(tmp_path)]) == 0  # fmt: skip
     assert "| floor |" in (tmp_path / "longest.md").read_text()
+
+
+RNG_STATE = 5056  # bytes of the CPU generator's state, which checkpointing keeps per block on the host
+SCALARS = (
+    256  # bytes: Python numbers that PyTorch wraps as 0-dim CPU tensors inside ops (host memory on a card)
+)
+
+
+def measured_minus_accounted(row: dict) -> int:
+    return round(row["measured_peak"] * 2**30) - round(row["peak_exact"] * 2**30)
+
+
+@pytest.mark.parametrize(
+    "method", ["floor", "floor+lean", "paca", "paca-partial-adamw", "s2ft", "lora", "hydra", "full"]
+)
+def test_cpu_measured_peak_equals_the_accounted_one(tmp_path, method: str) -> None:
+    """The CPU allocator's peak (torch.profiler's allocation events) against the meta accounting: the
+    same bytes but for the 4- and 8-byte scalar operands wrapped on the host, which a dispatch mode does
+    not see and which a card does not hold."""
+    report = profile(model="tiny", batch=2, seq=16, dtype="fp32", methods=[method], device="cpu",
+                     out=tmp_path, warmup=1, steps=1)  # fmt: skip
+    (row,) = report["rows"]
+    assert 0 <= measured_minus_accounted(row) <= SCALARS
+    assert "measured peak" in (tmp_path / "profile.md").read_text()
+
+
+def test_cpu_measured_peak_with_checkpointing_differs_by_the_host_rng_states(tmp_path) -> None:
+    """Checkpointing keeps the CPU generator's state (5056 bytes) per block, and forks it again for each
+    recomputation: host memory beside a card's, live beside the step on a CPU. The rest is exact."""
+    report = profile(model="tiny", batch=2, seq=64, dtype="fp32", methods=["floor", "paca", "s2ft"],
+                     device="cpu", out=tmp_path, warmup=1, steps=1,
+                     checkpointing=["reentrant", "non-reentrant"])  # fmt: skip
+    for row in report["rows"]:
+        extra = measured_minus_accounted(row)
+        assert 0 <= extra <= 4 * model_config("tiny").num_hidden_layers * RNG_STATE + SCALARS, (
+            row["label"],
+            extra,
+        )
+        assert extra < 0.01 * row["peak_exact"] * 2**30
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non-reentrant"])
+def test_gradient_checkpointing_is_accounted_on_meta(mode: str) -> None:
+    """HF gradient checkpointing on the meta device: every kind of row accounts, keeps less for
+    backward and peaks lower, and recomputes forward work in backward."""
+    setup = Setup(model="tiny", batch=2, seq=256, dtype="fp32", device="meta", card="h100")
+    config = model_config("tiny")
+    for method in ("floor", "floor+lean", "paca", "s2ft", "lora", "hydra", "peft-lora", "full", "full-mixed"):
+        plain = account(method, setup, config)
+        checkpointed = account(method, dataclasses.replace(setup, checkpointing=mode), config)
+        assert checkpointed.error is None and checkpointed.label == f"{method} (gc {mode})"
+        assert checkpointed.saved_total < plain.saved_total, method
+        assert checkpointed.peak_exact < plain.peak_exact, method
+        assert checkpointed.backward_tflop > plain.backward_tflop, method
+        assert sum(checkpointed.peak_parts.values()) == pytest.approx(checkpointed.peak_exact, rel=1e-12)
+
+
+def test_full_rows_say_their_precision() -> None:
+    """`full` keeps bf16 weights, gradients and moments (8 bytes a parameter); `full-mixed` float32
+    masters and moments beside the bf16 weight and gradient (16 bytes a parameter)."""
+    setup = Setup(model="tiny", batch=1, seq=16, dtype="bf16", device="meta", card="h100")
+    config = model_config("tiny")
+    pure, mixed = account("full", setup, config), account("full-mixed", setup, config)
+    n = pure.trainable_params * 2**-30
+    steps = 4 * 2**-30 * len(list(build_model(config, torch.device("meta"), torch.bfloat16, 0).parameters()))
+    model = build_model(config, torch.device("meta"), torch.bfloat16, 0)
+    buffers = sum(b.nbytes for b in model.buffers()) * 2**-30
+    assert pure.weights == pytest.approx(2 * n + buffers) and pure.gradients == pytest.approx(2 * n)
+    assert pure.optimizer == pytest.approx(4 * n + steps)
+    assert mixed.weights + mixed.gradients + mixed.optimizer == pytest.approx(16 * n + buffers + steps)
+    assert mixed.peak_parts["optimizer state"] == pytest.approx(mixed.optimizer)
+    text = table([pure, mixed], setup)
+    assert "pure in the model's dtype" in text and "float32 masters and AdamW moments" in text
+
+
+def test_the_time_model_bounds_each_kernel_by_its_slower_side() -> None:
+    """max(FLOPs / peak, bytes / bandwidth) per kernel: a skinny product is paid at its traffic."""
+    card = accounting.CARDS["h100"]
+    work = {(True, 2 * 10**12, 10**9): 1, (True, 10**9, 4 * 10**9): 3, (False, 67 * 10**9, 0): 2}
+    step = accounting.StepAccount(0, 0, 0, 0, 0, 0, {}, 0, {}, 0.0, 0.0, 0, work)
+    expected = 2 / 989 + 3 * 4e9 / 3.35e12 + 2 * 67e9 / 67e12
+    assert accounting.modelled_ms(step, card) == pytest.approx(expected * 1e3)
+    # PaCA's column gradients (dy^T x[:, idx]: few FLOPs, the whole dy read) cost more than their FLOPs.
+    setup = Setup(model="tinyllama-1.1b", batch=8, seq=2048, dtype="bf16", device="meta", card="h100")
+    config = model_config("tinyllama-1.1b")
+    floor, paca = account("floor", setup, config), account("paca", setup, config)
+    extra_flops = (
+        paca.forward_tflop + paca.backward_tflop - floor.forward_tflop - floor.backward_tflop
+    ) * 1e12
+    assert paca.modelled_ms - floor.modelled_ms > 1.5 * extra_flops / (card.tflops_16bit * 1e12) * 1e3
+
+
+def test_rows_are_written_as_they_finish(tmp_path, monkeypatch) -> None:
+    """A run cut short (a time box's SIGINT) keeps every finished row in its table, CSV and JSON."""
+    from slimtune.apps import profile as module
+
+    real = module.account
+
+    def account_then_stop(method, setup, config):
+        if method == "lora":
+            raise KeyboardInterrupt
+        return real(method, setup, config)
+
+    monkeypatch.setattr(module, "account", account_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        profile(model="tiny", batch=1, seq=8, dtype="fp32", methods=["floor", "paca", "lora"], out=tmp_path)
+    assert [r["method"] for r in json.loads((tmp_path / "report.json").read_text())["rows"]] == [
+        "floor",
+        "paca",
+    ]
+    assert [r["method"] for r in csv.DictReader((tmp_path / "profile.csv").open())] == ["floor", "paca"]
+    assert "| paca |" in (tmp_path / "profile.md").read_text()
+
+
+def test_plot_stacks_equal_the_table_and_name_no_path(tmp_path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from slimtune.apps.profile import _memory_panel, _model_name
+
+    setup = Setup(model="tinyllama-1.1b", batch=8, seq=2048, dtype="bf16", device="meta", card="h100")
+    config = model_config("tinyllama-1.1b")
+    rows = [account(m, setup, config) for m in ("floor", "full")]
+    fig, ax = plt.subplots()
+    _memory_panel(ax, rows)
+    tops = {}
+    for bar in ax.patches:
+        tops[bar.get_x()] = max(tops.get(bar.get_x(), 0.0), bar.get_y() + bar.get_height())
+    assert sorted(tops.values()) == pytest.approx(sorted(r.peak_card for r in rows))
+    assert ax.get_ylim()[1] >= max(r.peak_card for r in rows)
+    assert [line.get_ydata()[0] for line in ax.get_lines()] == [80.0]  # A100 and H100 share one line
+    labels = ax.get_legend_handles_labels()[1]
+    assert "batch" in labels and "gradients" not in labels  # nothing live at these peaks is a gradient
+    plt.close(fig)
+    assert _model_name(str(tmp_path / "my-model" / "config.json")) == "my-model"
+    assert _model_name(str(tmp_path / "my-model")) == "my-model"
