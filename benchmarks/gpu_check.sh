@@ -1,77 +1,139 @@
 #!/usr/bin/env bash
-# One pass on a fresh GPU machine (torch, triton, transformers, peft, pybind11, cmake, ninja; no
-# internet), in at most BUDGET seconds (default 480): every phase is time-boxed and saves its own
-# files into benchmarks/results/gpu-check-<stamp>/ the moment it ends, copied at once to $OUT when
-# the device runner sets it, so a run cut short keeps everything finished before the cut.
+# One pass on a fresh GPU machine (torch, triton, transformers, peft, pybind11, cmake, ninja,
+# pytest-benchmark, pytest-timeout; no internet), inside BUDGET seconds (default 470: under 8 minutes
+# on an H100 with the build). Every phase runs in its own time box (SIGINT first, so Python writes
+# what it has; SIGKILL 10 s later) and everything it writes lands in benchmarks/results/<run>/.
 #
-# Phases, most valuable first: versions; build slimtune._C for the local card (no nvcc: the CUDA
-# C++ kernels are skipped and said; a failed build falls back to the pure-Python package); the
-# end-to-end step benchmark (anchors' protocol, every method); `slimtune profile --device cuda`
-# (accounted beside measured memory and time); the backend decision benchmarks (fused Triton LoRA
-# GEMM against cuBLAS, PaCA's column gradient through Triton against cuBLAS) and which backend each
-# op should prefer; a GPU test subset (the remainder is counted and said); the other kernel
-# microbenchmarks at the TinyLlama shapes. Knobs: BUDGET, METHODS, BATCH, SEQ.
+# What comes back from the device runner is only what lies directly under $OUT, at most 8 files. So
+# $OUT holds, by construction, exactly:
+#   gpu-check-run.tar.gz   the whole run folder, compressed, replaced atomically at every save
+#   bench.md  profile.md  prefer.md  gpu-tests.txt  phases.tsv  log-tail.txt   flat summaries
+# (and at most one `.partial` file, if the command is killed in the middle of a save). A save runs
+# after every phase and every SAVE_EVERY seconds during one, and bench and profile rewrite their
+# tables after every method, so a kill at any moment keeps every finished row.
+#
+# Phases, most valuable first: versions; build slimtune._C for the card; GPU tests of every kernel and
+# the model-level checks (bf16, realistic shapes, LoRA against PEFT, S2FT; -v, a per-test time-out,
+# no -x); the end-to-end step benchmark (anchors' protocol, lean rows too); `slimtune profile --device
+# cuda` (accounted beside measured); the backend choice, one benchmark call per op; the other kernel
+# microbenchmarks; last, the large C++ parametrisations. Each phase states its predicted time on an
+# H100; the dry run checks that the time boxes fit the budget and the predictions fit their boxes.
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU machine, from the repository root
-#   bash benchmarks/gpu_check.sh --dry-run  # on a CPU: the same phases and time boxes, tiny work
+#   bash benchmarks/gpu_check.sh --dry-run  # on a CPU: the same phases, files and boxes, tiny work
+# Knobs: BUDGET, METHODS, BATCH, SEQ, SAVE_EVERY, BENCH_STEPS (dry run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 PY=${PYTHON:-python3}
-BUDGET=${BUDGET:-480}
-export PY DRY
+PLANNED=470  # seconds: the phases' boxes add up to at most this (8 minutes less the device's start)
+BUDGET=${BUDGET:-$PLANNED}
+SAVE_EVERY=${SAVE_EVERY:-20}
+export PY DRY PYTHONUNBUFFERED=1
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RUN=gpu-check-$STAMP
 RESULTS=benchmarks/results/$RUN
 [ "$DRY" = 1 ] && RESULTS=${DRY_RESULTS:-$(mktemp -d)}/$RUN
 mkdir -p "$RESULTS"
 exec > >(tee -a "$RESULTS/gpu_check.log") 2>&1
-printf 'phase\trc\tseconds\tlimit\n' > "$RESULTS/phases.tsv"
+printf 'phase\trc\tseconds\tlimit\tpredicted\n' > "$RESULTS/phases.tsv"
 [ "$DRY" = 1 ] && echo "DRY RUN on $(uname -m): structure and time boxes only; no number here is a GPU result" \
   | tee "$RESULTS/DRY_RUN"
 
+# phase name, time box (s), predicted on an H100 (s); the boxes add up to at most PLANNED.
+PHASES=(
+  "versions 15 3"
+  "build 75 40"
+  "gpu-tests 110 75"
+  "step-benchmark 100 75"
+  "profile 70 50"
+  "backend-lora_linear 20 12"
+  "backend-lora_input_grad 20 12"
+  "backend-column_grad 20 12"
+  "prefer 10 2"
+  "kernel-microbenchmarks 20 15"
+  "gpu-tests-cpp 10 8"
+)
+
+# save: the run folder as one archive plus the flat summaries, each renamed into place in $OUT.
 save() {
-  if [ -n "${OUT:-}" ]; then
-    mkdir -p "$OUT/$RUN" && cp -r "$RESULTS"/. "$OUT/$RUN"/
-  fi
+  [ -n "${OUT:-}" ] || return 0
+  mkdir -p "$OUT"
+  (
+    command -v flock >/dev/null && { flock -n 9 || exit 0; }  # one save at a time (saver loop + phase end)
+    tail -n 300 "$RESULTS/gpu_check.log" > "$RESULTS/log-tail.txt" 2>/dev/null
+    tar -czf "$OUT/.partial" --exclude=.save.lock -C "$(dirname "$RESULTS")" "$RUN" 2>/dev/null && mv -f "$OUT/.partial" "$OUT/gpu-check-run.tar.gz"
+    local bench
+    bench=$(ls -t "$RESULTS"/bench-*.md 2>/dev/null | head -1)
+    for pair in "$bench:bench.md" "$RESULTS/profile/profile.md:profile.md" "$RESULTS/prefer.md:prefer.md" \
+                "$RESULTS/gpu-tests.txt:gpu-tests.txt" "$RESULTS/phases.tsv:phases.tsv" \
+                "$RESULTS/log-tail.txt:log-tail.txt"; do
+      src=${pair%:*}
+      [ -n "$src" ] && [ -f "$src" ] && cp "$src" "$OUT/.partial" && mv -f "$OUT/.partial" "$OUT/${pair##*:}"
+    done
+  ) 9>"$RESULTS/.save.lock"
 }
 
-# phase NAME LIMIT CMD...: run CMD for at most LIMIT seconds (less if the budget is nearly spent),
-# log it to NAME.log, record rc and time in phases.tsv, save.
+# phase NAME CMD...: run CMD in NAME's time box (less if the budget is nearly spent), log it to
+# NAME.log, record rc, time, box and prediction in phases.tsv, save during and after.
 phase() {
-  local name=$1 limit=$2
-  shift 2
+  local name=$1 limit predicted
+  shift
+  read -r _ limit predicted <<< "$(printf '%s\n' "${PHASES[@]}" | grep "^$name ")"
   local left=$((BUDGET - SECONDS - 5))
-  [ "$DRY" = 1 ] && [ "$limit" -gt 120 ] && limit=120
   [ "$limit" -gt "$left" ] && limit=$left
-  if [ "$limit" -lt 10 ]; then
+  if [ "$limit" -lt 5 ]; then
     echo "=== $name: SKIPPED, the ${BUDGET}s budget is spent"
-    printf '%s\tskipped\t0\t0\n' "$name" >> "$RESULTS/phases.tsv"
+    printf '%s\tskipped\t0\t0\t%s\n' "$name" "$predicted" >> "$RESULTS/phases.tsv"
     save
     return 0
   fi
-  echo "=== $name (time box ${limit}s, at ${SECONDS}s)"
+  echo "=== $name (time box ${limit}s, predicted ${predicted}s on an H100, at ${SECONDS}s)"
   if declare -F "$1" >/dev/null; then  # a function of this script: run it in a child bash
-    set -- bash -c "$(declare -f "$1"); $1"
+    set -- bash -c "$(declare -p PY DRY RESULTS TESTS); $(declare -f run_tests "$1"); $1"
   fi
-  local start=$SECONDS rc
-  timeout -k 5 "$limit" "$@" > >(tee "$RESULTS/$name.log") 2>&1
+  ( while sleep "$SAVE_EVERY"; do save; done ) &
+  local saver=$! start=$SECONDS rc
+  timeout -s INT -k 10 "$limit" "$@" > >(tee "$RESULTS/$name.log") 2>&1
   rc=$?
-  [ "$rc" = 124 ] && echo "--- $name hit its ${limit}s time box; what it wrote so far is kept"
+  kill "$saver" 2>/dev/null; wait "$saver" 2>/dev/null
+  case $rc in 124|130|137) echo "--- $name hit its ${limit}s time box; what it wrote so far is kept";; esac
   echo "--- $name: rc=$rc in $((SECONDS - start))s"
-  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" "$limit" >> "$RESULTS/phases.tsv"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" "$limit" "$predicted" >> "$RESULTS/phases.tsv"
   save
   return 0
 }
 
+# The plan itself: boxes within the budget, every prediction inside its box with a margin.
+check_plan() {
+  local total=0 name limit predicted bad=0
+  for entry in "${PHASES[@]}"; do
+    read -r name limit predicted <<< "$entry"
+    total=$((total + limit))
+    if [ $((predicted * 10)) -gt $((limit * 9)) ]; then
+      echo "PLAN: $name predicted ${predicted}s does not fit 90% of its ${limit}s box"; bad=1
+    fi
+  done
+  echo "PLAN: time boxes add up to ${total}s of the ${PLANNED}s planned"
+  [ "$total" -le "$PLANNED" ] || { echo "PLAN: the boxes exceed the plan"; bad=1; }
+  return $bad
+}
+
 versions() {
-  nvidia-smi --query-gpu=name,compute_cap,clocks.sm,memory.total --format=csv,noheader 2>/dev/null \
+  nvidia-smi --query-gpu=name,compute_cap,clocks.max.sm,memory.total,driver_version --format=csv,noheader 2>/dev/null \
     || echo "nvidia-smi: not available"
   command -v nvcc >/dev/null && nvcc --version | tail -1 || echo "nvcc: not found (CUDA C++ kernels will be skipped)"
-  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
-  $PY -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "triton: not importable (Triton kernels skipped)"
-  $PY -c "import transformers, peft; print('transformers', transformers.__version__, 'peft', peft.__version__)"
+  $PY - <<'EOF'
+import importlib.metadata as md
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+for name in ("triton", "transformers", "peft", "numpy", "pytest-benchmark", "pytest-timeout"):
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "not installed")
+EOF
 }
 
 build() {
@@ -93,42 +155,74 @@ build() {
   $PY -m slimtune info
 }
 
+# run_tests PYTEST-ARGS...: -v so every finished test is named even if the box cuts the run short; a
+# per-test time-out, no -x; gpu-tests.txt keeps one line per test and pytest's closing line.
+run_tests() {
+  local timeout_opt=()
+  $PY -c "import pytest_timeout" 2>/dev/null && timeout_opt=(--timeout="${TEST_TIMEOUT:-60}")
+  SLIMTUNE_TRITON_AUTOTUNE=0 $PY -m pytest "$@" "${TESTS[@]}" "${timeout_opt[@]}" -p no:cacheprovider -rfE 2>&1 \
+    | grep --line-buffered -E "(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)|(passed|failed|error|no tests ran)|::" \
+    | tee -a "$RESULTS/gpu-tests.txt"
+}
+
+# Every kernel at bf16 and realistic shapes (Triton: gather, scatter, column gradient, the LoRA GEMMs,
+# glu_down, glu_backward; CUDA C++: the twins), the model-level checks (PaCA, LoRA against PEFT, S2FT,
+# lean and compile on the card), then each kernel file's own cases on the card.
+gpu_tests() {
+  run_tests -m gpu tests/test_triton_kernels.py tests/test_lora_kernels.py tests/test_cpp_kernels.py \
+    -k "not (test_gather_columns or test_scatter_columns)"
+  run_tests tests/test_lora_kernels.py -k "not gpu"
+  run_tests tests/test_triton_kernels.py -k "not gpu and (compact or deterministic or rounds or poisoned or empty or bad)"
+  run_tests -m gpu tests/test_paca_layer.py tests/test_lora.py tests/test_s2ft.py tests/test_paca_models.py \
+    tests/test_devices.py
+}
+
+# The large C++ parametrisations (about a thousand small cases), last: whatever the budget leaves.
+gpu_tests_cpp() {
+  run_tests -m gpu tests/test_cpp_kernels.py -k "test_gather_columns or test_scatter_columns"
+}
+
 if [ "$DRY" = 1 ]; then
-  BENCH=(--model tiny --device cpu --warmup 0 --steps 1 --methods "${METHODS:-floor,paca,lora,peft-lora,full}")
-  PROFILE=(--model tiny --batch 2 --seq 32 --device meta --methods floor,floor+lean,paca+lean,lora,full)
-  MICRO=(--benchmark-max-time=0.01 --benchmark-min-rounds=1)
+  BENCH=(--model tiny --device cpu --warmup 0 --steps "${BENCH_STEPS:-1}"
+    --methods "${METHODS:-floor,paca,s2ft+lean,lora,peft-lora,full}")
+  PROFILE=(--model tiny --batch 2 --seq 32 --device meta --methods floor,floor+lean,paca+lean,lora,full,full-mixed)
+  MICRO=(--benchmark-max-time=0.01 --benchmark-min-rounds=1 --benchmark-warmup=off)
   SHAPES="up or down"
   TESTS=(--collect-only -q)
 else
-  BENCH=(--model tinyllama-1.1b --batch "${BATCH:-8}" --seq "${SEQ:-2048}" \
-    --methods "${METHODS:-floor,paca,paca-partial-adamw,s2ft,lora,hydra,peft-lora,peft-lora-bf16,full}")
+  BENCH=(--model tinyllama-1.1b --batch "${BATCH:-8}" --seq "${SEQ:-2048}" --warmup 2 --steps 5 \
+    --methods "${METHODS:-floor,floor+lean,paca,paca+lean,paca-partial-adamw,s2ft,s2ft+lean,lora,lora+lean,hydra,peft-lora,peft-lora-bf16,full}")
   # Lean against non-lean and against Liger-Kernel (its row errors cleanly where it is not installed).
-  PROFILE=(--batch "${BATCH:-8}" --seq "${SEQ:-2048}" --device cuda --warmup 2 --steps 5 \
-    --methods floor,floor+lean,floor+liger,paca,paca+lean,s2ft+lean,lora,lora+lean,peft-lora,full)
-  MICRO=(--benchmark-max-time=0.1 --benchmark-min-rounds=3)
+  PROFILE=(--batch "${BATCH:-8}" --seq "${SEQ:-2048}" --device cuda --warmup 1 --steps 3 \
+    --methods floor,floor+lean,floor+liger,paca,paca+lean,s2ft+lean,lora,lora+lean,full-mixed)
+  MICRO=(--benchmark-max-time=0.05 --benchmark-min-rounds=3 --benchmark-warmup=on --benchmark-warmup-iterations=2)
   SHAPES="N16384"
-  TESTS=(-q -x)
+  TESTS=(-v)
 fi
 
-phase versions 20 versions
-phase build 90 build
-phase step-benchmark 140 $PY -m slimtune bench "${BENCH[@]}" --out "$RESULTS"
-phase profile 75 $PY -m slimtune profile "${PROFILE[@]}" --out "$RESULTS/profile"
-phase backend-choice 70 $PY -m pytest benchmarks/bench_lora.py benchmarks/bench_kernels.py -p no:cacheprovider \
-  -k "(test_lora_linear or test_lora_input_grad or test_column_grad) and ($SHAPES)" "${MICRO[@]}" \
-  --benchmark-json "$RESULTS/backend-choice.json"
-phase prefer 10 $PY benchmarks/prefer.py "$RESULTS/backend-choice.json" --out "$RESULTS/prefer.md"
-GPU_TESTS=(tests/test_paca_layer.py tests/test_cpp_kernels.py tests/test_lora_kernels.py tests/test_paca_models.py)
-phase gpu-tests-count 20 $PY -m pytest -m gpu tests --collect-only -q -p no:cacheprovider
-phase gpu-tests 60 $PY -m pytest -m gpu "${GPU_TESTS[@]}" "${TESTS[@]}" -p no:cacheprovider
-echo "GPU tests run: ${GPU_TESTS[*]}; the other -m gpu tests (see gpu-tests-count.log) were not run in this budget"
-phase kernel-microbenchmarks 25 $PY -m pytest benchmarks/bench_kernels.py benchmarks/bench_lora.py -p no:cacheprovider \
+echo "=== plan"
+PLAN_OK=1
+check_plan || PLAN_OK=0
+phase versions versions
+phase build build
+: > "$RESULTS/gpu-tests.txt"
+phase gpu-tests gpu_tests
+phase step-benchmark $PY -m slimtune bench "${BENCH[@]}" --out "$RESULTS"
+phase profile $PY -m slimtune profile "${PROFILE[@]}" --out "$RESULTS/profile"
+for op in lora_linear lora_input_grad column_grad; do
+  phase "backend-$op" $PY -m pytest benchmarks/bench_lora.py benchmarks/bench_kernels.py -p no:cacheprovider -q \
+    -k "test_$op and ($SHAPES)" "${MICRO[@]}" --benchmark-json "$RESULTS/backend-$op.json"
+done
+phase prefer $PY benchmarks/prefer.py "$RESULTS"/backend-*.json --out "$RESULTS/prefer.md"
+phase kernel-microbenchmarks $PY -m pytest benchmarks/bench_kernels.py benchmarks/bench_lora.py -p no:cacheprovider -q \
   -k "not (test_lora_linear or test_lora_input_grad or test_column_grad) and ($SHAPES)" "${MICRO[@]}" \
   --benchmark-json "$RESULTS/kernels.json"
+phase gpu-tests-cpp gpu_tests_cpp
 
 echo "=== summary (at ${SECONDS}s)"
 cat "$RESULTS/phases.tsv"
-for f in "$RESULTS"/prefer.md "$RESULTS"/profile/profile.md "$RESULTS"/bench-*.md; do
+for f in "$RESULTS"/prefer.md "$RESULTS"/profile/profile.md "$(ls -t "$RESULTS"/bench-*.md 2>/dev/null | head -1)"; do
   [ -f "$f" ] && { echo; echo "--- $f"; tail -n 25 "$f"; }
 done
 save
+[ "$PLAN_OK" = 1 ] || { echo "PLAN CHECK FAILED: see the PLAN lines at the top"; exit 3; }

@@ -1,11 +1,11 @@
 """Which backend each op should prefer on the card a kernel benchmark ran on.
 
-Reads a pytest-benchmark JSON of `bench_kernels.py` / `bench_lora.py` (groups named
+Reads pytest-benchmark JSONs of `bench_kernels.py` / `bench_lora.py` (one per op, or one; groups named
 `<op> <shape>`, one benchmark per backend, `extra_info.label` = backend), sums each backend's
 median over the shapes where every backend of that op ran, and prints the fastest against the
 op's current CUDA default.
 
-    python benchmarks/prefer.py KERNELS.json [--out prefer.md]
+    python benchmarks/prefer.py KERNELS.json [MORE.json ...] [--out prefer.md]
 """
 
 from __future__ import annotations
@@ -63,11 +63,13 @@ def markdown(rows: list[dict], source: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", help="pytest-benchmark JSON of the kernel benchmarks")
+    parser.add_argument("json", nargs="+", help="pytest-benchmark JSONs of the kernel benchmarks")
     parser.add_argument("--out", default=None, help="also write the table here")
     args = parser.parse_args()
-    rows = preferences(json.loads(Path(args.json).read_text()))
-    text = markdown(rows, Path(args.json).name)
+    found = [Path(p) for p in args.json if Path(p).is_file()]  # an op cut off by its time box wrote none
+    benchmarks = [b for p in found for b in json.loads(p.read_text()).get("benchmarks", [])]
+    rows = preferences({"benchmarks": benchmarks})
+    text = markdown(rows, ", ".join(p.name for p in found) or "no benchmark file")
     print(text)
     if args.out:
         Path(args.out).write_text(text)

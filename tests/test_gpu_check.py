@@ -1,55 +1,106 @@
-"""benchmarks/gpu_check.sh in its CPU dry run: every phase runs in its time box, saves its files
-to $OUT as it ends, and a spent budget skips the remaining phases instead of losing the run."""
+"""benchmarks/gpu_check.sh in its CPU dry run: what the device runner brings back (only files directly
+under $OUT, at most 8) holds the step benchmark and the profile, every phase keeps its time box, the
+plan fits the budget, and a run killed part-way keeps the rows it finished."""
 
 from __future__ import annotations
 
 import csv
+import io
 import os
+import signal
 import subprocess
 import sys
+import tarfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ["versions", "build", "step-benchmark", "profile", "backend-choice", "prefer", "gpu-tests-count",
-          "gpu-tests", "kernel-microbenchmarks"]  # fmt: skip
+PHASES = ["versions", "build", "gpu-tests", "step-benchmark", "profile", "backend-lora_linear",
+          "backend-lora_input_grad", "backend-column_grad", "prefer", "kernel-microbenchmarks",
+          "gpu-tests-cpp"]  # fmt: skip
+SUMMARIES = {"bench.md", "profile.md", "prefer.md", "gpu-tests.txt", "phases.tsv", "log-tail.txt"}
+ARCHIVE = "gpu-check-run.tar.gz"
 
 
-def dry_run(tmp_path: Path, budget: int) -> tuple[subprocess.CompletedProcess, Path]:
+def environment(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env |= {"PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "DRY_RESULTS": str(tmp_path / "res"),
-            "BUDGET": str(budget)}  # fmt: skip
-    run = subprocess.run(
+    paths = {"OUT": str(tmp_path / "out"), "DRY_RESULTS": str(tmp_path / "res")}
+    return env | paths | {"PYTHON": sys.executable, **extra}
+
+
+def dry_run(tmp_path: Path, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
         ["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--dry-run"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env=environment(tmp_path, **extra), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    (folder,) = (tmp_path / "out").iterdir()
-    return run, folder
 
 
-def phases(folder: Path) -> dict[str, dict[str, str]]:
-    return {row["phase"]: row for row in csv.DictReader((folder / "phases.tsv").open(), delimiter="\t")}
+def archived(out: Path) -> dict[str, str]:
+    """The run folder inside the archive: relative path -> text."""
+    with tarfile.open(out / ARCHIVE) as tar:
+        members = [m for m in tar.getmembers() if m.isfile()]
+        return {m.name.split("/", 1)[1]: tar.extractfile(m).read().decode(errors="replace") for m in members}
 
 
-def test_dry_run_runs_every_phase_and_saves_as_it_goes(tmp_path: Path) -> None:
-    run, folder = dry_run(tmp_path, budget=480)
+def phases(text: str) -> dict[str, dict[str, str]]:
+    return {row["phase"]: row for row in csv.DictReader(io.StringIO(text), delimiter="\t")}
+
+
+def test_dry_run_leaves_what_the_device_brings_back(tmp_path: Path) -> None:
+    run = dry_run(tmp_path)
     assert run.returncode == 0, run.stdout[-3000:]
-    done = phases(folder)
+    out = tmp_path / "out"
+    entries = list(out.iterdir())
+    assert all(p.is_file() for p in entries) and len(entries) <= 8, entries
+    assert {p.name for p in entries} == SUMMARIES | {ARCHIVE}
+    done = phases((out / "phases.tsv").read_text())
     assert list(done) == PHASES
     assert all(row["rc"] == "0" for row in done.values()), done
-    assert (folder / "DRY_RUN").exists()
-    assert list(folder.glob("bench-tiny-*.md")) and list(folder.glob("bench-tiny-*.json"))
-    assert (folder / "profile" / "profile.csv").exists()
-    prefer = (folder / "prefer.md").read_text()
-    assert "| lora_linear |" in prefer and "| column_grad |" in prefer
-    assert "were not run in this budget" in run.stdout
+    assert all(int(row["predicted"]) < int(row["limit"]) for row in done.values())
+    assert "PLAN: time boxes add up to" in run.stdout and "PLAN CHECK FAILED" not in run.stdout
+    assert "| floor |" in (out / "bench.md").read_text() and "| s2ft+lean |" in (out / "bench.md").read_text()
+    assert "| full-mixed |" in (out / "profile.md").read_text()
+    assert "| lora_linear |" in (out / "prefer.md").read_text()
+    assert "test_gpu_up_proj_shapes" in (out / "gpu-tests.txt").read_text()
+    assert "test_gpu_bf16_matches_peft_bf16" in (out / "gpu-tests.txt").read_text()
+    inside = archived(out)
+    assert "DRY_RUN" in inside and "profile/profile.csv" in inside and "profile/profile.png" in inside
+    assert any(name.startswith("bench-tiny-") and name.endswith(".json") for name in inside)
 
 
 def test_a_spent_budget_skips_the_rest_and_keeps_what_finished(tmp_path: Path) -> None:
-    run, folder = dry_run(tmp_path, budget=22)  # versions and build fit; the 10 s floor skips later ones
+    run = dry_run(tmp_path, BUDGET="22")  # versions and build fit; later phases get no box
     assert run.returncode == 0, run.stdout[-3000:]
-    done = phases(folder)
+    done = phases((tmp_path / "out" / "phases.tsv").read_text())
     assert list(done) == PHASES
     assert done["versions"]["rc"] == "0"
     assert "skipped" in {row["rc"] for row in done.values()}
     assert "budget is spent" in run.stdout
-    assert (folder / "versions.log").exists()
+    assert "versions.log" in archived(tmp_path / "out")
+
+
+def test_a_run_killed_part_way_keeps_its_finished_rows(tmp_path: Path) -> None:
+    """The device kills a command at its limit: what was saved by then comes back. The step benchmark
+    is slowed down (many steps per method) and the whole script killed once its first row is saved."""
+    process = subprocess.Popen(
+        ["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--dry-run"], cwd=ROOT,
+        env=environment(tmp_path, SAVE_EVERY="1", BENCH_STEPS="400"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    bench = tmp_path / "out" / "bench.md"
+    try:
+        deadline = time.monotonic() + 300
+        while "| floor |" not in (bench.read_text() if bench.exists() else ""):
+            assert time.monotonic() < deadline, "no benchmark row was saved in 300 s"
+            assert process.poll() is None, "the dry run ended before its first benchmark row was saved"
+            time.sleep(0.5)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    out = tmp_path / "out"
+    assert len(list(out.iterdir())) <= 8
+    assert "| floor |" in bench.read_text()
+    inside = archived(out)
+    done = phases(inside["phases.tsv"])
+    assert done["gpu-tests"]["rc"] == "0" and "step-benchmark" not in done  # killed inside the benchmark
+    assert any(name.startswith("bench-tiny-") and "| floor |" in text for name, text in inside.items())

@@ -177,3 +177,12 @@ def test_gpu_up_proj_shapes(dtype, gen):
     h_ref = torch.nn.functional.silu(gate.float()) * up.float()
     close(h, h_ref.double(), dtype)
     close(u_down, (h.float() @ a_down.float().T).double(), dtype)
+    # SwiGLU's backward at the same shape: dh into dgate and dup (written as halves of one buffer).
+    dh = make((n, m), dtype, "contiguous", gen)
+    g32, u32 = gate.float().requires_grad_(), up.float().requires_grad_()
+    (torch.nn.functional.silu(g32) * u32).backward(dh.float())
+    out = torch.full((n, 2 * m), float("nan"), dtype=dtype, device=gate.device)
+    dgate, dup = out.chunk(2, dim=-1)
+    close(glu_backward(dh, gate, up, "silu", dgate, dup), h_ref.double(), dtype)
+    close(dgate, g32.grad.double(), dtype)
+    close(dup, u32.grad.double(), dtype)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_devices, check_matrix
+from ._common import AUTOTUNE, INTERPRET, check_devices, check_matrix
 
 MAX_TERMS = 4
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
@@ -81,9 +81,13 @@ def _matmul_sum_kernel(
 
 
 def _configs() -> list[triton.Config]:
-    """Tiles for Hopper-class GPUs in 16-bit (autotuned per shape); one small tile when interpreting."""
+    """Tiles for Hopper-class GPUs in 16-bit (autotuned per shape); one small tile when interpreting,
+    one mid-size tile when autotuning is off (SLIMTUNE_TRITON_AUTOTUNE=0)."""
     if INTERPRET:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_M": 32, "BLOCK_K": 16, "GROUP_N": 2}, num_warps=4)]
+    if not AUTOTUNE:
+        tile = {"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_K": 32, "GROUP_N": 8}
+        return [triton.Config(tile, num_warps=4, num_stages=3)]
     tiles = [  # (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages)
         (128, 256, 64, 8, 3),
         (256, 128, 64, 8, 3),

@@ -25,6 +25,7 @@ from typing import Any
 
 import slimtune
 import torch
+from slimtune import files
 from slimtune.registry import IN_PLACE
 from torch import nn
 
@@ -343,8 +344,18 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_methods(methods: list[str], setup: Setup) -> list[Row]:
-    """Measure each method in turn; a failure (e.g. out of memory) becomes that row's error."""
+def _progress(row: Row) -> str:
+    if row.error:
+        return f"[bench] {row.method}: {row.error}"
+    peak = f", peak {row.peak_gib:.2f} GiB" if row.peak_gib is not None else ""
+    return f"[bench] {row.method}: {row.ms:.1f} ms (min {row.ms_min:.1f}, max {row.ms_max:.1f}){peak}"
+
+
+def run_methods(
+    methods: list[str], setup: Setup, finished: Callable[[list[Row]], None] | None = None
+) -> list[Row]:
+    """Measure each method in turn; a failure (e.g. out of memory) becomes that row's error.
+    `finished(rows)` runs after every row (the report is rewritten, so a run cut short keeps them)."""
     rows = []
     for method in methods:
         print(f"[bench] {method} ...", file=sys.stderr, flush=True)
@@ -354,8 +365,10 @@ def run_methods(methods: list[str], setup: Setup) -> list[Row]:
             first_line = (str(err).strip().splitlines() or [""])[0]
             row = Row(method, error=f"{type(err).__name__}: {first_line[:300]}")
         _free(setup.device)
-        print(f"[bench] {method}: {row.error or f'{row.ms:.1f} ms'}", file=sys.stderr, flush=True)
+        print(_progress(row), file=sys.stderr, flush=True)
         rows.append(row)
+        if finished is not None:
+            finished(rows)
     return rows
 
 
@@ -459,17 +472,19 @@ def markdown(data: dict[str, Any], table_text: str) -> str:
     )
 
 
-def write(data: dict[str, Any], table_text: str, out_dir: Path) -> Path:
-    s = data["setup"]
+def report_stem(setup: Setup, out_dir: Path) -> Path:
+    """The report's path without suffix: model, shape, checkpointing, dtype and the start time."""
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
-    gc_tag = "-gc" if s["grad_checkpointing"] else ""
-    name = s["preset"] if s["preset"] in PRESETS else Path(s["preset"]).stem
-    stem = out_dir / f"bench-{name}-{s['batch']}x{s['seq']}{gc_tag}-{s['dtype']}-{stamp}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    md = stem.with_suffix(".md")
-    md.write_text(markdown(data, table_text))
-    return md
+    gc_tag = "-gc" if setup.grad_checkpointing else ""
+    name = setup.preset if setup.preset in PRESETS else Path(setup.preset).stem
+    return out_dir / f"bench-{name}-{setup.batch}x{setup.seq}{gc_tag}-{setup.dtype}-{stamp}"
+
+
+def write(data: dict[str, Any], table_text: str, stem: Path) -> Path:
+    """`stem`.json and `stem`.md, each replaced atomically."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    files.write_text(stem.with_suffix(".json"), json.dumps(data, indent=2) + "\n")
+    return files.write_text(stem.with_suffix(".md"), markdown(data, table_text))
 
 
 def main(args: argparse.Namespace, command: str) -> int:
@@ -494,10 +509,12 @@ def main(args: argparse.Namespace, command: str) -> int:
     except ValueError as err:
         print(f"slimtune bench: {err}", file=sys.stderr)
         return 2
-    rows = run_methods(args.methods or list(DEFAULT_METHODS), setup)
-    data = report(rows, setup, command)
-    table_text = table(rows, setup)
-    md = write(data, table_text, Path(args.out))
-    print(f"wrote {md} and {md.with_suffix('.json').name}", file=sys.stderr)
-    print(table_text)
+    stem = report_stem(setup, Path(args.out))
+
+    def finished(rows: list[Row]) -> None:
+        write(report(rows, setup, command), table(rows, setup), stem)
+
+    rows = run_methods(args.methods or list(DEFAULT_METHODS), setup, finished)
+    print(f"wrote {stem}.md and {stem.name}.json", file=sys.stderr)
+    print(table(rows, setup))
     return 1 if all(r.error for r in rows) else 0

@@ -34,9 +34,15 @@ from .. import library
 from ..architectures import GatedMLPSpec
 from .standin import StandIn
 
+# Device types with an autocast, asked once at import: `torch.amp.is_autocast_available` is not
+# traceable by torch.compile on every torch (2.11 breaks the graph there), a set lookup is.
+_AUTOCAST_DEVICES = frozenset(
+    d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla") if torch.amp.is_autocast_available(d)
+)
+
 
 def _autocasting(device: str) -> bool:
-    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # meta: no autocast
+    return device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device)  # meta: no autocast
 
 
 def _compute_dtype(x: Tensor, layer: AdapterLinear) -> tuple[torch.dtype, contextlib.AbstractContextManager]:
