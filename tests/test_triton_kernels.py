@@ -271,3 +271,34 @@ def test_gpu_realistic_shapes(dtype, layout, gen):
     expected[:, idx] = cols
     scatter_columns(weight, idx, cols)
     assert torch.equal(bits(weight), bits(expected))
+
+
+# --------------------------------------------------------------------------- interpreter on NumPy >= 2.4
+
+
+def _old_patch_lang_tensor(tensor, scope):  # the shape of Triton 3.6's interpreter patch
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+
+def test_interpreter_guard_squeezes_one_element_blocks(monkeypatch):
+    """Triton 3.6's interpreter makes an index of a (1,)-shaped block with int(array), which NumPy 2.4
+    refuses; the guard installs the squeeze later Tritons do, once, and leaves a fixed Triton alone."""
+    import numpy as np
+    from slimtune.triton_kernels import _interpreter
+    from triton.runtime import interpreter
+
+    class Scope:
+        def set_attr(self, obj, name, value):
+            setattr(obj, name, value)
+
+    class Block:
+        def __init__(self, data):
+            self.handle = type("Handle", (), {"data": data})()
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", _old_patch_lang_tensor)
+    assert _interpreter.squeeze_block_indices()
+    assert not _interpreter.squeeze_block_indices()  # installed once
+    interpreter._patch_lang_tensor(Block, Scope())
+    assert list(range(Block(np.array([2], dtype=np.int32)), 8, 3)) == [2, 5]
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", lambda tensor, scope: None)
+    assert not _interpreter.squeeze_block_indices()  # a Triton without the old pattern is left alone

@@ -14,6 +14,10 @@ import torch
 # Triton decides between compiling and interpreting when a kernel is decorated,
 # from this variable, so reading it at import time matches what the kernels do.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if INTERPRET:
+    from ._interpreter import squeeze_block_indices
+
+    squeeze_block_indices()  # Triton <= 3.6's interpreter on NumPy >= 2.4
 # SLIMTUNE_TRITON_AUTOTUNE=0: one tile instead of an autotuned list, so that a correctness run (the
 # GPU tests) does not pay an autotuning sweep per new shape on its first call.
 AUTOTUNE = os.environ.get("SLIMTUNE_TRITON_AUTOTUNE", "1") != "0"
