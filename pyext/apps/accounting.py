@@ -7,12 +7,13 @@ which PyTorch keeps alive exactly as long as any tensor uses it), which gives th
 bytes as `torch.cuda.max_memory_allocated` counts them, minus the allocator's rounding and
 fragmentation and library workspaces. Saved-tensor hooks record what autograd keeps for backward,
 deduplicated by storage, with the module that saved it. FLOPs come from torch's flop formulas, bytes
-moved from each op's inputs and outputs (views move nothing).
+moved from each op's inputs and outputs (views move nothing), both per kernel, for a roofline model
+that bounds each kernel by the slower of the two.
 
 On the meta device `scaled_dot_product_attention` would fall back to its math path and keep the
 full attention matrix; a card runs flash attention, which keeps q, k, v, the output and the
-log-sum-exp. `FlashAttentionMode` stands in for it with exactly that memory behaviour and the
-causal attention FLOPs.
+log-sum-exp. `flash_attention` stands in for it with exactly that memory behaviour and the causal
+attention FLOPs, also where gradient checkpointing recomputes the forward inside backward.
 """
 
 from __future__ import annotations
