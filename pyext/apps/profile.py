@@ -548,7 +548,8 @@ def _plot(rows: list[Row], setup: Setup, path: Path) -> None:
     ok = [r for r in rows if not r.error]
     if not ok:
         return
-    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(15, 6), gridspec_kw={"width_ratios": [3, 2]})
+    width = max(12.0, 0.36 * len(ok) + 4)  # room for every row's label, one above the other panel
+    fig, (ax_mem, ax_time) = plt.subplots(2, 1, figsize=(width, 11))
     _memory_panel(ax_mem, ok)
     ax_mem.set_title(
         f"Peak memory per step (accounted): {_model_name(setup.model)}, {setup.batch}x{setup.seq}, "
