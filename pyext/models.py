@@ -88,9 +88,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slimtune"
 
 
+CACHE_FORMAT = 2  # 2: the tokenizer's eos is the model config's (see _dequantise); older caches rebuild
+
+
 def _source_stamp(path: Path) -> dict[str, object]:
     stat = path.stat()
-    return {"file": path.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {
+        "file": path.name,
+        "bytes": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "cache_format": CACHE_FORMAT,
+    }
 
 
 def _is_built(folder: Path, source: Path) -> bool:
@@ -137,6 +145,11 @@ def _dequantise(source: Path, folder: Path) -> None:
     plain.load_state_dict(loaded.state_dict())
     plain.tie_weights()
     plain.save_pretrained(folder)
+    eos = config.eos_token_id
+    if isinstance(eos, int) and tokenizer.eos_token_id != eos:
+        # transformers 5.17 converts this GGUF's tokenizer with eos <|im_start|> where the model (and its
+        # chat template) ends a turn with <|im_end|>, as newer releases read it: the config decides.
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
     tokenizer.save_pretrained(folder)
 
 

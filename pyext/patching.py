@@ -5,7 +5,6 @@ Every check runs before the first change, so a refused call leaves the model exa
 
 from __future__ import annotations
 
-import json
 import warnings
 from functools import partial
 from pathlib import Path
@@ -13,8 +12,9 @@ from typing import Any
 
 from torch import nn
 
-from . import __version__, files
+from . import checkpoint, files
 from .architectures import architecture
+from .checkpoint import CONFIG_FILE, FORMAT_VERSION, TENSORS_FILE
 from .config import MethodConfig
 from .layers.lora import remerge_weight_, restore_weight_
 from .methods.base import Step
@@ -29,13 +29,8 @@ from .state import (
     plan,
     plan_checkpoint,
     require_patched,
-    state_tensors,
 )
 from .transaction import Transaction
-
-CONFIG_FILE = "slimtune_config.json"
-TENSORS_FILE = "slimtune_model.safetensors"
-FORMAT_VERSION = 1
 
 
 def apply(model: nn.Module, config: MethodConfig) -> nn.Module:
@@ -48,7 +43,7 @@ def apply(model: nn.Module, config: MethodConfig) -> nn.Module:
             f"expected a slimtune config such as slimtune.PaCAConfig, got {type(config).__name__}"
         )
     check_unpatched(model)
-    return commit(model, config, plan(model, config))
+    return checkpoint.install(commit(model, config, plan(model, config)))
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -69,6 +64,7 @@ def merge(model: nn.Module) -> nn.Module:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(state.requires_grad.get(name, True))
         clear(model)
+    checkpoint.uninstall(model, state)
     return model
 
 
@@ -109,7 +105,7 @@ def unmerge(model: nn.Module) -> nn.Module:
         for weight, rec in ((model.get_submodule(name).weight, rec) for name, rec in records.items())
     ]
     restores.append(Step(partial(delattr, model, UNMERGE_ATTR)))
-    return commit(model, config, adapters, before=restores)
+    return checkpoint.install(commit(model, config, adapters, before=restores))
 
 
 def save(model: nn.Module, directory: str | Path, format: str = "slimtune") -> Path:
@@ -121,23 +117,7 @@ def save(model: nn.Module, directory: str | Path, format: str = "slimtune") -> P
         return save_peft(model, directory)
     if format != "slimtune":
         raise ValueError(f"unknown checkpoint format {format!r}; use 'slimtune' or 'peft'")
-    state = require_patched(model, " (nothing to save)")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_tensors(model).items()}
-    shapes = {name: _shape(layer) for name, layer in patched_layers(model).items()}
-    meta = {
-        "format": "slimtune",
-        "format_version": FORMAT_VERSION,
-        "slimtune_version": __version__,
-        "base_model_class": type(model).__name__,
-        "config": state.config.to_dict(),
-        "modules": shapes,
-    }
-    bound = {"format": "pt", files.CONFIG_DIGEST: files.json_digest(meta)}  # ties the two files
-    files.save_tensors(tensors, directory / TENSORS_FILE, metadata=bound)
-    files.write_text(directory / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
-    return directory
+    return checkpoint.write(model, directory)
 
 
 def load(model: nn.Module, directory: str | Path, allow_other_class: bool = False) -> nn.Module:
@@ -184,7 +164,7 @@ def load(model: nn.Module, directory: str | Path, allow_other_class: bool = Fals
             f"the checkpoint's target_modules select modules it has no tensors for ({extra}...): "
             f"the checkpoint belongs to another model"
         )
-    return commit(model, config, restore)
+    return checkpoint.install(commit(model, config, restore))
 
 
 def _shape(layer: nn.Module) -> list[int]:

@@ -31,6 +31,7 @@ class PatchState:
     requires_grad: dict[str, bool] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     full_modules: list[str] = field(default_factory=list)  # trained in full (modules_to_save)
+    load_hook: Any = None  # the handle of checkpoint.install's load-state-dict pre-hook
 
 
 def patch_state(model: nn.Module) -> PatchState | None:
@@ -88,8 +89,6 @@ def commit(model: nn.Module, config: MethodConfig, plan: Plan, before: Sequence[
         names = [name for name, _ in built]
         state = PatchState(config, names, requires_grad, plan.extra, plan.full_modules)
         setattr(model, _STATE, state)
-        if callable(getattr(model, "save_pretrained", None)):
-            model.save_pretrained = RefuseSavePretrained(type(model).__name__, config.method)
     return model
 
 
@@ -134,25 +133,8 @@ def plan_checkpoint(model: nn.Module, config: MethodConfig, saved: dict[str, Ten
     return restore
 
 
-class RefuseSavePretrained:
-    """Stands in for `save_pretrained` on a patched model (also what `Trainer.save_model` calls): the
-    dense weights alone would reload silently into a different model."""
-
-    def __init__(self, model_class: str, method: str) -> None:
-        self.model_class, self.method = model_class, method
-
-    def __call__(self, *args, **kwargs):
-        raise ValueError(
-            f"{self.model_class} is patched by slimtune ({self.method}): save_pretrained would write "
-            f"weights that reload into a different model. Save the fine-tune with slimtune.save(model, dir) "
-            f"(reload with slimtune.load onto the base model), or call slimtune.merge(model) first and "
-            f"save_pretrained the merged model"
-        )
-
-
 def clear(model: nn.Module) -> None:
     delattr(model, _STATE)
-    model.__dict__.pop("save_pretrained", None)  # the class's own again
 
 
 def patched_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -1,9 +1,10 @@
 """First pieces of "safe by construction": new layers take the model's training mode, a patched
-model refuses `save_pretrained` (what `Trainer.save_model` calls) with the way out, and in-place
+model's `save_pretrained` (what `Trainer.save_model` calls) writes a slimtune checkpoint, and in-place
 methods refuse tied weights. Each refusal leaves the model as it was."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -31,18 +32,30 @@ def test_new_layers_take_the_training_mode_of_what_they_replace(training: bool) 
 
 
 @pytest.mark.parametrize("config", [slimtune.PaCAConfig(r=4), slimtune.LoRAConfig(r=4, alpha=8)])
-def test_save_pretrained_of_a_patched_model_is_refused_and_works_after_merge(config, tmp_path) -> None:
-    model = make_model("llama")
-    slimtune.apply(model, config)
-    with pytest.raises(ValueError, match=r"slimtune\.save\(model, dir\).*slimtune\.merge\(model\)"):
-        model.save_pretrained(tmp_path / "hf")
-    assert not (tmp_path / "hf").exists()
-    ids = make_batch()
-    merged = slimtune.merge(model)
-    merged.save_pretrained(tmp_path / "hf")  # the class's own method again
-    reloaded = type(merged).from_pretrained(tmp_path / "hf")
+def test_save_pretrained_of_a_patched_model_writes_a_slimtune_checkpoint(config, tmp_path) -> None:
+    """What `Trainer.save_model` calls writes the trained tensors only, which transformers cannot take
+    for a model (no config.json) and slimtune.load puts back onto the base; after merge it is the
+    class's own save_pretrained again."""
+    base = make_model("llama")
+    model = slimtune.apply(copy.deepcopy(base), config)
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, merged(input_ids=ids).logits)
+        for p in slimtune.trainable_parameters(model):
+            p.add_(0.1)
+    model.save_pretrained(tmp_path / "hf")
+    assert {p.name for p in (tmp_path / "hf").iterdir()} == {
+        "slimtune_config.json", "slimtune_model.safetensors", "model.safetensors"
+    }  # fmt: skip
+    ids = make_batch()
+    reloaded = slimtune.load(copy.deepcopy(base), tmp_path / "hf")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0
+        )
+    merged = slimtune.merge(model)
+    merged.save_pretrained(tmp_path / "merged")  # the class's own method again
+    plain = type(merged).from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, merged(input_ids=ids).logits)
 
 
 @pytest.mark.parametrize("config", [slimtune.PaCAConfig(r=4, target_modules=["lm_head"])])

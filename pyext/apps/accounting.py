@@ -302,7 +302,7 @@ class SavedTensors:
 
 @contextmanager
 def record_saved(
-    model: nn.Module, saved: SavedTensors, exclude: set[int], counter: StepCounter
+    model: nn.Module, saved: SavedTensors, exclude: set[int], counter: StepCounter | None = None
 ) -> Iterator[None]:
     """Saved-tensor hooks attributing each saved storage to the innermost running module's kind (and
     the counter's temporaries it keeps to the part saved for backward)."""
@@ -325,7 +325,8 @@ def record_saved(
 
     def pack(t: Tensor) -> Tensor:
         key = t.untyped_storage()._cdata
-        counter.reclassify(t, "saved for backward", only_from="temporaries")
+        if counter is not None:
+            counter.reclassify(t, "saved for backward", only_from="temporaries")
         if key not in saved._seen and key not in exclude:
             saved._seen.add(key)
             saved.by_kind[stack[-1]] += t.untyped_storage().nbytes()

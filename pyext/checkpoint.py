@@ -1,0 +1,132 @@
+"""slimtune's checkpoint files, and the checkpoint HF Trainer, TRL and accelerate write and resume from.
+
+`write` saves a patched model as `slimtune_config.json` + `slimtune_model.safetensors` (the trained
+tensors and indices; `slimtune.load` puts them onto a fresh base model).
+
+`Trainer._save` (every `save_steps`, and `save_model`) calls the model's `save_pretrained(dir,
+state_dict=..., is_main_process=...)`; `Trainer.train(resume_from_checkpoint=dir)` loads
+`dir/model.safetensors` into the model with `load_state_dict(state, strict=False)`. `install` gives a
+patched model, on the instance (its class stays HF's):
+
+- `save_pretrained`: writes slimtune's checkpoint and `model.safetensors` with the trained parameters
+  under their state-dict names and the digest of the checkpoint's identity (method config, base
+  class, patched module shapes). Small: no frozen weight is written.
+- a load-state-dict pre-hook: a state dict that carries a digest loads only into a model of the same
+  identity (another config, seed or architecture is refused before any tensor is copied); the
+  digest itself is removed before loading.
+- `_keys_to_ignore_on_save`: every state-dict key that is not saved (the frozen weights), which is what
+  Trainer's resume compares its missing keys with, so it does not warn about them.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__, files
+from .state import patch_state, patched_layers, require_patched, state_tensors
+
+CONFIG_FILE = "slimtune_config.json"
+TENSORS_FILE = "slimtune_model.safetensors"
+RESUME_FILE = "model.safetensors"  # transformers' SAFE_WEIGHTS_NAME: what Trainer resumes from
+FORMAT_VERSION = 1
+DIGEST_KEY = "slimtune_identity_sha256"  # a uint8 tensor in RESUME_FILE (32 bytes)
+
+
+def identity(model: nn.Module) -> dict[str, Any]:
+    """What a checkpoint's tensors belong to: the base model's class, the method config (seed
+    included) and the shape of every patched module."""
+    state = require_patched(model)
+    return {
+        "base_model_class": type(model).__name__,
+        "config": state.config.to_dict(),
+        "modules": {name: [m.out_features, m.in_features] for name, m in patched_layers(model).items()},
+    }
+
+
+def write(model: nn.Module, directory: str | Path) -> Path:
+    """`slimtune_config.json` and `slimtune_model.safetensors`: the trained tensors and indices, bound to
+    the config beside them by a digest."""
+    require_patched(model, " (nothing to save)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_tensors(model).items()}
+    meta = {"format": "slimtune", "format_version": FORMAT_VERSION, "slimtune_version": __version__,
+            **identity(model)}  # fmt: skip
+    bound = {"format": "pt", files.CONFIG_DIGEST: files.json_digest(meta)}  # ties the two files
+    files.save_tensors(tensors, directory / TENSORS_FILE, metadata=bound)
+    files.write_text(directory / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def trained_state(model: nn.Module) -> dict[str, Tensor]:
+    """The trained parameters under their state-dict names, and the identity digest."""
+    trained = ((name, p) for name, p in model.named_parameters() if p.requires_grad)
+    tensors = {name: p.detach().to("cpu").contiguous() for name, p in trained}
+    tensors[DIGEST_KEY] = _digest_tensor(model)
+    return tensors
+
+
+def _digest_tensor(model: nn.Module) -> Tensor:
+    return torch.tensor(list(bytes.fromhex(files.json_digest(identity(model)))), dtype=torch.uint8)
+
+
+class SavePretrained:
+    """`save_pretrained` of a patched model: slimtune's checkpoint plus `model.safetensors` for
+    Trainer's resume. `state_dict` (what Trainer passes from a wrapped or sharded model) is not used:
+    the trained tensors are read from the model itself."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = weakref.ref(model)  # the model holds this object: no reference cycle
+
+    def __call__(
+        self,
+        save_directory: str | Path,
+        state_dict: dict | None = None,
+        is_main_process: bool = True,
+        **_: Any,
+    ) -> None:
+        if not is_main_process:
+            return
+        model = self._model()
+        directory = write(model, save_directory)
+        files.save_tensors(trained_state(model), directory / RESUME_FILE, metadata={"format": "pt"})
+
+
+def _check_identity(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+    """Load-state-dict pre-hook of a patched model: refuse a slimtune state dict of another identity."""
+    saved = state_dict.pop(prefix + DIGEST_KEY, None)
+    if saved is None or patch_state(module) is None:
+        return
+    if not torch.equal(saved.to("cpu", torch.uint8).flatten(), _digest_tensor(module)):
+        raise ValueError(
+            f"this state dict was saved from a model patched with another slimtune config, seed or base "
+            f"architecture than this {type(module).__name__} ({patch_state(module).config.method}): its "
+            f"trained tensors would load into other entries. Patch the base model with the config in the "
+            f"checkpoint's {CONFIG_FILE}, or load it with slimtune.load(base_model, checkpoint_dir)"
+        )
+
+
+def install(model: nn.Module) -> nn.Module:
+    """Give a freshly patched model the Trainer-facing checkpoint (see the module docstring)."""
+    state = require_patched(model)
+    if callable(getattr(model, "save_pretrained", None)):
+        model.save_pretrained = SavePretrained(model)
+    if hasattr(model, "_keys_to_ignore_on_save"):  # a transformers PreTrainedModel
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        model._keys_to_ignore_on_save = [key for key in model.state_dict() if key not in trained]
+    state.load_hook = model.register_load_state_dict_pre_hook(_check_identity)
+    return model
+
+
+def uninstall(model: nn.Module, state) -> None:
+    """Back to the class's own `save_pretrained` and state-dict loading (after `merge`)."""
+    for attribute in ("save_pretrained", "_keys_to_ignore_on_save"):
+        model.__dict__.pop(attribute, None)
+    if getattr(state, "load_hook", None) is not None:
+        state.load_hook.remove()

@@ -1,0 +1,113 @@
+"""Patched models inside the trainers people use: HF Trainer (and TRL's SFTTrainer, built on it) save
+checkpoints at `save_steps` and `save_model`, resume from them onto a freshly patched model with the
+same result as an uninterrupted run, and refuse a checkpoint of another config."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import slimtune
+import torch
+import transformers
+from test_refusals import refused
+from tiny_models import make_batch, make_model
+from torch.utils.data import Dataset
+
+CONFIGS = {
+    "paca": slimtune.PaCAConfig(r=4),
+    "s2ft": slimtune.S2FTConfig(heads=1, channels=8),
+    "lora": slimtune.LoRAConfig(r=4, alpha=8),
+    "hydra": slimtune.HydraConfig(2, 2, alpha=4),
+}
+
+
+class Rows(Dataset):
+    """Causal-LM rows of random tokens (labels = inputs)."""
+
+    def __init__(self, rows: int = 16, seq: int = 12) -> None:
+        self.ids = make_batch(batch=rows, seq=seq, seed=7)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def patched(method: str, lean: bool = False, config: slimtune.MethodConfig | None = None) -> torch.nn.Module:
+    model = slimtune.apply(make_model("llama").train(), config or CONFIGS[method])
+    return slimtune.lean(model) if lean else model
+
+
+def trainer(model: torch.nn.Module, out: Path, steps: int = 4, **kw) -> transformers.Trainer:
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=steps, save_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+        report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1, seed=3, **kw,
+    )  # fmt: skip
+    return transformers.Trainer(model=model, args=args, train_dataset=Rows())
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(input_ids=make_batch(batch=2, seq=9, seed=11)).logits
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["plain", "lean"])
+@pytest.mark.parametrize("method", CONFIGS)
+def test_trainer_checkpoints_and_a_resumed_run_ends_where_the_whole_run_does(
+    method: str, lean: bool, tmp_path: Path
+) -> None:
+    whole = patched(method, lean)
+    trainer(whole, tmp_path / "whole").train()
+    middle = tmp_path / "whole" / "checkpoint-2"
+    assert {"model.safetensors", "slimtune_config.json", "slimtune_model.safetensors", "optimizer.pt"} <= {
+        p.name for p in middle.iterdir()
+    }
+    resumed = patched(method, lean)
+    trainer(resumed, tmp_path / "resumed").train(resume_from_checkpoint=str(middle))
+    expected, got = weights(whole), weights(resumed)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert torch.equal(logits(whole), logits(resumed))
+
+
+def test_save_model_is_small_and_loads_back_with_slimtune_load(tmp_path: Path) -> None:
+    model = patched("paca")
+    run = trainer(model, tmp_path / "run", steps=2, save_strategy="no")
+    run.train()
+    run.save_model(str(tmp_path / "final"))
+    saved = slimtune.files.read_tensors(tmp_path / "final" / "model.safetensors")[0]
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(t.numel() for t in saved.values()) == trained + 32  # the trained columns and the digest
+    assert not (tmp_path / "final" / "config.json").exists()  # from_pretrained cannot take it for a model
+    with pytest.raises((OSError, ValueError)):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    reloaded = slimtune.load(make_model("llama"), tmp_path / "final")
+    assert torch.equal(logits(reloaded), logits(model))
+
+
+def test_resume_onto_another_config_is_refused_before_loading(tmp_path: Path) -> None:
+    trainer(patched("paca"), tmp_path / "run", steps=2).train()
+    other = patched("paca", config=slimtune.PaCAConfig(r=4, seed=1))  # other columns, same shapes
+    run = trainer(other, tmp_path / "other")
+    refused(other, lambda: run.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2")),
+            ValueError, r"another slimtune config.*slimtune_config\.json")  # fmt: skip
+    state = slimtune.files.read_tensors(tmp_path / "run" / "checkpoint-2" / "model.safetensors")[0]
+    refused(other, lambda: other.load_state_dict(state, strict=False), ValueError, "another slimtune config")
+
+
+def test_a_merged_model_saves_and_loads_as_plain_transformers_again(tmp_path: Path) -> None:
+    model = patched("lora")
+    trainer(model, tmp_path / "run", steps=2, save_strategy="no").train()
+    merged = slimtune.merge(copy.deepcopy(model))
+    merged.save_pretrained(tmp_path / "hf")  # the class's own method again
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    torch.testing.assert_close(logits(reloaded), logits(model), rtol=1e-5, atol=1e-5)
+    assert merged._keys_to_ignore_on_save is None and not merged._load_state_dict_pre_hooks
