@@ -11,7 +11,17 @@ from .config import HydraConfig, LoRAConfig, MethodConfig, PaCAConfig, S2FTConfi
 from .info import info
 from .lean_mode import lean, lean_report, unlean
 from .optim import PartialAdamW
-from .patching import apply, load, merge, report, save, trainable_parameters, unmerge
+from .patching import (
+    apply,
+    load,
+    merge,
+    print_trainable_summary,
+    report,
+    save,
+    trainable_parameters,
+    trainable_summary,
+    unmerge,
+)
 from .peft_compat import load_peft
 from .sparse_delta import SparseDelta, add_sparse, delta, load_delta
 from .targets import on_meta
@@ -42,12 +52,14 @@ __all__ = [
     "models",
     "on_meta",
     "ops",
+    "print_trainable_summary",
     "prompt",
     "registry",
     "report",
     "save",
     "targets",
     "trainable_parameters",
+    "trainable_summary",
     "transaction",
     "unlean",
     "unmerge",

@@ -5,8 +5,8 @@ tensors and indices; `slimtune.load` puts them onto a fresh base model).
 
 `Trainer._save` (every `save_steps`, and `save_model`) calls the model's `save_pretrained(dir,
 state_dict=..., is_main_process=...)`; `Trainer.train(resume_from_checkpoint=dir)` loads
-`dir/model.safetensors` into the model with `load_state_dict(state, strict=False)`. `install` gives a
-patched model, on the instance (its class stays HF's):
+`dir/model.safetensors` into the model with `load_state_dict(state, strict=False)`. A patched model
+gets (`hf_model.install`, on the instance; its class stays HF's):
 
 - `save_pretrained`: writes slimtune's checkpoint and `model.safetensors` with the trained parameters
   under their state-dict names and the digest of the checkpoint's identity (method config, base
@@ -21,7 +21,6 @@ patched model, on the instance (its class stays HF's):
 from __future__ import annotations
 
 import json
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +81,7 @@ class SavePretrained:
     the trained tensors are read from the model itself."""
 
     def __init__(self, model: nn.Module) -> None:
-        self._model = weakref.ref(model)  # the model holds this object: no reference cycle
+        self._model = model  # a plain reference: copy.deepcopy of the model gives the copy its own
 
     def __call__(
         self,
@@ -93,12 +92,12 @@ class SavePretrained:
     ) -> None:
         if not is_main_process:
             return
-        model = self._model()
+        model = self._model
         directory = write(model, save_directory)
         files.save_tensors(trained_state(model), directory / RESUME_FILE, metadata={"format": "pt"})
 
 
-def _check_identity(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+def check_identity(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
     """Load-state-dict pre-hook of a patched model: refuse a slimtune state dict of another identity."""
     saved = state_dict.pop(prefix + DIGEST_KEY, None)
     if saved is None or patch_state(module) is None:
@@ -110,23 +109,3 @@ def _check_identity(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -
             f"trained tensors would load into other entries. Patch the base model with the config in the "
             f"checkpoint's {CONFIG_FILE}, or load it with slimtune.load(base_model, checkpoint_dir)"
         )
-
-
-def install(model: nn.Module) -> nn.Module:
-    """Give a freshly patched model the Trainer-facing checkpoint (see the module docstring)."""
-    state = require_patched(model)
-    if callable(getattr(model, "save_pretrained", None)):
-        model.save_pretrained = SavePretrained(model)
-    if hasattr(model, "_keys_to_ignore_on_save"):  # a transformers PreTrainedModel
-        trained = {name for name, p in model.named_parameters() if p.requires_grad}
-        model._keys_to_ignore_on_save = [key for key in model.state_dict() if key not in trained]
-    state.load_hook = model.register_load_state_dict_pre_hook(_check_identity)
-    return model
-
-
-def uninstall(model: nn.Module, state) -> None:
-    """Back to the class's own `save_pretrained` and state-dict loading (after `merge`)."""
-    for attribute in ("save_pretrained", "_keys_to_ignore_on_save"):
-        model.__dict__.pop(attribute, None)
-    if getattr(state, "load_hook", None) is not None:
-        state.load_hook.remove()

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint
+from . import hf_model
 from .config import LoRAConfig
 from .methods.lora import residual
 from .state import check_unpatched, commit, plan
@@ -168,7 +168,7 @@ def apply(model: nn.Module, config: LoRAConfig, covariance: dict[str, Tensor]) -
         saved.update(
             {f"{name}.lora_A": a0, f"{name}.lora_B": b0, f"{name}.corda_A": a0, f"{name}.corda_B": b0}
         )
-    return checkpoint.install(commit(model, config, plan(model, config, saved)))
+    return hf_model.install(commit(model, config, plan(model, config, saved)))
 
 
 __all__ = ["MODES", "apply", "covariances", "decompose", "factors", "residual"]

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from . import checkpoint, files
+from . import checkpoint, files, hf_model
 from .architectures import architecture
 from .checkpoint import CONFIG_FILE, FORMAT_VERSION, TENSORS_FILE
 from .config import MethodConfig
@@ -25,6 +25,7 @@ from .state import (
     check_unpatched,
     clear,
     commit,
+    duplicated_entries,
     patched_layers,
     plan,
     plan_checkpoint,
@@ -43,13 +44,30 @@ def apply(model: nn.Module, config: MethodConfig) -> nn.Module:
             f"expected a slimtune config such as slimtune.PaCAConfig, got {type(config).__name__}"
         )
     check_unpatched(model)
-    return checkpoint.install(commit(model, config, plan(model, config)))
+    return hf_model.install(commit(model, config, plan(model, config)))
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters an optimizer should get: exactly those the method trains."""
     require_patched(model)
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def trainable_summary(model: nn.Module) -> dict[str, float]:
+    """Trained entries, all entries and their ratio, each entry counted once (PEFT's
+    `print_trainable_parameters` numbers): an in-place method's trained tensors are entries of the
+    dense weight, so `all` is the base model's count; adapters add their own parameters."""
+    require_patched(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters()) - duplicated_entries(model)
+    return {"trainable": trainable, "all": total, "percent": 100 * trainable / total}
+
+
+def print_trainable_summary(model: nn.Module) -> None:
+    """Print `trainable_summary` as PEFT prints its trainable parameters."""
+    s = trainable_summary(model)
+    counts = f"trainable params: {s['trainable']:,d} || all params: {s['all']:,d}"
+    print(f"{counts} || trainable%: {s['percent']:.4f}")
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -64,7 +82,7 @@ def merge(model: nn.Module) -> nn.Module:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(state.requires_grad.get(name, True))
         clear(model)
-    checkpoint.uninstall(model, state)
+    hf_model.uninstall(model, state)
     return model
 
 
@@ -105,7 +123,7 @@ def unmerge(model: nn.Module) -> nn.Module:
         for weight, rec in ((model.get_submodule(name).weight, rec) for name, rec in records.items())
     ]
     restores.append(Step(partial(delattr, model, UNMERGE_ATTR)))
-    return checkpoint.install(commit(model, config, adapters, before=restores))
+    return hf_model.install(commit(model, config, adapters, before=restores))
 
 
 def save(model: nn.Module, directory: str | Path, format: str = "slimtune") -> Path:
@@ -164,7 +182,7 @@ def load(model: nn.Module, directory: str | Path, allow_other_class: bool = Fals
             f"the checkpoint's target_modules select modules it has no tensors for ({extra}...): "
             f"the checkpoint belongs to another model"
         )
-    return checkpoint.install(commit(model, config, restore))
+    return hf_model.install(commit(model, config, restore))
 
 
 def _shape(layer: nn.Module) -> list[int]:

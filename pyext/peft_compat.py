@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, files, full_modules
+from . import files, full_modules, hf_model
 from .config import LoRAConfig
 from .state import check_unpatched, commit, patched_layers, plan_checkpoint, require_patched
 
@@ -150,7 +150,7 @@ def load_peft(model: nn.Module, directory: str | Path) -> nn.Module:
     check_unpatched(model)
     restore = plan_checkpoint(model, config, saved, str(directory / WEIGHTS_FILE))
     restore.extra["peft_config"] = peft  # re-saving keeps its fields (see save_peft)
-    return checkpoint.install(commit(model, config, restore))
+    return hf_model.install(commit(model, config, restore))
 
 
 def save_peft(model: nn.Module, directory: str | Path) -> Path:

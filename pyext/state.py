@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from . import full_modules
 from .config import MethodConfig
 from .methods.base import Plan, Step
-from .registry import for_config
+from .registry import IN_PLACE, for_config
 from .transaction import Transaction
 
 _STATE = "_slimtune_state"
@@ -148,3 +148,13 @@ def state_tensors(model: nn.Module) -> dict[str, Tensor]:
     tensors = for_config(state.config).glue.checkpoint_tensors(patched_layers(model), state.extra)
     full = full_modules.parameters(model, state.full_modules)
     return {**tensors, **{key: parameter.detach() for key, parameter in full.items()}}
+
+
+def duplicated_entries(model: nn.Module) -> int:
+    """How many parameter elements repeat entries of a dense weight: an in-place method's trained
+    tensors (PaCA's columns, S2FT's block) are entries of the weight they are written into."""
+    state = require_patched(model)
+    if not for_config(state.config).has(IN_PLACE):
+        return 0
+    layers = patched_layers(model).values()
+    return sum(p.numel() for layer in layers for p in layer.parameters(recurse=False) if p.requires_grad)

@@ -111,3 +111,61 @@ def test_a_merged_model_saves_and_loads_as_plain_transformers_again(tmp_path: Pa
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     torch.testing.assert_close(logits(reloaded), logits(model), rtol=1e-5, atol=1e-5)
     assert merged._keys_to_ignore_on_save is None and not merged._load_state_dict_pre_hooks
+    assert len(model._load_state_dict_pre_hooks) == 1  # the copy took its own hook back, not the original's
+    model.save_pretrained(tmp_path / "still-patched")  # and the original still saves itself
+    assert (tmp_path / "still-patched" / "slimtune_config.json").is_file()
+
+
+@pytest.mark.parametrize("method", CONFIGS)
+def test_trainable_summary_counts_each_entry_once(method: str, capsys) -> None:
+    base = make_model("llama")
+    model = patched(method)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    summary = slimtune.trainable_summary(model)
+    adapters = trained if method in ("lora", "hydra") else 0  # in-place entries are the base's own
+    assert summary == {"trainable": trained, "all": base.num_parameters() + adapters,
+                       "percent": 100 * trained / (base.num_parameters() + adapters)}  # fmt: skip
+    assert model.num_parameters() == summary["all"]
+    assert model.num_parameters(only_trainable=True) == trained
+    slimtune.print_trainable_summary(model)
+    assert capsys.readouterr().out == (
+        f"trainable params: {trained:,d} || all params: {summary['all']:,d} || "
+        f"trainable%: {summary['percent']:.4f}\n"
+    )
+    assert slimtune.merge(model).num_parameters() == base.num_parameters()
+
+
+@pytest.mark.skipif(
+    not slimtune.models.is_available("smollm2-135m"), reason="needs the built-in model's tokenizer"
+)
+@pytest.mark.parametrize("method", CONFIGS)
+def test_trl_sft_trainer_with_its_defaults_checkpoints_and_resumes(method: str, tmp_path: Path) -> None:
+    """TRL's SFTTrainer turns on bf16 autocast and gradient checkpointing by default; a run resumed from
+    its middle checkpoint ends where the whole run does (accelerate's autocast wrapper removed first)."""
+    import datasets
+    import trl
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(slimtune.models.path("smollm2-135m"))
+    turns = [(f"add {i} and {i + 1}", str(2 * i + 1)) for i in range(16)]
+    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in turns]
+    data = datasets.Dataset.from_dict({"messages": chats})
+
+    def run(out: str, resume: str | None = None) -> torch.nn.Module:
+        model = slimtune.apply(make_model("llama", vocab_size=len(tokenizer)).train(), CONFIGS[method])
+        args = trl.SFTConfig(
+            output_dir=str(tmp_path / out), max_steps=4, save_steps=2, per_device_train_batch_size=4,
+            learning_rate=1e-2, report_to=[], use_cpu=True, disable_tqdm=True, seed=3,
+        )  # fmt: skip
+        assert args.bf16 and args.gradient_checkpointing  # TRL's defaults
+        sft = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+        sft.train(resume_from_checkpoint=resume)
+        return sft.accelerator.unwrap_model(sft.model, keep_fp32_wrapper=False)
+
+    whole = run("whole")
+    resumed = run("resumed", resume=str(tmp_path / "whole" / "checkpoint-2"))
+    expected, got = weights(whole), weights(resumed)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    torch.testing.assert_close(logits(resumed), logits(whole), rtol=1e-5, atol=1e-5)
+    merged = slimtune.merge(copy.deepcopy(resumed))
+    torch.testing.assert_close(logits(merged), logits(resumed), rtol=1e-5, atol=1e-5)
