@@ -56,7 +56,7 @@ class _Prompted:
         if args:
             raise TypeError("a model with a soft prompt takes keyword arguments after input_ids")
         n = self.prompt.tokens
-        past = kwargs.get("past_key_values")
+        past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.25 names it `cache`
         first = past is None or past.get_seq_length() == 0
         embeds = kwargs.pop("inputs_embeds", None)
         if first:

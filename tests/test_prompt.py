@@ -193,3 +193,41 @@ def test_a_task_prompt_must_name_a_prompt_stage(tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(RecipeError, match="neither 'without' nor a stage of method prompt"):
         load_recipe(path)
+
+
+def test_a_cached_step_reads_the_cache_under_either_keyword():
+    """transformers 5.25 renamed `past_key_values` to `cache` (the old name still accepted): a cached
+    step is recognised under both, so its logits equal recomputation over the whole sequence."""
+    import inspect
+
+    model = make_model("llama")
+    attach(model, make(model, 4, seed=2))
+    ids = make_batch(batch=2, seq=6)
+    names = ["past_key_values"] + (
+        ["cache"] if "cache" in inspect.signature(type(model).forward).parameters else []
+    )
+    with torch.no_grad():
+        whole = model(input_ids=ids).logits[:, -1]
+        for name in names:
+            out = model(input_ids=ids[:, :-1], use_cache=True)
+            cache = getattr(out, "cache", None) or out.past_key_values
+            step = model(input_ids=ids[:, -1:], use_cache=True, **{name: cache}).logits[:, -1]
+            torch.testing.assert_close(step, whole, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_greedy_decoding_uses_the_current_cache_keyword():
+    """No deprecation notice from transformers during evaluation (the cache keyword of this release)."""
+    import logging
+
+    import transformers
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    root = transformers.logging.get_logger("transformers")
+    root.addHandler(handler)
+    try:
+        greedy(make_model("llama"), _Tok(), [Example("1 2 3", "1 1")], max_new_tokens=3)
+    finally:
+        root.removeHandler(handler)
+    assert not [r for r in records if "deprecated" in r.getMessage()], [r.getMessage() for r in records]

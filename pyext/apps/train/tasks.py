@@ -6,6 +6,7 @@ task, so a model can tell tasks apart and a later stage can overwrite what an ea
 
 from __future__ import annotations
 
+import inspect
 import random
 import re
 import zlib
@@ -177,6 +178,12 @@ def evaluate(
     return {"loss": total / max(count, 1), "accuracy": accuracy}
 
 
+def cache_keyword(model: nn.Module) -> str:
+    """The key/value cache's keyword and output field: `cache` from transformers 5.25 on (where
+    `past_key_values` is deprecated, to be removed in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 def greedy(
     model: nn.Module, tokenizer: Tokenizer, batch: list[Example], max_new_tokens: int | None = None
 ) -> list[str]:
@@ -194,6 +201,7 @@ def greedy(
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     steps = max_new_tokens or max(len(tokenizer.encode(e.answer)) for e in batch) + 1
     step_ids, cache = ids, None
+    keyword = cache_keyword(model)
     done = torch.zeros(len(batch), dtype=torch.bool, device=device)
     for _ in range(steps):
         positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
@@ -201,11 +209,11 @@ def greedy(
             input_ids=step_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{keyword: cache},
         )
-        cache, step_ids = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        cache, step_ids = getattr(out, keyword), out.logits[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, step_ids], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         done |= step_ids[:, 0] == tokenizer.eos_id
