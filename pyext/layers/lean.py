@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..library import as_rows
 from .partial import COLUMNS, PartialLinear
+from .precision import autocast_dtype, autocast_off, cast_floating
 from .standin import StandIn
 
 IGNORE_INDEX = -100
@@ -229,7 +230,13 @@ class LeanGatedMLP(StandIn):
             parts += [weight, bias, trained, index]
             axes.append(axis)
         act = getattr(self, self.activation)
-        y = _LeanMLPFn.apply(x, act, len(self.inputs) == 1, tuple(axes), *parts)
+        dtype = autocast_dtype(x.device.type)
+        if dtype is None:
+            y = _LeanMLPFn.apply(x, act, len(self.inputs) == 1, tuple(axes), *parts)
+        else:  # the casts autocast would make, up front (see layers/precision.py)
+            with autocast_off(x.device.type):
+                parts = [cast_floating(t, dtype) for t in parts]
+                y = _LeanMLPFn.apply(x.to(dtype), act, len(self.inputs) == 1, tuple(axes), *parts)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:

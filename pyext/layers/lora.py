@@ -32,17 +32,8 @@ from torch import Tensor, nn
 
 from .. import library
 from ..architectures import GatedMLPSpec
+from .precision import autocast_dtype, autocast_off
 from .standin import StandIn
-
-# Device types with an autocast, asked once at import: `torch.amp.is_autocast_available` is not
-# traceable by torch.compile on every torch (2.11 breaks the graph there), a set lookup is.
-_AUTOCAST_DEVICES = frozenset(
-    d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla") if torch.amp.is_autocast_available(d)
-)
-
-
-def _autocasting(device: str) -> bool:
-    return device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device)  # meta: no autocast
 
 
 def _compute_dtype(x: Tensor, layer: AdapterLinear) -> tuple[torch.dtype, contextlib.AbstractContextManager]:
@@ -50,8 +41,9 @@ def _compute_dtype(x: Tensor, layer: AdapterLinear) -> tuple[torch.dtype, contex
     and every product must keep the dtype it is given). Outside autocast an input of another dtype
     than the layer's weight is refused, as nn.Linear refuses it."""
     device = x.device.type
-    if _autocasting(device):
-        return torch.get_autocast_dtype(device), torch.autocast(device, enabled=False)
+    dtype = autocast_dtype(device)
+    if dtype is not None:
+        return dtype, autocast_off(device)
     if x.dtype != layer.weight.dtype:
         raise RuntimeError(
             f"expected the input of a {type(layer).__name__} to have dtype {layer.weight.dtype} (its "
