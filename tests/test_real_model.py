@@ -219,3 +219,30 @@ def test_concurrent_first_loads_build_the_cache_once(tmp_path, monkeypatch) -> N
     for thread in threads:
         thread.join()
     assert len(calls) == 1 and len(set(results)) == 1 and (results[0] / "config.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["paca", "lora"])
+def test_trainer_bf16_with_checkpointing_on_the_real_model(base, method: str, tmp_path) -> None:
+    """HF Trainer with bf16 autocast and gradient checkpointing on the built-in model: after training,
+    the model's own forward (accelerate's autocast wrapper removed), its merged copy and a save ->
+    load onto a fresh base give the same logits; the checkpoint holds only the trained tensors."""
+    model, tokenizer = base
+    patched = slimtune.apply(copy.deepcopy(model).train(), CONFIGS[method])
+    ids = _ids(tokenizer)
+    rows = [{"input_ids": ids[0], "labels": ids[0]}] * 4
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=2, save_steps=1, per_device_train_batch_size=2,
+        learning_rate=LRS[method], bf16=True, gradient_checkpointing=True, report_to=[], use_cpu=True,
+        disable_tqdm=True,
+    )  # fmt: skip
+    trainer = transformers.Trainer(model=patched, args=args, train_dataset=rows)
+    trainer.train()
+    own = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
+    with torch.no_grad():
+        logits = own(input_ids=ids).logits
+        merged = slimtune.merge(copy.deepcopy(own))
+        torch.testing.assert_close(merged(input_ids=ids).logits, logits, rtol=1e-4, atol=1e-4)
+        loaded = slimtune.load(copy.deepcopy(model), tmp_path / "run" / "checkpoint-2")
+        torch.testing.assert_close(loaded(input_ids=ids).logits, logits, rtol=1e-4, atol=1e-4)
+    saved = (tmp_path / "run" / "checkpoint-2" / "model.safetensors").stat().st_size
+    assert saved < sum(p.numel() * p.element_size() for p in model.parameters()) / 20
