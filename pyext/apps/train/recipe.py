@@ -14,6 +14,7 @@ from typing import Any
 
 import slimtune
 
+from ..shipped import SHIPPED
 from .data import FIELDS, Form, Source
 from .fpf import AUTO, FPF
 from .graft import Graft
@@ -148,9 +149,19 @@ def _name(section: Section, key: str, seen: set[str]) -> str:
     return name
 
 
-def _path(section: Section, key: str, base: Path) -> Path:
-    path = base / section.get(key, TEXT)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as on the Hugging Face hub
+
+
+def _path(section: Section, key: str, base: Path, model: bool = False) -> Path:
+    text = section.get(key, TEXT)
+    path = base / text
     if not path.exists():
+        if model and HUB_ID.fullmatch(text):
+            raise section.error(
+                key,
+                f"{text!r} looks like a Hugging Face hub id: slimtune loads nothing from the network; "
+                f"download the model first and give its local folder (or use `builtin: smollm2-135m`)",
+            )
         raise section.error(key, f"{path} does not exist (relative paths start at the recipe's folder)")
     return path
 
@@ -168,7 +179,7 @@ def _model(section: Section, base: Path) -> ModelSpec:
     if dtype not in DTYPES:
         raise section.error("dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
     if kind == "path":
-        spec = ModelSpec(path=_path(section, "path", base), dtype=dtype, where=section.where())
+        spec = ModelSpec(path=_path(section, "path", base, model=True), dtype=dtype, where=section.where())
     else:
         builtin = section.get("builtin", TEXT)
         known = [*slimtune.models.names(), *BUILTIN]
@@ -506,13 +517,6 @@ def _intruders(section: Section) -> Intruders:
     targets = section.get("target_modules", NAMES, ("all-linear",))
     section.close()
     return Intruders(k, threshold, _all_linear(targets))
-
-
-SHIPPED = Path(__file__).resolve().parents[2] / "recipes"  # installed with the package
-
-
-def shipped_recipes() -> list[str]:
-    return sorted(p.stem for p in SHIPPED.glob("*.yaml"))
 
 
 def load_recipe(path: str | Path) -> Recipe:
