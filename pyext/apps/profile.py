@@ -24,6 +24,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -482,25 +483,25 @@ def table(rows: list[Row], setup: Setup) -> str:
         "",
         "Live at the peak (GiB; the parts sum to the exact peak):",
         "",
-        "| method | " + " | ".join(accounting.PARTS) + " |",
-        "|---|" + "---|" * len(accounting.PARTS),
-        *[
-            f"| {r.label} | " + " | ".join(f"{r.peak_parts.get(p, 0.0):.2f}" for p in accounting.PARTS) + " |"
-            for r in rows
-            if not r.error
-        ],
+        *_breakdown(rows, accounting.PARTS, lambda r: r.peak_parts),
         "",
         "Saved for backward, by module kind (GiB; what checkpointing's own hooks keep is not seen here):",
         "",
-        "| method | " + " | ".join(accounting.KINDS) + " |",
-        "|---|" + "---|" * len(accounting.KINDS),
-        *[
-            f"| {r.label} | " + " | ".join(f"{r.saved.get(k, 0.0):.2f}" for k in accounting.KINDS) + " |"
-            for r in rows
-            if not r.error
-        ],
+        *_breakdown(rows, accounting.KINDS, lambda r: r.saved),
     ]
     return "\n".join(lines)
+
+
+def _breakdown(
+    rows: list[Row], columns: tuple[str, ...], values: Callable[[Row], dict[str, float]]
+) -> list[str]:
+    """A Markdown table of one GiB breakdown per row (rows that failed left out)."""
+    return [
+        "| method | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+        *[f"| {r.label} | " + " | ".join(f"{values(r).get(c, 0.0):.2f}" for c in columns) + " |"
+          for r in rows if not r.error],
+    ]  # fmt: skip
 
 
 def _model_name(model: str) -> str:
