@@ -42,11 +42,14 @@ def _shrunk(recipe: Path) -> dict:
     return data
 
 
+@pytest.mark.filterwarnings("error")  # a default run prints no warning (deprecations included)
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
-def test_shipped_recipe_runs_on_a_tiny_model(tmp_path, recipe):
+def test_shipped_recipe_runs_on_a_tiny_model(tmp_path, recipe, capfd):
     data = _shrunk(recipe)
     path = _write(tmp_path, data)
     result = run(path, tmp_path / "run")
+    printed = capfd.readouterr().err
+    assert "warn" not in printed.lower() and "deprecat" not in printed.lower(), printed[-2000:]
     report = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert report == result.metrics
     assert len(report["accuracy"]) == len(data["stages"])

@@ -80,8 +80,7 @@ def heatmap(
     import matplotlib.pyplot as plt
 
     values = [[float("nan") if v is None else v for v in row] for row in acc]
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#d9d9d9")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#d9d9d9")
     fig, ax = plt.subplots(figsize=(2.2 + 1.2 * len(tasks), 1.6 + 0.5 * len(rows)))
     image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(tasks)), tasks)
