@@ -17,6 +17,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -106,7 +107,9 @@ def _peft_lora(model: nn.Module, options: MethodOptions, autocast_adapter_dtype:
     config = LoraConfig(
         r=options.lora_r, lora_alpha=2 * options.lora_r, lora_dropout=0.0, target_modules=targets
     )
-    model = get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
+    with warnings.catch_warnings():  # PEFT 0.21 reads transformers' deprecated alias, not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
     return model, adamw(_trainable(model), options)
 
 
