@@ -58,6 +58,17 @@ def test_shipped_recipe_runs_on_a_tiny_model(tmp_path, recipe, capfd):
     assert [t["steps"] for t in report["training"]] == [2 + d for d in dense]
     for name in ("forgetting.png", "losses.png", "summary.txt", "train.log"):
         assert (tmp_path / "run" / name).stat().st_size > 0
+    logged = (tmp_path / "run" / "train.log").read_text()
+    assert all(f in logged for f in (", lr ", ", grad norm ", " tokens/s, ")), logged[-1000:]
+
+
+def test_grad_norm_is_the_norm_of_all_gradients_together():
+    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    for p in params[:2]:  # the third has no gradient
+        p.grad = torch.randn_like(p)
+    together = torch.cat([p.grad.flatten() for p in params[:2]])
+    assert loop.grad_norm(params) == pytest.approx(float(torch.linalg.vector_norm(together)))
+    assert loop.grad_norm([]) == 0.0
 
 
 def _four_stages() -> dict:

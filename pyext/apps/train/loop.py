@@ -86,6 +86,14 @@ def memory_mib(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
+def grad_norm(params: list[nn.Parameter]) -> float:
+    """The L2 norm of every gradient together (after DDP's averaging), as clip_grad_norm_ reports it."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
 def train(
     model: nn.Module,
     params: list[nn.Parameter],
@@ -127,6 +135,7 @@ def train(
                 loss = token_loss_sum(net, ids, labels, mask)
                 (loss * world.size / count).backward()  # DDP averages over processes
             total += loss.detach()
+        lr, norm = optimizer.param_groups[0]["lr"], grad_norm(params)
         optimizer.step()
         schedule.step()
         if step == 0:
@@ -141,9 +150,10 @@ def train(
         bar.set_postfix(loss=f"{trace.losses[-1]:.4f}")
         bar.update()
         if not interactive and world.rank == 0 and ((step + 1) % every == 0 or step + 1 == steps):
+            tokens = int(packed.mask[rows].sum()) / (trace.ms[-1] / 1e3)
             log.info(
-                "stage %s: step %d/%d, loss %.4f, %.0f ms/step",
-                stage.name, step + 1, steps, trace.losses[-1], trace.ms[-1],
+                "stage %s: step %d/%d, loss %.4f, lr %.3g, grad norm %.4g, %.0f tokens/s, %.0f ms/step",
+                stage.name, step + 1, steps, trace.losses[-1], lr, norm, tokens, trace.ms[-1],
             )  # fmt: skip
     bar.close()
     model.eval()
