@@ -61,7 +61,7 @@ save() {
   [ -n "${OUT:-}" ] || return 0
   mkdir -p "$OUT"
   (
-    command -v flock >/dev/null && { flock -n 9 || exit 0; }  # one save at a time (saver loop + phase end)
+    command -v flock >/dev/null && flock -w 60 9  # one save at a time: the phase's own waits for the saver's
     tail -n 300 "$RESULTS/gpu_check.log" > "$RESULTS/log-tail.txt" 2>/dev/null
     tar -czf "$OUT/.partial" --exclude=.save.lock -C "$(dirname "$RESULTS")" "$RUN" 2>/dev/null && mv -f "$OUT/.partial" "$OUT/gpu-check-run.tar.gz"
     local bench

@@ -185,10 +185,6 @@ def load(model: nn.Module, directory: str | Path, allow_other_class: bool = Fals
     return hf_model.install(commit(model, config, restore))
 
 
-def _shape(layer: nn.Module) -> list[int]:
-    return [layer.out_features, layer.in_features]
-
-
 def _check_shapes(model: nn.Module, modules: dict[str, list[int]], base_class: str | None) -> None:
     where = f"(saved from a {base_class})" if base_class else ""
     for name, (out_features, in_features) in modules.items():

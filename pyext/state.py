@@ -31,7 +31,7 @@ class PatchState:
     requires_grad: dict[str, bool] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     full_modules: list[str] = field(default_factory=list)  # trained in full (modules_to_save)
-    load_hook: Any = None  # the handle of checkpoint.install's load-state-dict pre-hook
+    load_hook: Any = None  # the handle of hf_model.install's load-state-dict pre-hook
 
 
 def patch_state(model: nn.Module) -> PatchState | None:

@@ -132,7 +132,7 @@ class MasterWeightAdamW:
 
     def __init__(self, params: list[nn.Parameter], options: MethodOptions) -> None:
         self.params = params
-        self.masters = [p.detach().float() for p in params]
+        self.masters = [p.detach().to(torch.float32, copy=True) for p in params]  # a copy also in float32
         self.steps = [adamw([m], options) for m in self.masters]
 
     @property
@@ -175,6 +175,12 @@ def _floor_liger(model: nn.Module, options: MethodOptions) -> Prepared:
     return _floor(model, options)
 
 
+def summary(prepare: Callable[[nn.Module, MethodOptions], Prepared]) -> str:
+    """The first sentence of a row's description (its preparing function's docstring)."""
+    doc = " ".join((prepare.__doc__ or "").split())
+    return doc.split(". ")[0].rstrip(".") if doc else prepare.__name__
+
+
 def _lean(
     prepare: Callable[[nn.Module, MethodOptions], Prepared],
 ) -> Callable[[nn.Module, MethodOptions], Prepared]:
@@ -184,8 +190,8 @@ def _lean(
         model, optimizer = prepare(model, options)
         return slimtune.lean(model), optimizer
 
-    summary = " ".join((prepare.__doc__ or prepare.__name__).split()).split(". ")[0].rstrip(".")
-    prepare_lean.__doc__ = f"{summary}; with slimtune.lean (lean RMSNorm, gated MLP, chunked LM head + loss)"
+    lean_note = "with slimtune.lean (lean RMSNorm, gated MLP, chunked LM head + loss)"
+    prepare_lean.__doc__ = f"{summary(prepare)}; {lean_note}"
     return prepare_lean
 
 

@@ -45,6 +45,7 @@ from .bench import (
     enable_checkpointing,
     model_config,
     package_version,
+    summary,
     train_step,
 )
 
@@ -319,7 +320,7 @@ def _write(rows: list[Row], setup: Setup, methods, checkpointing, folder: Path) 
             f"peak_card: peak_exact + {ALLOCATOR_OVERHEAD_GIB} GiB allocator overhead (calibrated, see docs)",
             "modelled_ms: a roofline model from the card's published peaks, per kernel max(FLOPs/peak, "
             "bytes/bandwidth); not a measurement",
-            *[f"{m}: {_summary(m)}" for m in methods],
+            *[f"{m}: {summary(METHODS[m])}" for m in methods],
         ],
         "rows": [{**asdict(r), "label": r.label} for r in rows],
     }
@@ -340,12 +341,6 @@ def _write(rows: list[Row], setup: Setup, methods, checkpointing, folder: Path) 
     ]
     files.write_text(folder / "profile.md", "\n".join(header) + table(rows, setup) + "\n")
     return report
-
-
-def _summary(method: str) -> str:
-    """The first sentence of a row's description (its preparing function's docstring)."""
-    doc = " ".join((METHODS[method].__doc__ or "").split())
-    return doc.split(". ")[0].rstrip(".") if doc else method
 
 
 def longest_sequence(
@@ -479,7 +474,7 @@ def table(rows: list[Row], setup: Setup) -> str:
         "`fp32_master=False` stores the trained entries in the weight's dtype; float32 LoRA adapters). "
         "Ratios compare rows with the same checkpointing. Rows:",
         "",
-        *[f"- {m}: {_summary(m)}" for m in dict.fromkeys(r.method for r in rows)],
+        *[f"- {m}: {summary(METHODS[m])}" for m in dict.fromkeys(r.method for r in rows)],
         "",
         "Live at the peak (GiB; the parts sum to the exact peak):",
         "",

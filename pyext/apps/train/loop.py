@@ -135,7 +135,8 @@ def train(
                 loss = token_loss_sum(net, ids, labels, mask)
                 (loss * world.size / count).backward()  # DDP averages over processes
             total += loss.detach()
-        lr, norm = optimizer.param_groups[0]["lr"], grad_norm(params)
+        logged = not interactive and world.rank == 0 and ((step + 1) % every == 0 or step + 1 == steps)
+        lr, norm = optimizer.param_groups[0]["lr"], grad_norm(params) if logged else 0.0  # norm: a sync
         optimizer.step()
         schedule.step()
         if step == 0:
@@ -149,7 +150,7 @@ def train(
         trace.ms.append((time.perf_counter() - started) * 1e3)
         bar.set_postfix(loss=f"{trace.losses[-1]:.4f}")
         bar.update()
-        if not interactive and world.rank == 0 and ((step + 1) % every == 0 or step + 1 == steps):
+        if logged:
             tokens = int(packed.mask[rows].sum()) / (trace.ms[-1] / 1e3)
             log.info(
                 "stage %s: step %d/%d, loss %.4f, lr %.3g, grad norm %.4g, %.0f tokens/s, %.0f ms/step",
