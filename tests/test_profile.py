@@ -226,7 +226,8 @@ def test_cpu_measured_peak_equals_the_accounted_one(tmp_path, method: str) -> No
 
 def test_cpu_measured_peak_with_checkpointing_differs_by_the_host_rng_states(tmp_path) -> None:
     """Checkpointing keeps the CPU generator's state (5056 bytes) per block, and forks it again for each
-    recomputation: host memory beside a card's, live beside the step on a CPU. The rest is exact."""
+    recomputation: host memory beside a card's, live beside the step on a CPU (with a few KB of other
+    host allocations for PaCA; benchmarks/results/cpu-measured-peak-2026-12-05)."""
     report = profile(model="tiny", batch=2, seq=64, dtype="fp32", methods=["floor", "paca", "s2ft"],
                      device="cpu", out=tmp_path, warmup=1, steps=1,
                      checkpointing=["reentrant", "non-reentrant"])  # fmt: skip
