@@ -169,3 +169,35 @@ def test_trl_sft_trainer_with_its_defaults_checkpoints_and_resumes(method: str, 
     torch.testing.assert_close(logits(resumed), logits(whole), rtol=1e-5, atol=1e-5)
     merged = slimtune.merge(copy.deepcopy(resumed))
     torch.testing.assert_close(logits(merged), logits(resumed), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", CONFIGS)
+def test_accelerate_save_state_and_load_state_resume_a_bf16_loop_exactly(method: str, tmp_path: Path) -> None:
+    """A plain accelerate loop (bf16 autocast): `save_state` after 2 of 4 steps, `load_state` onto a
+    freshly patched model, 2 more steps: the weights the uninterrupted loop ends with."""
+    import accelerate
+
+    batches = [{"input_ids": b, "labels": b} for b in make_batch(batch=16, seq=12, seed=7).split(4)]
+
+    def loop(steps: range, save: Path | None = None, load: Path | None = None) -> torch.nn.Module:
+        accelerator = accelerate.Accelerator(cpu=True, mixed_precision="bf16")
+        model = patched(method)
+        params = [p for p in model.parameters() if p.requires_grad]
+        model, optimizer = accelerator.prepare(model, torch.optim.AdamW(params, lr=1e-2))
+        if load is not None:
+            accelerator.load_state(str(load))
+        for step in steps:
+            accelerator.backward(model(**batches[step]).loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            if save is not None and step == 1:
+                accelerator.save_state(str(save))
+        return accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+
+    whole = loop(range(4), save=tmp_path / "state")
+    resumed = loop(range(2, 4), load=tmp_path / "state")
+    expected, got = weights(whole), weights(resumed)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    assert torch.equal(logits(resumed), logits(whole))
