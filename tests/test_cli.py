@@ -112,9 +112,15 @@ def test_bench_records_a_failing_method_and_goes_on(tmp_path: Path, capsys: Capt
     assert "ValueError" in capsys.readouterr().out
 
 
+def _no_warning(err: str) -> None:
+    assert "warn" not in err.lower() and "deprecat" not in err.lower(), err[-2000:]
+
+
+@pytest.mark.filterwarnings("error")  # the demo prints no warning, deprecations included
 def test_demo_compares_three_methods(capfd: CaptureStr) -> None:
     assert main(["demo", "--single-task", "--steps", "2", "--device", "cpu"]) == 0
-    out = capfd.readouterr().out
+    out, err = capfd.readouterr()
+    _no_warning(err)  # its methods train in child processes: what they print comes here
     assert "peak RSS growth (MiB)" in out
     names = ("paca", "full", "peft-lora")
     rows = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in names]
@@ -127,9 +133,12 @@ def test_demo_compares_three_methods(capfd: CaptureStr) -> None:
     not slimtune.models.is_available("smollm2-135m"),
     reason=f"the demo's model needs: {slimtune.models.INSTALL}",
 )
+@pytest.mark.filterwarnings("error")
 def test_demo_teaches_the_real_model_with_every_method_by_default(capfd: CaptureStr) -> None:
     assert main(["demo", "--steps", "1", "--device", "cpu"]) == 0
-    out = capfd.readouterr().out
+    out, err = capfd.readouterr()
+    _no_warning(err)
+    assert "\r" not in err and "loading smollm2-135m" in err and "evaluating knowledge: 64/64" in err
     table = out[out.index("knowledge kept") :].splitlines()[2:7]  # the comparison table printed last
     assert tuple(line.split()[0] for line in table) == ("full", "lora", "paca", "s2ft", "hft")
     assert all(len(line.split()) == 7 for line in table)
@@ -144,9 +153,9 @@ def test_demo_without_the_model_names_the_pip_command(capfd: CaptureStr, monkeyp
 
 def test_single_task_demo_progress_writes_lines_not_frames_off_a_terminal(capsys) -> None:
     """tqdm's carriage-return frames would fill a log: off a terminal, a line every tenth of the run."""
-    from slimtune.apps import demo
+    from slimtune.apps import progress
 
-    bar = demo._progress(20, "paca")
+    bar = progress.bar(20, "paca")
     for _ in range(20):
         bar.set_postfix_str("loss 1.0")
         bar.update()

@@ -25,6 +25,9 @@ stages:
 # (what to replace in GOOD, its replacement, what the message must contain)
 BAD = {
     "unknown key": ("    steps: 1\n", "    steps: 1\n    sptes: 2\n", ":12: stages[0].sptes: unknown key"),
+    "stage named ..": ("  - name: a\n", "  - name: ..\n", ":8: stages[0].name: '..': a name starts with"),
+    "stage named as a hidden file": ("  - name: a\n", "  - name: .a\n", ":8: stages[0].name: '.a'"),
+    "unknown log key": ("model:\n", "log: {wandb: true}\nmodel:\n", ":1: log.wandb: unknown key"),
     "unknown top-level key": ("model:\n", "modle: {}\nmodel:\n", ":1: modle: unknown key"),
     "wrong type": ("batch_size: 2", "batch_size: two", ":12: stages[0].batch_size: expected an integer"),
     "not finite": ("steps: 1\n", "steps: 1\n    lr: .nan\n", ":12: stages[0].lr: expected a finite number"),

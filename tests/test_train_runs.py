@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from slimtune.apps.train import RecipeError, load_recipe, loop, run
+from slimtune.apps.cli import main
+from slimtune.apps.train import RecipeError, load_recipe, loop, run, step_log
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -145,6 +147,95 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, monk
         assert whole_losses == resumed_losses
     for name, parameter in whole.model.named_parameters():
         assert torch.equal(parameter, resumed.model.get_parameter(name)), name
+
+
+def _steps_csv(folder: Path) -> list[dict[str, str]]:
+    with (folder / "steps.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_steps_csv_holds_every_step_and_a_resumed_stage_writes_it_anew(tmp_path, monkeypatch):
+    """Each stage's steps.csv: a row per optimizer step (dense warm-up steps included) with the loss
+    of result.json and the learning rate of the schedule; a stage cut after 2 steps keeps those rows,
+    and resumed, writes its file anew with the whole run's losses; finished stages' files stay as
+    they were."""
+    data = _four_stages()
+    data["stages"] = [data["stages"][0], data["stages"][2]]  # PaCA, then sparse-diff (2 dense steps)
+    recipe = _write(tmp_path, data)
+    whole = tmp_path / "whole" / "stages"
+    run(recipe, tmp_path / "whole")
+    for stage, spec in zip(("01-a", "02-b"), load_recipe(recipe).stages, strict=True):
+        rows, result = _steps_csv(whole / stage), json.loads((whole / stage / "result.json").read_text())
+        assert [int(r["step"]) for r in rows] == list(range(1, len(result["losses"]) + 1))
+        assert [float(r["loss"]) for r in rows] == pytest.approx(result["losses"], rel=1e-5)
+        assert all(float(r["grad_norm"]) > 0 and float(r["tokens_per_s"]) > 0 for r in rows)
+        if stage == "01-a":  # one schedule over the stage's 3 steps
+            expected = [spec.lr * loop.lr_factor(spec, 3, k) for k in range(3)]
+            assert [float(r["lr"]) for r in rows] == pytest.approx(expected, rel=1e-5)
+
+    original = step_log.CSVSink.write
+
+    def write(self, record):
+        original(self, record)
+        if "02-b" in self.file.name and record.step == 2:
+            raise Interrupted
+
+    monkeypatch.setattr(step_log.CSVSink, "write", write)
+    with pytest.raises(Interrupted):
+        run(recipe, tmp_path / "cut")
+    cut = tmp_path / "cut" / "stages"
+    assert len(_steps_csv(cut / "02-b")) == 2  # a cut run keeps the steps it made
+    monkeypatch.setattr(step_log.CSVSink, "write", original)
+    finished = (cut / "01-a" / "steps.csv").read_bytes()
+    run(recipe, tmp_path / "cut", resume=True)
+    assert (cut / "01-a" / "steps.csv").read_bytes() == finished
+    assert [r["loss"] for r in _steps_csv(cut / "02-b")] == [r["loss"] for r in _steps_csv(whole / "02-b")]
+
+
+def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_report_to_tensorboard_writes_each_stage_and_the_evaluations(tmp_path, capfd):
+    data = _four_stages()
+    data["stages"], data["tasks"][1]["stage"] = data["stages"][:2], "lora"
+    recipe = _write(tmp_path, data)
+    assert main(["train", str(recipe), "--output", str(tmp_path / "run"), "--report-to", "tensorboard"]) == 0
+    board, metrics = (
+        tmp_path / "run" / "tensorboard",
+        json.loads((tmp_path / "run" / "metrics.json").read_text()),
+    )
+    for stage in ("01-a", "02-lora"):
+        losses = json.loads((tmp_path / "run" / "stages" / stage / "result.json").read_text())["losses"]
+        scalars = _scalars(board / stage)
+        assert set(scalars) == {f"train/{k}" for k in ("loss", "lr", "grad_norm", "tokens_per_s", "ms")}
+        assert [s for s, _ in scalars["train/loss"]] == list(range(1, len(losses) + 1))
+        assert [v for _, v in scalars["train/loss"]] == pytest.approx(losses, rel=1e-6)
+    evaluation = _scalars(board / "evaluation")
+    for j, task in enumerate(metrics["tasks"]):
+        rows = [metrics["base"]["loss"][j]] + [row[j] for row in metrics["loss"]]
+        assert evaluation[f"eval/{task}/loss"] == [
+            (k, pytest.approx(v, rel=1e-6)) for k, v in enumerate(rows)
+        ]
+    # The recipe asking for TensorBoard is the same run: a resume with `log` added is accepted.
+    data["log"] = {"tensorboard": True}
+    assert main(["train", str(_write(tmp_path, data)), "--output", str(tmp_path / "run"), "--resume"]) == 0
+
+
+def test_tensorboard_without_its_package_is_refused_before_the_run_folder_exists(tmp_path, monkeypatch):
+    monkeypatch.setattr(step_log.importlib.util, "find_spec", lambda name: None)
+    data = _four_stages() | {"log": {"tensorboard": True}}
+    with pytest.raises(
+        RecipeError, match=r"log\.tensorboard: TensorBoard logging needs .*slimtune\[tensorboard\]"
+    ):
+        run(_write(tmp_path, data), tmp_path / "run")
+    with pytest.raises(RecipeError, match=r"--report-to tensorboard: .*pip install tensorboard"):
+        run(_write(tmp_path, _four_stages()), tmp_path / "run", report_to="tensorboard")
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_refuses_another_recipe(tmp_path):

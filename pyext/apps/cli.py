@@ -127,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
         "directory (save_pretrained of the merged model, with its tokenizer)",
     )
 
+    train.add_argument(
+        "--report-to",
+        choices=("none", "tensorboard"),
+        default=None,
+        help="where the step figures go besides train.log and each stage's steps.csv (default: the "
+        "recipe's `log`; tensorboard: event files in RUN/tensorboard, needs the tensorboard extra)",
+    )
+
     profile = sub.add_parser(
         "profile",
         help="memory, FLOPs, bytes and step time of every method: accounted without a GPU, measured with one",

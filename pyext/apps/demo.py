@@ -16,13 +16,13 @@ import math
 import multiprocessing
 import resource
 import statistics
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
 
+from . import progress
 from .bench import METHODS, MethodOptions, build_model, count_trainable, timed, train_step
 
 SYMBOLS, LENGTH, BATCH, HELD_OUT = 32, 8, 32, 512
@@ -59,35 +59,6 @@ class Result:
     peak_mib: float
 
 
-class _PrintProgress:
-    """Progress where no terminal shows a bar in place (a log, CI) or tqdm is not installed: a line
-    every tenth of the run."""
-
-    def __init__(self, total: int, desc: str) -> None:
-        self.total, self.desc, self.done, self.postfix = total, desc, 0, ""
-
-    def set_postfix_str(self, text: str) -> None:
-        self.postfix = text
-
-    def update(self) -> None:
-        self.done += 1
-        if self.done == self.total or self.done % max(1, self.total // 10) == 0:
-            print(f"{self.desc}: {self.done}/{self.total} {self.postfix}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, desc: str):
-    if not sys.stderr.isatty():  # tqdm's carriage-return frames would fill a log
-        return _PrintProgress(total, desc)
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _PrintProgress(total, desc)
-    return tqdm(total=total, desc=f"{desc:<9}", file=sys.stderr, dynamic_ncols=True)
-
-
 def _rss_mib() -> float:
     """Current resident set size (Linux /proc), the baseline for the peak-RSS growth."""
     with open("/proc/self/statm") as statm:
@@ -113,7 +84,7 @@ def train(method: str, steps: int, device_name: str, seed: int) -> Result:
     model = build_model(MODEL, device, torch.float32, seed)
     model, optimizer = METHODS[method](model, replace(OPTIONS, seed=seed))
     data = torch.Generator().manual_seed(seed + 2)
-    bar = _progress(steps, method)
+    bar = progress.bar(steps, method)
     times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

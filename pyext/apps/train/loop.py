@@ -1,4 +1,4 @@
-"""One stage's optimisation: AdamW, warmup then decay, gradient accumulation, DDP, a progress bar.
+"""One stage's optimisation: AdamW, warmup then decay, gradient accumulation, DDP, progress and step logs.
 
 The loss of a step is the summed token loss of the whole global batch over its label count, so
 one process and N processes (each with a slice of the batch) take the same gradient steps.
@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from .data import Packed
 from .recipe import Stage
+from .step_log import StepRecord, StepSink
 from .tasks import token_loss_sum
 
 log = logging.getLogger("slimtune.train")
@@ -94,6 +95,17 @@ def grad_norm(params: list[nn.Parameter]) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
+def _report(record: StepRecord, sinks: Sequence[StepSink], line: str | None) -> None:
+    """The step to every sink, and to the log (`line`: where the step is; None: not a logged step)."""
+    for sink in sinks:
+        sink.write(record)
+    if line is not None:
+        log.info(
+            "%s, loss %.4f, lr %.3g, grad norm %.4g, %.0f tokens/s, %.0f ms/step",
+            line, record.loss, record.lr, record.grad_norm, record.tokens_per_s, record.ms,
+        )  # fmt: skip
+
+
 def train(
     model: nn.Module,
     params: list[nn.Parameter],
@@ -104,9 +116,11 @@ def train(
     world: World,
     trace: Trace,
     after_step: Callable[[int], None] | None = None,
+    sinks: Sequence[StepSink] = (),
 ) -> None:
     """`steps` optimizer steps on the rows `order` lists, `stage.batch_size` rows per step;
-    `after_step(n)` runs after the n-th step (k-FPF), with the gradients cleared."""
+    `after_step(n)` runs after the n-th step (k-FPF), with the gradients cleared; every step's
+    figures go to `sinks` (on rank 0)."""
     optimizer = make_optimizer(params, stage)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(stage, steps, step))
     net = nn.parallel.DistributedDataParallel(model) if world.size > 1 else model
@@ -136,7 +150,8 @@ def train(
                 (loss * world.size / count).backward()  # DDP averages over processes
             total += loss.detach()
         logged = not interactive and world.rank == 0 and ((step + 1) % every == 0 or step + 1 == steps)
-        lr, norm = optimizer.param_groups[0]["lr"], grad_norm(params) if logged else 0.0  # norm: a sync
+        recorded = world.rank == 0 and (logged or bool(sinks))
+        lr, norm = optimizer.param_groups[0]["lr"], grad_norm(params) if recorded else 0.0
         optimizer.step()
         schedule.step()
         if step == 0:
@@ -150,11 +165,9 @@ def train(
         trace.ms.append((time.perf_counter() - started) * 1e3)
         bar.set_postfix(loss=f"{trace.losses[-1]:.4f}")
         bar.update()
-        if logged:
+        if recorded:
             tokens = int(packed.mask[rows].sum()) / (trace.ms[-1] / 1e3)
-            log.info(
-                "stage %s: step %d/%d, loss %.4f, lr %.3g, grad norm %.4g, %.0f tokens/s, %.0f ms/step",
-                stage.name, step + 1, steps, trace.losses[-1], lr, norm, tokens, trace.ms[-1],
-            )  # fmt: skip
+            record = StepRecord(len(trace.losses), trace.losses[-1], lr, norm, tokens, trace.ms[-1])
+            _report(record, sinks, f"stage {stage.name}: step {step + 1}/{steps}" if logged else None)
     bar.close()
     model.eval()

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import slimtune
 import torch
 from torch import nn
 
+from .. import progress
 from .tokenizer import CharTokenizer, HFTokenizer, Tokenizer
 
 # Built-in shapes: "tiny" for tests (seconds), "small" for the demo (minutes on a CPU).
@@ -51,19 +54,39 @@ def llama_keys() -> set[str]:
     return set(transformers.LlamaConfig().to_dict())
 
 
+@contextlib.contextmanager
+def _loading(what: str) -> Iterator[None]:
+    """Our progress phase, with transformers' own bars off (their frames would break our line)."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        with progress.phase(what):
+            yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
 def build(spec: ModelSpec, seed: int) -> tuple[nn.Module, Tokenizer]:
     """The model (random weights drawn from `seed` for built-ins) and its tokenizer."""
     import transformers
 
     dtype = DTYPES[spec.dtype]
     if spec.builtin in slimtune.models.BUILTINS:
+        if not slimtune.models.is_built(spec.builtin):
+            with _loading(f"converting the built-in model {spec.builtin} from GGUF (once)"):
+                slimtune.models.path(spec.builtin)
         path = slimtune.models.path(spec.builtin)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation="eager"
-        )
+        with _loading(f"loading {spec.builtin}"):
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, attn_implementation="eager"
+            )
         return model, HFTokenizer(path)
     if spec.path is not None:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(spec.path), dtype=dtype)
+        with _loading(f"loading {spec.path}"):
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(spec.path), dtype=dtype)
         return model, HFTokenizer(spec.path)
     tokenizer = CharTokenizer()
     torch.manual_seed(seed)

@@ -22,6 +22,7 @@ from .methods import StageMethod, known_methods, make_method, method_options
 from .models import BUILTIN, DTYPES, ModelSpec, llama_keys
 from .post import Op
 from .schema import BOOL, INT, LIST, NAMES, NUMBER, TEXT, Mapping, RecipeError, Section, load_yaml
+from .step_log import check_tensorboard
 from .tasks import TASKS, Match
 
 # Upper bounds checked when the recipe is read: a larger value is a typo (or would allocate or run
@@ -98,6 +99,13 @@ class Intruders:
 
 
 @dataclass(frozen=True)
+class Logging:
+    """`log`: where the step figures go besides train.log and each stage's steps.csv (always)."""
+
+    tensorboard: bool = False  # TensorBoard event files in RUN/tensorboard (the tensorboard extra)
+
+
+@dataclass(frozen=True)
 class Recipe:
     file: Path
     data: dict[str, Any]  # as read, to check that `--resume` continues the same recipe
@@ -109,6 +117,7 @@ class Recipe:
     tasks: tuple[TaskSpec, ...]
     stages: tuple[Stage, ...]
     intruders: Intruders | None = None
+    log: Logging = Logging()
 
     def parent(self, index: int) -> int:
         """The stage whose model stage `index` starts from (-1: the base model)."""
@@ -134,7 +143,7 @@ class Recipe:
 
 SCHEDULES = ("constant", "linear", "cosine")
 BASE = "base"  # `from: base`: start from the model as built
-NAME = re.compile(r"[A-Za-z0-9_.+-]+")
+NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*")  # one plain path component: never `.`, `..`
 
 
 def _name(section: Section, key: str, seen: set[str]) -> str:
@@ -142,7 +151,9 @@ def _name(section: Section, key: str, seen: set[str]) -> str:
     if name == BASE:
         raise section.error(key, f"{BASE!r} names the base model (`from: {BASE}`); choose another name")
     if not NAME.fullmatch(name):
-        raise section.error(key, f"{name!r}: use letters, digits and _ . + - (it names files)")
+        raise section.error(
+            key, f"{name!r}: a name starts with a letter, digit, _ + or -, then those and . (it names files)"
+        )
     if name in seen:
         raise section.error(key, f"{name!r} is used twice; names must be unique")
     seen.add(name)
@@ -505,8 +516,19 @@ def parse(data: Any, file: Path) -> Recipe:
     if not tasks:
         raise top.error("tasks", "a recipe needs at least one evaluation task")
     intruders = _intruders(top.section("intruders")) if top.has("intruders") else None
+    logging = _logging(top.section("log")) if top.has("log") else Logging()
     top.close()
-    return Recipe(file, dict(data), description, seed, seq_len, device, model, tasks, stages, intruders)
+    return Recipe(
+        file, dict(data), description, seed, seq_len, device, model, tasks, stages, intruders, logging
+    )
+
+
+def _logging(section: Section) -> Logging:
+    tensorboard = section.get("tensorboard", BOOL, False)
+    section.close()
+    if tensorboard:
+        check_tensorboard(section.where("tensorboard"))
+    return Logging(tensorboard)
 
 
 def _intruders(section: Section) -> Intruders:

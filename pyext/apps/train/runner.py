@@ -29,7 +29,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import fpf, graft, loop, metrics, models, post
+from .. import progress
+from . import fpf, graft, loop, metrics, models, post, step_log
 from .data import DataError, Packed, Source, as_form, batch_order, mix, pack, read_records, source_examples
 from .diff import load_diff
 from .methods import DIFF_FILE, Context, StageMethod
@@ -183,13 +184,20 @@ class RunDir:
     """The run's folder: the recipe it belongs to, each stage's checkpoint and result, logs, reports."""
 
     def __init__(
-        self, root: Path, recipe: Recipe, resume: bool, world: loop.World, changed_data: bool = False
+        self,
+        root: Path,
+        recipe: Recipe,
+        resume: bool,
+        world: loop.World,
+        changed_data: bool = False,
+        tensorboard: bool = False,
     ) -> None:
-        self.root, self.recipe = root, recipe
+        self.root, self.recipe, self.tensorboard = root, recipe, tensorboard
         if root.exists() and not root.is_dir():
             raise RecipeError(f"--output {root} is a file, not a folder: choose a folder for the run")
         marker, data_marker = root / "recipe.json", root / "data.json"
-        current = json.loads(json.dumps(recipe.data, sort_keys=True, default=str))
+        trained = {k: v for k, v in recipe.data.items() if k != "log"}  # where figures go is not the run
+        current = json.loads(json.dumps(trained, sort_keys=True, default=str))
         digests = data_digests(recipe)
         if marker.exists():
             if not resume:
@@ -217,6 +225,11 @@ class RunDir:
 
     def stage(self, index: int) -> Path:
         return stage_folder(self.root, index, self.recipe.stages[index].name)
+
+    def step_sinks(self, index: int) -> list[step_log.StepSink]:
+        """Where stage `index`'s step figures go, started anew: its steps.csv, and its TensorBoard run."""
+        board = self.root / step_log.TENSORBOARD / self.stage(index).name if self.tensorboard else None
+        return step_log.sinks(self.stage(index), board)
 
     @staticmethod
     def read(path: Path) -> dict[str, Any] | None:
@@ -302,10 +315,17 @@ def _evaluate(
     """One task, with the soft prompt it asks for (`prompt`: none, or a prompt stage's; before that
     stage has run, none)."""
     model = prepared.model if model is None else model
-    if task.prompt is None:
-        return evaluate(model, prepared.tokenizer, examples, answers, match=task.match)
-    with slimtune.prompt.using(model, prepared.prompts.get(task.prompt)):
-        return evaluate(model, prepared.tokenizer, examples, answers, match=task.match)
+    shown = progress.bar(len(examples), f"evaluating {task.name}", quiet_s=10.0, leave=False)
+    attached = contextlib.nullcontext()  # a task without `prompt` takes the model as it is
+    if task.prompt is not None:
+        attached = slimtune.prompt.using(model, prepared.prompts.get(task.prompt))
+    try:
+        with attached:
+            return evaluate(
+                model, prepared.tokenizer, examples, answers, match=task.match, progress=shown.update
+            )
+    finally:
+        shown.close()
 
 
 @dataclass
@@ -372,36 +392,12 @@ def train_stage(
         log.info("stage %s: restored from %s", stage.name, directory)
         drift = done.get("drift")
     else:
-        trace = _fit(here, method, extra)
-        if world.rank == 0:
-            directory.mkdir(parents=True, exist_ok=True)
-            method.save(model, directory)
-        method.finish(model)
-        drift = fpf.drift(model, here.start) if recipe.uses_fpf() else None
+        trace, drift = _train_and_save(here, method, run, extra)
     if stage.method_name == "prompt":
         prepared.prompts[stage.name] = slimtune.prompt.attached(model)
-    for number, op in enumerate(stage.post):
-        if op.kind == "fpf":
-            extra.setdefault("fpf", []).append(here.fpf(op.fpf, drift, 1000 + number))
-        elif op.kind == "graft":
-            extra.setdefault("graft", []).append(_graft(here, op, run))
-        else:
-            _operate(op, model, here.start, run)
+    _post_operations(here, run, drift, extra)
     if done is None:
-        done = {
-            "stage": stage.name,
-            "losses": trace.losses,
-            "ms_per_step": median(trace.ms),
-            "memory_mib": trace.memory_mib,
-            "eval": evaluate_all(recipe, prepared) if world.rank == 0 else None,
-            **({"drift": drift} if drift is not None else {}),
-            **extra,
-        }
-        if recipe.intruders is not None and world.rank == 0:
-            config = recipe.intruders
-            done["intruders"] = slimtune.diagnostics.intruder_dimensions(
-                base, model, config.k, config.threshold, config.target_modules
-            )
+        done = _record(here, trace, drift, extra, base)
         if world.rank == 0:
             run.write(directory / "result.json", done)
             log.info("stage %s: %s", stage.name, _brief(done["eval"]))
@@ -409,9 +405,70 @@ def train_stage(
     return done
 
 
-def _fit(here: StageRun, method: StageMethod, extra: dict[str, Any]) -> loop.Trace:
-    """Set the stage's method up and train (with its k-FPF steps, recorded in `extra`); every draw
-    follows from the recipe seed and the stage name."""
+def _train_and_save(
+    here: StageRun, method: StageMethod, run: RunDir, extra: dict[str, Any]
+) -> tuple[loop.Trace, dict[str, float] | None]:
+    """Train the stage (its step figures to its sinks), save its checkpoint, finish its method; the
+    trace and the modules' drift (where FPF asks for it)."""
+    model, directory = here.prepared.model, run.stage(here.index)
+    sinks = run.step_sinks(here.index) if here.world.rank == 0 else []
+    try:
+        trace = _fit(here, method, extra, sinks)
+    finally:
+        for sink in sinks:
+            sink.close()
+    if here.world.rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        method.save(model, directory)
+    method.finish(model)
+    return trace, fpf.drift(model, here.start) if here.recipe.uses_fpf() else None
+
+
+def _post_operations(
+    here: StageRun, run: RunDir, drift: dict[str, float] | None, extra: dict[str, Any]
+) -> None:
+    """The stage's `post` operations in order; FPF and graft records go to `extra`."""
+    for number, op in enumerate(here.stage.post):
+        if op.kind == "fpf":
+            extra.setdefault("fpf", []).append(here.fpf(op.fpf, drift, 1000 + number))
+        elif op.kind == "graft":
+            extra.setdefault("graft", []).append(_graft(here, op, run))
+        else:
+            _operate(op, here.prepared.model, here.start, run)
+
+
+def _record(
+    here: StageRun,
+    trace: loop.Trace,
+    drift: dict[str, float] | None,
+    extra: dict[str, Any],
+    base: nn.Module | None,
+) -> dict[str, Any]:
+    """A freshly trained stage's result: training figures, every task's evaluation (rank 0), drift,
+    operation records and the intruder dimensions against `base` where the recipe asks for them."""
+    recipe, first = here.recipe, here.world.rank == 0
+    done = {
+        "stage": here.stage.name,
+        "losses": trace.losses,
+        "ms_per_step": median(trace.ms),
+        "memory_mib": trace.memory_mib,
+        "eval": evaluate_all(recipe, here.prepared) if first else None,
+        **({"drift": drift} if drift is not None else {}),
+        **extra,
+    }
+    if recipe.intruders is not None and first:
+        config = recipe.intruders
+        done["intruders"] = slimtune.diagnostics.intruder_dimensions(
+            base, here.prepared.model, config.k, config.threshold, config.target_modules
+        )
+    return done
+
+
+def _fit(
+    here: StageRun, method: StageMethod, extra: dict[str, Any], sinks: list[step_log.StepSink]
+) -> loop.Trace:
+    """Set the stage's method up and train (with its k-FPF steps, recorded in `extra`; each step's
+    figures to `sinks`); every draw follows from the recipe seed and the stage name."""
     stage, model, world = here.stage, here.prepared.model, here.world
     packed, trace, seed = here.prepared.packed[here.index], loop.Trace(), here.seed
     torch.manual_seed(seed)
@@ -419,7 +476,7 @@ def _fit(here: StageRun, method: StageMethod, extra: dict[str, Any]) -> loop.Tra
 
     def train(params: list[nn.Parameter], count: int, after=None) -> None:
         order = batch_order(len(packed), stage.batch_size, count, seed)
-        loop.train(model, params, packed, order, stage, count, world, trace, after)
+        loop.train(model, params, packed, order, stage, count, world, trace, after, sinks)
 
     params = method.setup(model, Context(seed, train, here.prepared.samples.get(here.index)))
     after = None
@@ -587,8 +644,11 @@ def _graft_summary(names: list[str], records: list[dict[str, Any]], root: Path) 
     return {"grafts": {names[j]: record for j, record in grafted}, "graft_overlap": overlap}
 
 
-def report(recipe: Recipe, base: dict[str, Any], records: list[dict[str, Any]], root: Path) -> dict[str, Any]:
-    """metrics.json, forgetting.png, losses.png and summary.txt; prints the summary table."""
+def report(
+    recipe: Recipe, base: dict[str, Any], records: list[dict[str, Any]], root: Path, tensorboard: bool = False
+) -> dict[str, Any]:
+    """metrics.json, forgetting.png, losses.png and summary.txt (and the `evaluation` TensorBoard run);
+    prints the summary table."""
     tasks, names = [t.name for t in recipe.tasks], [s.name for s in recipe.stages]
     rows = [base, *(r["eval"] for r in records)]
     acc = [[row[t]["accuracy"] for t in tasks] for row in rows]
@@ -618,6 +678,8 @@ def report(recipe: Recipe, base: dict[str, Any], records: list[dict[str, Any]], 
     metrics.loss_curves(names, [r["losses"] for r in records], root / "losses.png", parents, title)
     if recipe.intruders:
         metrics.intruder_plot(data["intruders"], root / "intruders.png", title)
+    if tensorboard:
+        step_log.write_evaluations(root / step_log.TENSORBOARD / "evaluation", labels, tasks, acc, loss)
     text = metrics.table(labels, tasks, acc, loss, branches)
     slimtune.files.write_text(root / "summary.txt", text + "\n")
     print(text)
@@ -630,17 +692,23 @@ def run(
     resume: bool = False,
     changed_data: bool = False,
     export_hf: bool = False,
+    report_to: str | None = None,
 ) -> RunResult:
     """Train a recipe end to end; RecipeError (before any training) for a bad recipe or run folder.
 
     `resume` continues the run in `output`; its data must be what the run started with unless
     `changed_data`. `export_hf` writes each branch's final model to `export/<stage>/` as a plain
-    Hugging Face directory."""
+    Hugging Face directory. `report_to` ("tensorboard" or "none") overrides the recipe's `log`."""
     recipe = load_recipe(recipe_path)
-    world = loop.World.start(recipe.device)
-    prepared = prepare(recipe, world)
+    tensorboard = recipe.log.tensorboard if report_to is None else report_to == "tensorboard"
+    if tensorboard:
+        step_log.check_tensorboard("--report-to tensorboard" if report_to else str(recipe.file))
     root = Path(output) if output is not None else Path("runs") / recipe.file.stem
-    run_dir = RunDir(root, recipe, resume, world, changed_data)
+    world = loop.World.start(recipe.device)
+    if world.rank == 0:
+        print(f"slimtune train: {recipe.file} -> run folder {root}", file=sys.stderr, flush=True)
+    prepared = prepare(recipe, world)
+    run_dir = RunDir(root, recipe, resume, world, changed_data, tensorboard)
     with _logging(root, world.rank):
         log.info("run %s: %s, %d stages, %d tasks", root, recipe.file, len(recipe.stages), len(recipe.tasks))
         base = run_dir.read(root / "base.json") or {}
@@ -652,7 +720,7 @@ def run(
             }
             run_dir.write(root / "base.json", base)
         records = train_stages(recipe, prepared, run_dir, world, export_hf)
-        data = report(recipe, base, records, root) if world.rank == 0 else None
+        data = report(recipe, base, records, root, tensorboard) if world.rank == 0 else None
     return RunResult(root, prepared.model, data)
 
 
@@ -661,7 +729,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.changed_data and not args.resume:
             raise RecipeError("--changed-data goes with --resume (it lets a resumed run use changed data)")
-        run(args.recipe, args.output, args.resume, args.changed_data, args.export_hf)
+        run(args.recipe, args.output, args.resume, args.changed_data, args.export_hf, args.report_to)
     except RecipeError as err:
         print(f"slimtune train: {err}", file=sys.stderr)
         return 2

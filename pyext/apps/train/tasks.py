@@ -154,8 +154,10 @@ def evaluate(
     answers: bool,
     batch_size: int = 64,
     match: Match = Match(),
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, float | None]:
-    """Mean completion loss per token and, for tasks with answers, greedy accuracy under `match`."""
+    """Mean completion loss per token and, for tasks with answers, greedy accuracy under `match`;
+    `progress(n)` after each batch of n examples."""
     model.eval()
     device = next(model.parameters()).device
     total, count, correct = 0.0, 0, 0
@@ -174,6 +176,8 @@ def evaluate(
         if answers and match.scores:
             replies = greedy(model, tokenizer, batch, match.max_new_tokens)
             correct += sum(match(p, e.answer) for p, e in zip(replies, batch, strict=True))
+        if progress is not None:
+            progress(len(batch))
     accuracy = correct / len(examples) if answers and match.scores else None
     return {"loss": total / max(count, 1), "accuracy": accuracy}
 
