@@ -188,11 +188,48 @@ def test_a_failure_mid_merge_leaves_the_patched_model(method, monkeypatch) -> No
     owner, attribute = {
         "paca": (PartialLinear, "to_linear"),
         "s2ft": (Permutation, "apply"),  # the inverse co-permutations, after the layers were swapped
-        "lora": (AdapterLinear, "merge"),
-        "hydra": (AdapterLinear, "merge"),
+        "lora": (AdapterLinear, "prepare_merge"),
+        "hydra": (AdapterLinear, "prepare_merge"),
     }[method]
     with monkeypatch.context() as patch:
         fail_on_call(patch, owner, attribute, 3, torch.OutOfMemoryError)
         refused(model, lambda: slimtune.merge(model), torch.OutOfMemoryError, "injected")
     assert torch.equal(logits(model, ids), expected)
     assert torch.equal(logits(slimtune.merge(model), ids), merged_copy)  # as if nothing had failed
+
+
+class FailAt(torch.overrides.TorchFunctionMode):
+    """Raise OutOfMemoryError at the n-th torch call made inside the block (count: how many ran)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.count = n, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        if self.count == self.n:
+            raise torch.OutOfMemoryError("injected failure")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_merge_is_all_or_nothing_at_every_torch_call(method) -> None:
+    """An out-of-memory error at any torch call inside `merge` leaves the patched model as it was
+    (no layer half merged: a base weight holding its adapter beside the adapter layer would add it
+    twice); the merge after the last failing point gives the fine-tune's outputs."""
+    model, ids = trained(method), make_batch()
+    expected = logits(model, ids)
+    n = 1
+    while True:
+        before, injected = snapshot(model), FailAt(n)
+        try:
+            with torch.enable_grad(), injected:  # a failure inside no_grad's exit would leave grad mode off
+                slimtune.merge(model)
+        except torch.OutOfMemoryError:
+            assert_untouched(model, before)
+            assert torch.equal(logits(model, ids), expected), f"after a failure at torch call {n}"
+            n += 1
+            continue
+        break
+    assert n > 10  # the merge made torch calls, and each was a failure point
+    torch.testing.assert_close(logits(model, ids), expected, rtol=1e-5, atol=1e-5)

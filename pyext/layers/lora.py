@@ -182,6 +182,7 @@ class MergeRecord:
     index: Tensor  # flat positions where round(merged - delta) is not the base value,
     values: Tensor  # and the base values there
     version: int  # the weight's version counter right after merging
+    written: bool = False  # whether the merged weight was written (a rollback undoes only then)
 
 
 @torch.no_grad()
@@ -190,6 +191,19 @@ def restore_weight_(weight: Tensor, record: MergeRecord) -> None:
     base = (weight.double() - record.b @ record.a).to(weight.dtype)
     base.view(-1)[record.index] = record.values
     weight.copy_(base)
+
+
+def write_merge_(weight: Tensor, record: MergeRecord, merged: Tensor) -> None:
+    """The merge's one write (same dtype and shape: nothing to allocate), then marked as done."""
+    weight.detach().copy_(merged)
+    record.written = True
+    record.version = weight._version
+
+
+def undo_merge_(weight: Tensor, record: MergeRecord) -> None:
+    """A rollback's undo of `write_merge_`: the base weight back if the write happened."""
+    if record.written:
+        restore_weight_(weight, record)
 
 
 @torch.no_grad()
@@ -238,6 +252,14 @@ class AdapterLinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> tuple[nn.Linear, MergeRecord]:
         """`to_linear()` plus what `restore_weight_` needs to undo it exactly."""
+        linear, record, merged = self.prepare_merge()
+        write_merge_(linear.weight, record, merged)
+        return linear, record
+
+    def prepare_merge(self) -> tuple[nn.Linear, MergeRecord, Tensor]:
+        """Everything a merge allocates, and nothing written: the plain linear sharing this layer's
+        weight and bias, the undo record and the merged weight for `write_merge_`. A caller that must
+        undo registers `undo_merge_` between the two, so no failure leaves a weight half merged."""
         a, b = self.adapter(torch.float64)
         delta = b @ a
         base = self.weight
@@ -245,11 +267,10 @@ class AdapterLinear(nn.Module):
         back = (merged.double() - delta).to(base.dtype)
         index = (_bits(back) != _bits(base)).flatten().nonzero().squeeze(1)
         values = base.flatten()[index]
-        base.copy_(merged)
-        record = MergeRecord(self.checkpoint_tensors(), b, a, index, values, base._version)
+        record = MergeRecord(self.checkpoint_tensors(), b, a, index, values, version=-1)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight, linear.bias = self.weight, self.bias
-        return linear, record
+        return linear, record, merged
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear holding W0 + delta rounded once (delta in float64), written in place."""

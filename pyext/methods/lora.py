@@ -27,7 +27,8 @@ from ..layers.lora import (
     LoRALinear,
     MergeRecord,
     SharedInput,
-    restore_weight_,
+    undo_merge_,
+    write_merge_,
 )
 from ..registry import FUSED_KERNELS, MERGE, PEFT_FORMAT, UNMERGE, MethodInfo, register
 from ..targets import check_plain_linear, match_targets
@@ -178,8 +179,9 @@ class AdapterMethod(Method):
         extra["fusion"].remove(model)
         records: dict[str, MergeRecord] = {}
         for name, layer in layers.items():
-            linear, records[name] = layer.merge()
-            transaction.on_rollback(partial(restore_weight_, linear.weight, records[name]))
+            linear, records[name], merged = layer.prepare_merge()
+            transaction.on_rollback(partial(undo_merge_, linear.weight, records[name]))
+            write_merge_(linear.weight, records[name], merged)
             model.set_submodule(name, linear)
         setattr(model, UNMERGE_ATTR, (extra["config"], records))
 

@@ -41,10 +41,12 @@ class Permutation:
     order: Tensor
 
     def apply(self, model: nn.Module, inverse: bool = False) -> None:
+        """Permute the tensor in place (a Step's `do`): the one write is the last torch call, so a
+        failure anywhere before it leaves the tensor as it was."""
         tensor = getattr(model.get_submodule(self.module), self.param)
-        order = torch.argsort(self.order) if inverse else self.order
-        with torch.no_grad():
-            tensor.copy_(tensor.index_select(self.dim, order.to(tensor.device)))
+        order = (torch.argsort(self.order) if inverse else self.order).to(tensor.device)
+        moved = tensor.detach().index_select(self.dim, order)
+        tensor.detach().copy_(moved)  # a detached view: no autograd state to restore after the write
 
 
 def _units(amount: int | float, available: int, what: str, where: str) -> int:
