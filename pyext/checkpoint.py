@@ -21,6 +21,8 @@ gets (`hf_model.install`, on the instance; its class stays HF's):
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +50,10 @@ def identity(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def write(model: nn.Module, directory: str | Path) -> Path:
+def write(model: nn.Module, directory: str | Path, resume_state: bool = False) -> Path:
     """`slimtune_config.json` and `slimtune_model.safetensors`: the trained tensors and indices, bound to
-    the config beside them by a digest."""
+    the config beside them by a digest (with `resume_state`, also Trainer's `model.safetensors`).
+    All or nothing: after a failure the files in `directory` are the previous checkpoint's."""
     require_patched(model, " (nothing to save)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -58,8 +61,15 @@ def write(model: nn.Module, directory: str | Path) -> Path:
     meta = {"format": "slimtune", "format_version": FORMAT_VERSION, "slimtune_version": __version__,
             **identity(model)}  # fmt: skip
     bound = {"format": "pt", files.CONFIG_DIGEST: files.json_digest(meta)}  # ties the two files
-    files.save_tensors(tensors, directory / TENSORS_FILE, metadata=bound)
-    files.write_text(directory / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
+    writers: dict[Path, Callable[[Path], object]] = {
+        directory / TENSORS_FILE: partial(files.save_tensors, tensors, metadata=bound),
+        directory / CONFIG_FILE: partial(files.write_text, text=json.dumps(meta, indent=2) + "\n"),
+    }
+    if resume_state:
+        writers[directory / RESUME_FILE] = partial(
+            files.save_tensors, trained_state(model), metadata={"format": "pt"}
+        )
+    files.write_together(writers)
     return directory
 
 
@@ -92,9 +102,7 @@ class SavePretrained:
     ) -> None:
         if not is_main_process:
             return
-        model = self._model
-        directory = write(model, save_directory)
-        files.save_tensors(trained_state(model), directory / RESUME_FILE, metadata={"format": "pt"})
+        write(self._model, save_directory, resume_state=True)
 
 
 def check_identity(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:

@@ -21,6 +21,7 @@ the same input (q/k/v, gate/up) share one covariance (PEFT keeps one per module)
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -110,18 +111,33 @@ def covariances(
     return {name: means[shared.get(name, name)] for name, _ in targets}
 
 
+MAX_DOUBLINGS = 40  # of the damping; PEFT's loop has no bound (a NaN covariance never ends it)
+
+
+def check_covariance(covariance: Tensor) -> None:
+    """Refuse a covariance no decomposition can use: NaN or inf entries, no positive variance."""
+    if not torch.isfinite(covariance).all():
+        raise ValueError("CorDA: the covariance holds NaN or inf values; collect it again from finite inputs")
+    if not bool((covariance.diagonal() > 0).any()):
+        raise ValueError(
+            "CorDA: the covariance has no positive variance (every input feature was zero, or every "
+            "token padding); collect it from samples that reach the module"
+        )
+
+
 def decompose(weight: Tensor, covariance: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(U, S, V) in float64 with W C = U S V'^T and V = C^-1 V' (so W = U diag(S) V^T); C is damped
     by a multiple of its mean diagonal, doubled until its inverse is accurate, as in PEFT."""
     w, c = weight.detach().double(), covariance.to(weight.device, torch.float64)
+    check_covariance(c)
     eye = torch.eye(c.shape[0], dtype=torch.float64, device=c.device)
-    damp = 0.01
-    while True:
-        damped = c + eye * c.diagonal().mean() * damp
-        inverse = torch.linalg.inv(damped)
-        if torch.dist(damped @ inverse, eye) < 0.05:
+    for doubling in range(MAX_DOUBLINGS + 1):
+        damped = c + eye * c.diagonal().mean() * (0.01 * 2**doubling)
+        inverse, info = torch.linalg.inv_ex(damped)
+        if info == 0 and torch.dist(damped @ inverse, eye) < 0.05:
             break
-        damp *= 2
+    else:  # damping at 2^40 times the mean variance still leaves no accurate inverse
+        raise ValueError("CorDA: the covariance cannot be inverted accurately even heavily damped")
     u, s, vh = torch.linalg.svd(w @ damped, full_matrices=False)
     return u, s, (vh @ inverse).T
 
@@ -137,17 +153,30 @@ def factors(
     return (v[:, pick] * root).T.contiguous(), (u[:, pick] * root).contiguous()
 
 
-def apply(model: nn.Module, config: LoRAConfig, covariance: dict[str, Tensor]) -> nn.Module:
-    """`slimtune.apply` for a LoRA config with a CorDA `init`: the adapter of every target from its
-    covariance, the base weight replaced by the residual (all checked first, in one transaction)."""
+def check(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Linear]]:
+    """Everything `apply` checks that needs no data (the config, every target, each rank against its
+    module), model untouched; the targets. Run it before collecting covariances."""
     if not isinstance(config, LoRAConfig) or config.init not in MODES:
         raise ValueError(
             f"slimtune.corda.apply needs LoRAConfig(init= one of {sorted(MODES)}), got {config!r}"
         )
     check_unpatched(model)
+    plan(model, dataclasses.replace(config, init="random"))  # LoRA's own checks of the targets
+    targets = [(name, check_plain_linear(name, m)) for name, m in match_targets(model, config.target_modules)]
+    for name, linear in targets:
+        if config.r > min(linear.in_features, linear.out_features):
+            raise ValueError(
+                f"CorDA: rank {config.r} exceeds the rank of {name} ({tuple(linear.weight.shape)}); "
+                f"use r <= {min(linear.in_features, linear.out_features)}"
+            )
+    return targets
+
+
+def apply(model: nn.Module, config: LoRAConfig, covariance: dict[str, Tensor]) -> nn.Module:
+    """`slimtune.apply` for a LoRA config with a CorDA `init`: the adapter of every target from its
+    covariance, the base weight replaced by the residual (all checked first, in one transaction)."""
     saved: dict[str, Tensor] = {}
-    for name, module in match_targets(model, config.target_modules):
-        linear = check_plain_linear(name, module)
+    for name, linear in check(model, config):
         c = covariance.get(name)
         if c is None:
             raise ValueError(f"CorDA: no covariance for {name}; collect it with slimtune.corda.covariances")
@@ -156,19 +185,16 @@ def apply(model: nn.Module, config: LoRAConfig, covariance: dict[str, Tensor]) -
                 f"CorDA: the covariance of {name} is {tuple(c.shape)}, but the layer reads "
                 f"{linear.in_features} features: it was collected on another model"
             )
-        if config.r > min(linear.in_features, linear.out_features):
-            raise ValueError(
-                f"CorDA: rank {config.r} exceeds the rank of {name} ({tuple(linear.weight.shape)})"
-            )
+        try:
+            a0, b0 = factors(linear.weight, c, config.r, config.init, config.alpha / config.r)
+        except ValueError as err:
+            raise ValueError(f"{err} (module {name})") from None
         dtype = torch.float32 if config.fp32_master else linear.weight.dtype
-        a0, b0 = (
-            t.to(dtype).cpu()
-            for t in factors(linear.weight, c, config.r, config.init, config.alpha / config.r)
-        )
+        a0, b0 = a0.to(dtype).cpu(), b0.to(dtype).cpu()
         saved.update(
             {f"{name}.lora_A": a0, f"{name}.lora_B": b0, f"{name}.corda_A": a0, f"{name}.corda_B": b0}
         )
     return hf_model.install(commit(model, config, plan(model, config, saved)))
 
 
-__all__ = ["MODES", "apply", "covariances", "decompose", "factors", "residual"]
+__all__ = ["MODES", "apply", "check", "check_covariance", "covariances", "decompose", "factors", "residual"]

@@ -79,6 +79,35 @@ def write_with(path: str | Path, writer: Callable[[Path], object]) -> Path:
     return path
 
 
+def write_together(writers: dict[Path, Callable[[Path], object]]) -> None:
+    """Write several files as one: each `writer(staged_path)` writes its file beside its target,
+    then all are renamed into place. After any failure every target is as it was before (a file
+    that existed comes back from a hard link kept until the end), so a pair bound by a digest, such
+    as a checkpoint's config and tensors, is never half old and half new."""
+    staged = {path: path.with_name(f".{path.name}.staged-{os.getpid()}") for path in writers}
+    previous = {path: path.with_name(f".{path.name}.previous-{os.getpid()}") for path in writers}
+    replaced: list[Path] = []
+    try:
+        for path, writer in writers.items():
+            writer(staged[path])  # a failure here (a full disk) has replaced nothing
+        for path in writers:
+            if path.exists():
+                os.link(path, previous[path])
+        for path in writers:
+            os.replace(staged[path], path)
+            replaced.append(path)
+    except BaseException:
+        for path in reversed(replaced):
+            if previous[path].exists():
+                os.replace(previous[path], path)
+            else:
+                path.unlink(missing_ok=True)
+        raise
+    finally:
+        for path in [*staged.values(), *previous.values()]:
+            path.unlink(missing_ok=True)
+
+
 def save_tensors(
     tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> Path:

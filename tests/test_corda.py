@@ -256,3 +256,47 @@ def test_corda_samples_may_be_an_earlier_stage_s_data(tmp_path):
         tmp_path / "run" / "stages" / "02-b" / "slimtune" / "slimtune_model.safetensors"
     )
     assert any(key.endswith("corda_A") for key in saved[0])
+
+
+@pytest.mark.timeout(120)  # the damping loop once never ended on a NaN covariance
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [(float("nan"), "NaN or inf"), (float("inf"), "NaN or inf"), (0.0, "no positive variance")],
+    ids=["nan", "inf", "zero"],
+)
+def test_a_covariance_no_decomposition_can_use_is_refused_by_module(entry, match):
+    from test_refusals import refused
+
+    model = make_model("llama")
+    cov = covariances(model, _batches(2))
+    name = "model.layers.1.mlp.down_proj"
+    cov[name] = torch.full_like(cov[name], entry) if entry == 0.0 else cov[name].clone().fill_diagonal_(entry)
+    config = slimtune.LoRAConfig(r=2, alpha=4, init="corda-ipm")
+    refused(model, lambda: slimtune.corda.apply(model, config, cov), ValueError, rf"{match}.*module {name}")
+
+
+def test_a_rank_above_a_module_s_is_refused_before_any_training(tmp_path, monkeypatch):
+    """k_proj of the tiny model has 16 outputs: CorDA rank 20 cannot be taken from it. LoRA itself
+    would take r=20, so only CorDA's own check catches it, before the covariances are collected."""
+    import yaml
+    from slimtune.apps.train import RecipeError, run
+
+    model = make_model("llama")  # its k_proj: 32 x 64
+    with pytest.raises(ValueError, match=r"rank 40 exceeds the rank of model\.layers\.0\.self_attn\.k_proj"):
+        slimtune.corda.check(model, slimtune.LoRAConfig(r=40, alpha=80, init="corda-kpm"))
+    data = {
+        "model": {"builtin": "tiny-llama"},
+        "tasks": [{"name": "copy", "task": "copy", "n": 4}],
+        "stages": [
+            {"name": "a", "data": [{"task": "copy", "n": 16}], "steps": 1, "batch_size": 4},
+            {"name": "b", "data": [{"task": "copy", "n": 16}], "steps": 1, "batch_size": 4,
+             "method": {"name": "lora", "r": 20, "alpha": 40, "init": "corda-kpm"}},
+        ],
+    }  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.setattr(slimtune.corda, "covariances", lambda *a, **k: pytest.fail("collected covariances"))
+    with pytest.raises(
+        RecipeError, match=r"stages\[1\]\.method: lora cannot train this model: CorDA: rank 20"
+    ):
+        run(tmp_path / "r.yaml", tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -233,3 +233,26 @@ def test_merge_is_all_or_nothing_at_every_torch_call(method) -> None:
         break
     assert n > 10  # the merge made torch calls, and each was a failure point
     torch.testing.assert_close(logits(model, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("failing", ["write_text", "replace"])
+def test_a_failed_save_over_a_checkpoint_leaves_the_previous_one_loadable(failing, tmp_path, monkeypatch):
+    """Saving an r=8 model over an r=4 checkpoint fails (a full disk on the config's write, or the
+    second rename into place): the folder holds exactly the r=4 files, which load as before."""
+    import errno
+    import os
+
+    from slimtune import files
+
+    old = trained("paca")
+    directory = slimtune.save(old, tmp_path / "checkpoint")
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    new = slimtune.apply(make_model("llama"), slimtune.PaCAConfig(r=8))
+    with monkeypatch.context() as patch:
+        owner, n = (files, 1) if failing == "write_text" else (os, 4)  # 2 staged writes, then 2 renames
+        fail_on_call(patch, owner, failing, n, lambda message: OSError(errno.ENOSPC, message))
+        with pytest.raises(OSError, match="injected"):
+            slimtune.save(new, directory)
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before  # and nothing left beside
+    ids = make_batch()
+    assert torch.equal(logits(slimtune.load(make_model("llama"), directory), ids), logits(old, ids))

@@ -196,12 +196,12 @@ class Patched(StageMethod):
         self._corda = getattr(config, "init", None) in slimtune.corda.MODES
 
     def check(self, model: nn.Module) -> None:
-        # Validates every target without touching the model (CorDA's targets are LoRA's: its
-        # factors come from data only at setup).
-        config = self.config
+        # Validates every target without touching the model (CorDA: all but its data, which comes
+        # only at setup).
         if self._corda:
-            config = dataclasses.replace(config, init="random")
-        slimtune.registry.for_config(config).glue.plan(model, config)
+            slimtune.corda.check(model, self.config)
+        else:
+            slimtune.registry.for_config(self.config).glue.plan(model, self.config)
 
     def setup(self, model: nn.Module, context: Context) -> list[nn.Parameter]:
         if not self._corda:
