@@ -58,37 +58,58 @@ class _Prompted:
         n = self.prompt.tokens
         past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.25 names it `cache`
         first = past is None or past.get_seq_length() == 0
-        embeds = kwargs.pop("inputs_embeds", None)
         if first:
-            if embeds is None:
-                embeds = self.model.get_input_embeddings()(input_ids)
-            rows = embeds.shape[0]
-            prompt = self.prompt.weight.to(embeds.device, embeds.dtype).unsqueeze(0).expand(rows, -1, -1)
-            kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
-            labels = kwargs.get("labels")
-            if labels is not None:
-                # -100 over the prompt and on the first token too (which only the prompt would
-                # predict): the loss is the one the returned logits give.
-                kwargs["labels"] = torch.cat([labels.new_full((rows, n + 1), -100), labels[:, 1:]], dim=1)
-            lead = torch.arange(n, device=embeds.device)
-            if kwargs.get("position_ids") is not None:
-                positions = kwargs["position_ids"]
-                kwargs["position_ids"] = torch.cat([lead.expand(positions.shape[0], n), positions + n], dim=1)
-            if kwargs.get("cache_position") is not None:
-                kwargs["cache_position"] = torch.cat([lead, kwargs["cache_position"] + n])
+            self._prepend(input_ids, kwargs)
         else:
-            kwargs["input_ids"], kwargs["inputs_embeds"] = input_ids, embeds
+            kwargs["input_ids"] = input_ids
             for key in ("position_ids", "cache_position"):
                 if kwargs.get(key) is not None:
                     kwargs[key] = kwargs[key] + n
         mask = kwargs.get("attention_mask")
         if mask is not None:
             kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+            _positions_from_mask(kwargs)
         out = self._forward(**kwargs)
         length = kwargs["inputs_embeds"].shape[1] if first else None
         if first and getattr(out, "logits", None) is not None and out.logits.shape[1] == length:
             out.logits = out.logits[:, n:]
         return out
+
+    def _prepend(self, input_ids: Tensor | None, kwargs: dict[str, Any]) -> None:
+        """A sequence's first forward: the prompt's embeddings before the input's, and -100 labels
+        and leading positions for them."""
+        n, embeds = self.prompt.tokens, kwargs.pop("inputs_embeds", None)
+        if embeds is None:
+            embeds = self.model.get_input_embeddings()(input_ids)
+        rows = embeds.shape[0]
+        prompt = self.prompt.weight.to(embeds.device, embeds.dtype).unsqueeze(0).expand(rows, -1, -1)
+        kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
+        labels = kwargs.get("labels")
+        if labels is not None:
+            # -100 over the prompt and on the first token too (which only the prompt would
+            # predict): the loss is the one the returned logits give.
+            kwargs["labels"] = torch.cat([labels.new_full((rows, n + 1), -100), labels[:, 1:]], dim=1)
+        lead = torch.arange(n, device=embeds.device)
+        if kwargs.get("position_ids") is not None:
+            positions = kwargs["position_ids"]
+            kwargs["position_ids"] = torch.cat([lead.expand(positions.shape[0], n), positions + n], dim=1)
+        if kwargs.get("cache_position") is not None:
+            kwargs["cache_position"] = torch.cat([lead, kwargs["cache_position"] + n])
+
+
+def _positions_from_mask(kwargs: dict[str, Any]) -> None:
+    """Positions from the (prompt-extended) 2-D attention mask where the caller gave none: a left-padded
+    row's tokens then follow the prompt directly, as in the row alone (transformers >= 5.25 counts
+    positions over the padding, which RoPE forgives without a prompt, not with one)."""
+    mask = kwargs["attention_mask"]
+    if kwargs.get("position_ids") is not None or mask.dim() != 2:
+        return
+    new = (
+        kwargs["inputs_embeds"].shape[1]
+        if kwargs.get("inputs_embeds") is not None
+        else kwargs["input_ids"].shape[1]
+    )
+    kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]
 
 
 def attached(model: nn.Module) -> SoftPrompt | None:
