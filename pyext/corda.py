@@ -12,11 +12,13 @@ residual W - s B0 A0, so outputs at initialisation are unchanged.
 - instruction-previewed mode (`corda-ipm`): C comes from the target task's data; the r *largest*
   components train.
 
-The numbers follow PEFT's `preprocess_corda` (per-call input scaling by the batch's maximum, the
-doubling damping of C until its inverse is accurate), so both give the same adapter; departures:
-covariances accumulate in float64 (PEFT: float32), the decomposition runs in float64, inputs of
-any batch shape are flattened to tokens (PEFT takes one sequence per call), and siblings that read
-the same input (q/k/v, gate/up) share one covariance (PEFT keeps one per module).
+The numbers follow PEFT's `preprocess_corda` (each sequence's input scaled by its maximum, the
+mean over sequences, the doubling damping of C until its inverse is accurate), so both give the
+same adapter for any batch shape (PEFT takes one sequence per call); departures: covariances
+accumulate in float64 (PEFT: float32), the decomposition runs in float64, padding marked by an
+attention mask is left out, the damping is bounded (PEFT's loop never ends on a NaN covariance),
+and siblings that read the same input (q/k/v, gate/up) share one covariance (PEFT keeps one per
+module).
 """
 
 from __future__ import annotations
@@ -37,6 +39,61 @@ from .targets import check_plain_linear, match_targets
 MODES = {"corda-kpm": "smallest", "corda-ipm": "largest"}
 
 
+class _Sums:
+    """Per-module sums of X^T X over sequences, each X scaled by its own maximum (PEFT's hook runs
+    on one sequence per call and scales by that call's maximum), and how many sequences they hold."""
+
+    def __init__(self, offload: bool) -> None:
+        self.offload = offload
+        self.sums: dict[str, Tensor] = {}
+        self.rows: dict[str, int] = {}
+
+    def add(self, name: str, x: Tensor, keep: Tensor | None) -> None:
+        """`x`: one sequence (tokens x features) or a batch of them; `keep`: the batch's attention
+        mask flattened (padding is not context), or None."""
+        rows = x.detach().reshape(-1, *x.shape[-2:]) if x.dim() >= 3 else x.detach().unsqueeze(0)
+        rows = rows.double()
+        kept = torch.ones(rows.shape[:2], dtype=torch.bool, device=rows.device)
+        if keep is not None and keep.numel() == kept.numel():
+            kept = keep.reshape(kept.shape).to(rows.device)
+        if not torch.isfinite(rows[kept]).all():
+            raise ValueError(f"CorDA: the input of {name} holds NaN or inf values; check the samples")
+        present = kept.any(dim=1)  # a row of padding only is no sequence
+        if not bool(present.any()):
+            return
+        rows, kept = rows[present], kept[present, :, None]
+        peak = rows.masked_fill(~kept, -torch.inf).amax(dim=(1, 2)).abs()  # PEFT: max(x).abs()
+        scaled = (rows / peak.clamp_min(torch.finfo(torch.float64).tiny)[:, None, None]).masked_fill(~kept, 0)
+        flat = scaled.reshape(-1, scaled.shape[-1])
+        product = flat.T @ flat
+        if name not in self.sums:
+            self.sums[name] = torch.zeros_like(product, device="cpu" if self.offload else product.device)
+            self.rows[name] = 0
+        self.sums[name] += product.to(self.sums[name].device)
+        self.rows[name] += int(present.sum())
+
+    def means(self) -> dict[str, Tensor]:
+        return {name: total / self.rows[name] for name, total in self.sums.items()}
+
+
+def _run(model: nn.Module, run: Iterable[Any] | Callable[[], None], keep: list[Tensor | None]) -> None:
+    """Every batch through the model in eval mode; a dict batch's attention mask goes to `keep`."""
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in [run] if callable(run) else run:
+            if callable(batch):
+                batch()
+            elif isinstance(batch, dict):
+                mask = batch.get("attention_mask")
+                keep[0] = None if mask is None else mask.reshape(-1).bool()
+                model(**batch)
+            else:
+                model(batch)
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def covariances(
     model: nn.Module,
@@ -47,15 +104,15 @@ def covariances(
     """The input covariance of every targeted linear, by module name (float64, in_features^2).
 
     `run` is an iterable of batches (a tensor of input ids, or a dict of model keyword arguments)
-    or a callable that runs the model itself. Each call's inputs are flattened to tokens, scaled by
-    their maximum and accumulated as X^T X; the result is the mean over calls. Accumulators live
-    beside the weights, or on the CPU with `offload` (slower; for a model whose covariances do not
-    fit beside it: in_features^2 * 8 bytes per distinct input). Padding tokens count as context
-    unless a dict batch gives an `attention_mask`.
+    or a callable that runs the model itself. Each sequence of a batch is scaled by its maximum and
+    accumulated as X^T X; the result is the mean over sequences, so any batch shape gives PEFT's
+    covariance (PEFT takes one sequence per call). Accumulators live beside the weights, or on the
+    CPU with `offload` (slower; for a model whose covariances do not fit beside it: in_features^2 *
+    8 bytes per distinct input). Padding tokens count as context unless a dict batch gives an
+    `attention_mask`; a row of padding only counts as no sequence.
     """
     targets = [(name, check_plain_linear(name, m)) for name, m in match_targets(model, target_modules)]
-    sums: dict[str, Tensor] = {}
-    calls: dict[str, int] = {}
+    sums = _Sums(offload)
     shared: dict[str, str] = {}  # module -> the sibling whose accumulator holds its (identical) input
     keep: list[Tensor | None] = [None]  # the batch's attention mask, flattened to tokens
     last: list[Any] = [None, ""]  # the latest input and the module that counted it: siblings that
@@ -70,44 +127,22 @@ def covariances(
         if name in shared:
             raise RuntimeError(f"{name} shared an input with {shared[name]} in one forward but not the next")
         last[:] = [x, name]
-        x = x.detach().reshape(-1, x.shape[-1])
-        if keep[0] is not None and keep[0].numel() == x.shape[0]:
-            x = x[keep[0].to(x.device)]  # padding is not context
-        x = x.double()
-        if not torch.isfinite(x).all():
-            raise ValueError(f"CorDA: the input of {name} holds NaN or inf values; check the samples")
-        x = x / x.max().abs().clamp_min(torch.finfo(torch.float64).tiny)
-        product = x.T @ x
-        device = torch.device("cpu") if offload else product.device
-        if name not in sums:
-            sums[name] = torch.zeros_like(product, device=device)
-            calls[name] = 0
-        sums[name] += product.to(device)
-        calls[name] += 1
+        sums.add(name, x, keep[0])
 
     handles = [m.register_forward_pre_hook(lambda m, a, n=n: hook(n, m, a)) for n, m in targets]
-    was_training = model.training
-    model.eval()
     try:
-        batches = [run] if callable(run) else run
-        for batch in batches:
-            if callable(batch):
-                batch()
-            elif isinstance(batch, dict):
-                mask = batch.get("attention_mask")
-                keep[0] = None if mask is None else mask.reshape(-1).bool()
-                model(**batch)
-            else:
-                model(batch)
+        _run(model, run, keep)
     finally:
         last[:] = [None, ""]
         for handle in handles:
             handle.remove()
-        model.train(was_training)
-    missing = [name for name, _ in targets if name not in sums and name not in shared]
+    means = sums.means()
+    missing = [name for name, _ in targets if shared.get(name, name) not in means]
     if missing:
-        raise ValueError(f"CorDA: {missing[:4]} never ran on the samples; check target_modules and `run`")
-    means = {name: sums[name] / calls[name] for name in sums}
+        raise ValueError(
+            f"CorDA: {missing[:4]} never ran on a sequence of the samples (none given, or all padding); "
+            f"check target_modules and `run`"
+        )
     return {name: means[shared.get(name, name)] for name, _ in targets}
 
 

@@ -27,10 +27,11 @@ def test_covariance_is_the_scaled_mean_and_siblings_share_one():
     batches = _batches(3, rows=2)
     inputs = {}
     handle = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(
-        lambda m, a: inputs.setdefault("down", []).append(a[0].detach().reshape(-1, a[0].shape[-1]).double())
+        lambda m, a: inputs.setdefault("down", []).extend(a[0].detach().double().unbind(0))
     )
     cov = covariances(model, batches)
     handle.remove()
+    assert len(inputs["down"]) == 6  # a mean over sequences, each scaled by its own maximum
     expected = sum((x / x.max().abs()).T @ (x / x.max().abs()) for x in inputs["down"]) / len(inputs["down"])
     torch.testing.assert_close(cov["model.layers.0.mlp.down_proj"], expected)
     attn = [cov[f"model.layers.1.self_attn.{p}_proj"] for p in "qkv"]
@@ -96,6 +97,62 @@ def test_same_adapter_and_outputs_as_peft_corda(mode):
         torch.testing.assert_close(layer.weight, theirs.base_layer.weight, atol=2e-5, rtol=1e-4)
     ids = make_batch()
     torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_peft_covariance_and_adapter_for_any_batch_shape_with_padding(rows):
+    """PEFT's hook takes one sequence per call; the trainer feeds 8 left-padded rows per forward with
+    their attention mask. The same 24 sequences (lengths 5 to 9) in batches of 1, 3 or 8 rows give
+    PEFT's covariances and adapters."""
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    base = make_model("llama")
+    sequences = [make_batch(batch=1, seq=5 + i % 5, seed=40 + i)[0] for i in range(24)]
+    targets = ["q_proj", "o_proj", "down_proj"]
+    ref = copy.deepcopy(base)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="corda",
+                           corda_config=CordaConfig(corda_method="ipm"))  # fmt: skip
+    preprocess_corda(ref, lora, run_model=lambda: [ref(s[None]) for s in sequences])
+    ref = peft.get_peft_model(ref, lora)
+    batches = []
+    for start in range(0, 24, rows):
+        part = sequences[start : start + rows]
+        width = max(len(s) for s in part)
+        ids = torch.stack([torch.cat([s.new_zeros(width - len(s)), s]) for s in part])
+        mask = torch.stack(
+            [torch.cat([torch.zeros(width - len(s)), torch.ones(len(s))]) for s in part]
+        ).long()
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    ours = copy.deepcopy(base)
+    config = slimtune.LoRAConfig(r=4, alpha=8, target_modules=targets, init="corda-ipm")
+    cov = covariances(ours, batches, targets)
+    alone = covariances(copy.deepcopy(base), [s[None] for s in sequences], targets)
+    for name in cov:
+        torch.testing.assert_close(cov[name], alone[name], rtol=1e-5, atol=1e-7)
+    slimtune.corda.apply(ours, config, cov)
+    for name, layer in slimtune.patching.patched_layers(ours).items():
+        theirs = ref.base_model.model.get_submodule(name)
+        a, b = theirs.lora_A["default"].weight, theirs.lora_B["default"].weight
+        for i in range(4):
+            torch.testing.assert_close(
+                torch.outer(layer.lora_B[:, i], layer.lora_A[i]),
+                torch.outer(b[:, i], a[i]),
+                atol=2e-4,
+                rtol=2e-3,
+            )
+        torch.testing.assert_close(layer.weight, theirs.base_layer.weight, atol=2e-5, rtol=1e-4)
+
+
+def test_batches_of_padding_only_are_no_sequences():
+    model = make_model("llama")
+    ids = make_batch(batch=2, seq=6)
+    cov = covariances(model, [{"input_ids": ids, "attention_mask": torch.zeros_like(ids)}, ids[:1]])
+    assert torch.equal(
+        cov["model.layers.0.mlp.down_proj"], covariances(model, [ids[:1]])["model.layers.0.mlp.down_proj"]
+    )
+    with pytest.raises(ValueError, match="never ran on a sequence"):
+        covariances(model, [{"input_ids": ids, "attention_mask": torch.zeros_like(ids)}])
 
 
 def _trained_corda(mode: str = "corda-kpm"):
@@ -228,9 +285,9 @@ def test_offloaded_covariances_and_masked_padding():
     handle = layer.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().double()))
     masked = covariances(model, [{"input_ids": ids, "attention_mask": mask}], ["q_proj"])
     handle.remove()
-    x = seen[0].reshape(-1, seen[0].shape[-1])[mask.reshape(-1).bool()]
-    x = x / x.max().abs()
-    torch.testing.assert_close(masked["model.layers.0.self_attn.q_proj"], x.T @ x)
+    rows = [x[m.bool()] for x, m in zip(seen[0], mask, strict=True)]  # each row's real tokens,
+    expected = sum((x / x.max().abs()).T @ (x / x.max().abs()) for x in rows) / 2  # scaled on its own
+    torch.testing.assert_close(masked["model.layers.0.self_attn.q_proj"], expected)
 
 
 def test_corda_samples_may_be_an_earlier_stage_s_data(tmp_path):
