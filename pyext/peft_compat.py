@@ -61,7 +61,11 @@ INERT = frozenset(
     }
 )
 # Initialisations whose adapter applies to the unchanged base weights (the tensors are saved).
-PLAIN_INITS = (True, False, "gaussian", None)
+# Initialisations that leave the base weights as they are (PEFT's orthogonal_init and mica_init
+# write only lora_A/lora_B): the saved tensors are an adapter on the plain base. MiCA also keeps
+# lora_B frozen while training (PEFT's MiCALinearVariant), and so does load_peft.
+PLAIN_INITS = (True, False, "gaussian", None, "orthogonal", "mica")
+FROZEN_B_INITS = ("mica",)
 
 
 def _is_off(value: Any) -> bool:
@@ -96,8 +100,9 @@ def _peft_config(directory: Path) -> dict[str, Any]:
         )
     init = config.get("init_lora_weights", True)
     if init not in PLAIN_INITS:
-        # PiSSA, OLoRA, CorDA, LoftQ, EVA...: PEFT rewrites the base weights (or builds them from data)
-        # when it creates such an adapter, so these tensors are not an adapter on the plain base model.
+        # PiSSA, OLoRA, CorDA, LoftQ, EVA, LoRA-GA...: PEFT rewrites the base weights (or builds them
+        # from data) when it creates such an adapter, so these tensors are not an adapter on the plain
+        # base model.
         raise ValueError(
             f"{path} sets init_lora_weights={init!r}: PEFT changes the base weights for that initialisation, "
             f"so the adapter does not apply to this base model as saved; load it with peft (and merge), "
@@ -150,7 +155,11 @@ def load_peft(model: nn.Module, directory: str | Path) -> nn.Module:
     check_unpatched(model)
     restore = plan_checkpoint(model, config, saved, str(directory / WEIGHTS_FILE))
     restore.extra["peft_config"] = peft  # re-saving keeps its fields (see save_peft)
-    return hf_model.install(commit(model, config, restore))
+    commit(model, config, restore)
+    if str(peft.get("init_lora_weights")).lower() in FROZEN_B_INITS:
+        for layer in patched_layers(model).values():  # MiCA trains lora_A only; lora_B holds the
+            layer.lora_B.requires_grad_(False)  # weight's minor singular directions, frozen
+    return hf_model.install(model)
 
 
 def save_peft(model: nn.Module, directory: str | Path) -> Path:

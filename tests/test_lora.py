@@ -461,3 +461,26 @@ def test_gpu_bf16_matches_peft_bf16(family, backend, tmp_path):
                 param.grad.flatten().float(), expected[name].flatten().float(), 0
             )
             assert cosine > 0.99, name
+
+
+@pytest.mark.parametrize("init", ["orthogonal", "mica"])
+def test_peft_adapters_initialised_without_touching_the_base_load_exactly(init, tmp_path):
+    """PEFT's orthogonal and MiCA initialisations write only lora_A/lora_B: their adapters load onto the
+    plain base with PEFT's outputs, and a MiCA adapter keeps lora_B frozen, as PEFT trains it."""
+    base = make_model("llama")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=init)
+    ref = peft.get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():  # trained adapters (MiCA's lora_A starts at zero)
+        for name, parameter in ref.named_parameters():
+            if "lora_A" in name:
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    ref.save_pretrained(tmp_path)
+    ours = slimtune.load_peft(copy.deepcopy(base), tmp_path)
+    ids = make_batch()
+    torch.testing.assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    trained = {n for n, p in ours.named_parameters() if p.requires_grad}
+    theirs = {n.removeprefix("base_model.model.").replace(".default.weight", "")
+              for n, p in ref.named_parameters() if p.requires_grad}  # fmt: skip
+    assert trained == theirs and any(".lora_B" in n for n in trained) == (init == "orthogonal")
+    ours(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in slimtune.trainable_parameters(ours))
