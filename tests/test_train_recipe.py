@@ -27,6 +27,11 @@ BAD = {
     "unknown key": ("    steps: 1\n", "    steps: 1\n    sptes: 2\n", ":12: stages[0].sptes: unknown key"),
     "stage named ..": ("  - name: a\n", "  - name: ..\n", ":8: stages[0].name: '..': a name starts with"),
     "stage named as a hidden file": ("  - name: a\n", "  - name: .a\n", ":8: stages[0].name: '.a'"),
+    "kfpf k above the stage's steps": (
+        "    steps: 1\n",
+        "    steps: 1\n    kfpf: {k: 2}\n",
+        "stages[0].kfpf.k: 2 FPF steps do not fit the stage's 1 training steps",
+    ),
     "unknown log key": ("model:\n", "log: {wandb: true}\nmodel:\n", ":1: log.wandb: unknown key"),
     "unknown top-level key": ("model:\n", "modle: {}\nmodel:\n", ":1: modle: unknown key"),
     "wrong type": ("batch_size: 2", "batch_size: two", ":12: stages[0].batch_size: expected an integer"),

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import slimtune
 import torch
 import yaml
 from slimtune.apps.cli import main
@@ -434,3 +435,30 @@ def test_local_model_directory_with_its_tokenizer(tmp_path):
     }
     result = run(_write(tmp_path, data), tmp_path / "run")
     assert result.metrics["loss"][0][0] < result.metrics["base"]["loss"][0]
+
+
+def test_a_full_disk_mid_run_is_one_message_and_the_run_resumes_exactly(tmp_path, monkeypatch, capsys):
+    import errno
+
+    data = _four_stages()
+    data["stages"], data["tasks"][1]["stage"] = data["stages"][:2], "lora"
+    recipe = _write(tmp_path, data)
+    whole = run(recipe, tmp_path / "whole")
+    original, calls = slimtune.files.write_text, []
+
+    def full(path, text):
+        calls.append(path)
+        if "02-lora" in str(path) and str(path).endswith("result.json"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return original(path, text)
+
+    monkeypatch.setattr(slimtune.files, "write_text", full)
+    assert main(["train", str(recipe), "--output", str(tmp_path / "cut")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "No space left on device writing " in err
+    assert f"--output {tmp_path / 'cut'} --resume`" in err
+    monkeypatch.setattr(slimtune.files, "write_text", original)
+    resumed = run(recipe, tmp_path / "cut", resume=True)
+    assert resumed.metrics["accuracy"] == whole.metrics["accuracy"]
+    for name, parameter in whole.model.named_parameters():
+        assert torch.equal(parameter, resumed.model.get_parameter(name)), name

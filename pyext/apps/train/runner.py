@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import errno
 import hashlib
 import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import sys
 import zlib
@@ -113,6 +115,18 @@ def _check_stages(recipe: Recipe, model: nn.Module, world: loop.World) -> None:
             )
 
 
+def _check_kfpf(recipe: Recipe, packed: list[Packed]) -> None:
+    """k-FPF runs k times at distinct steps of its stage: refuse a k the stage's steps (known once its
+    data is packed) cannot hold, instead of running fewer."""
+    for stage, rows in zip(recipe.stages, packed, strict=True):
+        steps = _steps(stage, len(rows))
+        if stage.kfpf is not None and stage.kfpf.k > steps:
+            raise RecipeError(
+                f"{stage.kfpf.where}.k: {stage.kfpf.k} FPF steps do not fit the stage's {steps} training "
+                f"steps (one at most after each); use k <= {steps}"
+            )
+
+
 def _mixed(sources: tuple[Source, ...], seed: int, earlier: dict[str, list[Example]]) -> list[Example]:
     """The sources' examples, weighted and mixed (a `stage` source reuses an earlier stage's mix)."""
     parts = []
@@ -166,6 +180,7 @@ def prepare(recipe: Recipe, world: loop.World) -> Prepared:
         )
     _check_stages(recipe, model, world)
     packed, samples = _pack_stages(recipe, tokenizer)
+    _check_kfpf(recipe, packed)
     evals = [_eval_set(task, recipe) for task in recipe.tasks]
     for task, (examples, _) in zip(recipe.tasks, evals, strict=True):
         try:  # a chat task needs a tokenizer with a chat template: say so before training
@@ -725,7 +740,8 @@ def run(
 
 
 def main(args: argparse.Namespace) -> int:
-    """`slimtune train RECIPE [--output DIR] [--resume]`: a bad recipe is one message and exit code 2."""
+    """`slimtune train RECIPE [--output DIR] [--resume]`: a bad recipe is one message and exit code 2;
+    a file that cannot be written mid-run (a full disk) is one message and exit code 1."""
     try:
         if args.changed_data and not args.resume:
             raise RecipeError("--changed-data goes with --resume (it lets a resumed run use changed data)")
@@ -733,4 +749,16 @@ def main(args: argparse.Namespace) -> int:
     except RecipeError as err:
         print(f"slimtune train: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            raise
+        resume = shlex.join(
+            ["slimtune", "train", str(args.recipe), *(["--output", args.output] * bool(args.output))]
+        )
+        print(
+            f"slimtune train: {err.strerror} writing {err.filename or 'the run folder'}: every finished "
+            f"stage is kept; fix that and continue with `{resume} --resume`",
+            file=sys.stderr,
+        )
+        return 1
     return 0
