@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -140,8 +141,15 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from None
 
 
-def read_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file; ValueError naming the file for anything unreadable."""
+def read_tensors(path: str | Path, max_bytes: int | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; ValueError naming the file for anything unreadable,
+    or (before reading a byte of it) for a file larger than `max_bytes`."""
+    size = Path(path).stat().st_size if Path(path).exists() else 0
+    if max_bytes is not None and size > max_bytes:
+        raise ValueError(
+            f"{path} holds {size:,d} bytes, more than any checkpoint of this model can ({max_bytes:,d}: four "
+            f"times its parameters): a damaged or foreign file, not read"
+        )
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -150,7 +158,25 @@ def read_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from None
     if CHECKSUM in metadata and metadata[CHECKSUM] != digest(tensors):
         raise ValueError(f"{path} is damaged: its tensors do not match the checksum written with them")
+    _warn_non_finite(tensors, path)
     return tensors, metadata
+
+
+def checkpoint_limit(model: torch.nn.Module) -> int:
+    """The most bytes a checkpoint of `model` can hold: four times its parameters (float32 copies of a
+    16-bit model's entries, adapters, indices), plus 1 MiB of headers."""
+    return 4 * sum(p.numel() * p.element_size() for p in model.parameters()) + 2**20
+
+
+def _warn_non_finite(tensors: dict[str, Tensor], path: str | Path) -> None:
+    """A loaded NaN or inf makes every output NaN: say which tensors hold them (PEFT loads silently)."""
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        warnings.warn(
+            f"{path}: {len(bad)} tensor(s) hold NaN or inf values ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}); a model loaded from it computes NaN or inf",
+            stacklevel=3,
+        )
 
 
 def index_value_pairs(tensors: dict[str, Tensor], path: str | Path) -> dict[str, tuple[Tensor, Tensor]]:

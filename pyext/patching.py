@@ -162,7 +162,7 @@ def load(model: nn.Module, directory: str | Path, allow_other_class: bool = Fals
             f"{config_path} lacks {missing} (or they are not JSON objects): a damaged checkpoint"
         )
     check_unpatched(model)
-    saved, tensor_meta = files.read_tensors(tensors_path)
+    saved, tensor_meta = files.read_tensors(tensors_path, files.checkpoint_limit(model))
     files.check_bound(config_path, meta, tensor_meta, tensors_path)
     config = config_from_dict(meta["config"])
     _check_shapes(model, meta["modules"], meta.get("base_model_class"))

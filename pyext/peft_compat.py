@@ -125,7 +125,7 @@ def load_peft(model: nn.Module, directory: str | Path) -> nn.Module:
     """
     directory = Path(directory)
     peft = _peft_config(directory)
-    tensors, metadata = files.read_tensors(directory / WEIGHTS_FILE)
+    tensors, metadata = files.read_tensors(directory / WEIGHTS_FILE, files.checkpoint_limit(model))
     files.check_bound(directory / CONFIG_FILE, _meaning(peft), metadata, directory / WEIGHTS_FILE)
     saved, adapted = {}, set()
     for key, tensor in tensors.items():

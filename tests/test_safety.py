@@ -206,3 +206,34 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch) -> None:
     assert after == before
     fresh = make_model("llama")
     slimtune.load(fresh, directory)  # the old checkpoint still loads
+
+
+def test_a_tensor_file_larger_than_any_checkpoint_of_the_model_is_refused_unread(
+    tmp_path, monkeypatch
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model = make_model("llama")
+    slimtune.apply(model, slimtune.PaCAConfig(r=4))
+    directory = slimtune.save(model, tmp_path / "ckpt")
+    tensors = load_file(directory / "slimtune_model.safetensors")
+    weights = sum(p.numel() for p in make_model("llama").parameters())
+    tensors["junk"] = torch.zeros(10 * weights)  # 10x the model's float32 bytes, declared and present
+    save_file(tensors, directory / "slimtune_model.safetensors")
+    monkeypatch.setattr(slimtune.files, "safe_open", lambda *a, **k: pytest.fail("the file was opened"))
+    fresh = make_model("llama")
+    refused(
+        fresh, lambda: slimtune.load(fresh, directory), ValueError, r"more than any checkpoint of this model"
+    )
+
+
+def test_non_finite_saved_values_load_with_a_warning_naming_them(tmp_path) -> None:
+    model = make_model("llama")
+    slimtune.apply(model, slimtune.LoRAConfig(r=4, alpha=8))
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.lora_B[0, 0] = float("nan")
+    for format in ("slimtune", "peft"):
+        directory = slimtune.save(model, tmp_path / format, format=format)
+        load = slimtune.load if format == "slimtune" else slimtune.load_peft
+        with pytest.warns(UserWarning, match=r"1 tensor\(s\) hold NaN or inf values \(.*q_proj\.lora_B"):
+            load(make_model("llama"), directory)
