@@ -18,6 +18,7 @@ from torch import nn
 from .architectures import architecture, final_logit_softcap, mlp_layout, probe_input, rms_norm_eps
 from .layers.lean import LeanGatedMLP, LeanLMHead, LeanRMSNorm
 from .layers.partial import PartialLinear
+from .transaction import Transaction
 
 _LEAN = "_slimtune_lean"
 
@@ -76,12 +77,32 @@ def lean(model: nn.Module) -> nn.Module:
 
     Outputs and gradients stay those of the model within dtype tolerance; called with `labels`, the
     model returns its loss and `logits=None` (the batch's logits are never formed). `unlean` undoes it.
+    All or nothing: a failure part-way leaves the model as it was (no stand-in, no hook).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if getattr(model, _LEAN, None) is not None:
         raise ValueError(f"{type(model).__name__} is lean already; call slimtune.unlean(model) first")
-    arch, state, swaps = architecture(model), LeanState(), []
+    state = LeanState()
+    with Transaction(model) as transaction:
+        swaps = _block_swaps(model, state)
+        swaps += _head_swap(model, state, transaction)
+        for name, replacement in swaps:
+            model.set_submodule(name, replacement)
+        setattr(model, _LEAN, state)
+    if state.skipped:
+        warnings.warn(
+            f"slimtune.lean: {len(state.skipped)} modules kept their own path: "
+            f"{'; '.join(sorted(set(state.skipped.values())))}",
+            stacklevel=2,
+        )
+    return model
+
+
+def _block_swaps(model: nn.Module, state: LeanState) -> list[tuple[str, nn.Module]]:
+    """The stand-ins of the blocks' RMSNorms and gated MLPs that pass their probes (the rest are
+    recorded in `state.skipped` with the reason)."""
+    arch, swaps = architecture(model), []
     for name, module in model.named_modules():
         if not name:
             continue
@@ -99,46 +120,45 @@ def lean(model: nn.Module) -> nn.Module:
         else:
             swaps.append((name, replacement))
             swapped.append(name)
+    return swaps
+
+
+def _head_swap(model: nn.Module, state: LeanState, transaction: Transaction) -> list[tuple[str, nn.Module]]:
+    """The LM head's stand-in and its two hooks on the model (removed again if the swap fails)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
-    if type(head) is nn.Linear and head.bias is None and head_name:
-        state.lm_head = head_name
-        lean_head = LeanLMHead(head, final_logit_softcap(model))
-        swaps.append((head_name, lean_head))
-        state.hooks = [
-            model.register_forward_pre_hook(lean_head.divert_labels, with_kwargs=True),
-            model.register_forward_hook(lean_head.attach_loss, with_kwargs=True),
-        ]
-    elif head is not None:
-        state.skipped["lm_head"] = f"{type(head).__name__} with bias or not a plain nn.Linear: kept"
-    for name, replacement in swaps:
-        model.set_submodule(name, replacement)
-    setattr(model, _LEAN, state)
-    if state.skipped:
-        warnings.warn(
-            f"slimtune.lean: {len(state.skipped)} modules kept their own path: "
-            f"{'; '.join(sorted(set(state.skipped.values())))}",
-            stacklevel=2,
-        )
-    return model
+    if type(head) is not nn.Linear or head.bias is not None or not head_name:
+        if head is not None:
+            state.skipped["lm_head"] = f"{type(head).__name__} with bias or not a plain nn.Linear: kept"
+        return []
+    state.lm_head = head_name
+    lean_head = LeanLMHead(head, final_logit_softcap(model))
+    for register, hook in ((model.register_forward_pre_hook, lean_head.divert_labels),
+                           (model.register_forward_hook, lean_head.attach_loss)):  # fmt: skip
+        state.hooks.append(register(hook, with_kwargs=True))
+        transaction.on_rollback(state.hooks[-1].remove)
+    return [(head_name, lean_head)]
 
 
 def unlean(model: nn.Module) -> nn.Module:
-    """Put the original modules back (their parameters are the lean stand-ins' own)."""
+    """Put the original modules back (their parameters are the lean stand-ins' own); all or nothing."""
     state: LeanState | None = getattr(model, _LEAN, None)
     if state is None:
         raise ValueError(f"{type(model).__name__} is not lean; there is nothing to undo")
-    for hook in state.hooks:
+    with Transaction(model):
+        for name in [*state.norms, *state.mlps, *([state.lm_head] if state.lm_head else [])]:
+            module = model.get_submodule(name)
+            if isinstance(module, LeanGatedMLP | LeanRMSNorm | LeanLMHead):
+                model.set_submodule(name, module.restore())
+            elif isinstance(
+                getattr(module, "original", None), LeanGatedMLP
+            ):  # LoRA's fused MLP over a lean one
+                inner = module.original
+                inner._modules.update(module._modules)  # the fused module's children are the current ones
+                module.__dict__["original"] = inner.restore()
+        delattr(model, _LEAN)
+    for hook in state.hooks:  # last: nothing after it can fail
         hook.remove()
-    for name in [*state.norms, *state.mlps, *([state.lm_head] if state.lm_head else [])]:
-        module = model.get_submodule(name)
-        if isinstance(module, LeanGatedMLP | LeanRMSNorm | LeanLMHead):
-            model.set_submodule(name, module.restore())
-        elif isinstance(getattr(module, "original", None), LeanGatedMLP):  # LoRA's fused MLP over a lean one
-            inner = module.original
-            inner._modules.update(module._modules)  # the fused module's children are the current ones
-            module.__dict__["original"] = inner.restore()
-    delattr(model, _LEAN)
     return model
 
 

@@ -1,10 +1,12 @@
 """Soft prompts: trainable embeddings prepended to every input (prompt tuning), the first half of
 ProMoT (Wang et al., "Preserving In-Context Learning ability in Large Language Model Fine-tuning").
 
-`attach(model, prompt)` makes the model read the prompt's learned embeddings before its input:
-the first forward of a sequence prepends them (and ones to the attention mask, -100 to the labels,
-`tokens` to the positions; the input's first token is not a target, as without the prompt); later
-cached steps only shift positions and the mask. Logits come back for the caller's positions only,
+`attach(model, prompt)` makes the model read the prompt's learned embeddings before its input,
+through two hooks on the model (its pre-hook runs before any other, so lean mode diverts the
+shifted labels, and a wrapped `forward`, such as accelerate's, is left alone): the first forward
+of a sequence prepends them (and ones to the attention mask, -100 to the labels, `tokens` to the
+positions; the input's first token is not a target, as without the prompt); later cached steps
+only shift positions and the mask. Logits come back for the caller's positions only,
 so losses, greedy decoding and `generate` see the model they called (hidden states keep the
 prompt's positions). The prompt is not a parameter of the model: `model.parameters()`,
 `state_dict` and `save_pretrained` do not hold it, so a later stage that trains the whole model
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,24 +45,24 @@ class SoftPrompt(nn.Module):
 
 
 class _Prompted:
-    """The prompted model's `forward`: the prompt prepended on the first call of a sequence."""
+    """The prompt's two hooks on the model. Before its forward (ahead of every other pre-hook, such as
+    lean mode's, which then sees the shifted labels): the prompt prepended on the first call of a
+    sequence, positions, mask and labels shifted. After it: the logits of the caller's positions."""
 
-    def __init__(self, model: nn.Module, prompt: SoftPrompt, inner: Any) -> None:
-        self.model, self.prompt, self.inner = model, prompt, inner
+    def __init__(self, prompt: SoftPrompt) -> None:
+        self.prompt = prompt
+        self.lengths: list[int | None] = []  # per call in flight: the prompted length of a first call
 
-    def _forward(self, **kwargs: Any) -> Any:
-        if self.inner is not None:
-            return self.inner(**kwargs)
-        return type(self.model).forward(self.model, **kwargs)
-
-    def __call__(self, input_ids: Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
-        if args:
+    def before(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        if len(args) > 1:
             raise TypeError("a model with a soft prompt takes keyword arguments after input_ids")
+        kwargs = dict(kwargs)
+        input_ids = args[0] if args else kwargs.pop("input_ids", None)
         n = self.prompt.tokens
         past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.25 names it `cache`
         first = past is None or past.get_seq_length() == 0
         if first:
-            self._prepend(input_ids, kwargs)
+            self._prepend(model, input_ids, kwargs)
         else:
             kwargs["input_ids"] = input_ids
             for key in ("position_ids", "cache_position"):
@@ -69,18 +72,22 @@ class _Prompted:
         if mask is not None:
             kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
             _positions_from_mask(kwargs)
-        out = self._forward(**kwargs)
-        length = kwargs["inputs_embeds"].shape[1] if first else None
-        if first and getattr(out, "logits", None) is not None and out.logits.shape[1] == length:
-            out.logits = out.logits[:, n:]
+        self.lengths.append(kwargs["inputs_embeds"].shape[1] if first else None)
+        return (), kwargs
+
+    def after(self, model: nn.Module, args: tuple, kwargs: dict[str, Any], out: Any) -> Any:
+        length = self.lengths.pop() if self.lengths else None
+        logits = getattr(out, "logits", None)
+        if length is not None and logits is not None and logits.shape[1] == length:
+            out.logits = logits[:, self.prompt.tokens :]
         return out
 
-    def _prepend(self, input_ids: Tensor | None, kwargs: dict[str, Any]) -> None:
+    def _prepend(self, model: nn.Module, input_ids: Tensor | None, kwargs: dict[str, Any]) -> None:
         """A sequence's first forward: the prompt's embeddings before the input's, and -100 labels
         and leading positions for them."""
         n, embeds = self.prompt.tokens, kwargs.pop("inputs_embeds", None)
         if embeds is None:
-            embeds = self.model.get_input_embeddings()(input_ids)
+            embeds = model.get_input_embeddings()(input_ids)
         rows = embeds.shape[0]
         prompt = self.prompt.weight.to(embeds.device, embeds.dtype).unsqueeze(0).expand(rows, -1, -1)
         kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
@@ -95,6 +102,12 @@ class _Prompted:
             kwargs["position_ids"] = torch.cat([lead.expand(positions.shape[0], n), positions + n], dim=1)
         if kwargs.get("cache_position") is not None:
             kwargs["cache_position"] = torch.cat([lead, kwargs["cache_position"] + n])
+
+
+@dataclass
+class _Attachment:
+    prompt: SoftPrompt
+    handles: list[Any]
 
 
 def _positions_from_mask(kwargs: dict[str, Any]) -> None:
@@ -114,7 +127,8 @@ def _positions_from_mask(kwargs: dict[str, Any]) -> None:
 
 def attached(model: nn.Module) -> SoftPrompt | None:
     """The model's soft prompt, or None."""
-    return model.__dict__.get(_ATTR)
+    attachment = model.__dict__.get(_ATTR)
+    return attachment.prompt if attachment is not None else None
 
 
 def _embedding(model: nn.Module) -> nn.Embedding:
@@ -158,24 +172,24 @@ def attach(model: nn.Module, prompt: SoftPrompt) -> SoftPrompt:
             f"{width}: "
             f"it belongs to another model"
         )
-    inner = model.__dict__.get("forward")
-    object.__setattr__(model, _ATTR, prompt)
-    model.forward = _Prompted(model, prompt, inner)
+    hooks = _Prompted(prompt)
+    handles = [
+        model.register_forward_pre_hook(hooks.before, with_kwargs=True, prepend=True),
+        model.register_forward_hook(hooks.after, with_kwargs=True),
+    ]
+    object.__setattr__(model, _ATTR, _Attachment(prompt, handles))
     return prompt
 
 
 def detach(model: nn.Module) -> SoftPrompt:
-    """Remove the model's prompt (its `forward` is the one it had before) and return it."""
-    prompt = attached(model)
-    if prompt is None:
+    """Remove the model's prompt (its hooks) and return it."""
+    attachment = model.__dict__.get(_ATTR)
+    if attachment is None:
         raise ValueError(f"{type(model).__name__} has no soft prompt to detach")
-    inner = model.forward.inner
+    for handle in attachment.handles:
+        handle.remove()
     del model.__dict__[_ATTR]
-    if inner is None:
-        del model.forward
-    else:
-        model.forward = inner
-    return prompt
+    return attachment.prompt
 
 
 def replace(model: nn.Module, prompt: SoftPrompt | None) -> None:

@@ -234,3 +234,68 @@ def test_backward_in_chunks_of_tokens_gives_the_same_gradients(method: str, monk
     torch.testing.assert_close(embeds[1], embeds[0], rtol=1e-5, atol=1e-7)
     for (name, a), b in zip(trainable(reference).items(), trainable(chunked).values(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("case", ["all labels ignored", "one-token rows"])
+def test_no_target_gives_the_plain_model_s_nan_loss_and_zero_gradients(case: str) -> None:
+    """The plain model's mean cross-entropy over no target is 0/0 = NaN with zero gradients; lean mode
+    once returned 0."""
+    plain = build("llama")
+    plain_lean = slimtune.lean(copy.deepcopy(plain))
+    ids = make_batch(batch=2, seq=6)
+    ids, labels = (
+        (ids, torch.full_like(ids, -100)) if case == "all labels ignored" else (ids[:, :1], ids[:, :1])
+    )
+    for model in (plain, plain_lean):
+        model(input_ids=ids, labels=labels).loss.backward()
+    assert torch.isnan(plain(input_ids=ids, labels=labels).loss)
+    assert torch.isnan(plain_lean(input_ids=ids, labels=labels).loss)
+    for name, parameter in plain.named_parameters():
+        assert torch.equal(plain_lean.get_parameter(name).grad, parameter.grad), name
+
+
+def test_a_soft_prompt_and_lean_mode_give_the_prompted_loss_and_gradients() -> None:
+    """The prompt's hook shifts the labels before lean mode diverts them (they once kept the input's
+    length against the prompted hidden states: a shape error)."""
+    from slimtune.prompt import attach, make
+
+    base = build("llama").requires_grad_(False)
+    ids = make_batch(batch=2, seq=7)
+    losses, grads = [], []
+    for lean_first in (None, True, False):
+        model, prompt = copy.deepcopy(base), make(base, 3, seed=1)
+        if lean_first:
+            slimtune.lean(model)
+        attach(model, prompt)
+        if lean_first is False:
+            slimtune.lean(model)
+        loss = model(input_ids=ids, labels=labels_with_ignored(ids)).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(prompt.weight.grad)
+    for loss, grad in zip(losses[1:], grads[1:], strict=True):
+        torch.testing.assert_close(loss, losses[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, grads[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("step", ["lean", "unlean"])
+def test_lean_and_unlean_are_all_or_nothing(step: str, monkeypatch) -> None:
+    """A failure at the third module swap leaves the model as it was: no stand-in, no hook left behind
+    by `lean`; still lean, and working, after a failed `unlean`."""
+    from test_refusals import assert_untouched, snapshot
+    from test_transactions import fail_on_call
+
+    model = prepared("llama", "paca")
+    ids = make_batch(batch=2, seq=6)
+    if step == "unlean":
+        slimtune.lean(model)
+    expected = model(input_ids=ids, labels=ids).loss
+    before, hooks = snapshot(model), (dict(model._forward_pre_hooks), dict(model._forward_hooks))
+    with monkeypatch.context() as patch:
+        fail_on_call(patch, type(model), "set_submodule", 3, torch.OutOfMemoryError)
+        with pytest.raises(torch.OutOfMemoryError, match="injected"):
+            (slimtune.lean if step == "lean" else slimtune.unlean)(model)
+    assert_untouched(model, before)
+    assert (dict(model._forward_pre_hooks), dict(model._forward_hooks)) == hooks
+    assert slimtune.lean_report(model)["lean"] == (step == "unlean")
+    assert torch.equal(model(input_ids=ids, labels=ids).loss, expected)

@@ -36,6 +36,8 @@ def _shrunk(recipe: Path) -> dict:
         task["n"] = 4
     for stage in data["stages"]:
         stage.update(steps=2, batch_size=4)
+        if "kfpf" in stage:  # at most one FPF step after each training step
+            stage["kfpf"]["k"] = min(stage["kfpf"]["k"], 2)
         for source in stage["data"]:
             if "task" in source:
                 source["n"] = 32

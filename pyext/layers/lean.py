@@ -254,12 +254,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, softcap: float | None, chunk: int,
                 normalizer: Tensor | float | None) -> Tensor:  # fmt: skip
         valid = targets != IGNORE_INDEX
-        # A tensor, not a Python float: reading the count back would sync the device every step.
+        # A tensor, not a Python float: reading the count back would sync the device every step. No
+        # target at all gives 0/0 = NaN, as the mean cross-entropy of the plain model does.
         count = (
-            valid.sum().clamp_min(1).float()
+            valid.sum().float()
             if normalizer is None
             else torch.as_tensor(normalizer, dtype=torch.float32, device=h.device)
         )
+        per_target = count.reciprocal().nan_to_num(posinf=0.0)  # the gradient of no target is 0, as plain
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         dh = torch.empty_like(h) if need_h else None
@@ -277,7 +279,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if need_h or need_w:
                 g = torch.softmax(z, dim=-1)
                 g[torch.arange(g.shape[0], device=g.device), safe] -= 1.0
-                g *= (vc / count)[:, None]
+                g *= (vc * per_target)[:, None]
                 if softcap is not None:
                     g *= 1 - (z / softcap) ** 2
                 g = g.to(h.dtype)
