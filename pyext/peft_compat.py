@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +217,8 @@ def save_peft(model: nn.Module, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     bound = {"format": "pt", files.CONFIG_DIGEST: files.json_digest(_meaning(peft))}
-    files.save_tensors(tensors, directory / WEIGHTS_FILE, metadata=bound)
-    files.write_text(directory / CONFIG_FILE, json.dumps(peft, indent=2) + "\n")
+    files.write_together({  # all or nothing: never a new config beside old tensors
+        directory / WEIGHTS_FILE: partial(files.save_tensors, tensors, metadata=bound),
+        directory / CONFIG_FILE: partial(files.write_text, text=json.dumps(peft, indent=2) + "\n"),
+    })  # fmt: skip
     return directory

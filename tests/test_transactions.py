@@ -236,7 +236,10 @@ def test_merge_is_all_or_nothing_at_every_torch_call(method) -> None:
 
 
 @pytest.mark.parametrize("failing", ["write_text", "replace"])
-def test_a_failed_save_over_a_checkpoint_leaves_the_previous_one_loadable(failing, tmp_path, monkeypatch):
+@pytest.mark.parametrize("format", ["slimtune", "peft"])
+def test_a_failed_save_over_a_checkpoint_leaves_the_previous_one_loadable(
+    format, failing, tmp_path, monkeypatch
+):
     """Saving an r=8 model over an r=4 checkpoint fails (a full disk on the config's write, or the
     second rename into place): the folder holds exactly the r=4 files, which load as before."""
     import errno
@@ -244,15 +247,21 @@ def test_a_failed_save_over_a_checkpoint_leaves_the_previous_one_loadable(failin
 
     from slimtune import files
 
-    old = trained("paca")
-    directory = slimtune.save(old, tmp_path / "checkpoint")
+    method, config = (
+        ("paca", slimtune.PaCAConfig(r=8))
+        if format == "slimtune"
+        else ("lora", slimtune.LoRAConfig(r=8, alpha=8))
+    )
+    load = slimtune.load if format == "slimtune" else slimtune.load_peft
+    old = trained(method)
+    directory = slimtune.save(old, tmp_path / "checkpoint", format=format)
     before = {p.name: p.read_bytes() for p in directory.iterdir()}
-    new = slimtune.apply(make_model("llama"), slimtune.PaCAConfig(r=8))
+    new = slimtune.apply(make_model("llama"), config)
     with monkeypatch.context() as patch:
         owner, n = (files, 1) if failing == "write_text" else (os, 4)  # 2 staged writes, then 2 renames
         fail_on_call(patch, owner, failing, n, lambda message: OSError(errno.ENOSPC, message))
         with pytest.raises(OSError, match="injected"):
-            slimtune.save(new, directory)
+            slimtune.save(new, directory, format=format)
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before  # and nothing left beside
     ids = make_batch()
-    assert torch.equal(logits(slimtune.load(make_model("llama"), directory), ids), logits(old, ids))
+    assert torch.equal(logits(load(make_model("llama"), directory), ids), logits(old, ids))
