@@ -4,6 +4,7 @@ mask recovers a fine-tune's loss better than a random one of the same size; over
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from slimtune.apps.train.graft import _top_mask, graft_diff, localize, overlap, task_loss
@@ -68,11 +69,11 @@ def test_the_learned_region_recovers_more_than_a_random_one() -> None:
     assert overlap(masks, disjoint) == {"jaccard": 0.0, "of_first": 0.0, "of_second": 0.0}
 
 
-def _graft_recipe(tmp_path, apply: bool = False):
+def _graft_recipe(tmp_path, apply: bool = False, **settings):
     import yaml
 
     stage = {"steps": 4, "batch_size": 4, "lr": 1e-2}
-    graft = {"graft": {"sparsity": 0.01, "steps": 3, "batch_size": 4, "apply": apply}}
+    graft = {"graft": {"sparsity": 0.01, "steps": 3, "batch_size": 4, "apply": apply, **settings}}
     data = {
         "seed": 2,
         "seq_len": 32,
@@ -145,3 +146,75 @@ def test_a_graft_needs_a_task_the_stage_teaches(tmp_path) -> None:
     with pytest.raises(RecipeError, match="give a task `stage: a`"):
         run(path, tmp_path / "run")
     assert not (tmp_path / "run" / "stages").exists()
+
+
+def _authors_reference(base, tuned, batches, sparsity, steps, lr, seed):
+    """The authors' update written as their code does it (graft_trainer.py): the model interpolated
+    in place, parameter gradients times (tuned - base) averaged over the batches, then
+    score -= (1 - 2 s) * g * sigmoid'(score - 10); the rounded mask with the lowest loss is kept."""
+    from slimtune.apps.train.graft import _weights
+
+    names = list(_weights(base, "all-linear"))
+    pre = {n: base.get_parameter(n).detach() for n in names}
+    delta = {n: tuned.get_parameter(n).detach() - pre[n] for n in names}
+    region = {n: m.float() for n, m in _top_mask({n: d.abs() for n, d in delta.items()}, sparsity).items()}
+    generator = torch.Generator().manual_seed(seed)
+    scores = {n: torch.rand(region[n].shape, generator=generator) for n in names}
+    model = copy.deepcopy(base)
+
+    def set_fraction(fraction):
+        with torch.no_grad():
+            for n in names:
+                model.get_parameter(n).copy_(pre[n] + fraction[n] * delta[n])
+
+    best, best_loss = None, float("inf")
+    for _ in range(steps):
+        set_fraction({n: region[n] + (1 - 2 * region[n]) * torch.sigmoid(scores[n] - 10) for n in names})
+        total = {n: torch.zeros_like(pre[n]) for n in names}
+        for batch in batches:
+            model(**batch).loss.backward()
+            for n in names:
+                total[n] += lr * model.get_parameter(n).grad * delta[n]
+            model.zero_grad()
+        for n in names:
+            sig = torch.sigmoid(scores[n] - 10)
+            scores[n] -= (1 - 2 * region[n]) * (total[n] / len(batches)) * sig * (1 - sig)
+        mask = {n: (region[n] + (1 - 2 * region[n]) * torch.sigmoid(scores[n] - 10)) > 0.5 for n in names}
+        set_fraction({n: m.float() for n, m in mask.items()})
+        with torch.no_grad():
+            value = sum(float(model(**b).loss) for b in batches) / len(batches)
+        if value < best_loss:
+            best, best_loss = mask, value
+    return best
+
+
+def test_the_authors_procedure_matches_their_update_and_lets_the_mask_grow() -> None:
+    base = make_model("llama")
+    tuned, _ = _tuned(base)
+    batches = [{"input_ids": ids, "labels": ids} for ids in (make_batch(seed=3), make_batch(seed=4))]
+    calls = [0]
+
+    def loss(model, params):  # the two batches in turn, as the accumulation reads them
+        calls[0] += 1
+        return task_loss(batches[(calls[0] - 1) % 2])(model, params)
+
+    settings = {"sparsity": 0.01, "steps": 4, "lr": 3e6}
+    _, masks = localize(base, tuned, loss, **settings, procedure="authors", accumulate=2, seed=5)
+    expected = _authors_reference(base, tuned, batches, **settings, seed=5)
+    for name, mask in masks.items():
+        assert torch.equal(mask, expected[name]), name
+    kept, total = sum(int(m.sum()) for m in masks.values()), sum(m.numel() for m in masks.values())
+    assert 0 < kept < total and kept != math.ceil(0.01 * total)  # flips change its size: no fixed budget
+
+
+def test_a_recipe_grafts_with_the_authors_procedure(tmp_path) -> None:
+    import json
+
+    import pytest
+    from slimtune.apps.train import RecipeError, run
+
+    run(_graft_recipe(tmp_path, procedure="authors", accumulate=2), tmp_path / "run")
+    grafts = json.loads((tmp_path / "run" / "metrics.json").read_text())["grafts"]
+    assert set(grafts) == {"a", "b"} and all(g["entries"] > 0 for g in grafts.values())
+    with pytest.raises(RecipeError, match=r"graft\.procedure: 'paper' is not one of budget, authors"):
+        run(_graft_recipe(tmp_path, procedure="paper"), tmp_path / "other")

@@ -17,7 +17,7 @@ import slimtune
 from ..shipped import SHIPPED
 from .data import FIELDS, Form, Source
 from .fpf import AUTO, FPF
-from .graft import Graft
+from .graft import PROCEDURES, Graft
 from .methods import StageMethod, known_methods, make_method, method_options
 from .models import BUILTIN, DTYPES, ModelSpec, llama_keys
 from .post import Op
@@ -362,11 +362,16 @@ def _graft(section: Section) -> Graft:
     sparsity = section.positive("sparsity", NUMBER, 1e-4)
     if sparsity > 1:
         raise section.error("sparsity", f"the share of entries kept is at most 1, got {sparsity}")
+    procedure = section.get("procedure", TEXT, "budget")
+    if procedure not in PROCEDURES:
+        raise section.error("procedure", f"{procedure!r} is not one of {', '.join(PROCEDURES)}")
     graft = Graft(
         sparsity=sparsity,
         steps=section.positive("steps", INT, 50, LIMITS["steps"]),
-        lr=section.positive("lr", NUMBER, 0.1),
+        lr=section.positive("lr", NUMBER, None),
         batch_size=section.positive("batch_size", INT, 8, LIMITS["batch_size"]),
+        procedure=procedure,
+        accumulate=section.positive("accumulate", INT, 1, LIMITS["batch_size"]),
         target_modules=_all_linear(section.get("target_modules", NAMES, ("all-linear",))),
         apply=section.get("apply", BOOL, False),
         where=section.where(),

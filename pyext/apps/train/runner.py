@@ -518,8 +518,9 @@ def _graft(here: StageRun, op: post.Op, run: RunDir) -> dict[str, Any]:
     loss = graft.data_loss(here.prepared.packed[here.index], settings.batch_size, here.seed + 7)
     try:
         diff, masks = graft.localize(
-            start, model, loss, settings.sparsity, settings.steps, settings.lr, settings.target_modules
-        )
+            start, model, loss, settings.sparsity, settings.steps, settings.lr, settings.target_modules,
+            settings.procedure, settings.accumulate, here.seed + 11,
+        )  # fmt: skip
     except ValueError as err:
         raise RecipeError(f"{op.where}: {err}") from None
     if here.world.rank == 0:
