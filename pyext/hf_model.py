@@ -7,13 +7,16 @@ entry point that patches (apply, load, unmerge, load_peft, corda.apply) and take
   (`checkpoint.check_identity`), and `_keys_to_ignore_on_save` naming the frozen keys such a state
   dict leaves out;
 - `num_parameters`: each weight entry counted once (an in-place method's trained tensors are entries
-  of the dense weight, not parameters beside it); adapters count, as PEFT counts them.
+  of the dense weight, not parameters beside it); adapters count, as PEFT counts them;
+- for an in-place method, a forward pre-hook refusing sharding engines it cannot train under yet
+  (`sharding`).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from . import sharding
 from .checkpoint import SavePretrained, check_identity
 from .state import PatchState, duplicated_entries, require_patched
 
@@ -45,6 +48,7 @@ def install(model: nn.Module) -> nn.Module:
         trained = {name for name, p in model.named_parameters() if p.requires_grad}
         model._keys_to_ignore_on_save = [key for key in model.state_dict() if key not in trained]
     state.load_hook = model.register_load_state_dict_pre_hook(check_identity)
+    sharding.install(model, state)
     return model
 
 
@@ -55,3 +59,4 @@ def uninstall(model: nn.Module, state: PatchState) -> None:
     if state.load_hook is not None:
         state.load_hook.remove()
         state.load_hook = None
+    sharding.uninstall(state)

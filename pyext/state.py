@@ -32,6 +32,7 @@ class PatchState:
     extra: dict[str, Any] = field(default_factory=dict)
     full_modules: list[str] = field(default_factory=list)  # trained in full (modules_to_save)
     load_hook: Any = None  # the handle of hf_model.install's load-state-dict pre-hook
+    shard_hook: Any = None  # the handle of sharding.install's forward pre-hook (in-place methods)
 
 
 def patch_state(model: nn.Module) -> PatchState | None:
