@@ -1,4 +1,4 @@
-"""What `slimtune.sharding` refuses, measured: PaCA and S2FT with the guard removed, 5 AdamW steps
+"""What `slimtune.sharding` prevents, measured: PaCA and S2FT without it (its hook removed), 5 AdamW steps
 under FSDP2 (`fully_shard` per block and the root, 2 gloo processes, each half of a global batch of
 4 rows) against 1 process on the same batches. Prints the loss difference per step and the largest
 difference in the q_proj weights after the last step.
@@ -28,7 +28,7 @@ def steps(rank: int, world: int, init: str, out: str, method: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.manual_seed(0)
     model = slimtune.apply(make_model("llama"), CONFIGS[method])
-    slimtune.state.patch_state(model).shard_hook.remove()  # the guard off: what it prevents
+    slimtune.state.patch_state(model).shard_hook.remove()  # slimtune.sharding off: what it prevents
     if world > 1:
         from torch.distributed.fsdp import fully_shard
 

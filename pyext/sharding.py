@@ -1,23 +1,28 @@
-"""Sharding engines that an in-place method cannot train under yet, refused at the first forward.
+"""In-place methods under sharding engines: exact under FSDP2, refused under FSDP and ZeRO-3.
 
 PaCA and S2FT keep their trained entries in a tensor of their own and write them into the dense
-weight before a product reads it. FSDP2 (`fully_shard`), FSDP (`FullyShardedDataParallel`) and
-DeepSpeed ZeRO-3 gather that weight for each forward and backward and free it after, so the written
-entries are gone when backward re-gathers it, the sharded weight never holds them, and the engine
-may replace the trained Parameter that slimtune tracks: the run leaves the 1-process one from its
-third step (benchmarks/results/cpu-fsdp2-in-place-drift-2026-12-05.md: 1.5e-3 to 2.4e-3 in loss
-after 5 steps, 4e-2 in PaCA's weights; FSDP and ZeRO-3 release the weight the same way and are
-refused for that reason, not measured here). Until the sharded path exists, a patched model of an
-in-place method refuses its forward under such an engine, naming it and what works; DDP, ZeRO-1/2,
-and LoRA or Hydra under FSDP2 are not refused.
+weight before a product reads it. A sharding engine gathers that weight for each forward and
+backward and frees it after: entries written into the gathered copy are gone when backward gathers
+it again, and the sharded weight never holds them (without this module, under FSDP2 the run leaves
+the 1-process one from its third step: benchmarks/results/cpu-fsdp2-in-place-drift-2026-12-05.md).
+
+Under FSDP2 (`fully_shard`) the entries are written into the weight's shards instead, never into
+the gathered copies: after every `torch.optim` optimizer step that stepped a trained tensor (a
+global step post-hook) and when the model meets FSDP2 first. FSDP2 shards a weight and its trained
+columns (`out x r`) by the same rows, so PaCA's columns are written without communication; S2FT's
+rows (`r x in`) are gathered and each rank writes the rows its shard holds. FSDP
+(`FullyShardedDataParallel`) and DeepSpeed ZeRO-3 release the weight the same way and are refused
+at the first forward, naming the engine and what works; DDP and ZeRO-1/2 need nothing.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .registry import IN_PLACE, for_config
 from .state import PatchState, patched_layers
@@ -28,7 +33,7 @@ ZERO3 = "DeepSpeed ZeRO-3"
 
 
 def engine(model: nn.Module, layers: list[nn.Module]) -> str | None:
-    """The sharding engine that holds the layers' parameters, if one slimtune must refuse. Cheap (a
+    """The sharding engine that holds the layers' parameters (FSDP2, FSDP, ZeRO-3), or None. Cheap (a
     type test per layer and parameter), as it runs before every forward: FSDP2 leaves its modules
     FSDPModules and their parameters DTensors between forwards, FSDP and ZeRO-3 mark the
     parameters they manage."""
@@ -53,21 +58,53 @@ def engine(model: nn.Module, layers: list[nn.Module]) -> str | None:
 
 
 class Guard:
-    """The forward pre-hook that refuses an in-place method's model under a sharding engine."""
+    """The forward pre-hook of an in-place method's model: under FSDP2 it keeps the sharded weights
+    holding the trained entries; under an engine it cannot train under, it refuses."""
 
     def __init__(self, method: str, layers: list[nn.Module]) -> None:
         self.method, self.layers = method, layers  # the layer objects stay (engines wrap them in place)
+        self.sharded = False
 
     def __call__(self, module: nn.Module, args: Any) -> None:
         found = engine(module, self.layers)
+        if (found == FSDP2) != self.sharded:  # the layers read gathered copies from now on (or no more)
+            self.sharded = found == FSDP2
+            for layer in self.layers:
+                layer.sharded = self.sharded
+        if found == FSDP2:
+            _track(self.layers)
+            return
         if found is not None:
             raise RuntimeError(
                 f"{type(module).__name__} is patched with {self.method}, which writes its trained entries "
                 f"into the dense weight, and {found} shards that weight and gathers it without them: it "
-                f"would train silently wrong. Train {self.method} with DistributedDataParallel (torchrun + "
-                f"`slimtune train`, or DDP yourself) or DeepSpeed ZeRO-1/2, or shard a LoRA or Hydra model "
-                f"(they train exactly under FSDP2)"
+                f"would train silently wrong. Train {self.method} with DistributedDataParallel, DeepSpeed "
+                f"ZeRO-1/2 or FSDP2 (fully_shard), or shard a LoRA or Hydra model"
             )
+
+
+_SHARDED: weakref.WeakSet = weakref.WeakSet()  # layers under FSDP2, written after each optimizer step
+_STEP_HOOK: list[Any] = []
+
+
+def _track(layers: list[nn.Module]) -> None:
+    """Bring every layer's shard up to date (where its parameters are still sharded) and have every
+    later optimizer step write the entries it changed."""
+    for layer in layers:
+        if layer not in _SHARDED:
+            _SHARDED.add(layer)
+            layer.sync_()  # the sharded write (a no-op on gathered copies: sync_ sees no DTensor)
+    if not _STEP_HOOK:
+        _STEP_HOOK.append(register_optimizer_step_post_hook(_after_step))
+
+
+def _after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """After any optimizer step: the entries of the sharded layers whose trained tensors it stepped
+    into their weight shards (the next forward gathers them from there)."""
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for layer in list(_SHARDED):
+        if id(layer.trained) in stepped:
+            layer.sync_()
 
 
 def install(model: nn.Module, state: PatchState) -> None:

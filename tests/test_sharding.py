@@ -1,12 +1,13 @@
-"""Sharding engines: PaCA and S2FT refuse FSDP2, FSDP and DeepSpeed ZeRO-3 at their first forward
-(they would train silently wrong), naming the engine and what works; LoRA under FSDP2 with 2 gloo
-processes takes the steps of one process; DDP and a merged model are not refused."""
+"""Sharding engines: under FSDP2 with 2 gloo processes every method takes the steps of one process
+(PaCA and S2FT with their entries written into the weight shards after each optimizer step, with
+and without lean mode, resharding after forward or not, an uneven shard, foreach and fused AdamW);
+FSDP and DeepSpeed ZeRO-3 are refused at the first forward of PaCA or S2FT, naming the engine; a
+merged model is not guarded."""
 
 from __future__ import annotations
 
 import copy
 import os
-from pathlib import Path
 
 import pytest
 import slimtune
@@ -28,22 +29,6 @@ def one_process(tmp_path):
 def _refused(model: torch.nn.Module, engine: str) -> None:
     with pytest.raises(RuntimeError, match=rf"{engine}.*silently wrong.*DistributedDataParallel"):
         model(input_ids=make_batch())
-
-
-@pytest.mark.parametrize("wrap", ["blocks and root", "root only", "one layer"])
-@pytest.mark.parametrize("method", IN_PLACE)
-def test_in_place_methods_refuse_fsdp2(method, wrap, one_process) -> None:
-    from torch.distributed.fsdp import fully_shard
-
-    model = slimtune.apply(make_model("llama"), IN_PLACE[method])
-    if wrap == "one layer":
-        fully_shard(model.model.layers[0].mlp.down_proj)
-    else:
-        if wrap == "blocks and root":
-            for block in model.model.layers:
-                fully_shard(block)
-        fully_shard(model)
-    _refused(model, r"FSDP2 \(torch\.distributed\.fsdp\.fully_shard\)")
 
 
 def test_in_place_methods_refuse_fsdp1(one_process) -> None:
@@ -74,50 +59,80 @@ def test_plain_merged_and_copied_models_are_not_refused() -> None:
     merged(input_ids=make_batch())  # a plain model again: any engine may shard it
 
 
-def _lora_steps(rank: int, world: int, init: str, out: str) -> None:
-    """3 AdamW steps of a LoRA model on a global batch of 4 rows (each rank its slice); the losses and
-    final adapter weights to `out`."""
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = slimtune.apply(make_model("llama"), slimtune.LoRAConfig(r=4, alpha=8))
+PACA, S2FT = slimtune.PaCAConfig(r=4), slimtune.S2FTConfig(heads=1, channels=8)
+UNEVEN = {"intermediate_size": 87}  # gate/up rows and down columns split 44 + 43
+CASES = {  # name: (config, lean, reshard_after_forward, fused AdamW, model overrides, shard each block)
+    "paca": (PACA, False, True, False, {}, True),
+    "paca-keep-gathered": (PACA, False, False, False, {}, True),
+    "paca-lean-fused": (PACA, True, True, True, {}, True),
+    "paca-uneven": (PACA, False, True, False, UNEVEN, True),
+    "paca-root-only": (PACA, False, True, False, {}, False),
+    "s2ft": (S2FT, False, True, False, {}, True),
+    "s2ft-lean-uneven": (S2FT, True, False, True, UNEVEN, True),
+    "s2ft-root-only": (S2FT, False, False, False, {}, False),
+    "lora": (slimtune.LoRAConfig(r=4, alpha=8), False, True, False, {}, True),
+    "hydra-lean": (slimtune.HydraConfig(2, 2, alpha=4), True, True, False, {}, True),
+}
+
+
+def _train(case: str, rank: int, world: int) -> dict:
+    """5 AdamW steps on a global batch of 4 rows (each rank its slice); the losses, and every trained
+    tensor and every patched layer's weight after the last step, whole."""
+    config, lean, reshard, fused, overrides, blocks = CASES[case]
+    model = slimtune.apply(make_model("llama", **overrides), config)
+    if lean:
+        slimtune.lean(model)
     if world > 1:
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.model.layers:
-            fully_shard(block)
-        fully_shard(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for block in model.model.layers if blocks else []:
+            fully_shard(block, reshard_after_forward=reshard)
+        fully_shard(model, reshard_after_forward=reshard)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2, fused=fused or None)
     losses = []
-    for step in range(3):
+    for step in range(5):
         ids = make_batch(batch=4, seq=10, seed=20 + step)
-        share = ids.shape[0] // world
-        loss = model(
-            input_ids=ids[rank * share : (rank + 1) * share], labels=ids[rank * share : (rank + 1) * share]
-        ).loss
+        part = ids[rank * 4 // world : (rank + 1) * 4 // world]
+        loss = model(input_ids=part, labels=part).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         total = loss.detach().clone()
-        dist.all_reduce(total)
+        if world > 1:
+            dist.all_reduce(total)
         losses.append(float(total) / world)
-    weights = {}
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            full = parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
-            weights[name] = full.detach().clone()
+    state = model.state_dict()  # syncs the layers (on shards under FSDP2)
+    whole = {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in state.items()
+    }
+    return {"losses": losses, "state": whole}
+
+
+def _worker(rank: int, world: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    results = {case: _train(case, rank, world) for case in CASES}
     if rank == 0:
-        torch.save({"losses": losses, "weights": weights}, out)
+        torch.save(results, out)
     dist.destroy_process_group()
 
 
-def test_lora_under_fsdp2_takes_the_steps_of_one_process(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> dict:
     import torch.multiprocessing as mp
 
+    folder = tmp_path_factory.mktemp("fsdp2")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _lora_steps(0, 1, f"file://{tmp_path / 'one'}", str(tmp_path / "one.pt"))
-    mp.spawn(_lora_steps, args=(2, f"file://{tmp_path / 'two'}", str(tmp_path / "two.pt")), nprocs=2)
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    mp.spawn(_worker, args=(2, f"file://{folder / 'pg'}", str(folder / "two.pt")), nprocs=2)
+    return torch.load(folder / "two.pt")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fsdp2_with_two_processes_takes_the_steps_of_one(case: str, two_processes: dict) -> None:
+    torch.manual_seed(0)
+    one, two = _train(case, 0, 1), two_processes[case]
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-6)
-    assert one["weights"].keys() == two["weights"].keys()
-    for name, weight in one["weights"].items():
-        torch.testing.assert_close(two["weights"][name], weight, rtol=1e-5, atol=1e-5, msg=name)
+    assert one["state"].keys() == two["state"].keys()
+    for key, value in one["state"].items():  # the dense weights hold the trained entries too
+        torch.testing.assert_close(two["state"][key], value, rtol=1e-5, atol=1e-5, msg=key)

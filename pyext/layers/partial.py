@@ -37,6 +37,7 @@ class PartialLinear(nn.Module):
 
     trained_name: ClassVar[str]
     index_name: ClassVar[str]
+    sharded = False  # set by slimtune.sharding under FSDP2: forwards read the engine's gathered weight
 
     def __init__(
         self,
@@ -127,8 +128,11 @@ class PartialLinear(nn.Module):
     @torch.no_grad()
     def sync_(self, force: bool = False, by_owner: bool = False) -> None:
         """Write the trained entries into the dense weight if they may have changed since the last sync
-        (`force`: write them anyway; `by_owner`: see `mark_synced`)."""
-        if force or self.needs_sync():
+        (`force`: write them anyway; `by_owner`: see `mark_synced`). Sharded parameters (FSDP2's
+        DTensors, between forwards) are written shard by shard, always."""
+        if _is_dtensor(self.weight):
+            _write_sharded(self)
+        elif force or self.needs_sync():
             library.run_write_trained(self.weight, self.index, self.effective().detach(), self.axis)
             self.mark_synced(by_owner)
 
@@ -140,10 +144,12 @@ class PartialLinear(nn.Module):
 
     def prepare_forward(self) -> None:
         """Make the weight hold the trained entries before a product reads it. A compiled graph keeps
-        no Python state between calls, so there the entries are written every time."""
+        no Python state between calls, so there the entries are written every time. Under FSDP2 the
+        sharded weight already holds them (`slimtune.sharding` writes them after each step) and the
+        weight seen here is the engine's gathered copy, which is not written."""
         if torch.compiler.is_compiling():
             library.run_write_trained(self.weight, self.index, self.effective().detach(), self.axis)
-        else:
+        elif not self.sharded:
             self.sync_()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -170,3 +176,27 @@ class PartialLinear(nn.Module):
         )
         sizes = f"in_features={self.in_features}, out_features={self.out_features}"
         return f"{sizes}, trained {kind}={self.r}{extra}"
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor" and torch.distributed.is_available()
+
+
+def _write_sharded(layer: PartialLinear) -> None:
+    """The trained entries into this rank's shard of the weight (FSDP2 shards both on dim 0 in the
+    same chunks). Columns (`out x r`) split by the weight's rows: each rank writes its own, without
+    communication. Rows (`r x in`) are gathered (r x in elements) and each rank writes the rows its
+    shard holds."""
+    weight, trained = layer.weight.to_local(), layer.trained
+    values = (trained.to_local() if layer.axis == COLUMNS else trained.full_tensor()).detach()
+    values = (values * layer.scale if layer.scale != 1.0 else values).to(weight.dtype)
+    if layer.axis == COLUMNS:
+        weight.index_copy_(1, layer.index.to(weight.device), values)
+        return
+    world, rank = layer.weight.device_mesh.size(), layer.weight.device_mesh.get_local_rank()
+    owned = torch.arange(layer.out_features).chunk(world)  # FSDP2's row chunks
+    mine = owned[rank] if rank < len(owned) else owned[0][:0]
+    start, stop = (int(mine[0]), int(mine[-1]) + 1) if mine.numel() else (0, 0)
+    index = layer.index.cpu()
+    here = (index >= start) & (index < stop)
+    weight.index_copy_(0, (index[here] - start).to(weight.device), values[here.to(values.device)])
