@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import __version__, files
+from . import __version__, files, sharding
 from .state import patch_state, patched_layers, require_patched, state_tensors
 
 CONFIG_FILE = "slimtune_config.json"
@@ -44,7 +44,7 @@ def identity(model: nn.Module) -> dict[str, Any]:
     included) and the shape of every patched module."""
     state = require_patched(model)
     return {
-        "base_model_class": type(model).__name__,
+        "base_model_class": sharding.model_class(model).__name__,
         "config": state.config.to_dict(),
         "modules": {name: [m.out_features, m.in_features] for name, m in patched_layers(model).items()},
     }
@@ -53,11 +53,16 @@ def identity(model: nn.Module) -> dict[str, Any]:
 def write(model: nn.Module, directory: str | Path, resume_state: bool = False) -> Path:
     """`slimtune_config.json` and `slimtune_model.safetensors`: the trained tensors and indices, bound to
     the config beside them by a digest (with `resume_state`, also Trainer's `model.safetensors`).
-    All or nothing: after a failure the files in `directory` are the previous checkpoint's."""
+    All or nothing: after a failure the files in `directory` are the previous checkpoint's.
+    A model sharded by FSDP2 is saved by every rank together (its trained tensors are gathered)
+    and written by rank 0: the files equal those of the same model on one process."""
     require_patched(model, " (nothing to save)")
     directory = Path(directory)
+    tensors = {k: sharding.gathered(v) for k, v in state_tensors(model).items()}
+    resume = trained_state(model) if resume_state else None
+    if sharding.is_sharded(model) and torch.distributed.get_rank() != 0:
+        return directory  # gathered with rank 0 above; rank 0 writes
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_tensors(model).items()}
     meta = {"format": "slimtune", "format_version": FORMAT_VERSION, "slimtune_version": __version__,
             **identity(model)}  # fmt: skip
     bound = {"format": "pt", files.CONFIG_DIGEST: files.json_digest(meta)}  # ties the two files
@@ -65,10 +70,8 @@ def write(model: nn.Module, directory: str | Path, resume_state: bool = False) -
         directory / TENSORS_FILE: partial(files.save_tensors, tensors, metadata=bound),
         directory / CONFIG_FILE: partial(files.write_text, text=json.dumps(meta, indent=2) + "\n"),
     }
-    if resume_state:
-        writers[directory / RESUME_FILE] = partial(
-            files.save_tensors, trained_state(model), metadata={"format": "pt"}
-        )
+    if resume is not None:
+        writers[directory / RESUME_FILE] = partial(files.save_tensors, resume, metadata={"format": "pt"})
     files.write_together(writers)
     return directory
 
@@ -76,7 +79,7 @@ def write(model: nn.Module, directory: str | Path, resume_state: bool = False) -
 def trained_state(model: nn.Module) -> dict[str, Tensor]:
     """The trained parameters under their state-dict names, and the identity digest."""
     trained = ((name, p) for name, p in model.named_parameters() if p.requires_grad)
-    tensors = {name: p.detach().to("cpu").contiguous() for name, p in trained}
+    tensors = {name: sharding.gathered(p) for name, p in trained}
     tensors[DIGEST_KEY] = _digest_tensor(model)
     return tensors
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from . import checkpoint, files, hf_model
+from . import checkpoint, files, hf_model, sharding
 from .architectures import architecture
 from .checkpoint import CONFIG_FILE, FORMAT_VERSION, TENSORS_FILE
 from .config import MethodConfig
@@ -76,6 +76,7 @@ def merge(model: nn.Module) -> nn.Module:
     Parameters get back the `requires_grad` flags they had before `apply`.
     """
     state = require_patched(model)
+    sharding.refuse_sharded(model, "merge")
     layers = patched_layers(model)
     with Transaction(model) as transaction:
         for_config(state.config).glue.unpatch(model, layers, state.extra, transaction)

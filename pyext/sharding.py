@@ -21,7 +21,7 @@ import weakref
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .registry import IN_PLACE, for_config
@@ -30,6 +30,38 @@ from .state import PatchState, patched_layers
 FSDP2 = "FSDP2 (torch.distributed.fsdp.fully_shard)"
 FSDP1 = "FSDP (torch.distributed.fsdp.FullyShardedDataParallel)"
 ZERO3 = "DeepSpeed ZeRO-3"
+
+
+def model_class(model: nn.Module) -> type:
+    """The model's own class: FSDP2 turns a module's class into `FSDP<Class>` (a subclass of both)."""
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(model, FSDPModule):
+            return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    return type(model)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether an engine holds the model's parameters as DTensor shards (FSDP2, between forwards)."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def gathered(tensor: Tensor) -> Tensor:
+    """A tensor as one process holds it, on the CPU: a DTensor's shards gathered (a collective: every
+    rank calls it)."""
+    if type(tensor).__name__ == "DTensor":
+        tensor = tensor.full_tensor()
+    return tensor.detach().to("cpu").contiguous()
+
+
+def refuse_sharded(model: nn.Module, doing: str) -> None:
+    """Refuse an operation that rewrites modules or reads whole weights of an FSDP2-sharded model."""
+    if is_sharded(model):
+        raise ValueError(
+            f"{doing} of a model sharded by FSDP2 is not supported: save it with slimtune.save (every rank "
+            f"calls it; rank 0 writes), then {doing.split()[0]} a 1-process copy loaded with slimtune.load"
+        )
 
 
 def engine(model: nn.Module, layers: list[nn.Module]) -> str | None:

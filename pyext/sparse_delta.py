@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import files, ops
+from . import files, ops, sharding
 from .layers.partial import PartialLinear
 from .methods import method_for
 from .state import patch_state, patched_layers, require_patched
@@ -146,6 +146,7 @@ def add_sparse(
 def delta(model: nn.Module) -> SparseDelta:
     """The trained change of a patched model (PaCA, S2FT) as a sparse diff in the original layout."""
     state = require_patched(model, " (no trained change)")
+    sharding.refuse_sharded(model, "delta")
     method = method_for(state.config)
     entries = {}
     for name, layer in patched_layers(model).items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 
 import pytest
 import slimtune
@@ -46,6 +47,18 @@ def test_in_place_methods_refuse_deepspeed_zero3() -> None:
     for number, parameter in enumerate(model.parameters()):
         parameter.ds_id = number
     _refused(model, "DeepSpeed ZeRO-3")
+
+
+def test_merge_and_delta_of_a_sharded_model_are_refused(one_process) -> None:
+    from test_refusals import refused
+    from torch.distributed.fsdp import fully_shard
+
+    model = slimtune.apply(make_model("llama"), IN_PLACE["paca"])
+    fully_shard(model)
+    refused(
+        model, lambda: slimtune.merge(model), ValueError, r"merge of a model sharded by FSDP2.*slimtune\.save"
+    )
+    refused(model, lambda: slimtune.delta(model), ValueError, r"delta of a model sharded by FSDP2")
 
 
 def test_plain_merged_and_copied_models_are_not_refused() -> None:
@@ -109,10 +122,29 @@ def _train(case: str, rank: int, world: int) -> dict:
     return {"losses": losses, "state": whole}
 
 
+SAVED = ("paca-uneven", "s2ft", "hydra-lean")
+
+
+def _shard_and_save(case: str, folder: Path) -> None:
+    """A freshly patched model, sharded and saved by every rank (rank 0 writes)."""
+    from torch.distributed.fsdp import fully_shard
+
+    config, lean, _, _, overrides, _ = CASES[case]
+    model = slimtune.apply(make_model("llama", **overrides), config)
+    if lean:
+        slimtune.lean(model)
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    slimtune.save(model, folder / case)
+
+
 def _worker(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.manual_seed(0)
     results = {case: _train(case, rank, world) for case in CASES}
+    for case in SAVED:
+        _shard_and_save(case, Path(out).parent)
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
@@ -125,7 +157,28 @@ def two_processes(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("fsdp2")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_worker, args=(2, f"file://{folder / 'pg'}", str(folder / "two.pt")), nprocs=2)
-    return torch.load(folder / "two.pt")
+    return {**torch.load(folder / "two.pt"), "folder": folder}
+
+
+@pytest.mark.parametrize("case", SAVED)
+def test_a_sharded_model_saves_the_files_of_one_process(case: str, two_processes: dict, tmp_path) -> None:
+    config, lean, _, _, overrides, _ = CASES[case]
+    model = slimtune.apply(make_model("llama", **overrides), config)
+    if lean:
+        slimtune.lean(model)
+    one = slimtune.save(model, tmp_path / case)
+    sharded = two_processes["folder"] / case
+    assert sorted(p.name for p in sharded.iterdir()) == sorted(p.name for p in one.iterdir())
+    for file in one.iterdir():
+        if file.suffix != ".safetensors":
+            assert (sharded / file.name).read_bytes() == file.read_bytes(), file.name
+            continue
+        # The header's metadata order differs between processes (a hash map): compare the contents.
+        (mine, meta), (theirs, their_meta) = (
+            slimtune.files.read_tensors(f) for f in (file, sharded / file.name)
+        )
+        assert meta == their_meta and mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[k], theirs[k]) and mine[k].dtype == theirs[k].dtype for k in mine), file
 
 
 @pytest.mark.parametrize("case", CASES)
