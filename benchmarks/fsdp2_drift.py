@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tiny_models import make_batch, make_model
+from tiny_models import make_model, sharded_steps
 
 CONFIGS = {"paca": slimtune.PaCAConfig(r=4), "s2ft": slimtune.S2FTConfig(heads=1, channels=8)}
 
@@ -36,17 +36,7 @@ def steps(rank: int, world: int, init: str, out: str, method: str) -> None:
             fully_shard(block)
         fully_shard(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for step in range(5):
-        ids = make_batch(batch=4, seq=10, seed=20 + step)
-        part = ids[rank * 4 // world : (rank + 1) * 4 // world]
-        loss = model(input_ids=part, labels=part).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        losses.append(float(total) / world)
+    losses = sharded_steps(model, optimizer, rank, world)
     weights = {}
     for name, module in model.named_modules():
         if name.endswith("q_proj"):

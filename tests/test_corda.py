@@ -65,6 +65,18 @@ def test_init_keeps_outputs_and_adapter_spans_the_chosen_components(family, mode
         torch.testing.assert_close(mine, chosen.sort(descending=True).values, rtol=1e-5, atol=1e-8)
 
 
+def _same_adapters_as_peft(ours: torch.nn.Module, ref: torch.nn.Module, rank: int) -> None:
+    """Every adapter's components and residual base weight equal PEFT's (an SVD fixes each component
+    only up to a sign shared by its two factors, so components are compared as outer products)."""
+    for name, layer in slimtune.patching.patched_layers(ours).items():
+        theirs = ref.base_model.model.get_submodule(name)
+        a, b = theirs.lora_A["default"].weight, theirs.lora_B["default"].weight
+        for i in range(rank):
+            mine = torch.outer(layer.lora_B[:, i], layer.lora_A[i])
+            torch.testing.assert_close(mine, torch.outer(b[:, i], a[i]), atol=2e-4, rtol=2e-3)
+        torch.testing.assert_close(layer.weight, theirs.base_layer.weight, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("mode", ["kpm", "ipm"])
 def test_same_adapter_and_outputs_as_peft_corda(mode):
     from peft.tuners.lora.config import CordaConfig
@@ -83,18 +95,7 @@ def test_same_adapter_and_outputs_as_peft_corda(mode):
     ours = copy.deepcopy(base)
     config = slimtune.LoRAConfig(r=4, alpha=8, target_modules=targets, init=f"corda-{mode}")
     slimtune.corda.apply(ours, config, covariances(ours, batches, targets))
-    for name, layer in slimtune.patching.patched_layers(ours).items():
-        theirs = ref.base_model.model.get_submodule(name)
-        a, b = theirs.lora_A["default"].weight, theirs.lora_B["default"].weight
-        # Components match one by one (an SVD fixes each only up to a sign shared by its two factors).
-        for i in range(4):
-            torch.testing.assert_close(
-                torch.outer(layer.lora_B[:, i], layer.lora_A[i]),
-                torch.outer(b[:, i], a[i]),
-                atol=2e-4,
-                rtol=2e-3,
-            )
-        torch.testing.assert_close(layer.weight, theirs.base_layer.weight, atol=2e-5, rtol=1e-4)
+    _same_adapters_as_peft(ours, ref, rank=4)
     ids = make_batch()
     torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
 
@@ -131,17 +132,7 @@ def test_peft_covariance_and_adapter_for_any_batch_shape_with_padding(rows):
     for name in cov:
         torch.testing.assert_close(cov[name], alone[name], rtol=1e-5, atol=1e-7)
     slimtune.corda.apply(ours, config, cov)
-    for name, layer in slimtune.patching.patched_layers(ours).items():
-        theirs = ref.base_model.model.get_submodule(name)
-        a, b = theirs.lora_A["default"].weight, theirs.lora_B["default"].weight
-        for i in range(4):
-            torch.testing.assert_close(
-                torch.outer(layer.lora_B[:, i], layer.lora_A[i]),
-                torch.outer(b[:, i], a[i]),
-                atol=2e-4,
-                rtol=2e-3,
-            )
-        torch.testing.assert_close(layer.weight, theirs.base_layer.weight, atol=2e-5, rtol=1e-4)
+    _same_adapters_as_peft(ours, ref, rank=4)
 
 
 def test_batches_of_padding_only_are_no_sequences():

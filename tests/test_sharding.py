@@ -14,7 +14,7 @@ import pytest
 import slimtune
 import torch
 import torch.distributed as dist
-from tiny_models import make_batch, make_model
+from tiny_models import make_batch, make_model, sharded_steps
 
 IN_PLACE = {"paca": slimtune.PaCAConfig(r=4), "s2ft": slimtune.S2FTConfig(heads=1, channels=8)}
 
@@ -103,18 +103,7 @@ def _train(case: str, rank: int, world: int) -> dict:
         fully_shard(model, reshard_after_forward=reshard)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2, fused=fused or None)
-    losses = []
-    for step in range(5):
-        ids = make_batch(batch=4, seq=10, seed=20 + step)
-        part = ids[rank * 4 // world : (rank + 1) * 4 // world]
-        loss = model(input_ids=part, labels=part).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        total = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(total)
-        losses.append(float(total) / world)
+    losses = sharded_steps(model, optimizer, rank, world)
     state = model.state_dict()  # syncs the layers (on shards under FSDP2)
     whole = {
         k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in state.items()
