@@ -69,6 +69,11 @@ class PartialAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if any(type(p).__name__ == "DTensor" for group in self.param_groups for p in group["params"]):
+            raise RuntimeError(  # before any state or write: the refused step changes nothing
+                "PartialAdamW does not step FSDP2-sharded (DTensor) parameters yet; use "
+                "torch.optim.AdamW, which trains every slimtune method exactly under FSDP2"
+            )
         owners = self._owners()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -77,6 +82,7 @@ class PartialAdamW(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("PartialAdamW does not support sparse gradients")
+
                 state = self.state[p]
                 if not state:
                     state["step"] = 0

@@ -178,3 +178,19 @@ def test_fsdp2_with_two_processes_takes_the_steps_of_one(case: str, two_processe
     assert one["state"].keys() == two["state"].keys()
     for key, value in one["state"].items():  # the dense weights hold the trained entries too
         torch.testing.assert_close(two["state"][key], value, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_partial_adamw_refuses_sharded_parameters_before_stepping(one_process) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    model = slimtune.apply(make_model("llama"), IN_PLACE["paca"])
+    fully_shard(model)
+    optimizer = slimtune.PartialAdamW(model, lr=1e-2)
+    ids = make_batch()
+    model(input_ids=ids, labels=ids).loss.backward()
+    before = {k: slimtune.sharding.gathered(v) for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"PartialAdamW does not step FSDP2-sharded.*torch\.optim\.AdamW"):
+        optimizer.step()
+    assert not optimizer.state
+    for key, value in model.state_dict().items():
+        assert torch.equal(slimtune.sharding.gathered(value), before[key]), key
