@@ -22,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+import slimtune
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -34,7 +35,7 @@ K, THRESHOLD = 10, 0.5
 def rebuild(folder: Path, recipe_path: Path):
     """The run's final model: the base with every stage's checkpoint restored, LiNeS redone (None,
     and why, where it cannot be rebuilt)."""
-    from slimtune.apps.train import load_recipe, models, post
+    from slimtune.apps.train import load_recipe, models
     from slimtune.apps.train.runner import stage_folder
 
     recipe = load_recipe(recipe_path)
@@ -50,7 +51,7 @@ def rebuild(folder: Path, recipe_path: Path):
         method.restore(model, checkpoint)
         for op in stage.post:
             if op.kind == "lines":
-                post.lines(model, before, op.alpha, op.beta)
+                slimtune.toolbox.lines.scale(model, before, op.alpha, op.beta)
     return model, ""
 
 

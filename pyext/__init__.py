@@ -6,7 +6,20 @@ only the names exported here and the public modules `registry`, `architectures` 
 
 __version__ = "0.1.0"
 
-from . import architectures, corda, diagnostics, files, models, ops, prompt, registry, targets, transaction
+from . import (
+    architectures,
+    corda,
+    diagnostics,
+    files,
+    models,
+    ops,
+    prompt,
+    registry,
+    sharding,
+    targets,
+    toolbox,
+    transaction,
+)
 from .config import HydraConfig, LoRAConfig, MethodConfig, PaCAConfig, S2FTConfig
 from .info import info
 from .lean_mode import lean, lean_report, unlean
@@ -57,7 +70,9 @@ __all__ = [
     "registry",
     "report",
     "save",
+    "sharding",
     "targets",
+    "toolbox",
     "trainable_parameters",
     "trainable_summary",
     "transaction",

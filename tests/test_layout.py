@@ -20,6 +20,8 @@ PUBLIC = {
     "slimtune.diagnostics",
     "slimtune.corda",
     "slimtune.prompt",
+    "slimtune.sharding",
+    "slimtune.toolbox",
 }
 
 

@@ -8,10 +8,11 @@ import torch
 from slimtune.apps.train import load_recipe, run
 from slimtune.apps.train.diff import EntryDiff, load_diff
 from slimtune.apps.train.loop import make_optimizer
-from slimtune.apps.train.methods import HFT, Context, hft_selection
+from slimtune.apps.train.methods import HFT, Context
 from slimtune.apps.train.models import ModelSpec, build
-from slimtune.apps.train.post import lines
 from slimtune.apps.train.runner import stage_seed
+from slimtune.toolbox.hft import select as hft_selection
+from slimtune.toolbox.lines import scale as lines
 from tiny_models import make_model
 
 RECIPE = """\

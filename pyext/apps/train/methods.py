@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,54 +70,16 @@ class StageMethod:
         """Leave a plain model (no slimtune layers, no hooks) for evaluation and the next stage."""
 
 
-def _block_categories(model: nn.Module, block: nn.Module) -> dict[str, list[str]]:
-    return slimtune.architectures.hft_categories(block, slimtune.architectures.architecture(model))
-
-
-def hft_selection(model: nn.Module, seed: int) -> set[str]:
-    """Names of the parameters HFT trains for `seed`: half of every block by category, all outside blocks.
-
-    Per block: 2 of the 4 attention projections, half of the norms, and 2 of the 3 FFN projections
-    in a random half of the blocks, 1 of 3 in the others.
-    """
-    rng = random.Random(f"hft:{seed}")
-    (prefix, blocks), *_ = slimtune.architectures.block_stacks(model)
-    wide = set(rng.sample(range(len(blocks)), len(blocks) // 2))
-    chosen = []
-    for number, block in enumerate(blocks):
-        categories = _block_categories(model, block)
-        picks = {"attention": 2, "ffn": 2 if number in wide else 1, "norm": len(categories["norm"]) // 2}
-        for category, count in picks.items():
-            chosen += [f"{prefix}.{number}.{m}." for m in rng.sample(categories[category], count)]
-    in_blocks = f"{prefix}."
-    return {
-        name
-        for name, _ in model.named_parameters()
-        if not name.startswith(in_blocks) or any(name.startswith(c) for c in chosen)
-    }
-
-
 class HFT(StageMethod):
     """Half fine-tuning: a fresh random half of every block per stage; the rest frozen, no optimizer state."""
 
     name = "hft"
 
     def check(self, model: nn.Module) -> None:
-        stacks = slimtune.architectures.block_stacks(model)
-        if not stacks:
-            raise ValueError(f"hft found no transformer blocks in {type(model).__name__}")
-        categories = _block_categories(model, stacks[0][1][0])
-        if len(categories["attention"]) != 4 or len(categories["ffn"]) != 3:
-            raise ValueError(
-                f"hft picks 2 of 4 attention projections and 1-2 of 3 FFN projections per block; a block of "
-                f"{type(model).__name__} has attention {categories['attention']} and FFN {categories['ffn']}"
-            )
+        slimtune.toolbox.hft.check(model)
 
     def setup(self, model: nn.Module, context: Context) -> list[nn.Parameter]:
-        selected = hft_selection(model, context.seed)
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(name in selected)
-        return [p for p in model.parameters() if p.requires_grad]
+        return slimtune.toolbox.hft.freeze(model, context.seed)
 
 
 class SparseDiff(StageMethod):
