@@ -15,7 +15,7 @@ import pytest
 import slimtune
 import torch
 from safetensors.torch import load_file, save_file
-from slimtune.apps.train.diff import EntryDiff, load_diff
+from slimtune.toolbox.entry_diff import EntryDiff, load_diff
 from test_refusals import assert_untouched, snapshot
 from tiny_models import make_batch, make_model
 

@@ -7,7 +7,7 @@ import copy
 import math
 
 import torch
-from slimtune.apps.train.graft import _top_mask, graft_diff, localize, overlap, task_loss
+from slimtune.toolbox.graft import _top_mask, graft_diff, localize, overlap, task_loss
 from tiny_models import make_batch, make_model
 
 
@@ -23,7 +23,7 @@ def _tuned(base):
 
 
 def _linear_masks(base, value: bool):
-    from slimtune.apps.train.graft import _weights
+    from slimtune.toolbox.graft import _weights
 
     return {
         name: torch.full_like(w, value, dtype=torch.bool) for name, w in _weights(base, "all-linear").items()
@@ -97,7 +97,7 @@ def test_graft_operation_reports_recovery_and_overlap(tmp_path) -> None:
 
     import pytest
     from slimtune.apps.train import run
-    from slimtune.apps.train.diff import EntryDiff
+    from slimtune.toolbox.entry_diff import EntryDiff
 
     run(_graft_recipe(tmp_path), tmp_path / "run")
     report = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -119,7 +119,7 @@ def test_graft_operation_reports_recovery_and_overlap(tmp_path) -> None:
 
 def test_applied_graft_continues_from_start_plus_graft(tmp_path) -> None:
     from slimtune.apps.train import load_recipe, models, run
-    from slimtune.apps.train.diff import EntryDiff
+    from slimtune.toolbox.entry_diff import EntryDiff
 
     path = _graft_recipe(tmp_path, apply=True)
     final = run(path, tmp_path / "run").model
@@ -152,7 +152,7 @@ def _authors_reference(base, tuned, batches, sparsity, steps, lr, seed):
     """The authors' update written as their code does it (graft_trainer.py): the model interpolated
     in place, parameter gradients times (tuned - base) averaged over the batches, then
     score -= (1 - 2 s) * g * sigmoid'(score - 10); the rounded mask with the lowest loss is kept."""
-    from slimtune.apps.train.graft import _weights
+    from slimtune.toolbox.graft import _weights
 
     names = list(_weights(base, "all-linear"))
     pre = {n: base.get_parameter(n).detach() for n in names}

@@ -22,6 +22,10 @@ PUBLIC = {
     "slimtune.prompt",
     "slimtune.sharding",
     "slimtune.toolbox",
+    "slimtune.toolbox.entry_diff",
+    "slimtune.toolbox.graft",
+    "slimtune.toolbox.hft",
+    "slimtune.toolbox.lines",
 }
 
 

@@ -156,7 +156,7 @@ def test_sparse_delta_validates_every_entry_before_the_first_write() -> None:
 
 
 def test_trainer_entry_diffs_validate_every_entry_before_the_first_write() -> None:
-    from slimtune.apps.train.diff import EntryDiff
+    from slimtune.toolbox.entry_diff import EntryDiff
 
     model = make_model("llama")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -9,10 +9,10 @@ import copy
 import pytest
 import slimtune
 import torch
-from slimtune.apps.train.diff import EntryDiff
 from slimtune.layers import HydraLinear, LoRALinear, PaCALinear, S2FTLinear
 from slimtune.methods.s2ft import Permutation
 from slimtune.sparse_delta import DeltaEntry, SparseDelta
+from slimtune.toolbox.entry_diff import EntryDiff
 from slimtune.transaction import Transaction
 from test_refusals import assert_untouched, refused, snapshot
 from tiny_models import make_batch, make_model

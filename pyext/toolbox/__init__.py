@@ -2,13 +2,16 @@
 Trainer, TRL, your own): each tool a module of its own. `slimtune train` runs them from recipes.
 
 - `hft`: Half Fine-Tuning's selection (which half of every block trains) and freezing by it;
-- `lines`: LiNeS, the change of a fine-tune scaled down most in the shallow blocks.
+- `lines`: LiNeS, the change of a fine-tune scaled down most in the shallow blocks;
+- `entry_diff`: entry-level sparse diffs (`EntryDiff`: apply, revert, `+`, save, load) of any
+  parameters' scattered entries, and `load_diff` for either diff file (this or `slimtune.delta`'s);
+- `graft`: skill localisation by grafting (`localize`, `overlap`), the authors' procedure included.
 
 (Moving here from the trainer, tool by tool: CorDA, soft prompts and intruder dimensions are
-`slimtune.corda`, `slimtune.prompt` and `slimtune.diagnostics`; LT-SFT masks, FPF/k-FPF and grafting
-are still in `slimtune.apps.train`.)
+`slimtune.corda`, `slimtune.prompt` and `slimtune.diagnostics`; LT-SFT masks and FPF/k-FPF are
+still in `slimtune.apps.train`.)
 """
 
-from . import hft, lines
+from . import entry_diff, graft, hft, lines
 
-__all__ = ["hft", "lines"]
+__all__ = ["entry_diff", "graft", "hft", "lines"]

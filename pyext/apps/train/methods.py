@@ -16,9 +16,8 @@ from typing import Any
 import slimtune
 import torch
 from slimtune.registry import SPARSE_DELTA
+from slimtune.toolbox.entry_diff import EntryDiff
 from torch import Tensor, nn
-
-from .diff import EntryDiff
 
 DIFF_FILE = "diff.safetensors"
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import slimtune
+from slimtune.toolbox.entry_diff import load_diff
 from torch import Tensor, nn
 
-from .diff import load_diff
 from .fpf import FPF
 from .graft import Graft
 

@@ -28,13 +28,14 @@ from typing import Any
 
 import slimtune
 import torch
+from slimtune.toolbox import graft as localisation
+from slimtune.toolbox.entry_diff import EntryDiff, load_diff
 from torch import nn
 from tqdm import tqdm
 
 from .. import progress
 from . import fpf, graft, loop, metrics, models, post, step_log
 from .data import DataError, Packed, Source, as_form, batch_order, mix, pack, read_records, source_examples
-from .diff import load_diff
 from .methods import DIFF_FILE, Context, StageMethod
 from .recipe import Recipe, RecipeError, Stage, TaskSpec, load_recipe
 from .tasks import Example, encode, evaluate, generate
@@ -517,7 +518,7 @@ def _graft(here: StageRun, op: post.Op, run: RunDir) -> dict[str, Any]:
             parameter.copy_(here.start[name])
     loss = graft.data_loss(here.prepared.packed[here.index], settings.batch_size, here.seed + 7)
     try:
-        diff, masks = graft.localize(
+        diff, masks = localisation.localize(
             start, model, loss, settings.sparsity, settings.steps, settings.lr, settings.target_modules,
             settings.procedure, settings.accumulate, here.seed + 11,
         )  # fmt: skip
@@ -539,7 +540,7 @@ def _graft(here: StageRun, op: post.Op, run: RunDir) -> dict[str, Any]:
     for j in taught:
         tasks[recipe.tasks[j].name] = {
             kind: {state: scores[state][j][kind] for state in scores}
-            | {"recovered": graft.recovered(*(scores[state][j][kind] for state in scores))}
+            | {"recovered": localisation.recovered(*(scores[state][j][kind] for state in scores))}
             for kind in ("accuracy", "loss")
             if scores["tuned"][j][kind] is not None
         }
@@ -650,9 +651,9 @@ def _graft_summary(names: list[str], records: list[dict[str, Any]], root: Path) 
     if not grafted:
         return {}
     folders = {j: stage_folder(root, j, names[j]) / graft.GRAFT_FILE for j, _ in grafted}
-    diffs = {j: graft.EntryDiff.load(path) for j, path in folders.items() if path.exists()}
+    diffs = {j: EntryDiff.load(path) for j, path in folders.items() if path.exists()}
     overlap = {
-        f"{names[a]}|{names[b]}": graft.diff_overlap(diffs[a], diffs[b])
+        f"{names[a]}|{names[b]}": localisation.diff_overlap(diffs[a], diffs[b])
         for a in diffs
         for b in diffs
         if a < b

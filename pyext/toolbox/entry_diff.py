@@ -1,6 +1,6 @@
-"""Entry-level sparse diffs (LT-SFT): any parameter, any scattered entries.
+"""Entry-level sparse diffs (LT-SFT masks, grafts): any parameter, any scattered entries.
 
-`slimtune.SparseDelta` stores whole rows or columns of linears (what PaCA and S2FT train); an
+`SparseDelta` stores whole rows or columns of linears (what PaCA and S2FT train); an
 LT-SFT mask picks single entries anywhere, embeddings included, so it gets this container with the
 same API: `apply`, `revert`, `d1 + d2`, `save`, `load`. Changes are float64 and applied in float64
 before one rounding, so base + diff reproduces the trained weights and revert restores the base.
@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import slimtune
 import torch
 from torch import Tensor, nn
+
+from .. import files, ops
+from ..sparse_delta import SparseDelta, add_sparse, load_delta
+from ..transaction import Transaction
 
 FORMAT = "slimtune-entry-diff"
 
@@ -48,13 +51,13 @@ class EntryDiff:
                     f"diff entry {name!r} is not a parameter of {type(model).__name__}"
                 ) from None
             # Every entry is checked before the first write: range (no -1 wrap-around), distinct, lengths.
-            slimtune.ops.check_index(index, params[name].numel(), f"diff entry {name!r}", distinct=True)
+            ops.check_index(index, params[name].numel(), f"diff entry {name!r}", distinct=True)
             if values.shape != index.shape or not values.is_floating_point():
                 raise ValueError(
                     f"diff entry {name!r} has {tuple(index.shape)} indices but values of shape "
                     f"{tuple(values.shape)} and dtype {values.dtype}: a damaged diff"
                 )
-        with torch.no_grad(), slimtune.transaction.Transaction(model) as transaction:
+        with torch.no_grad(), Transaction(model) as transaction:
             for name, (index, values) in self.entries.items():
                 flat = params[name].view(-1)
                 where = index.to(flat.device)
@@ -71,7 +74,7 @@ class EntryDiff:
         entries = dict(self.entries)
         for name, (index, values) in other.entries.items():
             if name in entries:
-                entries[name] = slimtune.add_sparse(*entries[name], index, values)
+                entries[name] = add_sparse(*entries[name], index, values)
             else:
                 entries[name] = (index, values)
         return EntryDiff(entries)
@@ -80,20 +83,20 @@ class EntryDiff:
         tensors = {}
         for name, (index, values) in self.entries.items():
             tensors[f"{name}.index"], tensors[f"{name}.values"] = index.contiguous(), values.contiguous()
-        slimtune.files.save_tensors(tensors, path, metadata={"format": FORMAT})
+        files.save_tensors(tensors, path, metadata={"format": FORMAT})
         return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> EntryDiff:
-        tensors, _ = slimtune.files.read_tensors(path)
-        return cls(slimtune.files.index_value_pairs(tensors, path))
+        tensors, _ = files.read_tensors(path)
+        return cls(files.index_value_pairs(tensors, path))
 
 
-def load_diff(path: str | Path) -> EntryDiff | slimtune.SparseDelta:
+def load_diff(path: str | Path) -> EntryDiff | SparseDelta:
     """A diff file of either kind: entry-level (LT-SFT) or `slimtune.delta` (PaCA, S2FT)."""
-    kind = slimtune.files.read_metadata(path).get("format")  # the loader below reads the tensors once
+    kind = files.read_metadata(path).get("format")  # the loader below reads the tensors once
     if kind == FORMAT:
         return EntryDiff.load(path)
     if kind == "slimtune-delta":
-        return slimtune.load_delta(path)
+        return load_delta(path)
     raise ValueError(f"{path} is not a sparse diff written by slimtune (format {kind!r})")
