@@ -11,8 +11,9 @@ import torch
 import yaml
 from slimtune.apps.train import RecipeError, loop, run
 from slimtune.apps.train.data import Packed
-from slimtune.apps.train.fpf import FPF, buffer, choose, drift, finetune, owners, snapshot
+from slimtune.apps.train.fpf import FPF, buffer, choose, finetune
 from slimtune.apps.train.recipe import load_recipe
+from slimtune.toolbox.fpf import drift, owners, snapshot
 from tiny_models import make_model
 
 

@@ -26,6 +26,9 @@ PUBLIC = {
     "slimtune.toolbox.graft",
     "slimtune.toolbox.hft",
     "slimtune.toolbox.lines",
+    "slimtune.toolbox.fpf",
+    "slimtune.toolbox.ltsft",
+    "slimtune.toolbox.params",
 }
 
 

@@ -5,13 +5,15 @@ Trainer, TRL, your own): each tool a module of its own. `slimtune train` runs th
 - `lines`: LiNeS, the change of a fine-tune scaled down most in the shallow blocks;
 - `entry_diff`: entry-level sparse diffs (`EntryDiff`: apply, revert, `+`, save, load) of any
   parameters' scattered entries, and `load_diff` for either diff file (this or `slimtune.delta`'s);
-- `graft`: skill localisation by grafting (`localize`, `overlap`), the authors' procedure included.
+- `graft`: skill localisation by grafting (`localize`, `overlap`), the authors' procedure included;
+- `fpf`: FPF's module choice (`drift`, `choose`, `parameters`); `ltsft`: LT-SFT's masks
+  (`top_k_masks`, `mask_gradients`); `params`: `snapshot` and `restore` of all parameters.
 
 (Moving here from the trainer, tool by tool: CorDA, soft prompts and intruder dimensions are
-`slimtune.corda`, `slimtune.prompt` and `slimtune.diagnostics`; LT-SFT masks and FPF/k-FPF are
-still in `slimtune.apps.train`.)
+`slimtune.corda`, `slimtune.prompt` and `slimtune.diagnostics`; the trainer keeps what needs its
+data and loop: the replay buffer and FPF step, k-FPF's schedule, DMT's mixing.)
 """
 
-from . import entry_diff, graft, hft, lines
+from . import entry_diff, fpf, graft, hft, lines, ltsft, params
 
-__all__ = ["entry_diff", "graft", "hft", "lines"]
+__all__ = ["entry_diff", "fpf", "graft", "hft", "lines", "ltsft", "params"]

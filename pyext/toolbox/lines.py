@@ -16,11 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from ..architectures import block_stacks
+from .params import snapshot
 
-
-def snapshot(model: nn.Module) -> dict[str, Tensor]:
-    """A copy of every parameter, what `scale` measures the change against."""
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
+__all__ = ["scale", "scales", "snapshot"]
 
 
 def scales(model: nn.Module, alpha: float, beta: float) -> dict[str, float]:

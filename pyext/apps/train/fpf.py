@@ -4,26 +4,24 @@ Forget All Parameters?", ICML 2023).
 The paper finds that a few modules change far more between tasks than the rest, attributes
 forgetting to them, and fine-tunes only those on a small replay buffer: once at the end of a
 sequence (FPF, a post operation here) or k times during training without any other replay (k-FPF,
-a stage option). Its modules are picked from their training dynamics; here, for transformer
-modules, a module's drift in a stage is the relative change of its own parameters over the stage,
-||theta_end - theta_start|| / ||theta_start||, and `auto` picks the `top` modules by mean drift over
-the stages so far (the paper's CNN study ranks layer groups by the same kind of change and picks
-BN and the last FC layer; it has no transformer criterion to copy). The buffer is `buffer` rows
-drawn evenly from the training data of every stage so far, the current one included.
+a stage option). The modules are chosen by `slimtune.toolbox.fpf` (listed, or `auto`: the `top`
+by mean drift over the stages so far); this module holds the recipe's settings, the replay buffer
+(`buffer` rows drawn evenly from the training data of every stage so far, the current one
+included) and the FPF step on the trainer's loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
+import slimtune
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .data import Packed, batch_order
 
-AUTO = "auto"
+AUTO = slimtune.toolbox.fpf.AUTO
 
 
 @dataclass(frozen=True)
@@ -40,50 +38,9 @@ class FPF:
     where: str = ""
 
 
-def owners(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """The modules that own parameters (each parameter once, by its owner), by name."""
-    found: dict[str, list[nn.Parameter]] = {}
-    seen: set[int] = set()
-    for name, module in model.named_modules():
-        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
-        seen.update(id(p) for p in own)
-        if own:
-            found[name] = own
-    return found
-
-
-def snapshot(model: nn.Module) -> dict[str, Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
-@torch.no_grad()
-def drift(model: nn.Module, start: dict[str, Tensor]) -> dict[str, float]:
-    """Per module: the relative change of its own parameters since `start`."""
-    params = {id(p): name for name, p in model.named_parameters()}
-    result = {}
-    for module, own in owners(model).items():
-        moved = sum(float((p.double() - start[params[id(p)]].double()).square().sum()) for p in own)
-        size = sum(float(start[params[id(p)]].double().square().sum()) for p in own)
-        result[module] = math.sqrt(moved / size) if size else math.sqrt(moved)
-    return result
-
-
 def choose(model: nn.Module, fpf: FPF, drifts: list[dict[str, float]]) -> list[str]:
-    """The modules an operation trains: the listed ones (exact names or dotted suffixes), or with
-    `auto` the `top` by mean drift over `drifts` (ties broken by name)."""
-    names = list(owners(model))
-    if fpf.modules != AUTO:
-        chosen = [n for n in names if any(n == m or n.endswith(f".{m}") for m in fpf.modules)]
-        missing = [m for m in fpf.modules if not any(n == m or n.endswith(f".{m}") for n in names)]
-        if missing:
-            raise ValueError(
-                f"fpf modules {missing} match no module with parameters of {type(model).__name__}"
-            )
-        return chosen
-    if not drifts:
-        raise ValueError("fpf modules: auto needs the training dynamics of at least one stage")
-    mean = {n: sum(d.get(n, 0.0) for d in drifts) / len(drifts) for n in names}
-    return sorted(names, key=lambda n: (-mean[n], n))[: fpf.top]
+    """The modules an FPF operation trains (`slimtune.toolbox.fpf.choose` with its settings)."""
+    return slimtune.toolbox.fpf.choose(model, fpf.modules, fpf.top, drifts)
 
 
 def buffer(packs: list[Packed], size: int, seed: int) -> Packed:
@@ -105,10 +62,9 @@ def finetune(
     training mode and `requires_grad` flags are left as they were; returns the losses."""
     from . import loop  # loop imports the recipe, which imports this module
 
-    owned = owners(model)
-    chosen = {id(p) for m in modules for p in owned[m]}
+    params = slimtune.toolbox.fpf.parameters(model, modules)
+    chosen = {id(p) for p in params}
     flags = {id(p): p.requires_grad for p in model.parameters()}
-    params = [p for p in model.parameters() if id(p) in chosen]
     mode = model.training
     settings = dataclasses.replace(
         stage, name=f"{stage.name}:fpf", lr=fpf.lr, batch_size=fpf.batch_size, grad_accum=1,

@@ -108,14 +108,11 @@ class SparseDiff(StageMethod):
 
     def setup(self, model: nn.Module, context: Context) -> list[nn.Parameter]:
         params = super().setup(model, context)
-        self._start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self._start = slimtune.toolbox.params.snapshot(model)
         context.train(params, self.dense_steps)
-        self._masks = top_k_masks(model, self._start, self.k)
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                parameter.copy_(self._start[name])
-                mask = self._masks[name].to(parameter.dtype)
-                self._hooks.append(parameter.register_hook(lambda grad, mask=mask: grad * mask))
+        self._masks = slimtune.toolbox.ltsft.top_k_masks(model, self._start, self.k)
+        slimtune.toolbox.params.restore(model, self._start)
+        self._hooks = slimtune.toolbox.ltsft.mask_gradients(model, self._masks)
         return params
 
     def save(self, model: nn.Module, directory: Path) -> None:
@@ -128,21 +125,6 @@ class SparseDiff(StageMethod):
         for hook in self._hooks:
             hook.remove()
         self._hooks, self._start, self._masks = [], {}, {}
-
-
-def top_k_masks(model: nn.Module, start: dict[str, Tensor], k: int | float) -> dict[str, Tensor]:
-    """Boolean masks of the k entries (over all parameters) with the largest absolute change."""
-    names = [n for n, _ in model.named_parameters()]
-    change = torch.cat([(model.get_parameter(n).detach() - start[n]).abs().flatten().float() for n in names])
-    count = min(k if isinstance(k, int) else max(round(k * change.numel()), 1), change.numel())
-    flat = torch.zeros(change.numel(), dtype=torch.bool, device=change.device)
-    flat[change.topk(count).indices] = True
-    masks, offset = {}, 0
-    for name in names:
-        size = start[name].numel()
-        masks[name] = flat[offset : offset + size].view_as(start[name])
-        offset += size
-    return masks
 
 
 class Patched(StageMethod):

@@ -401,7 +401,7 @@ def train_stage(
         _operate(op, model, None, run)
     here = StageRun(recipe, index, prepared, world, history or [])
     if recipe.uses_fpf() or any(op.kind in ("lines", "graft") for op in stage.post):
-        here.start = fpf.snapshot(model)
+        here.start = slimtune.toolbox.params.snapshot(model)
     extra: dict[str, Any] = {}
     if done is not None:
         method.restore(model, directory)
@@ -437,7 +437,7 @@ def _train_and_save(
         directory.mkdir(parents=True, exist_ok=True)
         method.save(model, directory)
     method.finish(model)
-    return trace, fpf.drift(model, here.start) if here.recipe.uses_fpf() else None
+    return trace, slimtune.toolbox.fpf.drift(model, here.start) if here.recipe.uses_fpf() else None
 
 
 def _post_operations(
@@ -501,7 +501,7 @@ def _fit(
 
         def after(step: int) -> None:
             if step in points:
-                record = here.fpf(stage.kfpf, fpf.drift(model, here.start), step)
+                record = here.fpf(stage.kfpf, slimtune.toolbox.fpf.drift(model, here.start), step)
                 extra.setdefault("kfpf", []).append({"after_step": step, **record})
 
     train(params, steps, after)
