@@ -25,6 +25,7 @@ stages:
 # (what to replace in GOOD, its replacement, what the message must contain)
 BAD = {
     "unknown key": ("    steps: 1\n", "    steps: 1\n    sptes: 2\n", ":12: stages[0].sptes: unknown key"),
+    "misspelt key": ("batch_size: 2", "batch_sise: 2", "'batch_sise'; did you mean 'batch_size'?"),
     "stage named ..": ("  - name: a\n", "  - name: ..\n", ":8: stages[0].name: '..': a name starts with"),
     "stage named as a hidden file": ("  - name: a\n", "  - name: .a\n", ":8: stages[0].name: '.a'"),
     "kfpf k above the stage's steps": (

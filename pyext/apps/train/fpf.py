@@ -19,6 +19,7 @@ import slimtune
 import torch
 from torch import nn
 
+from . import loop
 from .data import Packed, batch_order
 
 AUTO = slimtune.toolbox.fpf.AUTO
@@ -60,8 +61,6 @@ def finetune(
 ) -> list[float]:
     """Train only `modules` on `rows` (AdamW at `fpf.lr`, constant): the FPF step. The model's
     training mode and `requires_grad` flags are left as they were; returns the losses."""
-    from . import loop  # loop imports the recipe, which imports this module
-
     params = slimtune.toolbox.fpf.parameters(model, modules)
     chosen = {id(p) for p in params}
     flags = {id(p): p.requires_grad for p in model.parameters()}

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -21,9 +22,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .data import Packed
-from .recipe import Stage
 from .step_log import StepRecord, StepSink
 from .tasks import token_loss_sum
+
+if TYPE_CHECKING:  # annotations only: the recipe imports FPF's settings, whose step runs this loop
+    from .recipe import Stage
 
 log = logging.getLogger("slimtune.train")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Callable
@@ -160,8 +161,10 @@ class Section:
     def close(self) -> None:
         unknown = [k for k in self.data if k not in self.read]
         if unknown:
-            known = ", ".join(sorted(self.read))
-            raise self.error(unknown[0], f"unknown key {unknown[0]!r}; known keys here: {known}")
+            key, known = unknown[0], sorted(self.read)
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise self.error(key, f"unknown key {key!r}; {hint}known keys here: {', '.join(known)}")
 
 
 def read_utf8(file: Path, error: type[Exception]) -> str:
