@@ -20,6 +20,7 @@ PUBLIC = {
     "slimtune.diagnostics",
     "slimtune.corda",
     "slimtune.prompt",
+    "slimtune.seeding",
     "slimtune.sharding",
     "slimtune.toolbox",
     "slimtune.toolbox.entry_diff",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-import zlib
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import seeding
 from ..architectures import (
     GatedMLPSpec,
     architecture,
@@ -96,7 +96,7 @@ class Fusion:
 
 def _generator(name: str, seed: int) -> torch.Generator:
     """Adapter init of module `name`: a pure function of (seed, name), device-independent."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return seeding.generator(seed, name)
 
 
 class AdapterMethod(Method):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import zlib
-
 import torch
 from torch import Tensor, nn
 
+from .. import seeding
 from ..config import PaCAConfig, master_dtype
 from ..layers.paca import PaCALinear
 from ..layers.partial import COLUMNS
@@ -18,7 +17,7 @@ from .base import Method, Plan, Replacement
 
 def column_index(name: str, in_features: int, r: int, seed: int) -> Tensor:
     """The sorted columns of module `name`: a pure function of (seed, name, shape), device-independent."""
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    generator = seeding.generator(seed, name)
     return torch.randperm(in_features, generator=generator)[:r].sort().values
 
 

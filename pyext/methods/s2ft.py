@@ -12,7 +12,6 @@ prefix of the permuted order.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import seeding
 from ..architectures import BlockLayout, architecture, block_layout, block_stacks, head_geometry
 from ..config import S2FTConfig, master_dtype
 from ..layers.partial import COLUMNS, ROWS
@@ -78,9 +78,7 @@ class S2FTMethod(Method):
         for prefix, stack in stacks:
             for i, block in enumerate(stack):
                 layout = _layout(model, f"{prefix}.{i}", block, config)
-                generator = torch.Generator().manual_seed(
-                    (config.seed * 1_000_003 + zlib.crc32(layout.name.encode())) % 2**63
-                )
+                generator = seeding.generator(config.seed, layout.name)
                 if config.heads:
                     heads = self._heads(model, layout, geometry, config, generator, saved)
                     selections[f"{layout.name}.heads"] = heads

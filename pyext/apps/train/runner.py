@@ -19,7 +19,6 @@ import os
 import shlex
 import shutil
 import sys
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +66,7 @@ class RunResult:
 def stage_seed(seed: int, stage: str) -> int:
     """The seed of a stage's data and method draws: from the recipe's seed and the stage's name, so a
     stage draws the same wherever it sits (a branch matches the same stage in a linear recipe)."""
-    return seed * 1_000_003 + zlib.crc32(stage.encode())
+    return slimtune.seeding.derived(seed, stage)
 
 
 def _eval_set(task: TaskSpec, recipe: Recipe) -> tuple[list[Example], bool]:
