@@ -245,3 +245,34 @@ def test_a_shipped_recipe_is_found_by_name(capsys):
     assert all(name in listed for name in shipped_recipes()) and len(shipped_recipes()) >= 12
     assert load_recipe("sequential").file == SHIPPED / "sequential.yaml"
     assert (SHIPPED / "data").is_dir()
+
+
+def _documented_defaults(heading: str) -> dict[str, object]:
+    """The keys of a docs/trainer.md table whose default is one literal (`8`, `1e-3`, `constant`)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "trainer.md").read_text()
+    section = text[text.index(heading) + len(heading) :]
+    section = section[: re.search(r"\n#+ ", section).start()]
+    rows = re.findall(r"^\| `(\w+)` \| `([^`|]+)` \|", section, flags=re.M)
+    return {key: yaml.safe_load(value) for key, value in rows}
+
+
+def test_documented_defaults_are_the_code_s(tmp_path):
+    recipe = load_recipe(
+        _write(tmp_path, GOOD.replace("    batch_size: 2\n", "").replace("method:\n  name: full\n", ""))
+    )
+    top = _documented_defaults("### Top level")
+    assert set(top) >= {"seed", "seq_len", "device"}
+    for key, value in top.items():
+        code = recipe.stages[0].method_name if key == "method" else getattr(recipe, key)
+        assert code == (value["name"] if key == "method" else value), key
+    stages = _documented_defaults("### `stages`")
+    assert set(stages) >= {"batch_size", "grad_accum", "lr", "schedule", "warmup_steps", "weight_decay"}
+    for key, value in stages.items():
+        assert getattr(recipe.stages[0], key) == (
+            float(value) if isinstance(value, str) and "e" in value else value
+        ), key
