@@ -29,7 +29,7 @@ def test_module_entry_prints_help() -> None:
 def test_info_prints_the_backend_report_without_heavy_imports() -> None:
     script = (
         "import sys; from slimtune.apps.cli import main; code = main(['info']); "
-        "heavy = ('slimtune.apps.bench', 'slimtune.apps.demo', 'transformers', 'peft'); "
+        "heavy = ('slimtune.apps.bench', 'slimtune.apps.single_task', 'transformers', 'peft'); "
         "print([m for m in heavy if m in sys.modules]); "
         "sys.exit(code)"
     )

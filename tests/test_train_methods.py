@@ -7,9 +7,9 @@ import slimtune
 import torch
 from slimtune.apps.train import load_recipe, run
 from slimtune.apps.train.loop import make_optimizer
-from slimtune.apps.train.methods import HFT, Context
 from slimtune.apps.train.models import ModelSpec, build
 from slimtune.apps.train.runner import stage_seed
+from slimtune.apps.train.stage_methods import HFT, Context
 from slimtune.toolbox.entry_diff import EntryDiff, load_diff
 from slimtune.toolbox.hft import select as hft_selection
 from slimtune.toolbox.lines import scale as lines

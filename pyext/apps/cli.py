@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "demo":
             if args.single_task:
-                from . import demo
+                from . import single_task as demo
             else:
                 from .train import demo
             args.steps = args.steps or (200 if args.single_task else 16)

@@ -14,7 +14,7 @@ from .graft import Graft
 
 
 @dataclass(frozen=True)
-class Op:
+class Operation:
     """`lines` (alpha, beta), `add_diff` / `revert_diff` of `target` (a stage name or a diff file),
     `fpf` (its settings), or `graft` (its settings; the runner carries out these two)."""
 
@@ -27,7 +27,7 @@ class Op:
     graft: Graft | None = None
 
 
-def run(op: Op, model: nn.Module, before: dict[str, Tensor] | None, diff_file: Path | None) -> None:
+def run(op: Operation, model: nn.Module, before: dict[str, Tensor] | None, diff_file: Path | None) -> None:
     """Carry out one operation; `before` is the model at the stage's start, `diff_file` the op's diff."""
     if op.kind == "lines":
         slimtune.toolbox.lines.scale(model, before, op.alpha, op.beta)

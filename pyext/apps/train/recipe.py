@@ -18,10 +18,10 @@ from ..shipped import SHIPPED
 from .data import FIELDS, Form, Source
 from .fpf import AUTO, FPF
 from .graft import PROCEDURES, Graft
-from .methods import StageMethod, known_methods, make_method, method_options
 from .models import BUILTIN, DTYPES, ModelSpec, llama_keys
-from .post import Op
+from .post import Operation
 from .schema import BOOL, INT, LIST, NAMES, NUMBER, TEXT, Mapping, RecipeError, Section, load_yaml
+from .stage_methods import StageMethod, known_methods, make_method, method_options
 from .step_log import check_tensorboard
 from .tasks import TASKS, Match
 
@@ -71,8 +71,8 @@ class Stage:
     method_name: str
     method_options: dict[str, Any]
     method_where: str
-    pre: tuple[Op, ...]
-    post: tuple[Op, ...]
+    pre: tuple[Operation, ...]
+    post: tuple[Operation, ...]
     where: str
     kfpf: FPF | None = None  # k-FPF: FPF k times during the stage's training
     corda_data: tuple[Source, ...] = ()  # CorDA's samples (empty: the stage's own data)
@@ -289,7 +289,7 @@ def _match(section: Section) -> Match:
     return Match(kind, pattern, budget)
 
 
-def _ops(section: Section, key: str, base: Path, diff_stages: list[str]) -> tuple[Op, ...]:
+def _ops(section: Section, key: str, base: Path, diff_stages: list[str]) -> tuple[Operation, ...]:
     ops = []
     for i, item in enumerate(section.get(key, LIST, [])):
         line = getattr(item, "line", section.data.lines.get(key, section.line))
@@ -307,7 +307,7 @@ def _ops(section: Section, key: str, base: Path, diff_stages: list[str]) -> tupl
                 raise RecipeError(f"{where}: lines scales the stage's change; it belongs in post")
             args = Section(value or Mapping(), f"{section.path}.{key}[{i}].lines", section.file, line)
             alpha = args.get("alpha", NUMBER, 0.5)
-            ops.append(Op("lines", alpha, args.get("beta", NUMBER, 1.0 - alpha), where=where))
+            ops.append(Operation("lines", alpha, args.get("beta", NUMBER, 1.0 - alpha), where=where))
             args.close()
         elif kind in ("add_diff", "revert_diff"):
             if not isinstance(value, str):
@@ -318,17 +318,17 @@ def _ops(section: Section, key: str, base: Path, diff_stages: list[str]) -> tupl
                     f"(paca, s2ft or sparse-diff; so far: {diff_stages or 'none'}) nor a file"
                 )
             target = value if value in diff_stages else str(base / value)
-            ops.append(Op(kind, target=target, where=f"{where}.{kind}"))
+            ops.append(Operation(kind, target=target, where=f"{where}.{kind}"))
         elif kind == "fpf":
             if key == "pre":
                 raise RecipeError(f"{where}: fpf fine-tunes after a stage's training; it belongs in post")
             args = Section(value or Mapping(), f"{section.path}.{key}[{i}].fpf", section.file, line)
-            ops.append(Op("fpf", where=f"{where}.fpf", fpf=_fpf(args, k=False)))
+            ops.append(Operation("fpf", where=f"{where}.fpf", fpf=_fpf(args, k=False)))
         elif kind == "graft":
             if key == "pre":
                 raise RecipeError(f"{where}: graft localises what a stage taught; it belongs in post")
             args = Section(value or Mapping(), f"{section.path}.{key}[{i}].graft", section.file, line)
-            ops.append(Op("graft", where=f"{where}.graft", graft=_graft(args)))
+            ops.append(Operation("graft", where=f"{where}.graft", graft=_graft(args)))
         else:
             raise RecipeError(
                 f"{where}: unknown operation {kind!r}; use lines, add_diff, revert_diff, fpf or graft"

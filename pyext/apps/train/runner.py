@@ -35,8 +35,8 @@ from tqdm import tqdm
 from .. import progress
 from . import fpf, graft, loop, metrics, models, post, step_log
 from .data import DataError, Packed, Source, as_form, batch_order, mix, pack, read_records, source_examples
-from .methods import DIFF_FILE, Context, StageMethod
 from .recipe import Recipe, RecipeError, Stage, TaskSpec, load_recipe
+from .stage_methods import DIFF_FILE, Context, StageMethod
 from .tasks import Example, encode, evaluate, generate
 from .tokenizer import ChatError, Tokenizer
 
@@ -267,7 +267,7 @@ class RunDir:
         path.parent.mkdir(parents=True, exist_ok=True)
         slimtune.files.write_text(path, json.dumps(data, indent=1) + "\n")
 
-    def diff_file(self, op: post.Op) -> Path | None:
+    def diff_file(self, op: post.Operation) -> Path | None:
         names = [s.name for s in self.recipe.stages]
         if op.kind == "lines":
             return None
@@ -507,7 +507,7 @@ def _fit(
     return trace
 
 
-def _graft(here: StageRun, op: post.Op, run: RunDir) -> dict[str, Any]:
+def _graft(here: StageRun, op: post.Operation, run: RunDir) -> dict[str, Any]:
     """Localise the stage's skill (`graft`): save it as the stage's `graft.safetensors` entry diff
     and score the graft against the stage's start and its fine-tune on the tasks the stage teaches."""
     settings, model, recipe = op.graft, here.prepared.model, here.recipe
@@ -557,7 +557,9 @@ def _scores(here: StageRun, model: nn.Module, tasks: list[int]) -> dict[int, dic
     return {j: _evaluate(prepared, recipe.tasks[j], *prepared.evals[j], model=model) for j in tasks}
 
 
-def _operate(op: post.Op, model: nn.Module, before: dict[str, torch.Tensor] | None, run: RunDir) -> None:
+def _operate(
+    op: post.Operation, model: nn.Module, before: dict[str, torch.Tensor] | None, run: RunDir
+) -> None:
     """One pre- or post-stage operation; a diff that does not fit the model is a recipe error."""
     try:
         post.run(op, model, before, run.diff_file(op))
