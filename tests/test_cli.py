@@ -162,3 +162,14 @@ def test_single_task_demo_progress_writes_lines_not_frames_off_a_terminal(capsys
     bar.close()
     err = capsys.readouterr().err
     assert "\r" not in err and err.count("\n") == 10 and "paca: 20/20 loss 1.0" in err
+
+
+def test_commands_name_the_apps_extra_when_it_is_missing(capfd: CaptureStr, monkeypatch) -> None:
+    from slimtune.apps import cli
+
+    real = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None if name == "peft" else real(name))
+    assert main(["bench", "--device", "cpu"]) == 2
+    err = capfd.readouterr().err
+    assert "the commands need the apps extra (peft missing): pip install 'slimtune[apps]'" in err
+    assert main(["info"]) == 0  # the library's own report needs no extra

@@ -91,3 +91,22 @@ def test_core_does_not_import_products() -> None:
     for path in PACKAGE.rglob("*.py"):
         if "apps" not in path.parts and path.name != "__main__.py":
             assert not {m for m in imports(path) if m.startswith("slimtune.apps")}, path
+
+
+def test_the_library_runs_without_the_apps_extra() -> None:
+    """`pip install slimtune` has no matplotlib or peft (the `apps` extra; tqdm and pyyaml come with
+    transformers): the library imports, patches, trains a step, saves and loads without them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules.update(dict.fromkeys(['matplotlib', 'peft'], None)); "
+        "sys.path.insert(0, 'tests'); import tempfile, slimtune, torch; "
+        "from tiny_models import make_batch, make_model; "
+        "m = slimtune.apply(make_model('llama'), slimtune.PaCAConfig(r=4)); ids = make_batch(); "
+        "m(input_ids=ids, labels=ids).loss.backward(); d = slimtune.save(m, tempfile.mkdtemp()); "
+        "slimtune.load(make_model('llama'), d); "
+        "assert not {'matplotlib', 'peft'} & {k for k, v in sys.modules.items() if v is not None}"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

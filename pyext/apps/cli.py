@@ -6,11 +6,14 @@ Subcommand modules are imported only when run, so `slimtune --help` and `slimtun
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shlex
 import sys
 
 from .shipped import shipped_recipes
+
+APPS_MODULES = ("tqdm", "yaml", "matplotlib", "peft")  # the `apps` extra (pyproject.toml)
 
 
 def _int_at_least(minimum: int):
@@ -253,6 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    missing = [name for name in APPS_MODULES if importlib.util.find_spec(name) is None]
+    if args.command != "info" and missing:
+        print(
+            f"slimtune {args.command}: the commands need the apps extra ({', '.join(missing)} missing): "
+            f"pip install 'slimtune[apps]'",
+            file=sys.stderr,
+        )
+        return 2
     if getattr(args, "device", "absent") is None:
         args.device = _default_device()
     try:
