@@ -6,7 +6,6 @@ Every check runs before the first change, so a refused call leaves the model exa
 from __future__ import annotations
 
 import warnings
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,7 @@ from . import checkpoint, files, hf_model, sharding
 from .architectures import architecture
 from .checkpoint import CONFIG_FILE, FORMAT_VERSION, TENSORS_FILE
 from .config import MethodConfig
-from .layers.lora import remerge_weight_, restore_weight_
-from .methods.base import Step
-from .methods.lora import UNMERGE_ATTR
+from .methods.base import MERGE_RECORD
 from .peft_compat import save_peft
 from .registry import config_from_dict, for_config
 from .state import (
@@ -94,7 +91,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     the few entries where rounding W' - delta does not give W0 back; this restores them. Refused (model
     untouched) if a merged weight was modified since.
     """
-    record = getattr(model, UNMERGE_ATTR, None)
+    record = getattr(model, MERGE_RECORD, None)
     if record is None:
         raise ValueError(
             f"{type(model).__name__} was not merged by slimtune.merge from a LoRA or Hydra model; "
@@ -102,28 +99,8 @@ def unmerge(model: nn.Module) -> nn.Module:
         )
     check_unpatched(model)
     config, records = record
-    if getattr(config, "init", "random") != "random":
-        raise ValueError(
-            f"unmerge does not rebuild CorDA adapters (LoRAConfig(init={config.init!r})): reload the "
-            f"checkpoint saved before merge with slimtune.load onto the original base model"
-        )
-    for name, rec in records.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            module = None
-        if type(module) is not nn.Linear or module.weight._version != rec.version:
-            raise ValueError(
-                f"module {name!r} was replaced or modified since slimtune.merge; unmerge restores only "
-                f"untouched merged weights"
-            )
-    saved = {f"{name}.{key}": t for name, rec in records.items() for key, t in rec.tensors.items()}
+    saved, restores = for_config(config).glue.unmerge_steps(model, config, records)
     adapters = plan(model, config, saved)  # modules trained in full kept their values through merge
-    restores = [
-        Step(partial(restore_weight_, weight, rec), partial(remerge_weight_, weight, rec))
-        for weight, rec in ((model.get_submodule(name).weight, rec) for name, rec in records.items())
-    ]
-    restores.append(Step(partial(delattr, model, UNMERGE_ATTR)))
     return hf_model.install(commit(model, config, adapters, before=restores))
 
 

@@ -25,6 +25,9 @@ class Replacement:
     writes: tuple[Tensor, int] | None = None
 
 
+MERGE_RECORD = "_slimtune_unmerge"  # set by a merge that `slimtune.unmerge` can undo: (config, records)
+
+
 @dataclass(frozen=True)
 class Step:
     """A change made before the layers are built (S2FT's co-permutation, LoRA's fused MLPs).

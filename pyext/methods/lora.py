@@ -27,15 +27,15 @@ from ..layers.lora import (
     LoRALinear,
     MergeRecord,
     SharedInput,
+    remerge_weight_,
+    restore_weight_,
     undo_merge_,
     write_merge_,
 )
 from ..registry import FUSED_KERNELS, MERGE, PEFT_FORMAT, UNMERGE, MethodInfo, register
 from ..targets import check_plain_linear, match_targets
 from ..transaction import Transaction
-from .base import Method, Plan, Replacement, Step
-
-UNMERGE_ATTR = "_slimtune_unmerge"
+from .base import MERGE_RECORD, Method, Plan, Replacement, Step
 
 
 @dataclass
@@ -172,6 +172,34 @@ class AdapterMethod(Method):
 
         return build
 
+    def unmerge_steps(
+        self, model: nn.Module, config: Any, records: dict[str, MergeRecord]
+    ) -> tuple[dict[str, Tensor], list[Step]]:
+        """What `slimtune.unmerge` needs to rebuild the adapters (their saved tensors) and the steps that
+        give every base weight back bit for bit; refused (model untouched) where it cannot."""
+        if getattr(config, "init", "random") != "random":
+            raise ValueError(
+                f"unmerge does not rebuild CorDA adapters (LoRAConfig(init={config.init!r})): reload the "
+                f"checkpoint saved before merge with slimtune.load onto the original base model"
+            )
+        for name, record in records.items():
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                module = None
+            if type(module) is not nn.Linear or module.weight._version != record.version:
+                raise ValueError(
+                    f"module {name!r} was replaced or modified since slimtune.merge; unmerge restores only "
+                    f"untouched merged weights"
+                )
+        saved = {f"{name}.{key}": t for name, record in records.items() for key, t in record.tensors.items()}
+        restores = [
+            Step(partial(restore_weight_, weight, record), partial(remerge_weight_, weight, record))
+            for weight, record in ((model.get_submodule(n).weight, r) for n, r in records.items())
+        ]
+        restores.append(Step(partial(delattr, model, MERGE_RECORD)))
+        return saved, restores
+
     def unpatch(
         self, model: nn.Module, layers: dict[str, nn.Module], extra: dict[str, Any], transaction: Transaction
     ) -> None:
@@ -183,7 +211,7 @@ class AdapterMethod(Method):
             transaction.on_rollback(partial(undo_merge_, linear.weight, records[name]))
             write_merge_(linear.weight, records[name], merged)
             model.set_submodule(name, linear)
-        setattr(model, UNMERGE_ATTR, (extra["config"], records))
+        setattr(model, MERGE_RECORD, (extra["config"], records))
 
 
 CORDA_FACTORS = ("corda_A", "corda_B")  # a CorDA checkpoint's initial factors, per layer
