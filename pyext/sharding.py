@@ -115,7 +115,9 @@ class Guard:
             )
 
 
-_SHARDED: weakref.WeakSet = weakref.WeakSet()  # layers under FSDP2, written after each optimizer step
+# Layers under FSDP2, written after each optimizer step, in the order they were met: the same on
+# every rank (patch order), as S2FT's row writes gather and every rank must gather alike.
+_SHARDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _STEP_HOOK: list[Any] = []
 
 
@@ -124,8 +126,9 @@ def _track(layers: list[nn.Module]) -> None:
     later optimizer step write the entries it changed."""
     for layer in layers:
         if layer not in _SHARDED:
-            _SHARDED.add(layer)
-            layer.sync_()  # the sharded write (a no-op on gathered copies: sync_ sees no DTensor)
+            _SHARDED[layer] = None
+            layer.sync_()  # into the shards (FSDP2 gathered them already if it wraps the root alone:
+            # then into the gathered copy, and the shards hold the entries since the patch)
     if not _STEP_HOOK:
         _STEP_HOOK.append(register_optimizer_step_post_hook(_after_step))
 

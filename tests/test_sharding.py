@@ -73,6 +73,7 @@ def test_plain_merged_and_copied_models_are_not_refused() -> None:
 
 
 PACA, S2FT = slimtune.PaCAConfig(r=4), slimtune.S2FTConfig(heads=1, channels=8)
+S2FT_ROWS = slimtune.S2FTConfig(heads=1, channels=8, train_v_rows=True, train_gate_up_rows=True)
 UNEVEN = {"intermediate_size": 87}  # gate/up rows and down columns split 44 + 43
 CASES = {  # name: (config, lean, reshard_after_forward, fused AdamW, model overrides, shard each block)
     "paca": (PACA, False, True, False, {}, True),
@@ -83,6 +84,7 @@ CASES = {  # name: (config, lean, reshard_after_forward, fused AdamW, model over
     "s2ft": (S2FT, False, True, False, {}, True),
     "s2ft-lean-uneven": (S2FT, True, False, True, UNEVEN, True),
     "s2ft-root-only": (S2FT, False, False, False, {}, False),
+    "s2ft-rows-uneven": (S2FT_ROWS, False, True, False, UNEVEN, True),  # rows: gathered, written by owner
     "lora": (slimtune.LoRAConfig(r=4, alpha=8), False, True, False, {}, True),
     "hydra-lean": (slimtune.HydraConfig(2, 2, alpha=4), True, True, False, {}, True),
 }
@@ -111,7 +113,7 @@ def _train(case: str, rank: int, world: int) -> dict:
     return {"losses": losses, "state": whole}
 
 
-SAVED = ("paca-uneven", "s2ft", "hydra-lean")
+SAVED = ("paca-uneven", "s2ft-rows-uneven", "hydra-lean")
 
 
 def _shard_and_save(case: str, folder: Path) -> None:
