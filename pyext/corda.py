@@ -196,8 +196,8 @@ def check(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Linear]]:
             f"slimtune.corda.apply needs LoRAConfig(init= one of {sorted(MODES)}), got {config!r}"
         )
     check_unpatched(model)
-    plan(model, dataclasses.replace(config, init="random"))  # LoRA's own checks of the targets
-    targets = [(name, check_plain_linear(name, m)) for name, m in match_targets(model, config.target_modules)]
+    planned = plan(model, dataclasses.replace(config, init="random"))  # LoRA's own checks of the targets
+    targets = [(r.name, model.get_submodule(r.name)) for r in planned.replacements]
     for name, linear in targets:
         if config.r > min(linear.in_features, linear.out_features):
             raise ValueError(

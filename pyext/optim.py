@@ -10,7 +10,7 @@ from torch import nn
 from torch.autograd.graph import increment_version
 
 from . import library
-from .layers.partial import COLUMNS, PartialLinear
+from .layers.partial import COLUMNS, PartialLinear, is_dtensor
 
 
 class PartialAdamW(torch.optim.Optimizer):
@@ -69,7 +69,7 @@ class PartialAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if any(type(p).__name__ == "DTensor" for group in self.param_groups for p in group["params"]):
+        if any(is_dtensor(p) for group in self.param_groups for p in group["params"]):
             raise RuntimeError(  # before any state or write: the refused step changes nothing
                 "PartialAdamW does not step FSDP2-sharded (DTensor) parameters yet; use "
                 "torch.optim.AdamW, which trains every slimtune method exactly under FSDP2"
@@ -82,7 +82,6 @@ class PartialAdamW(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("PartialAdamW does not support sparse gradients")
-
                 state = self.state[p]
                 if not state:
                     state["step"] = 0

@@ -61,7 +61,6 @@ INERT = frozenset(
         "ensure_weight_tying",
     }
 )
-# Initialisations whose adapter applies to the unchanged base weights (the tensors are saved).
 # Initialisations that leave the base weights as they are (PEFT's orthogonal_init and mica_init
 # write only lora_A/lora_B): the saved tensors are an adapter on the plain base. MiCA also keeps
 # lora_B frozen while training (PEFT's MiCALinearVariant), and so does load_peft.

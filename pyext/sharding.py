@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .layers.partial import is_dtensor
 from .registry import IN_PLACE, for_config
 from .state import PatchState, patched_layers
 
@@ -44,13 +45,13 @@ def model_class(model: nn.Module) -> type:
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether an engine holds the model's parameters as DTensor shards (FSDP2, between forwards)."""
-    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def gathered(tensor: Tensor) -> Tensor:
     """A tensor as one process holds it, on the CPU: a DTensor's shards gathered (a collective: every
     rank calls it)."""
-    if type(tensor).__name__ == "DTensor":
+    if is_dtensor(tensor):
         tensor = tensor.full_tensor()
     return tensor.detach().to("cpu").contiguous()
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .. import library, ops
 from ..library import COLUMNS, ROWS
 
-__all__ = ["COLUMNS", "ROWS", "PartialLinear"]
+__all__ = ["COLUMNS", "ROWS", "PartialLinear", "is_dtensor"]
 
 
 class PartialLinear(nn.Module):
@@ -130,7 +130,7 @@ class PartialLinear(nn.Module):
         """Write the trained entries into the dense weight if they may have changed since the last sync
         (`force`: write them anyway; `by_owner`: see `mark_synced`). Sharded parameters (FSDP2's
         DTensors, between forwards) are written shard by shard, always."""
-        if _is_dtensor(self.weight):
+        if is_dtensor(self.weight):
             _write_sharded(self)
         elif force or self.needs_sync():
             library.run_write_trained(self.weight, self.index, self.effective().detach(), self.axis)
@@ -178,8 +178,9 @@ class PartialLinear(nn.Module):
         return f"{sizes}, trained {kind}={self.r}{extra}"
 
 
-def _is_dtensor(tensor: Tensor) -> bool:
-    return type(tensor).__name__ == "DTensor" and torch.distributed.is_available()
+def is_dtensor(tensor: Tensor) -> bool:
+    """Whether `tensor` is a DTensor (FSDP2's shards), told without importing torch.distributed."""
+    return type(tensor).__name__ == "DTensor"
 
 
 def _write_sharded(layer: PartialLinear) -> None:

@@ -94,11 +94,6 @@ class Fusion:
         }
 
 
-def _generator(name: str, seed: int) -> torch.Generator:
-    """Adapter init of module `name`: a pure function of (seed, name), device-independent."""
-    return seeding.generator(seed, name)
-
-
 class AdapterMethod(Method):
     """Shared by LoRA and Hydra: validate everything, then build layers, fuse, merge exactly."""
 
@@ -260,7 +255,7 @@ class LoRAMethod(AdapterMethod):
     def make_layer(self, name: str, linear: nn.Linear, config: LoRAConfig) -> LoRALinear:
         dtype = torch.float32 if config.fp32_master else None
         return LoRALinear(
-            linear, config.r, config.alpha, config.dropout, dtype, _generator(name, config.seed)
+            linear, config.r, config.alpha, config.dropout, dtype, seeding.generator(config.seed, name)
         )
 
     def trained_shapes(self, linear: nn.Linear, config: LoRAConfig) -> dict[str, tuple[int, int]]:
@@ -284,7 +279,12 @@ class HydraMethod(AdapterMethod):
     def make_layer(self, name: str, linear: nn.Linear, config: HydraConfig) -> HydraLinear:
         dtype = torch.float32 if config.fp32_master else None
         return HydraLinear(
-            linear, config.r_parallel, config.r_sequential, config.alpha, dtype, _generator(name, config.seed)
+            linear,
+            config.r_parallel,
+            config.r_sequential,
+            config.alpha,
+            dtype,
+            seeding.generator(config.seed, name),
         )
 
     def trained_shapes(self, linear: nn.Linear, config: HydraConfig) -> dict[str, tuple[int, int]]:

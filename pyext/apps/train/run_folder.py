@@ -142,9 +142,7 @@ def data_digests(recipe: Recipe) -> dict[str, str]:
         for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
             if file.is_file():
                 hasher.update(str(file.relative_to(path) if path.is_dir() else "").encode())
-                with file.open("rb") as handle:
-                    for block in iter(lambda h=handle: h.read(1 << 20), b""):
-                        hasher.update(block)
+                slimtune.files.hash_file(file, hasher)
         # Keyed by the path from the recipe's folder: the same whatever the working directory.
         digests[os.path.relpath(path.resolve(), recipe.file.resolve().parent)] = hasher.hexdigest()
     return digests

@@ -52,8 +52,8 @@ def run(
     Hugging Face directory. `report_to` ("tensorboard" or "none") overrides the recipe's `log`."""
     recipe = load_recipe(recipe_path)
     tensorboard = recipe.log.tensorboard if report_to is None else report_to == "tensorboard"
-    if tensorboard:
-        step_log.check_tensorboard("--report-to tensorboard" if report_to else str(recipe.file))
+    if report_to == "tensorboard":  # the recipe's own `log` was checked when it was read
+        step_log.check_tensorboard("--report-to tensorboard")
     root = Path(output) if output is not None else Path("runs") / recipe.file.stem
     world = loop.World.start(recipe.device)
     if world.rank == 0:
