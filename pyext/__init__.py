@@ -37,10 +37,11 @@ from .patching import (
     unmerge,
 )
 from .peft_compat import load_peft
-from .sparse_delta import SparseDelta, add_sparse, delta, load_delta
+from .sparse_delta import DeltaEntry, SparseDelta, add_sparse, delta, load_delta
 from .targets import on_meta
 
 __all__ = [
+    "DeltaEntry",
     "HydraConfig",
     "LoRAConfig",
     "MethodConfig",

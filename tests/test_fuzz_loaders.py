@@ -15,7 +15,7 @@ import pytest
 import slimtune
 import torch
 from safetensors.torch import load_file, save_file
-from slimtune.toolbox.entry_diff import EntryDiff, load_diff
+from slimtune.sparse_delta import ENTRIES, DeltaEntry, SparseDelta
 from test_refusals import assert_untouched, snapshot
 from tiny_models import make_batch, make_model
 
@@ -167,13 +167,15 @@ def test_fuzzed_diffs_load_exactly_or_are_refused_untouched(kind, tmp_path) -> N
         slimtune.merge(source)
     else:
         model = make_model("llama")
-        diff = EntryDiff(
+        diff = SparseDelta(
             {
-                "model.norm.weight": (torch.tensor([0, 3, 9]), torch.randn(3).double()),
-                "model.layers.1.mlp.up_proj.weight": (torch.tensor([5, 70, 71]), torch.randn(3).double()),
+                "model.norm.weight": DeltaEntry(ENTRIES, torch.tensor([0, 3, 9]), torch.randn(3).double()),
+                "model.layers.1.mlp.up_proj.weight": DeltaEntry(
+                    ENTRIES, torch.tensor([5, 70, 71]), torch.randn(3).double()
+                ),
             }
         )
         source = diff.apply(model)
     pristine = diff.save(tmp_path / f"{kind}.safetensors")
-    outcomes = _fuzz(pristine, lambda f, m: load_diff(f).apply(m), _outputs(source), seed=11)
+    outcomes = _fuzz(pristine, lambda f, m: slimtune.load_delta(f).apply(m), _outputs(source), seed=11)
     assert outcomes["refused"] > TRIALS // 2, outcomes

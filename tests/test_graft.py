@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 
+import slimtune
 import torch
 from slimtune.toolbox.graft import _top_mask, graft_diff, localize, overlap, task_loss
 from tiny_models import make_batch, make_model
@@ -97,7 +98,6 @@ def test_graft_operation_reports_recovery_and_overlap(tmp_path) -> None:
 
     import pytest
     from slimtune.apps.train import run
-    from slimtune.toolbox.entry_diff import EntryDiff
 
     run(_graft_recipe(tmp_path), tmp_path / "run")
     report = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -113,13 +113,12 @@ def test_graft_operation_reports_recovery_and_overlap(tmp_path) -> None:
     )
     overlap = report["graft_overlap"]["a|b"]
     assert 0.0 <= overlap["jaccard"] <= min(overlap["of_first"], overlap["of_second"]) <= 1.0
-    diff = EntryDiff.load(next((tmp_path / "run" / "stages").glob("01-*/graft.safetensors")))
-    assert sum(i.numel() for i, _ in diff.entries.values()) == a["entries"]
+    diff = slimtune.load_delta(next((tmp_path / "run" / "stages").glob("01-*/graft.safetensors")))
+    assert sum(e.count for e in diff.entries.values()) == a["entries"]
 
 
 def test_applied_graft_continues_from_start_plus_graft(tmp_path) -> None:
     from slimtune.apps.train import load_recipe, models, run
-    from slimtune.toolbox.entry_diff import EntryDiff
 
     path = _graft_recipe(tmp_path, apply=True)
     final = run(path, tmp_path / "run").model
@@ -127,7 +126,7 @@ def test_applied_graft_continues_from_start_plus_graft(tmp_path) -> None:
     # With `apply`, each stage ends at its start plus its graft: the final model minus both grafts
     # is the base model, every parameter (embeddings and norms too, which no graft touches).
     for stage in ("02-b", "01-a"):
-        EntryDiff.load(folder / stage / "graft.safetensors").revert(final)
+        slimtune.load_delta(folder / stage / "graft.safetensors").revert(final)
     recipe = load_recipe(path)
     base, _ = models.build(recipe.model, recipe.seed)
     for name, p in final.named_parameters():

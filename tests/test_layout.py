@@ -23,7 +23,6 @@ PUBLIC = {
     "slimtune.seeding",
     "slimtune.sharding",
     "slimtune.toolbox",
-    "slimtune.toolbox.entry_diff",
     "slimtune.toolbox.graft",
     "slimtune.toolbox.hft",
     "slimtune.toolbox.lines",

@@ -147,7 +147,7 @@ def test_sparse_delta_validates_every_entry_before_the_first_write() -> None:
         (torch.tensor([0.0, 1.0]), TypeError, "1-D int64"),
     ]:
         bad = DeltaEntry(1, index, torch.ones(weight.shape[0], 2, dtype=torch.float64))
-        delta = SparseDelta({"model.layers.1.mlp.down_proj": good, name: bad})
+        delta = SparseDelta({"model.layers.1.mlp.down_proj.weight": good, f"{name}.weight": bad})
         with pytest.raises(error, match=match):
             delta.apply(model)
         untouched = make_model("llama").model.layers[1].mlp.down_proj.weight
@@ -155,18 +155,21 @@ def test_sparse_delta_validates_every_entry_before_the_first_write() -> None:
         assert torch.equal(weight, before)
 
 
-def test_trainer_entry_diffs_validate_every_entry_before_the_first_write() -> None:
-    from slimtune.toolbox.entry_diff import EntryDiff
+def test_scattered_entry_diffs_validate_every_entry_before_the_first_write() -> None:
+    from slimtune.sparse_delta import ENTRIES, DeltaEntry, SparseDelta
 
     model = make_model("llama")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    good = (torch.tensor([0, 1]), torch.ones(2, dtype=torch.float64))
+    good = DeltaEntry(ENTRIES, torch.tensor([0, 1]), torch.ones(2, dtype=torch.float64))
+    twos = torch.ones(2, dtype=torch.float64)
     for entry, error, match in [
-        ((torch.tensor([0, -1]), torch.ones(2, dtype=torch.float64)), ValueError, "index value -1 is out"),
-        ((torch.tensor([4, 4]), torch.ones(2, dtype=torch.float64)), ValueError, "holds a value twice"),
-        ((torch.tensor([0, 1, 2]), torch.ones(2, dtype=torch.float64)), ValueError, "a damaged diff"),
+        (DeltaEntry(ENTRIES, torch.tensor([0, -1]), twos), ValueError, "index value -1 is out"),
+        (DeltaEntry(ENTRIES, torch.tensor([4, 4]), twos), ValueError, "holds a value twice"),
+        (DeltaEntry(ENTRIES, torch.tensor([0, 1, 2]), twos), ValueError, "belongs to another model"),
+        (DeltaEntry(1, torch.tensor([0, 1]), twos), ValueError, "rows or columns of a 1-D parameter"),
+        (DeltaEntry(2, torch.tensor([0, 1]), twos), ValueError, "has axis 2"),
     ]:
-        diff = EntryDiff({"model.norm.weight": good, "model.layers.0.mlp.up_proj.weight": entry})
+        diff = SparseDelta({"model.layers.0.mlp.up_proj.weight": good, "model.norm.weight": entry})
         with pytest.raises(error, match=match):
             diff.apply(model)
         assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

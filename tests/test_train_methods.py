@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import slimtune
 import torch
+from slimtune import SparseDelta, load_delta
 from slimtune.apps.train import load_recipe, run
 from slimtune.apps.train.loop import make_optimizer
 from slimtune.apps.train.models import ModelSpec, build
 from slimtune.apps.train.runner import stage_seed
 from slimtune.apps.train.stage_methods import HFT, Context
-from slimtune.toolbox.entry_diff import EntryDiff, load_diff
 from slimtune.toolbox.hft import select as hft_selection
 from slimtune.toolbox.lines import scale as lines
 from tiny_models import make_model
@@ -119,7 +118,7 @@ def _perturbed(seed: int, density: float) -> tuple[torch.nn.Module, dict, dict]:
 
 def test_entry_diff_applies_and_reverts_exactly(tmp_path):
     trained, start, masks = _perturbed(seed=1, density=0.05)
-    diff = load_diff(EntryDiff.between(trained, start, masks).save(tmp_path / "d.safetensors"))
+    diff = load_delta(SparseDelta.between(trained, start, masks).save(tmp_path / "d.safetensors"))
     base = _model()
     diff.apply(base)
     assert all(torch.equal(p, trained.get_parameter(n)) for n, p in base.named_parameters())
@@ -130,7 +129,7 @@ def test_entry_diff_applies_and_reverts_exactly(tmp_path):
 def test_entry_diffs_compose_by_addition():
     one, start, masks_one = _perturbed(seed=1, density=0.05)
     two, _, masks_two = _perturbed(seed=2, density=0.05)
-    d1, d2 = EntryDiff.between(one, start, masks_one), EntryDiff.between(two, start, masks_two)
+    d1, d2 = SparseDelta.between(one, start, masks_one), SparseDelta.between(two, start, masks_two)
     fused, stepwise = _model(), _model()
     (d1 + d2).apply(fused)
     d2.apply(d1.apply(stepwise))
@@ -141,18 +140,10 @@ def test_entry_diffs_compose_by_addition():
         torch.testing.assert_close(parameter, two.get_parameter(name), rtol=0, atol=1e-6)
 
 
-def test_load_diff_reads_slimtune_delta(tmp_path):
-    model = slimtune.apply(_model(), slimtune.PaCAConfig(r=4))
-    with torch.no_grad():
-        for parameter in slimtune.trainable_parameters(model):
-            parameter.add_(1.0)
-    assert isinstance(load_diff(slimtune.delta(model).save(tmp_path / "d.safetensors")), slimtune.SparseDelta)
-
-
 def test_sparse_diff_stage_changes_only_k_entries(tmp_path):
     result = run(_recipe(tmp_path, "{name: sparse-diff, k: 300, dense_steps: 2}"), tmp_path / "run")
     base = build(ModelSpec(builtin="tiny-llama"), seed=0)[0]
     changed = sum(int((p != base.get_parameter(n)).sum()) for n, p in result.model.named_parameters())
     assert 0 < changed <= 300
-    load_diff(tmp_path / "run" / "stages" / "01-a" / "diff.safetensors").apply(base)
+    load_delta(tmp_path / "run" / "stages" / "01-a" / "diff.safetensors").apply(base)
     assert all(torch.equal(p, base.get_parameter(n)) for n, p in result.model.named_parameters())

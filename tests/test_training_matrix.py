@@ -84,7 +84,7 @@ def reference(base: nn.Module, patched: nn.Module, method: str) -> nn.Module:
     model = copy.deepcopy(base).train()
     if method in ("paca", "s2ft"):
         for name, entry in slimtune.delta(patched).entries.items():  # original layout, before training
-            linear = model.get_submodule(name)
+            linear = model.get_submodule(name.removesuffix(".weight"))
             parametrize.register_parametrization(
                 linear, "weight", WriteEntries(linear.weight, entry.axis, entry.index)
             )

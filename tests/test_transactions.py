@@ -11,8 +11,7 @@ import slimtune
 import torch
 from slimtune.layers import HydraLinear, LoRALinear, PaCALinear, S2FTLinear
 from slimtune.methods.s2ft import Permutation
-from slimtune.sparse_delta import DeltaEntry, SparseDelta
-from slimtune.toolbox.entry_diff import EntryDiff
+from slimtune.sparse_delta import ENTRIES, DeltaEntry, SparseDelta
 from slimtune.transaction import Transaction
 from test_refusals import assert_untouched, refused, snapshot
 from tiny_models import make_batch, make_model
@@ -147,10 +146,8 @@ def _fail_second_write(patch) -> None:
 
 def test_a_sparse_delta_failing_after_its_first_write_is_rolled_back(monkeypatch) -> None:
     model = make_model("llama")
-    entries = {
-        f"model.layers.{i}.mlp.down_proj": DeltaEntry(1, torch.tensor([0, 5]), torch.ones(64, 2).double())
-        for i in range(2)
-    }
+    change = DeltaEntry(1, torch.tensor([0, 5]), torch.ones(64, 2).double())
+    entries = {f"model.layers.{i}.mlp.down_proj.weight": change for i in range(2)}
     with monkeypatch.context() as patch:
         _fail_second_write(patch)
         refused(model, lambda: SparseDelta(entries).apply(model), torch.OutOfMemoryError, "injected")
@@ -158,8 +155,8 @@ def test_a_sparse_delta_failing_after_its_first_write_is_rolled_back(monkeypatch
 
 def test_an_entry_diff_failing_after_its_first_write_is_rolled_back(monkeypatch) -> None:
     model = make_model("llama")
-    one = (torch.tensor([0, 3]), torch.ones(2).double())
-    diff = EntryDiff({"model.norm.weight": one, "model.layers.0.mlp.up_proj.weight": one})
+    one = DeltaEntry(ENTRIES, torch.tensor([0, 3]), torch.ones(2).double())
+    diff = SparseDelta({"model.norm.weight": one, "model.layers.0.mlp.up_proj.weight": one})
     with monkeypatch.context() as patch:
         _fail_second_write(patch)
         refused(model, lambda: diff.apply(model), torch.OutOfMemoryError, "injected")

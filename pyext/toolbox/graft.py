@@ -22,7 +22,7 @@ batches after each step (theirs: the highest train + validation accuracy); a cau
 stage's rows (theirs: prompt-based classification); the default `lr` of `authors` is ours (1e7,
 the step a slope of 4.5e-5 at the start needs; their scripts take it as an argument).
 
-The result is an `EntryDiff` (`slimtune.toolbox.entry_diff`: apply, revert, `+`, save, load), so a
+The result is a `slimtune.SparseDelta` of scattered entries (apply, revert, `+`, save, load), so a
 localised skill composes with the other diffs; `overlap` compares the regions of two skills.
 `task_loss(batch)` gives the `loss` that `localize` optimises for one batch of causal-LM rows.
 """
@@ -36,8 +36,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..sparse_delta import ENTRIES, DeltaEntry, SparseDelta
 from ..targets import match_targets
-from .entry_diff import EntryDiff
 
 
 def _weights(model: nn.Module, target_modules) -> dict[str, nn.Parameter]:
@@ -58,15 +58,15 @@ def _top_mask(values: dict[str, Tensor], share: float) -> dict[str, Tensor]:
     return masks
 
 
-def graft_diff(base: nn.Module, tuned: nn.Module, masks: dict[str, Tensor]) -> EntryDiff:
+def graft_diff(base: nn.Module, tuned: nn.Module, masks: dict[str, Tensor]) -> SparseDelta:
     """The grafted entries as an entry-level diff: applied to `base`, it gives the graft."""
     tuned_params = dict(tuned.named_parameters())
     entries = {}
     for name, mask in masks.items():
         index = mask.flatten().nonzero().flatten().cpu()
         change = tuned_params[name].detach().double() - base.get_parameter(name).detach().double()
-        entries[name] = (index, change.flatten().cpu()[index])
-    return EntryDiff(entries)
+        entries[name] = DeltaEntry(ENTRIES, index, change.flatten().cpu()[index])
+    return SparseDelta(entries)
 
 
 PROCEDURES = ("budget", "authors")
@@ -84,7 +84,7 @@ def localize(
     procedure: str = "budget",
     accumulate: int = 1,
     seed: int = 0,
-) -> tuple[EntryDiff, dict[str, Tensor]]:
+) -> tuple[SparseDelta, dict[str, Tensor]]:
     """Learn the graft region of a fine-tune: (its diff, its masks by parameter name).
 
     `loss(model, params)` is the task loss of `model` run with the parameters `params` substituted
@@ -218,12 +218,12 @@ def recovered(start: float, tuned: float, grafted: float) -> float | None:
     return (grafted - start) / (tuned - start) if tuned != start else None
 
 
-def diff_overlap(first: EntryDiff, second: EntryDiff) -> dict[str, float]:
-    """`overlap` of two grafts' regions, from their diffs' entries."""
+def diff_overlap(first: SparseDelta, second: SparseDelta) -> dict[str, float]:
+    """`overlap` of two grafts' regions, from their diffs' (scattered) entries."""
     shared = sum(
-        int(torch.isin(index, second.entries[name][0]).sum())
-        for name, (index, _) in first.entries.items()
+        int(torch.isin(entry.index, second.entries[name].index).sum())
+        for name, entry in first.entries.items()
         if name in second.entries
     )
-    one = sum(index.numel() for index, _ in first.entries.values())
-    return _shares(shared, one, sum(index.numel() for index, _ in second.entries.values()))
+    one = sum(entry.count for entry in first.entries.values())
+    return _shares(shared, one, sum(entry.count for entry in second.entries.values()))

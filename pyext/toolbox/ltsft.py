@@ -1,6 +1,6 @@
 """LT-SFT (Ansell et al., "Composable Sparse Fine-Tuning for Cross-Lingual Transfer", ACL 2022): a
 short dense phase finds the entries that move most; the model is reset and only those train, so the
-fine-tune is a sparse diff (`slimtune.toolbox.entry_diff.EntryDiff.between`) that composes with
+fine-tune is a sparse diff (`slimtune.SparseDelta.between`) that composes with
 others and reverts.
 
     start = slimtune.toolbox.params.snapshot(model)

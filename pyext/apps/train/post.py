@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import slimtune
-from slimtune.toolbox.entry_diff import load_diff
 from torch import Tensor, nn
 
 from .fpf import FPF
@@ -32,6 +31,6 @@ def run(op: Operation, model: nn.Module, before: dict[str, Tensor] | None, diff_
     if op.kind == "lines":
         slimtune.toolbox.lines.scale(model, before, op.alpha, op.beta)
     elif op.kind == "add_diff":
-        load_diff(diff_file).apply(model)
+        slimtune.load_delta(diff_file).apply(model)
     else:
-        load_diff(diff_file).revert(model)
+        slimtune.load_delta(diff_file).revert(model)

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import slimtune
-from slimtune.toolbox.entry_diff import load_diff
 from torch import nn
 
 from . import fpf, loop, models
@@ -75,7 +74,7 @@ def _check_stages(recipe: Recipe, model: nn.Module, world: loop.World) -> None:
         for op in (*stage.pre, *stage.post):
             if op.target and op.target not in names:
                 try:
-                    load_diff(op.target)
+                    slimtune.load_delta(op.target)
                 except (OSError, ValueError) as err:
                     raise RecipeError(f"{op.where}: {err}") from None
         if stage.batch_size % (stage.grad_accum * world.size):

@@ -11,7 +11,6 @@ from typing import Any
 
 import slimtune
 from slimtune.toolbox import graft as localisation
-from slimtune.toolbox.entry_diff import EntryDiff
 from torch import nn
 
 from . import graft, metrics, step_log
@@ -51,7 +50,7 @@ def _graft_summary(names: list[str], records: list[dict[str, Any]], root: Path) 
     if not grafted:
         return {}
     folders = {j: stage_folder(root, j, names[j]) / graft.GRAFT_FILE for j, _ in grafted}
-    diffs = {j: EntryDiff.load(path) for j, path in folders.items() if path.exists()}
+    diffs = {j: slimtune.load_delta(path) for j, path in folders.items() if path.exists()}
     overlap = {
         f"{names[a]}|{names[b]}": localisation.diff_overlap(diffs[a], diffs[b])
         for a in diffs

@@ -16,7 +16,6 @@ from typing import Any
 import slimtune
 import torch
 from slimtune.registry import SPARSE_DELTA
-from slimtune.toolbox.entry_diff import EntryDiff
 from torch import Tensor, nn
 
 DIFF_FILE = "diff.safetensors"
@@ -116,10 +115,10 @@ class SparseDiff(StageMethod):
         return params
 
     def save(self, model: nn.Module, directory: Path) -> None:
-        EntryDiff.between(model, self._start, self._masks).save(directory / DIFF_FILE)
+        slimtune.SparseDelta.between(model, self._start, self._masks).save(directory / DIFF_FILE)
 
     def restore(self, model: nn.Module, directory: Path) -> None:
-        EntryDiff.load(directory / DIFF_FILE).apply(model)
+        slimtune.load_delta(directory / DIFF_FILE).apply(model)
 
     def finish(self, model: nn.Module) -> None:
         for hook in self._hooks:
