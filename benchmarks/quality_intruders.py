@@ -41,7 +41,7 @@ def rebuild(folder: Path, recipe_path: Path):
     recipe = load_recipe(recipe_path)
     model, _ = models.build(recipe.model, recipe.seed)
     for index, stage in enumerate(recipe.stages):
-        if any(op.kind in ("fpf", "graft") for op in stage.post):
+        if any(op.name in ("fpf", "graft") for op in stage.post):
             return None, "ends in FPF or a graft"
         checkpoint = stage_folder(folder, index, stage.name)
         if not any(checkpoint.rglob("*.safetensors")):
@@ -50,7 +50,7 @@ def rebuild(folder: Path, recipe_path: Path):
         method = stage.method()
         method.restore(model, checkpoint)
         for op in stage.post:
-            if op.kind == "lines":
+            if op.name == "lines":
                 slimtune.toolbox.lines.scale(model, before, op.alpha, op.beta)
     return model, ""
 

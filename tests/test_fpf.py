@@ -11,7 +11,8 @@ import torch
 import yaml
 from slimtune.apps.train import RecipeError, loop, run
 from slimtune.apps.train.data import Packed
-from slimtune.apps.train.fpf import FPF, buffer, choose, finetune
+from slimtune.apps.train.fpf import buffer, choose, finetune
+from slimtune.apps.train.operations import FPF
 from slimtune.apps.train.recipe import load_recipe
 from slimtune.toolbox.fpf import drift, owners, snapshot
 from tiny_models import make_model

@@ -5,15 +5,15 @@ The paper finds that a few modules change far more between tasks than the rest, 
 forgetting to them, and fine-tunes only those on a small replay buffer: once at the end of a
 sequence (FPF, a post operation here) or k times during training without any other replay (k-FPF,
 a stage option). The modules are chosen by `slimtune.toolbox.fpf` (listed, or `auto`: the `top`
-by mean drift over the stages so far); this module holds the recipe's settings, the replay buffer
-(`buffer` rows drawn evenly from the training data of every stage so far, the current one
-included) and the FPF step on the trainer's loop.
+by mean drift over the stages so far); the settings are the `fpf` operation's (`operations.FPF`);
+this module holds the replay buffer (`buffer` rows drawn evenly from the training data of every
+stage so far, the current one included) and the FPF step on the trainer's loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import slimtune
 import torch
@@ -22,21 +22,8 @@ from torch import nn
 from . import loop
 from .data import Packed, batch_order
 
-AUTO = slimtune.toolbox.fpf.AUTO
-
-
-@dataclass(frozen=True)
-class FPF:
-    """One FPF operation (`fpf` after a stage) or a stage's k-FPF schedule (`kfpf`, `k` > 0)."""
-
-    buffer: int = 32
-    modules: str | tuple[str, ...] = AUTO
-    top: int = 4
-    steps: int = 20
-    lr: float = 1e-4
-    batch_size: int = 8
-    k: int = 0
-    where: str = ""
+if TYPE_CHECKING:
+    from .operations import FPF
 
 
 def choose(model: nn.Module, fpf: FPF, drifts: list[dict[str, float]]) -> list[str]:

@@ -1,37 +1,27 @@
-"""The trainer's `graft` operation: its settings and data; the search itself is
-`slimtune.toolbox.graft` (see there for the procedures and where they follow the authors).
+"""The trainer's `graft` operation carried out on a stage: the search itself is
+`slimtune.toolbox.graft` (see there for the procedures and where they follow the authors); this
+module feeds it the stage's data and scores the graft on the tasks the stage teaches.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from slimtune.toolbox.graft import PROCEDURES, task_loss
+import torch
+from slimtune.toolbox import graft as localisation
 from torch import Tensor, nn
 
 from .data import Packed, batch_order
 
-__all__ = ["GRAFT_FILE", "PROCEDURES", "Graft", "data_loss"]
+if TYPE_CHECKING:
+    from .operations import Graft
+    from .stages import StageRun
 
 GRAFT_FILE = "graft.safetensors"
-
-
-@dataclass(frozen=True)
-class Graft:
-    """The trainer's `graft` operation: localise what the stage taught (a share `sparsity` of the
-    targeted entries, the mask optimised `steps` times at `lr` on batches of the stage's data) and
-    report how much of it the graft recovers; `apply` continues from the graft, not the fine-tune."""
-
-    sparsity: float = 1e-4
-    steps: int = 50
-    lr: float | None = None  # None: the procedure's default
-    batch_size: int = 8
-    procedure: str = "budget"
-    accumulate: int = 1
-    target_modules: str | tuple[str, ...] = "all-linear"
-    apply: bool = False
-    where: str = ""
+log = logging.getLogger("slimtune.train")
 
 
 def data_loss(packed: Packed, batch_size: int, seed: int) -> Callable[[nn.Module, dict[str, Tensor]], Tensor]:
@@ -46,6 +36,53 @@ def data_loss(packed: Packed, batch_size: int, seed: int) -> Callable[[nn.Module
         calls[0] += 1
         device = next(iter(params.values())).device
         ids, labels, mask = (t[rows].to(device) for t in (packed.ids, packed.labels, packed.mask))
-        return task_loss({"input_ids": ids, "labels": labels, "attention_mask": mask})(model, params)
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        return localisation.task_loss(batch)(model, params)
 
     return loss
+
+
+def localise(settings: Graft, here: StageRun) -> dict[str, Any]:
+    """Localise the stage's skill: save it as the stage's `graft.safetensors` diff and score the
+    graft against the stage's start and its fine-tune on the tasks the stage teaches (ValueError
+    for settings the model cannot take)."""
+    model, recipe = here.prepared.model, here.recipe
+    start = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, parameter in start.named_parameters():
+            parameter.copy_(here.start[name])
+    loss = data_loss(here.prepared.packed[here.index], settings.batch_size, here.seed + 7)
+    diff, masks = localisation.localize(
+        start, model, loss, settings.sparsity, settings.steps, settings.lr, settings.target_modules,
+        settings.procedure, settings.accumulate, here.seed + 11,
+    )  # fmt: skip
+    if here.world.rank == 0:
+        here.run.stage(here.index).mkdir(parents=True, exist_ok=True)
+        diff.save(here.run.stage(here.index) / GRAFT_FILE)
+    taught = [j for j, t in enumerate(recipe.tasks) if here.stage.name in t.stages]
+    scores = {"start": here.scores(start, taught), "tuned": here.scores(model, taught)}
+    diff.apply(start)
+    scores["graft"] = here.scores(start, taught)
+    if settings.apply:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                parameter.copy_(start.get_parameter(name))
+    entries = sum(int(m.sum()) for m in masks.values())
+    tasks = {recipe.tasks[j].name: _recovery(scores, j) for j in taught}
+    log.info("stage %s: graft of %d entries: %s", here.stage.name, entries, tasks)
+    return {
+        "entries": entries,
+        "share": entries / sum(m.numel() for m in masks.values()),
+        "applied": settings.apply,
+        "tasks": tasks,
+    }
+
+
+def _recovery(scores: dict[str, dict[int, dict[str, float | None]]], task: int) -> dict[str, Any]:
+    """A task's accuracy and loss at the start, after the fine-tune and the graft, and the share recovered."""
+    return {
+        kind: {state: scores[state][task][kind] for state in scores}
+        | {"recovered": localisation.recovered(*(scores[state][task][kind] for state in scores))}
+        for kind in ("accuracy", "loss")
+        if scores["tuned"][task][kind] is not None
+    }

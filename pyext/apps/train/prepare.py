@@ -11,9 +11,10 @@ from typing import Any
 import slimtune
 from torch import nn
 
-from . import fpf, loop, models
+from . import loop, models
 from .data import DataError, Packed, Source, as_form, mix, pack, read_records, source_examples
-from .recipe import Recipe, RecipeError, Stage, TaskSpec
+from .recipe import Recipe, Stage, TaskSpec
+from .schema import RecipeError
 from .tasks import Example, encode, generate
 from .tokenizer import ChatError, Tokenizer
 
@@ -49,9 +50,8 @@ def _eval_set(task: TaskSpec, recipe: Recipe) -> tuple[list[Example], bool]:
 
 
 def _check_stages(recipe: Recipe, model: nn.Module, world: loop.World) -> None:
-    """Refuse what only the model or the launch can reveal: a method the model cannot take, a diff
-    file that is not one, a batch that does not split over the processes."""
-    names = [s.name for s in recipe.stages]
+    """Refuse what only the model or the launch can reveal: a method the model cannot take, an
+    operation that would fail in the run (its `check`), a batch that does not split over the processes."""
     for stage in recipe.stages:
         try:
             stage.method().check(model)
@@ -59,24 +59,11 @@ def _check_stages(recipe: Recipe, model: nn.Module, world: loop.World) -> None:
             raise RecipeError(
                 f"{stage.method_where}: {stage.method_name} cannot train this model: {err}"
             ) from None
-        for settings in [stage.kfpf, *(op.fpf for op in stage.post)]:  # listed FPF modules must exist
-            if settings is not None and settings.modules != fpf.AUTO:  # (auto is decided in the run)
-                try:
-                    fpf.choose(model, settings, [])
-                except ValueError as err:
-                    raise RecipeError(f"{settings.where}: {err}") from None
-        for op in stage.post:
-            if op.kind == "graft" and not any(stage.name in t.stages for t in recipe.tasks):
-                raise RecipeError(
-                    f"{op.where}: graft scores the skill on the tasks the stage teaches; give a task "
-                    f"`stage: {stage.name}`"
-                )
-        for op in (*stage.pre, *stage.post):
-            if op.target and op.target not in names:
-                try:
-                    slimtune.load_delta(op.target)
-                except (OSError, ValueError) as err:
-                    raise RecipeError(f"{op.where}: {err}") from None
+        for operation in (*stage.pre, *stage.post, *([stage.kfpf] if stage.kfpf is not None else [])):
+            try:
+                operation.check(model, stage, recipe)
+            except (OSError, ValueError) as err:
+                raise RecipeError(f"{operation.where}: {err}") from None
         if stage.batch_size % (stage.grad_accum * world.size):
             raise RecipeError(
                 f"{stage.where}.batch_size: {stage.batch_size} rows do not split into grad_accum="

@@ -16,24 +16,25 @@ import slimtune
 
 from ..shipped import SHIPPED
 from .data import FIELDS, Form, Source
-from .fpf import AUTO, FPF
-from .graft import PROCEDURES, Graft
 from .models import BUILTIN, DTYPES, ModelSpec, llama_keys
-from .post import Operation
-from .schema import BOOL, INT, LIST, NAMES, NUMBER, TEXT, Mapping, RecipeError, Section, load_yaml
+from .operations import FPF, Operation, Place, ReadContext, read_operation
+from .schema import (
+    BOOL,
+    INT,
+    LIMITS,
+    LIST,
+    NAMES,
+    NUMBER,
+    TEXT,
+    Section,
+    SettingError,
+    load_yaml,
+    read_settings,
+    setting,
+)
 from .stage_methods import StageMethod, known_methods, make_method, method_options
 from .step_log import check_tensorboard
 from .tasks import TASKS, Match
-
-# Upper bounds checked when the recipe is read: a larger value is a typo (or would allocate or run
-# for days before failing), never a run anyone meant.
-LIMITS = {
-    "steps": 10**8,
-    "epochs": 10**6,
-    "batch_size": 2**16,
-    "n": 10**7,  # generated or read examples per source or task
-    "seq_len": 2**20,
-}
 
 
 @dataclass(frozen=True)
@@ -88,21 +89,29 @@ class Stage:
         return make_method(self.method_name, self.method_options)
 
 
+def _all_linear(targets: tuple[str, ...]) -> str | tuple[str, ...]:
+    return targets[0] if targets == ("all-linear",) else targets
+
+
 @dataclass(frozen=True)
 class Intruders:
     """`intruders`: after every stage, count each targeted linear's intruder dimensions against the
     base model (`slimtune.diagnostics.intruder_dimensions`)."""
 
-    k: int = 10
-    threshold: float = 0.5
-    target_modules: str | tuple[str, ...] = "all-linear"
+    k: int = setting(10, INT, positive=True, at_most=4096)
+    threshold: float = setting(0.5, NUMBER, positive=True)
+    target_modules: str | tuple[str, ...] = setting("all-linear", NAMES, convert=_all_linear)
+
+    def __post_init__(self) -> None:
+        if self.threshold > 1:
+            raise SettingError("threshold", f"a cosine threshold is in (0, 1], got {self.threshold}")
 
 
 @dataclass(frozen=True)
 class Logging:
     """`log`: where the step figures go besides train.log and each stage's steps.csv (always)."""
 
-    tensorboard: bool = False  # TensorBoard event files in RUN/tensorboard (the tensorboard extra)
+    tensorboard: bool = setting(False, BOOL)  # TensorBoard event files in RUN/tensorboard (the extra)
 
 
 @dataclass(frozen=True)
@@ -133,7 +142,7 @@ class Recipe:
 
     def uses_fpf(self) -> bool:
         """Whether any stage runs FPF (then every stage records its modules' drift)."""
-        return any(s.kfpf is not None or any(op.kind == "fpf" for op in s.post) for s in self.stages)
+        return any(s.kfpf is not None or any(op.needs_drift for op in s.post) for s in self.stages)
 
     def leaves(self) -> list[int]:
         """The stages no other stage starts from: the ends of the recipe's branches (the last one last)."""
@@ -289,99 +298,62 @@ def _match(section: Section) -> Match:
     return Match(kind, pattern, budget)
 
 
-def _ops(section: Section, key: str, base: Path, diff_stages: list[str]) -> tuple[Operation, ...]:
-    ops = []
+def _operations(section: Section, key: str, context: ReadContext) -> tuple[Operation, ...]:
+    """A stage's `pre` or `post` list, each entry read by its registered operation."""
+    operations = []
     for i, item in enumerate(section.get(key, LIST, [])):
         line = getattr(item, "line", section.data.lines.get(key, section.line))
-        where = f"{section.file}:{line}: {section.path}.{key}[{i}]"
-        if item == "lines":
-            item = {"lines": {}}
-        if not isinstance(item, dict) or len(item) != 1:
-            raise RecipeError(
-                f"{where}: expected 'lines', {{lines: {{alpha, beta}}}}, {{add_diff: X}} or "
-                f"{{revert_diff: X}}, got {item!r}"
-            )
-        ((kind, value),) = item.items()
-        if kind == "lines":
-            if key == "pre":
-                raise RecipeError(f"{where}: lines scales the stage's change; it belongs in post")
-            args = Section(value or Mapping(), f"{section.path}.{key}[{i}].lines", section.file, line)
-            alpha = args.get("alpha", NUMBER, 0.5)
-            ops.append(Operation("lines", alpha, args.get("beta", NUMBER, 1.0 - alpha), where=where))
-            args.close()
-        elif kind in ("add_diff", "revert_diff"):
-            if not isinstance(value, str):
-                raise RecipeError(f"{where}.{kind}: expected a stage name or a diff file, got {value!r}")
-            if value not in diff_stages and not (base / value).is_file():
-                raise RecipeError(
-                    f"{where}.{kind}: {value!r} is neither a stage that leaves a sparse diff "
-                    f"(paca, s2ft or sparse-diff; so far: {diff_stages or 'none'}) nor a file"
-                )
-            target = value if value in diff_stages else str(base / value)
-            ops.append(Operation(kind, target=target, where=f"{where}.{kind}"))
-        elif kind == "fpf":
-            if key == "pre":
-                raise RecipeError(f"{where}: fpf fine-tunes after a stage's training; it belongs in post")
-            args = Section(value or Mapping(), f"{section.path}.{key}[{i}].fpf", section.file, line)
-            ops.append(Operation("fpf", where=f"{where}.fpf", fpf=_fpf(args, k=False)))
-        elif kind == "graft":
-            if key == "pre":
-                raise RecipeError(f"{where}: graft localises what a stage taught; it belongs in post")
-            args = Section(value or Mapping(), f"{section.path}.{key}[{i}].graft", section.file, line)
-            ops.append(Operation("graft", where=f"{where}.graft", graft=_graft(args)))
-        else:
-            raise RecipeError(
-                f"{where}: unknown operation {kind!r}; use lines, add_diff, revert_diff, fpf or graft"
-            )
-    return tuple(ops)
+        place = Place(section.file, line, f"{section.path}.{key}[{i}]")
+        operations.append(read_operation(item, place, key, context))
+    return tuple(operations)
 
 
-def _fpf(section: Section, k: bool) -> FPF:
-    """FPF settings (`kfpf` also takes `k`, how many times during the stage)."""
-    modules = section.get("modules", NAMES, (AUTO,))
-    fpf = FPF(
-        buffer=section.positive("buffer", INT, 32, LIMITS["n"]),
-        modules=AUTO if modules == (AUTO,) else modules,
-        top=section.positive("top", INT, 4, 10**6),
-        steps=section.positive("steps", INT, 20, LIMITS["steps"]),
-        lr=section.positive("lr", NUMBER, 1e-4),
-        batch_size=section.positive("batch_size", INT, 8, LIMITS["batch_size"]),
-        k=section.positive("k", INT, None, 10**4) if k else 0,
-        where=section.where(),
-    )
-    if k and fpf.k is None:
-        raise section.error(None, "missing required key 'k' (how many times FPF runs during the stage)")
-    if AUTO in modules and len(modules) > 1:
-        raise section.error("modules", f"give {AUTO!r} or a list of module names, not both")
-    section.close()
-    return fpf
+def _kfpf(section: Section, method_name: str) -> FPF | None:
+    """k-FPF's settings: the `fpf` operation's keys and the required `k`; methods full and hft."""
+    if not section.has("kfpf"):
+        return None
+    settings = section.section("kfpf")
+    if not settings.has("k"):
+        raise settings.error(None, "missing required key 'k' (how many times FPF runs during the stage)")
+    if method_name not in ("full", "hft"):
+        raise section.error(
+            "kfpf", f"k-FPF trains the model's own modules during the stage: it needs method full or hft, "
+            f"not {method_name} (an fpf post operation works after a stage of any method)"
+        )  # fmt: skip
+    return read_settings(settings, FPF)
 
 
-def _graft(section: Section) -> Graft:
-    """Grafting settings: the share of targeted entries kept, the mask's optimisation, the data."""
-    sparsity = section.positive("sparsity", NUMBER, 1e-4)
-    if sparsity > 1:
-        raise section.error("sparsity", f"the share of entries kept is at most 1, got {sparsity}")
-    procedure = section.get("procedure", TEXT, "budget")
-    if procedure not in PROCEDURES:
-        raise section.error("procedure", f"{procedure!r} is not one of {', '.join(PROCEDURES)}")
-    graft = Graft(
-        sparsity=sparsity,
-        steps=section.positive("steps", INT, 50, LIMITS["steps"]),
-        lr=section.positive("lr", NUMBER, None),
-        batch_size=section.positive("batch_size", INT, 8, LIMITS["batch_size"]),
-        procedure=procedure,
-        accumulate=section.positive("accumulate", INT, 1, LIMITS["batch_size"]),
-        target_modules=_all_linear(section.get("target_modules", NAMES, ("all-linear",))),
-        apply=section.get("apply", BOOL, False),
-        where=section.where(),
-    )
-    section.close()
-    return graft
+def _corda(
+    section: Section, options: dict[str, Any], base: Path, earlier: list[str]
+) -> tuple[tuple[Source, ...], int]:
+    """CorDA's samples (`corda: {data, rows}`) for a lora stage with a CorDA init; none: the stage's data."""
+    if not section.has("corda"):
+        return (), 32
+    corda = section.section("corda")
+    if options.get("init") not in slimtune.corda.MODES:
+        raise section.error(
+            "corda", "corda sets CorDA's samples; it needs method lora with init corda-kpm or corda-ipm"
+        )
+    data = tuple(_source(s, base, earlier) for s in corda.sections("data", []))
+    rows = corda.positive("rows", INT, 32, LIMITS["n"])
+    corda.close()
+    return data, rows
 
 
-def _all_linear(targets: tuple[str, ...]) -> str | tuple[str, ...]:
-    return targets[0] if targets == ("all-linear",) else targets
+def _schedule(section: Section, method_name: str) -> tuple[str, int, float]:
+    """The schedule, warmup steps and weight decay (sparse-diff needs no decay)."""
+    weight_decay = section.get("weight_decay", NUMBER, 0.0)
+    if method_name == "sparse-diff" and weight_decay:
+        raise section.error(
+            "weight_decay", "sparse-diff needs weight_decay 0 (decay would move unmasked entries)"
+        )
+    schedule = section.get("schedule", TEXT, "constant")
+    warmup = section.get("warmup_steps", INT, 0)
+    if not 0 <= warmup <= LIMITS["steps"]:
+        raise section.error("warmup_steps", f"must be in [0, {LIMITS['steps']:g}]")
+    if schedule not in SCHEDULES:
+        raise section.error("schedule", f"{schedule!r} is not one of {', '.join(SCHEDULES)}")
+    return schedule, warmup, weight_decay
 
 
 def _stage(
@@ -400,37 +372,13 @@ def _stage(
     length = _one_of(section, ("steps", "epochs"))
     method_section = section.section("method", {})
     method_name, options = _method(method_section, method)
-    weight_decay = section.get("weight_decay", NUMBER, 0.0)
-    if method_name == "sparse-diff" and weight_decay:
-        raise section.error(
-            "weight_decay", "sparse-diff needs weight_decay 0 (decay would move unmasked entries)"
-        )
-    schedule = section.get("schedule", TEXT, "constant")
-    if not 0 <= section.get("warmup_steps", INT, 0) <= LIMITS["steps"]:
-        raise section.error("warmup_steps", f"must be in [0, {LIMITS['steps']:g}]")
-    if schedule not in SCHEDULES:
-        raise section.error("schedule", f"{schedule!r} is not one of {', '.join(SCHEDULES)}")
-    writes_diff = make_method(method_name, options).writes_diff
-    kfpf = _fpf(section.section("kfpf"), k=True) if section.has("kfpf") else None
-    corda_data, corda_rows = (), 32
-    if section.has("corda"):
-        corda = section.section("corda")
-        if options.get("init") not in slimtune.corda.MODES:
-            raise section.error(
-                "corda", "corda sets CorDA's samples; it needs method lora with init corda-kpm or corda-ipm"
-            )
-        corda_data = tuple(_source(s, base, earlier) for s in corda.sections("data", []))
-        corda_rows = corda.positive("rows", INT, 32, LIMITS["n"])
-        corda.close()
-    if kfpf is not None and method_name not in ("full", "hft"):
-        raise section.error(
-            "kfpf", f"k-FPF trains the model's own modules during the stage: it needs method full or hft, "
-            f"not {method_name} (an fpf post operation works after a stage of any method)"
-        )  # fmt: skip
-    pre = _ops(section, "pre", base, list(diff_stages))
-    post = _ops(section, "post", base, [*diff_stages, name] if writes_diff else list(diff_stages))
-    if writes_diff:
+    schedule, warmup_steps, weight_decay = _schedule(section, method_name)
+    kfpf = _kfpf(section, method_name)
+    corda_data, corda_rows = _corda(section, options, base, earlier)
+    pre = _operations(section, "pre", ReadContext(base, tuple(diff_stages)))
+    if make_method(method_name, options).writes_diff:
         diff_stages.append(name)
+    post = _operations(section, "post", ReadContext(base, tuple(diff_stages)))
     stage = Stage(
         name=name,
         parent=parent,
@@ -441,7 +389,7 @@ def _stage(
         grad_accum=section.positive("grad_accum", INT, 1, LIMITS["batch_size"]),
         lr=section.positive("lr", NUMBER, 1e-3),
         schedule=schedule,
-        warmup_steps=section.get("warmup_steps", INT, 0),
+        warmup_steps=warmup_steps,
         weight_decay=weight_decay,
         method_name=method_name,
         method_options=options,
@@ -520,7 +468,7 @@ def parse(data: Any, file: Path) -> Recipe:
     )
     if not tasks:
         raise top.error("tasks", "a recipe needs at least one evaluation task")
-    intruders = _intruders(top.section("intruders")) if top.has("intruders") else None
+    intruders = read_settings(top.section("intruders"), Intruders) if top.has("intruders") else None
     logging = _logging(top.section("log")) if top.has("log") else Logging()
     top.close()
     return Recipe(
@@ -529,21 +477,10 @@ def parse(data: Any, file: Path) -> Recipe:
 
 
 def _logging(section: Section) -> Logging:
-    tensorboard = section.get("tensorboard", BOOL, False)
-    section.close()
-    if tensorboard:
+    logging = read_settings(section, Logging)
+    if logging.tensorboard:
         check_tensorboard(section.where("tensorboard"))
-    return Logging(tensorboard)
-
-
-def _intruders(section: Section) -> Intruders:
-    k = section.positive("k", INT, 10, 4096)
-    threshold = section.positive("threshold", NUMBER, 0.5)
-    if threshold > 1:
-        raise section.error("threshold", f"a cosine threshold is in (0, 1], got {threshold}")
-    targets = section.get("target_modules", NAMES, ("all-linear",))
-    section.close()
-    return Intruders(k, threshold, _all_linear(targets))
+    return logging
 
 
 def load_recipe(path: str | Path) -> Recipe:

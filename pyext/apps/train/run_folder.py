@@ -16,8 +16,9 @@ from typing import Any
 import slimtune
 from tqdm import tqdm
 
-from . import loop, post, step_log
-from .recipe import Recipe, RecipeError
+from . import loop, step_log
+from .recipe import Recipe
+from .schema import RecipeError
 from .stage_methods import DIFF_FILE
 
 log = logging.getLogger("slimtune.train")
@@ -100,11 +101,10 @@ class RunDir:
         path.parent.mkdir(parents=True, exist_ok=True)
         slimtune.files.write_text(path, json.dumps(data, indent=1) + "\n")
 
-    def diff_file(self, op: post.Operation) -> Path | None:
+    def diff_file(self, target: str) -> Path:
+        """The diff an `add_diff` / `revert_diff` names: a stage's (in this run folder), or a file."""
         names = [s.name for s in self.recipe.stages]
-        if op.kind == "lines":
-            return None
-        return self.stage(names.index(op.target)) / DIFF_FILE if op.target in names else Path(op.target)
+        return self.stage(names.index(target)) / DIFF_FILE if target in names else Path(target)
 
 
 class _TqdmHandler(logging.Handler):

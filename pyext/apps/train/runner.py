@@ -20,9 +20,10 @@ from torch import nn
 
 from . import loop, step_log
 from .prepare import prepare, stage_seed
-from .recipe import RecipeError, load_recipe
+from .recipe import load_recipe
 from .report import report
 from .run_folder import RunDir, logging_to, stage_folder
+from .schema import RecipeError
 from .stages import evaluate_all, evaluate_task, train_stages
 
 __all__ = ["RunResult", "evaluate_all", "main", "prepare", "run", "stage_folder", "stage_seed"]

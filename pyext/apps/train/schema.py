@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -95,6 +97,16 @@ KINDS: dict[Callable[[Any], Any], str] = {
 }
 _REQUIRED = object()
 
+# Upper bounds checked when the recipe is read: a larger value is a typo (or would allocate or run
+# for days before failing), never a run anyone meant.
+LIMITS = {
+    "steps": 10**8,
+    "epochs": 10**6,
+    "batch_size": 2**16,
+    "n": 10**7,  # generated or read examples per source or task
+    "seq_len": 2**20,
+}
+
 
 class Section:
     """One mapping of the recipe, read key by key; `close` refuses the keys nobody read."""
@@ -165,6 +177,69 @@ class Section:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise self.error(key, f"unknown key {key!r}; {hint}known keys here: {', '.join(known)}")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one dataclass field is read from a recipe: its kind, its bounds, its choices, and a
+    conversion of what was read (e.g. the tuple `("all-linear",)` to the string)."""
+
+    kind: Callable[[Any], Any]
+    positive: bool = False
+    at_most: float | None = None
+    choices: tuple[Any, ...] = ()
+    convert: Callable[[Any], Any] | None = None
+
+
+def setting(default: Any, kind: Callable[[Any], Any], **how: Any) -> Any:
+    """A dataclass field read from the recipe under its own name (`how`: the rest of `Setting`);
+    the default is written once, here, and the docs' tables are tested against it."""
+    return dataclasses.field(default=default, metadata={"setting": Setting(kind, **how)})
+
+
+class SettingError(ValueError):
+    """Raised by a settings dataclass's `__post_init__` for a value that does not fit the others."""
+
+    def __init__(self, key: str | None, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+Settings = TypeVar("Settings")
+
+
+def settings_of(cls: type) -> dict[str, tuple[Any, Setting]]:
+    """The fields of `cls` read from a recipe: name -> (default, how)."""
+    return {
+        f.name: (f.default, f.metadata["setting"]) for f in dataclasses.fields(cls) if "setting" in f.metadata
+    }
+
+
+def read_settings(
+    section: Section, cls: type[Settings], skip: tuple[str, ...] = (), **given: Any
+) -> Settings:
+    """`cls` built from `section`, every `setting` field read and checked (`skip`: fields this use of
+    the settings does not take, refused as unknown keys), `where` set to the section's place and
+    `given` passed as they are; errors are `FILE:LINE: KEY: what is wrong` (with did-you-mean)."""
+    values = dict(given)
+    for name, (default, how) in settings_of(cls).items():
+        if name in skip:
+            continue
+        value = (
+            section.positive(name, how.kind, default, how.at_most)
+            if how.positive
+            else section.get(name, how.kind, default)
+        )
+        if how.choices and value not in how.choices:
+            raise section.error(name, f"{value!r} is not one of {', '.join(map(str, how.choices))}")
+        values[name] = how.convert(value) if how.convert is not None and name in section.data else value
+    section.close()
+    if "where" in {f.name for f in dataclasses.fields(cls)}:
+        values["where"] = section.where()
+    try:
+        return cls(**values)
+    except SettingError as err:
+        raise section.error(err.key, str(err)) from None
 
 
 def read_utf8(file: Path, error: type[Exception]) -> str:

@@ -13,16 +13,17 @@ from typing import Any
 
 import slimtune
 import torch
-from slimtune.toolbox import graft as localisation
 from torch import nn
 
 from .. import progress
-from . import fpf, graft, loop, post, step_log
+from . import fpf, loop, step_log
 from .data import batch_order
+from .operations import FPF, Operation
 from .prepare import Prepared, stage_seed, stage_steps
-from .recipe import Recipe, RecipeError, Stage, TaskSpec
+from .recipe import Recipe, Stage, TaskSpec
 from .report import export_hf
 from .run_folder import RunDir
+from .schema import RecipeError
 from .stage_methods import Context, StageMethod
 from .tasks import Example, evaluate
 
@@ -65,7 +66,9 @@ class StageRun:
     prepared: Prepared
     world: loop.World
     history: list[dict[str, Any]]
+    run: RunDir
     start: dict[str, torch.Tensor] | None = None
+    drift: dict[str, float] | None = None  # the modules' drift over the stage (where FPF asks for it)
 
     @property
     def stage(self) -> Stage:
@@ -79,7 +82,12 @@ class StageRun:
         """The module drifts of the stages so far on this branch (FPF's `auto`)."""
         return [r["drift"] for r in self.history if r.get("drift")] + ([current] if current else [])
 
-    def fpf(self, settings: fpf.FPF, drift: dict[str, float] | None, salt: int) -> dict[str, Any]:
+    def scores(self, model: nn.Module, tasks: list[int]) -> dict[int, dict[str, float | None]]:
+        """The evaluation of `model` on the recipe's tasks numbered `tasks`."""
+        prepared, recipe = self.prepared, self.recipe
+        return {j: evaluate_task(prepared, recipe.tasks[j], *prepared.evals[j], model=model) for j in tasks}
+
+    def fpf(self, settings: FPF, drift: dict[str, float] | None, salt: int) -> dict[str, Any]:
         """One FPF step on the buffer of the branch's data so far; its record."""
         modules = fpf.choose(self.prepared.model, settings, self.drifts(drift))
         packs = [self.prepared.packed[j] for j in self.recipe.lineage(self.index)]
@@ -108,10 +116,9 @@ def train_stage(
     stage, model = recipe.stages[index], prepared.model
     directory, method = run.stage(index), stage.method()
     done = run.read(directory / "result.json")
-    for op in stage.pre:
-        _operate(op, model, None, run)
-    here = StageRun(recipe, index, prepared, world, history or [])
-    if recipe.uses_fpf() or any(op.kind in ("lines", "graft") for op in stage.post):
+    here = StageRun(recipe, index, prepared, world, history or [], run)
+    _operate(here, stage.pre, {})
+    if recipe.uses_fpf() or any(op.needs_start for op in stage.post):
         here.start = slimtune.toolbox.params.snapshot(model)
     extra: dict[str, Any] = {}
     if done is not None:
@@ -122,7 +129,8 @@ def train_stage(
         trace, drift = _train_and_save(here, method, run, extra)
     if stage.method_name == "prompt":
         prepared.prompts[stage.name] = slimtune.prompt.attached(model)
-    _post_operations(here, run, drift, extra)
+    here.drift = drift
+    _operate(here, stage.post, extra)
     if done is None:
         done = _record(here, trace, drift, extra, base)
         if world.rank == 0:
@@ -149,19 +157,6 @@ def _train_and_save(
         method.save(model, directory)
     method.finish(model)
     return trace, slimtune.toolbox.fpf.drift(model, here.start) if here.recipe.uses_fpf() else None
-
-
-def _post_operations(
-    here: StageRun, run: RunDir, drift: dict[str, float] | None, extra: dict[str, Any]
-) -> None:
-    """The stage's `post` operations in order; FPF and graft records go to `extra`."""
-    for number, op in enumerate(here.stage.post):
-        if op.kind == "fpf":
-            extra.setdefault("fpf", []).append(here.fpf(op.fpf, drift, 1000 + number))
-        elif op.kind == "graft":
-            extra.setdefault("graft", []).append(_graft(here, op, run))
-        else:
-            _operate(op, here.prepared.model, here.start, run)
 
 
 def _record(
@@ -219,64 +214,16 @@ def _fit(
     return trace
 
 
-def _graft(here: StageRun, op: post.Operation, run: RunDir) -> dict[str, Any]:
-    """Localise the stage's skill (`graft`): save it as the stage's `graft.safetensors` entry diff
-    and score the graft against the stage's start and its fine-tune on the tasks the stage teaches."""
-    settings, model, recipe = op.graft, here.prepared.model, here.recipe
-    start = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, parameter in start.named_parameters():
-            parameter.copy_(here.start[name])
-    loss = graft.data_loss(here.prepared.packed[here.index], settings.batch_size, here.seed + 7)
-    try:
-        diff, masks = localisation.localize(
-            start, model, loss, settings.sparsity, settings.steps, settings.lr, settings.target_modules,
-            settings.procedure, settings.accumulate, here.seed + 11,
-        )  # fmt: skip
-    except ValueError as err:
-        raise RecipeError(f"{op.where}: {err}") from None
-    if here.world.rank == 0:
-        run.stage(here.index).mkdir(parents=True, exist_ok=True)
-        diff.save(run.stage(here.index) / graft.GRAFT_FILE)
-    taught = [j for j, t in enumerate(recipe.tasks) if here.stage.name in t.stages]
-    scores = {"start": _scores(here, start, taught), "tuned": _scores(here, model, taught)}
-    diff.apply(start)
-    scores["graft"] = _scores(here, start, taught)
-    if settings.apply:
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                parameter.copy_(start.get_parameter(name))
-    entries = sum(int(m.sum()) for m in masks.values())
-    tasks = {}
-    for j in taught:
-        tasks[recipe.tasks[j].name] = {
-            kind: {state: scores[state][j][kind] for state in scores}
-            | {"recovered": localisation.recovered(*(scores[state][j][kind] for state in scores))}
-            for kind in ("accuracy", "loss")
-            if scores["tuned"][j][kind] is not None
-        }
-    log.info("stage %s: graft of %d entries: %s", here.stage.name, entries, tasks)
-    return {
-        "entries": entries,
-        "share": entries / sum(m.numel() for m in masks.values()),
-        "applied": settings.apply,
-        "tasks": tasks,
-    }
-
-
-def _scores(here: StageRun, model: nn.Module, tasks: list[int]) -> dict[int, dict[str, float | None]]:
-    prepared, recipe = here.prepared, here.recipe
-    return {j: evaluate_task(prepared, recipe.tasks[j], *prepared.evals[j], model=model) for j in tasks}
-
-
-def _operate(
-    op: post.Operation, model: nn.Module, before: dict[str, torch.Tensor] | None, run: RunDir
-) -> None:
-    """One pre- or post-stage operation; a diff that does not fit the model is a recipe error."""
-    try:
-        post.run(op, model, before, run.diff_file(op))
-    except ValueError as err:
-        raise RecipeError(f"{op.where}: {err}") from None
+def _operate(here: StageRun, operations: tuple[Operation, ...], records: dict[str, Any]) -> None:
+    """The stage's `pre` or `post` operations in order, their records into `records` by operation
+    name; a ValueError (e.g. a diff that does not fit the model) is a recipe error at the operation."""
+    for number, operation in enumerate(operations):
+        try:
+            record = operation.run(here, number)
+        except ValueError as err:
+            raise RecipeError(f"{operation.where}: {err}") from None
+        if record is not None:
+            records.setdefault(operation.name, []).append(record)
 
 
 def _brief(results: dict[str, dict[str, float | None]]) -> str:
