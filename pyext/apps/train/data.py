@@ -11,6 +11,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -91,28 +92,9 @@ def _record(record: object, origin: str, form: Form) -> tuple[Example, bool]:
 def read_records(path: Path, n: int | None = None, form: Form = Form()) -> tuple[list[Example], bool]:
     """Examples from a JSONL file or a `datasets.save_to_disk` directory, and whether they have answers."""
     if path.is_dir():
-        try:
-            import datasets
-        except ImportError:
-            raise DataError(f"{path} is a directory: reading it needs `pip install datasets`") from None
-        try:
-            data = datasets.load_from_disk(str(path))
-        except (FileNotFoundError, ValueError) as err:
-            raise DataError(
-                f"{path} is a directory but not a dataset written by datasets.save_to_disk ({err}); "
-                f"point the path at a JSONL file or such a dataset"
-            ) from None
-        if isinstance(data, datasets.DatasetDict):
-            data = data["train"] if "train" in data else next(iter(data.values()))
-        records = [(f"{path} row {i}", row) for i, row in enumerate(data)]
+        records = _dataset_rows(path)
     elif path.is_file():
-        records = []
-        for number, line in enumerate(read_utf8(path, DataError).splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append((f"{path}:{number}", json.loads(line)))
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        records = _jsonl_rows(path)
     else:
         raise DataError(f"{path} does not exist")
     parsed = [_record(record, origin, form) for origin, record in records[:n]]
@@ -122,6 +104,36 @@ def read_records(path: Path, n: int | None = None, form: Form = Form()) -> tuple
     if len(kinds) > 1:
         raise DataError(f"{path} mixes records with answers and plain-text records; use one kind per file")
     return [example for example, _ in parsed], kinds.pop()
+
+
+def _dataset_rows(path: Path) -> list[tuple[str, Any]]:
+    """(origin, row) of a `datasets.save_to_disk` directory (its train split, or its first)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path} is a directory: reading it needs `pip install datasets`") from None
+    try:
+        data = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as err:
+        raise DataError(
+            f"{path} is a directory but not a dataset written by datasets.save_to_disk ({err}); "
+            f"point the path at a JSONL file or such a dataset"
+        ) from None
+    if isinstance(data, datasets.DatasetDict):
+        data = data["train"] if "train" in data else next(iter(data.values()))
+    return [(f"{path} row {i}", row) for i, row in enumerate(data)]
+
+
+def _jsonl_rows(path: Path) -> list[tuple[str, Any]]:
+    """(FILE:LINE, record) of every non-blank line of a JSONL file."""
+    records = []
+    for number, line in enumerate(read_utf8(path, DataError).splitlines(), 1):
+        if line.strip():
+            try:
+                records.append((f"{path}:{number}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    return records
 
 
 def weighted(examples: list[Example], weight: float, rng: random.Random) -> list[Example]:
