@@ -147,3 +147,19 @@ def test_sparse_diff_stage_changes_only_k_entries(tmp_path):
     assert 0 < changed <= 300
     load_delta(tmp_path / "run" / "stages" / "01-a" / "diff.safetensors").apply(base)
     assert all(torch.equal(p, base.get_parameter(n)) for n, p in result.model.named_parameters())
+
+
+def test_a_run_folder_with_an_old_format_diff_resumes_to_the_same_model(tmp_path):
+    """Sparse-diff stages of runs made before one diff type saved `slimtune-entry-diff` files:
+    `--resume` restores the stage from such a file to the model the run ended with."""
+    from safetensors.torch import save_file
+
+    recipe = _recipe(tmp_path, "{name: sparse-diff, k: 300, dense_steps: 2}")
+    finished = run(recipe, tmp_path / "run").model
+    path = tmp_path / "run" / "stages" / "01-a" / "diff.safetensors"
+    tensors = {}
+    for name, entry in load_delta(path).entries.items():
+        tensors[f"{name}.index"], tensors[f"{name}.values"] = entry.index, entry.values
+    save_file(tensors, str(path), metadata={"format": "slimtune-entry-diff"})
+    resumed = run(recipe, tmp_path / "run", resume=True).model
+    assert all(torch.equal(p, finished.get_parameter(n)) for n, p in resumed.named_parameters())

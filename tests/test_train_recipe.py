@@ -276,3 +276,26 @@ def test_documented_defaults_are_the_code_s(tmp_path):
         assert getattr(recipe.stages[0], key) == (
             float(value) if isinstance(value, str) and "e" in value else value
         ), key
+
+
+@pytest.mark.parametrize(
+    "name, heading", [("lines", "#### `lines`"), ("fpf", "#### `fpf`"), ("graft", "#### `graft`")]
+)
+def test_every_operation_setting_is_documented_with_the_code_s_default(name, heading):
+    """The operation tables of docs/trainer.md list every key the generic reader reads, and each
+    literal default there is the dataclass's."""
+    import re
+    from pathlib import Path
+
+    from slimtune.apps.train.operations import OPERATIONS
+    from slimtune.apps.train.schema import settings_of
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "trainer.md").read_text()
+    section = text[text.index(heading) :]
+    section = section[: re.search(r"\n#+ ", section[1:]).start() + 1]
+    documented = set(re.findall(r"^\| `(\w+)` \|", section, flags=re.M))
+    code = settings_of(OPERATIONS[name])
+    assert documented == set(code), documented ^ set(code)
+    for key, value in _documented_defaults(heading).items():
+        expected = code[key][0]
+        assert (float(value) if isinstance(value, str) and "e-" in value else value) == expected, key
