@@ -266,7 +266,7 @@ def test_partial_adamw(measure: Callable[..., None], shape: Shape, backend: str)
     def step(cols: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, weight: Tensor) -> None:
         ops.partial_adamw(
             cols, grad, exp_avg, exp_avg_sq, weight, idx,
-            step=10, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
+            hyper=ops.AdamWStep(step=10, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01),
         )  # fmt: skip
 
     # cols read + written, grad read, both float32 moments read + written, weight columns written

@@ -16,9 +16,13 @@ import operator
 import os
 from functools import cache
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .ops import AdamWStep
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -157,18 +161,12 @@ def partial_adamw(
     weight: Tensor | None = None,
     idx: Tensor | None = None,
     *,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool = False,
+    hyper: AdamWStep,
 ) -> None:
-    """One torch.optim.AdamW step on `cols` (float32 math, float32 moments), fused with
+    """One torch.optim.AdamW step (`hyper`) on `cols` (float32 math, float32 moments), fused with
     weight[:, idx[j]] = cols[:, j] so the dense weight stays in sync without a second pass.
 
-    `step` counts updates including this one. weight/idx None: plain AdamW update of `cols`.
+    weight/idx None: plain AdamW update of `cols`.
     """
     module = _module()
     cols = _float("cols", cols)
@@ -181,7 +179,7 @@ def partial_adamw(
     ):
         _shape(name, _like(name, t, "cols", cols, dtype), shape)
         _contiguous(name, t)
-    step = operator.index(step)
+    step = operator.index(hyper.step)
     if step < 1:
         raise ValueError(f"step must be >= 1 (updates so far including this one), got {step}")
     if (weight is None) != (idx is None):
@@ -201,5 +199,6 @@ def partial_adamw(
             raise ValueError(f"cols has {shape[1]} columns but weight has only {weight.shape[1]}")
         weight_args = (weight.data_ptr(), *weight.stride(), weight.shape[1], shape[1], idx.data_ptr())
     tensors = (cols.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), cols.numel())
-    hyper = (step, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize))
-    module.partial_adamw(*tensors, _DTYPE_CODES[cols.dtype], *hyper, *weight_args, *_target("cols", cols))
+    scalars = (float(hyper.lr), float(hyper.beta1), float(hyper.beta2), float(hyper.eps))
+    settings = (step, *scalars, float(hyper.weight_decay), bool(hyper.maximize))
+    module.partial_adamw(*tensors, _DTYPE_CODES[cols.dtype], *settings, *weight_args, *_target("cols", cols))

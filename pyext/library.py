@@ -92,26 +92,14 @@ def partial_adamw_(
     weight_decay: float,
     maximize: bool,
 ) -> None:
-    """One AdamW step of `cols` (float32 math and moments), fused with weight[:, index] = cols."""
-    ops.partial_adamw.run(
-        cols,
-        grad,
-        exp_avg,
-        exp_avg_sq,
-        weight,
-        index,
-        step=step,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        maximize=maximize,
-    )
+    """One AdamW step of `cols` (float32 math and moments), fused with weight[:, index] = cols. The
+    hyperparameters are flat here because an op schema takes only plain types."""
+    hyper = ops.AdamWStep(step, lr, beta1, beta2, eps, weight_decay, maximize)
+    ops.partial_adamw.run(cols, grad, exp_avg, exp_avg_sq, weight, index, hyper=hyper)
 
 
 @partial_adamw_.register_fake
-def _(cols, grad, exp_avg, exp_avg_sq, weight, index, step, lr, beta1, beta2, eps, weight_decay, maximize):
+def _(*args: object) -> None:
     return None
 
 

@@ -182,35 +182,44 @@ def column_grad_ref(
     return (dy.t() @ cols).to(out_dtype or x.dtype)
 
 
+@dataclass(frozen=True)
+class AdamWStep:
+    """One AdamW update's hyperparameters, as torch.optim.AdamW means them; `step` counts updates
+    including this one. The one spelling for the kernel wrapper, the reference and the custom op."""
+
+    step: int
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    maximize: bool = False
+
+
 def partial_adamw_ref(
     cols: Tensor,
     grad: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    weight: Tensor | None,
-    idx: Tensor | None,
+    weight: Tensor | None = None,
+    idx: Tensor | None = None,
     *,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool = False,
+    hyper: AdamWStep,
 ) -> None:
     """torch.optim.AdamW's update of `cols` in float32, then the new columns written into `weight`."""
+    h = hyper
     with torch.no_grad():
         g = grad.float()
-        if maximize:
+        if h.maximize:
             g = -g
         p = cols.float()
-        p.mul_(1 - lr * weight_decay)
-        exp_avg.lerp_(g, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        bias_correction1 = 1 - beta1**step
-        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        p.mul_(1 - h.lr * h.weight_decay)
+        exp_avg.lerp_(g, 1 - h.beta1)
+        exp_avg_sq.mul_(h.beta2).addcmul_(g, g, value=1 - h.beta2)
+        bias_correction1 = 1 - h.beta1**h.step
+        bias_correction2_sqrt = (1 - h.beta2**h.step) ** 0.5
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(h.eps)
+        p.addcdiv_(exp_avg, denom, value=-h.lr / bias_correction1)
         cols.copy_(p)
         if weight is not None:
             weight.index_copy_(1, idx, cols)

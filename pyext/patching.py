@@ -194,7 +194,5 @@ def report(model: nn.Module) -> dict[str, Any]:
         "architecture": architecture(model).name,
         "layers": layers,
     }
-    fusion = state.extra.get("fusion")
-    if fusion is not None:
-        out.update(fusion.describe())
+    out.update(for_config(state.config).glue.describe(state.extra))
     return out

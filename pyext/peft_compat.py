@@ -25,7 +25,7 @@ from torch import nn
 
 from . import files, full_modules, hf_model
 from .config import LoRAConfig
-from .state import check_unpatched, commit, patched_layers, plan_checkpoint, require_patched
+from .state import check_unpatched, commit, patch_state, patched_layers, plan_checkpoint, require_patched
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -154,8 +154,8 @@ def load_peft(model: nn.Module, directory: str | Path) -> nn.Module:
     )
     check_unpatched(model)
     restore = plan_checkpoint(model, config, saved, str(directory / WEIGHTS_FILE))
-    restore.extra["peft_config"] = peft  # re-saving keeps its fields (see save_peft)
     commit(model, config, restore)
+    patch_state(model).peft_config = peft  # re-saving keeps its fields (see save_peft)
     if str(peft.get("init_lora_weights")).lower() in FROZEN_B_INITS:
         for layer in patched_layers(model).values():  # MiCA trains lora_A only; lora_B holds the
             layer.lora_B.requires_grad_(False)  # weight's minor singular directions, frozen
@@ -186,7 +186,7 @@ def save_peft(model: nn.Module, directory: str | Path) -> Path:
         # A CorDA adapter trains on the residual base W - s B0 A0. PEFT loads onto the original
         # base, so the change is written as one rank-2r LoRA: s (B A - B0 A0) = s [B B0] [A; -A0]
         # (as PEFT's own `path_initial_model_for_weight_conversion` does); alpha doubles with r.
-        for name, (a0, b0) in state.extra["corda"].items():
+        for name, (a0, b0) in state.extra.corda.items():
             a, b = (f"{PREFIX}{name}.{kind}.weight" for kind in ("lora_A", "lora_B"))
             tensors[a] = torch.cat([tensors[a], -a0.to(tensors[a].dtype)]).contiguous()
             tensors[b] = torch.cat([tensors[b], b0.to(tensors[b].dtype)], dim=1).contiguous()
@@ -194,7 +194,7 @@ def save_peft(model: nn.Module, directory: str | Path) -> Path:
     for key, parameter in full_modules.parameters(model, state.full_modules).items():
         tensors[PREFIX + key.removeprefix(full_modules.PREFIX)] = parameter.detach().to("cpu").contiguous()
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
-    loaded = state.extra.get("peft_config", {})
+    loaded = state.peft_config or {}
     rslora = loaded.get("use_rslora") is True
     peft = {
         "peft_type": "LORA",

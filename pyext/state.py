@@ -29,10 +29,11 @@ class PatchState:
     config: MethodConfig
     modules: list[str]
     requires_grad: dict[str, bool] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: Any = None  # the method's own record (`Plan.extra`), read only by its glue
     full_modules: list[str] = field(default_factory=list)  # trained in full (modules_to_save)
     load_hook: Any = None  # the handle of hf_model.install's load-state-dict pre-hook
     shard_hook: Any = None  # the handle of sharding.install's forward pre-hook (in-place methods)
+    peft_config: dict[str, Any] | None = None  # the adapter config `load_peft` read (`save_peft` keeps it)
 
 
 def patch_state(model: nn.Module) -> PatchState | None:

@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 from slimtune import _ext
+from slimtune.ops import AdamWStep
 from torch import Tensor
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -183,7 +184,7 @@ def test_partial_adamw_matches_torch_adamw(device, m, k, r, layout, hp) -> None:
         param.grad = grad.clone()
         opt.step()
         before = weight.clone()
-        _ext.partial_adamw(cols, grad, exp_avg, exp_avg_sq, weight, idx, step=step, **hp)
+        _ext.partial_adamw(cols, grad, exp_avg, exp_avg_sq, weight, idx, hyper=AdamWStep(step, **hp))
         state = opt.state[param]
         torch.testing.assert_close(cols, param.detach(), rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(exp_avg, state["exp_avg"], rtol=1e-6, atol=1e-7)
@@ -206,7 +207,7 @@ def test_partial_adamw_without_weight(device, shape) -> None:
         grad = torch.randn(shape, generator=gen).to(device)
         param.grad = grad.clone()
         opt.step()
-        _ext.partial_adamw(cols, grad, exp_avg, exp_avg_sq, step=step, **hp)
+        _ext.partial_adamw(cols, grad, exp_avg, exp_avg_sq, hyper=AdamWStep(step, **hp))
         torch.testing.assert_close(cols, param.detach(), rtol=1e-6, atol=1e-7)
 
 
@@ -227,7 +228,7 @@ def test_partial_adamw_half_precision(device, dtype, layout, hp) -> None:
         grad = torch.randn(m, r, generator=gen).to(dtype=dtype, device=device)
         ref_p = _adamw_reference(ref_p, grad, ref_m, ref_v, step, hp).to(dtype)
         before = weight.clone()
-        _ext.partial_adamw(cols, grad, exp_avg, exp_avg_sq, weight, idx, step=step, **hp)
+        _ext.partial_adamw(cols, grad, exp_avg, exp_avg_sq, weight, idx, hyper=AdamWStep(step, **hp))
         ulp = torch.finfo(dtype).eps
         torch.testing.assert_close(cols.float(), ref_p.float(), rtol=ulp, atol=ulp * 1e-3)
         torch.testing.assert_close(exp_avg, ref_m, rtol=1e-6, atol=1e-7)
@@ -247,7 +248,7 @@ def test_16bit_rounding_matches_torch(device, dtype, decay) -> None:
     expected = (cols.float() * (1 - 1.0 * weight_decay)).to(dtype)  # the scalar as the kernel computes it
     zeros = torch.zeros(cols.shape, device=device)
     hp = {"lr": 1.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": weight_decay}
-    _ext.partial_adamw(cols, torch.zeros_like(cols), zeros, zeros.clone(), step=1, **hp)
+    _ext.partial_adamw(cols, torch.zeros_like(cols), zeros, zeros.clone(), hyper=AdamWStep(1, **hp))
     nan = expected.isnan()
     assert torch.equal(cols.isnan(), nan)
     assert torch.equal(cols.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
@@ -270,7 +271,7 @@ def test_cuda_kernel_is_bitwise_twin_of_cpu_kernel(dtype) -> None:
         moments = torch.zeros(m, r, device=device), torch.zeros(m, r, device=device)
         for step in range(1, 4):
             grad = torch.randn(m, r, generator=g).to(dtype=dtype, device=device)
-            _ext.partial_adamw(cols, grad, *moments, weight, idx, step=step, **HYPER[2])
+            _ext.partial_adamw(cols, grad, *moments, weight, idx, hyper=AdamWStep(step, **HYPER[2]))
         results[device] = [t.cpu() for t in (cols, *moments, weight)]
     for cpu, cuda in zip(results["cpu"], results["cuda"], strict=True):
         assert torch.equal(cpu, cuda)
@@ -361,7 +362,7 @@ BAD_ADAMW = [
 def test_partial_adamw_rejects_bad_inputs(change: dict, hp_change: dict, error: type, match: str) -> None:
     args = _adamw_inputs() | change
     with pytest.raises(error, match=match):
-        _ext.partial_adamw(**args, **(HP | hp_change))
+        _ext.partial_adamw(**args, hyper=AdamWStep(**(HP | hp_change)))
 
 
 def test_rejected_call_writes_nothing() -> None:
@@ -369,7 +370,7 @@ def test_rejected_call_writes_nothing() -> None:
     args = _adamw_inputs() | {"idx": torch.tensor([0, 6, 1])}
     before = {name: t.clone() for name, t in args.items()}
     with pytest.raises(ValueError):
-        _ext.partial_adamw(**args, **HP)
+        _ext.partial_adamw(**args, hyper=AdamWStep(**HP))
     for name, t in args.items():
         assert torch.equal(t, before[name]), name
 

@@ -44,12 +44,12 @@ def test_partial_adamw_refuses_bad_index_alike(backend):
     cols, grad = torch.randn(3, 2), torch.randn(3, 2)
     moments = torch.zeros(3, 2), torch.zeros(3, 2)
     weight = torch.randn(3, 5)
-    hyper = dict(step=1, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    hyper = ops.AdamWStep(step=1, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
     with (
         ops.use_backend("partial_adamw", backend),
         pytest.raises(ValueError, match="partial_adamw: index value 7"),
     ):
-        ops.partial_adamw(cols, grad, *moments, weight, torch.tensor([0, 7]), **hyper)
+        ops.partial_adamw(cols, grad, *moments, weight, torch.tensor([0, 7]), hyper=hyper)
 
 
 @pytest.mark.parametrize(

@@ -68,7 +68,7 @@ def assert_same_training(ref: nn.Module, ours: nn.Module, tol: float = 2e-5) -> 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_outputs_and_adapter_gradients_equal_peft(family, tmp_path):
     ref, ours = peft_pair(family, tmp_path)
-    fusion = ours._slimtune_state.extra["fusion"]
+    fusion = ours._slimtune_state.extra.fusion
     assert len(fusion.mlps) == 2  # every block's gated MLP takes the fused path
     assert len(fusion.groups) == (0 if family == "phi3" else 6)  # q/k/v share one read of x
     assert_same_training(ref, ours)
@@ -133,7 +133,7 @@ def test_an_optimizer_step_gives_peft_weights(family, tmp_path):
 
 def test_dropout_equals_peft_with_the_same_random_stream(tmp_path):
     ref, ours = peft_pair("llama", tmp_path, dropout=0.25)
-    assert not ours._slimtune_state.extra["fusion"].mlps  # dropout: the per-layer path
+    assert not ours._slimtune_state.extra.fusion.mlps  # dropout: the per-layer path
     ids = make_batch()
     ref.train()
     ours.train()

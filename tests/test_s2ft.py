@@ -106,7 +106,7 @@ def test_training_changes_only_selected_heads_and_channels(family):
     model = slimtune.apply(copy.deepcopy(base), config)
     losses = train(model, steps=20)
     assert losses[-1] < losses[0] - 0.1
-    selections = patch_state(model).extra["selections"]
+    selections = patch_state(model).extra.selections
     merged = slimtune.merge(model)
     head_dim = base.config.head_dim if getattr(base.config, "head_dim", None) else 16
     merged_state, base_state = merged.state_dict(), base.state_dict()

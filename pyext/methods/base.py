@@ -46,12 +46,13 @@ class Plan:
     """Everything `apply`/`load` will do, decided before the model is touched.
 
     The steps run first, then the swaps are built and installed, all in one transaction (see
-    `slimtune.transaction`); `extra` is kept in the model's patch state for `merge` and `save`.
+    `slimtune.transaction`); `extra` is the method's own record of what it did (a typed object that
+    only its glue reads), kept in the model's patch state for `merge`, `save` and `describe`.
     """
 
     replacements: list[Replacement]
     steps: list[Step] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: Any = None
     full_modules: list[str] = field(default_factory=list)  # modules_to_save, by full name
     full_values: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (parameter, saved value)
 
@@ -65,19 +66,23 @@ class Method:
         """Validate and plan every change without touching the model; `saved` restores a checkpoint."""
         raise NotImplementedError
 
-    def checkpoint_tensors(self, layers: dict[str, nn.Module], extra: dict[str, Any]) -> dict[str, Tensor]:
+    def checkpoint_tensors(self, layers: dict[str, nn.Module], extra: Any) -> dict[str, Tensor]:
         """The tensors a checkpoint keeps, keyed `<module name>.<tensor>`."""
         tensors: dict[str, Tensor] = {}
         for name, layer in layers.items():
             tensors.update({f"{name}.{key}": value for key, value in layer.checkpoint_tensors().items()})
         return tensors
 
-    def original_index(self, name: str, layer: nn.Module, extra: dict[str, Any]) -> Tensor:
+    def original_index(self, name: str, layer: nn.Module, extra: Any) -> Tensor:
         """Where the trained entries of layer `name` sit in the original model's layout."""
         return layer.index.cpu()
 
+    def describe(self, extra: Any) -> dict[str, Any]:
+        """What `slimtune.describe` adds for this method (e.g. which layers run fused)."""
+        return {}
+
     def unpatch(
-        self, model: nn.Module, layers: dict[str, nn.Module], extra: dict[str, Any], transaction: Transaction
+        self, model: nn.Module, layers: dict[str, nn.Module], extra: Any, transaction: Transaction
     ) -> None:
         """Put plain modules holding the trained weights back in place of the method's layers; every
         value write registers its undo with `transaction` (module swaps it undoes by itself)."""

@@ -94,6 +94,17 @@ class Fusion:
         }
 
 
+@dataclass
+class AdapterRecord:
+    """What an adapter method's plan did: its config (kept by merge for `unmerge`), the fused
+    groups it installed (`describe`, removed on merge) and, for CorDA, each layer's initial factors
+    (A0, B0) that the residual base lacks (saved in checkpoints; PEFT export writes them back)."""
+
+    config: Any
+    fusion: Fusion
+    corda: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+
 class AdapterMethod(Method):
     """Shared by LoRA and Hydra: validate everything, then build layers, fuse, merge exactly."""
 
@@ -115,8 +126,7 @@ class AdapterMethod(Method):
             )
             for name, linear in targets
         ]
-        extra = {"config": config, "fusion": fusion}
-        return Plan(replacements, [Step(partial(fusion.install, model))], extra)
+        return Plan(replacements, [Step(partial(fusion.install, model))], AdapterRecord(config, fusion))
 
     def trained_shapes(self, linear: nn.Linear, config: Any) -> dict[str, tuple[int, int]]:
         """The shape of each trained tensor of the layer built on `linear` (checked on load)."""
@@ -196,17 +206,20 @@ class AdapterMethod(Method):
         return saved, restores
 
     def unpatch(
-        self, model: nn.Module, layers: dict[str, nn.Module], extra: dict[str, Any], transaction: Transaction
+        self, model: nn.Module, layers: dict[str, nn.Module], extra: AdapterRecord, transaction: Transaction
     ) -> None:
         """Merge every layer in place (exactly) and keep what `unmerge` needs on the model."""
-        extra["fusion"].remove(model)
+        extra.fusion.remove(model)
         records: dict[str, MergeRecord] = {}
         for name, layer in layers.items():
             linear, records[name], merged = layer.prepare_merge()
             transaction.on_rollback(partial(undo_merge_, linear.weight, records[name]))
             write_merge_(linear.weight, records[name], merged)
             model.set_submodule(name, linear)
-        setattr(model, MERGE_RECORD, (extra["config"], records))
+        setattr(model, MERGE_RECORD, (extra.config, records))
+
+    def describe(self, extra: AdapterRecord) -> dict[str, Any]:
+        return extra.fusion.describe()
 
 
 CORDA_FACTORS = ("corda_A", "corda_B")  # a CorDA checkpoint's initial factors, per layer
@@ -235,7 +248,7 @@ class LoRAMethod(AdapterMethod):
             factors[name] = (a0, b0)
             residuals.append(Step(partial(_to_residual, linear, a0, b0, config.alpha / config.r)))
         plan.steps[:0] = residuals  # before the layers are built on the (residual) weights
-        plan.extra["corda"] = factors
+        plan.extra.corda = factors
         return plan
 
     def _initial(
@@ -246,9 +259,9 @@ class LoRAMethod(AdapterMethod):
         found = self._saved(name, linear, config, saved, shapes)
         return found["corda_A"], found["corda_B"]
 
-    def checkpoint_tensors(self, layers: dict[str, nn.Module], extra: dict[str, Any]) -> dict[str, Tensor]:
+    def checkpoint_tensors(self, layers: dict[str, nn.Module], extra: AdapterRecord) -> dict[str, Tensor]:
         tensors = super().checkpoint_tensors(layers, extra)
-        for name, (a0, b0) in extra.get("corda", {}).items():
+        for name, (a0, b0) in extra.corda.items():
             tensors.update(zip((f"{name}.{key}" for key in CORDA_FACTORS), (a0, b0), strict=True))
         return tensors
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +63,15 @@ def _expand(units: Tensor, size: int) -> Tensor:
     return (units[:, None] * size + torch.arange(size)).reshape(-1)
 
 
+@dataclass
+class S2FTRecord:
+    """What S2FT's plan did: the co-permutations it applied (undone in reverse by `unpatch`) and
+    the selected heads and channels of every block (saved in checkpoints)."""
+
+    permutations: list[Permutation]
+    selections: dict[str, Tensor]
+
+
 class S2FTMethod(Method):
     name = "s2ft"
 
@@ -92,7 +100,7 @@ class S2FTMethod(Method):
 
         check_untied(model, [r.name for r in replacements], "S2FT")
         steps = [Step(partial(p.apply, model), partial(p.apply, model, inverse=True)) for p in permutations]
-        return Plan(replacements, steps, {"permutations": permutations, "selections": selections})
+        return Plan(replacements, steps, S2FTRecord(permutations, selections))
 
     # ---- selection ------------------------------------------------------------------------------
 
@@ -207,23 +215,23 @@ class S2FTMethod(Method):
 
     # ---- checkpoints and merge ------------------------------------------------------------------
 
-    def checkpoint_tensors(self, layers: dict[str, nn.Module], extra: dict[str, Any]) -> dict[str, Tensor]:
+    def checkpoint_tensors(self, layers: dict[str, nn.Module], extra: S2FTRecord) -> dict[str, Tensor]:
         tensors = super().checkpoint_tensors(layers, extra)
-        tensors.update(extra["selections"])
+        tensors.update(extra.selections)
         return tensors
 
     def unpatch(
-        self, model: nn.Module, layers: dict[str, nn.Module], extra: dict[str, Any], transaction: Transaction
+        self, model: nn.Module, layers: dict[str, nn.Module], extra: S2FTRecord, transaction: Transaction
     ) -> None:
         super().unpatch(model, layers, extra, transaction)
-        for permutation in reversed(extra["permutations"]):
+        for permutation in reversed(extra.permutations):
             permutation.apply(model, inverse=True)
             transaction.on_rollback(partial(permutation.apply, model))
 
-    def original_index(self, name: str, layer: S2FTLinear, extra: dict[str, Any]) -> Tensor:
+    def original_index(self, name: str, layer: S2FTLinear, extra: S2FTRecord) -> Tensor:
         """Where the trained entries of `name` sit in the original (unpermuted) layout."""
         index = layer.index.cpu()
-        for permutation in extra["permutations"]:
+        for permutation in extra.permutations:
             if permutation.module == name and permutation.param == "weight" and permutation.dim == layer.axis:
                 index = permutation.order[index]
         return index
