@@ -243,6 +243,28 @@ def test_merge_is_exact_and_unmerge_restores_bits(config, dtype):
     loss_and_grads(model, ids)  # trains again
 
 
+@pytest.mark.parametrize(
+    "config",
+    [slimtune.LoRAConfig(r=4, alpha=8), slimtune.HydraConfig(r_parallel=3, r_sequential=2, alpha=4)],
+    ids=["lora", "hydra"],
+)
+def test_a_model_merged_after_training_holds_no_graph_and_deepcopies(config):
+    """Merging right after training (autograd on, as users call it) keeps no autograd graph in the
+    unmerge record: the merged model deep-copies, and still unmerges to the trained adapters."""
+    import copy
+
+    model = slimtune.apply(make_model("llama"), config)
+    loss_and_grads(model, make_batch())
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    slimtune.merge(model)
+    twin = copy.deepcopy(model)
+    assert all(torch.equal(p, model.get_parameter(n)) for n, p in twin.named_parameters())
+    slimtune.unmerge(model)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param, trained[name]), name
+
+
 def test_unmerge_refusals():
     model = make_model("llama")
     with pytest.raises(ValueError, match=r"not merged by slimtune\.merge"):

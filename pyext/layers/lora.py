@@ -256,10 +256,12 @@ class AdapterLinear(nn.Module):
         write_merge_(linear.weight, record, merged)
         return linear, record
 
+    @torch.no_grad()
     def prepare_merge(self) -> tuple[nn.Linear, MergeRecord, Tensor]:
         """Everything a merge allocates, and nothing written: the plain linear sharing this layer's
         weight and bias, the undo record and the merged weight for `write_merge_`. A caller that must
-        undo registers `undo_merge_` between the two, so no failure leaves a weight half merged."""
+        undo registers `undo_merge_` between the two, so no failure leaves a weight half merged.
+        Without autograd: the record must not hold the trained adapters' graph (nor stop deepcopy)."""
         a, b = self.adapter(torch.float64)
         delta = b @ a
         base = self.weight
