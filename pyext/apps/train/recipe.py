@@ -30,6 +30,7 @@ from .schema import (
     SettingError,
     load_yaml,
     read_settings,
+    read_values,
     setting,
 )
 from .stage_methods import StageMethod, known_methods, make_method, method_options
@@ -55,7 +56,10 @@ class TaskSpec:
 WITHOUT = "without"
 
 
-@dataclass(frozen=True)
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Stage:
     name: str
     parent: str | None  # `from`: the stage whose model this one starts from (None: the previous one;
@@ -63,12 +67,12 @@ class Stage:
     data: tuple[Source, ...]
     steps: int | None
     epochs: float | None
-    batch_size: int
-    grad_accum: int
-    lr: float
-    schedule: str
-    warmup_steps: int
-    weight_decay: float
+    batch_size: int = setting(8, INT, positive=True, at_most=LIMITS["batch_size"])
+    grad_accum: int = setting(1, INT, positive=True, at_most=LIMITS["batch_size"])
+    lr: float = setting(1e-3, NUMBER, positive=True)
+    schedule: str = setting("constant", TEXT, choices=SCHEDULES)
+    warmup_steps: int = setting(0, INT, at_least=0, at_most=LIMITS["steps"])
+    weight_decay: float = setting(0.0, NUMBER)
     method_name: str
     method_options: dict[str, Any]
     method_where: str
@@ -150,7 +154,6 @@ class Recipe:
         return [j for j in range(len(self.stages)) if j not in parents]
 
 
-SCHEDULES = ("constant", "linear", "cosine")
 BASE = "base"  # `from: base`: start from the model as built
 NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*")  # one plain path component: never `.`, `..`
 
@@ -340,22 +343,6 @@ def _corda(
     return data, rows
 
 
-def _schedule(section: Section, method_name: str) -> tuple[str, int, float]:
-    """The schedule, warmup steps and weight decay (sparse-diff needs no decay)."""
-    weight_decay = section.get("weight_decay", NUMBER, 0.0)
-    if method_name == "sparse-diff" and weight_decay:
-        raise section.error(
-            "weight_decay", "sparse-diff needs weight_decay 0 (decay would move unmasked entries)"
-        )
-    schedule = section.get("schedule", TEXT, "constant")
-    warmup = section.get("warmup_steps", INT, 0)
-    if not 0 <= warmup <= LIMITS["steps"]:
-        raise section.error("warmup_steps", f"must be in [0, {LIMITS['steps']:g}]")
-    if schedule not in SCHEDULES:
-        raise section.error("schedule", f"{schedule!r} is not one of {', '.join(SCHEDULES)}")
-    return schedule, warmup, weight_decay
-
-
 def _stage(
     section: Section, base: Path, method: dict[str, Any], names: set[str], diff_stages: list[str]
 ) -> Stage:
@@ -372,7 +359,11 @@ def _stage(
     length = _one_of(section, ("steps", "epochs"))
     method_section = section.section("method", {})
     method_name, options = _method(method_section, method)
-    schedule, warmup_steps, weight_decay = _schedule(section, method_name)
+    training = read_values(section, Stage)  # batch_size, grad_accum, lr, schedule, warmup, decay
+    if method_name == "sparse-diff" and training["weight_decay"]:
+        raise section.error(
+            "weight_decay", "sparse-diff needs weight_decay 0 (decay would move unmasked entries)"
+        )
     kfpf = _kfpf(section, method_name)
     corda_data, corda_rows = _corda(section, options, base, earlier)
     pre = _operations(section, "pre", ReadContext(base, tuple(diff_stages)))
@@ -385,12 +376,7 @@ def _stage(
         data=sources,
         steps=section.positive("steps", INT, None, LIMITS["steps"]) if length == "steps" else None,
         epochs=section.positive("epochs", NUMBER, None, LIMITS["epochs"]) if length == "epochs" else None,
-        batch_size=section.positive("batch_size", INT, 8, LIMITS["batch_size"]),
-        grad_accum=section.positive("grad_accum", INT, 1, LIMITS["batch_size"]),
-        lr=section.positive("lr", NUMBER, 1e-3),
-        schedule=schedule,
-        warmup_steps=warmup_steps,
-        weight_decay=weight_decay,
+        **training,
         method_name=method_name,
         method_options=options,
         method_where=method_section.where() if section.has("method") else method["where"],

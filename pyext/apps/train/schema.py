@@ -187,6 +187,7 @@ class Setting:
     kind: Callable[[Any], Any]
     positive: bool = False
     at_most: float | None = None
+    at_least: float | None = None  # with `at_most`: a closed range (where 0 is allowed)
     choices: tuple[Any, ...] = ()
     convert: Callable[[Any], Any] | None = None
 
@@ -215,13 +216,10 @@ def settings_of(cls: type) -> dict[str, tuple[Any, Setting]]:
     }
 
 
-def read_settings(
-    section: Section, cls: type[Settings], skip: tuple[str, ...] = (), **given: Any
-) -> Settings:
-    """`cls` built from `section`, every `setting` field read and checked (`skip`: fields this use of
-    the settings does not take, refused as unknown keys), `where` set to the section's place and
-    `given` passed as they are; errors are `FILE:LINE: KEY: what is wrong` (with did-you-mean)."""
-    values = dict(given)
+def read_values(section: Section, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Every `setting` field of `cls` read from `section` and checked (`skip`: fields this use of
+    the settings does not take, refused as unknown keys by `close`): name -> value."""
+    values = {}
     for name, (default, how) in settings_of(cls).items():
         if name in skip:
             continue
@@ -232,7 +230,18 @@ def read_settings(
         )
         if how.choices and value not in how.choices:
             raise section.error(name, f"{value!r} is not one of {', '.join(map(str, how.choices))}")
+        if how.at_least is not None and not how.at_least <= value <= how.at_most:
+            raise section.error(name, f"must be in [{how.at_least:g}, {how.at_most:g}]")
         values[name] = how.convert(value) if how.convert is not None and name in section.data else value
+    return values
+
+
+def read_settings(
+    section: Section, cls: type[Settings], skip: tuple[str, ...] = (), **given: Any
+) -> Settings:
+    """`cls` built from `section` (`read_values`), `where` set to the section's place and `given`
+    passed as they are; errors are `FILE:LINE: KEY: what is wrong` (with did-you-mean)."""
+    values = {**given, **read_values(section, cls, skip)}
     section.close()
     if "where" in {f.name for f in dataclasses.fields(cls)}:
         values["where"] = section.where()
