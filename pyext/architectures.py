@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .ops import GLU_ACTIVATIONS
+
 
 @dataclass(frozen=True)
 class AttentionLayout:
@@ -322,8 +324,6 @@ def probe_input(weight: torch.Tensor, *shape: int, seed: int = 0) -> torch.Tenso
 def probe_gated_mlp(module: nn.Module, spec: GatedMLPSpec, seed: int = 0) -> str | None:
     """Check numerically that `module.forward` computes down(act(gate(x)) * up(x)); None if it does,
     else the reason. Run on a small random input in the module's dtype and device (skipped on meta)."""
-    from .ops import GLU_ACTIVATIONS
-
     down = getattr(module, spec.down)
     first = getattr(module, spec.inputs[0])
     weight = first.weight
