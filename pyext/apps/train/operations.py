@@ -5,19 +5,8 @@ like a stage method: `read` builds it from the recipe (the generic settings read
 fields declared with `setting`), `check` refuses, before any training, what only the model or the
 other stages reveal, and `run` carries it out on the stage's model and returns its record for the
 stage's result (or None). The work itself is a `slimtune.toolbox` function. Adding an operation
-is that function plus one registered class here:
-
-    @register
-    @dataclass(frozen=True)
-    class Shrink(Operation):
-        name = "shrink"
-        post_only = "shrink scales the stage's change; it belongs in post"
-        needs_start = True
-        factor: float = setting(0.5, NUMBER, positive=True)
-        where: str = ""
-
-        def run(self, here: StageRun, number: int) -> None:
-            slimtune.toolbox.shrink.scale(here.prepared.model, here.start, self.factor)
+is that function plus one registered class here (`docs/trainer.md`, "Adding an operation", has an
+example); the parser, the up-front checks and the stage loop need no edit.
 """
 
 from __future__ import annotations
