@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.autograd.graph import increment_version
 
 from . import library
@@ -69,53 +69,61 @@ class PartialAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if any(is_dtensor(p) for group in self.param_groups for p in group["params"]):
-            raise RuntimeError(  # before any state or write: the refused step changes nothing
-                "PartialAdamW does not step FSDP2-sharded (DTensor) parameters yet; use "
-                "torch.optim.AdamW, which trains every slimtune method exactly under FSDP2"
-            )
         owners = self._owners()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("PartialAdamW does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(
-                        p, dtype=torch.float32, memory_format=torch.contiguous_format
-                    )
-                    state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-                state["step"] += 1
-                owner = owners.get(id(p))
-                # Fused: the kernel mirrors the new columns into the weight (same dtype, no scale).
-                fused = (
-                    owner is not None and owner.axis == COLUMNS and not owner.master and owner.scale == 1.0
-                )
-                weight, index = (owner.weight, owner.index) if fused else (None, None)
-                library.partial_adamw_(
-                    p,
-                    p.grad.contiguous(),
-                    state["exp_avg"],
-                    state["exp_avg_sq"],
-                    weight,
-                    index,
-                    state["step"],
-                    group["lr"],
-                    beta1,
-                    beta2,
-                    group["eps"],
-                    group["weight_decay"],
-                    group["maximize"],
-                )
-                # Kernels write through raw pointers: tell autograd and the layers that p changed.
-                increment_version(p)
-                if fused:
-                    increment_version(weight)
-                    owner.mark_synced(by_owner=True)
-                elif owner is not None:
-                    owner.sync_(force=True, by_owner=True)
+                if p.grad is not None:
+                    self._update(p, group, owners.get(id(p)))
         return loss
+
+    def _moments(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        """The parameter's float32 moments (under FSDP2 DTensors sharded like it), made at its first step."""
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        state["step"] += 1
+        return state["exp_avg"], state["exp_avg_sq"]
+
+    def _update(self, p: Tensor, group: dict, owner: PartialLinear | None) -> None:
+        """One AdamW step of `p`. Under FSDP2 the parameter, its gradient and its moments are DTensors
+        sharded alike and AdamW is elementwise, so each rank steps its own shard; the owner's weight
+        shard then takes the entries after the step (`slimtune.sharding`), never from the kernel."""
+        if p.grad.is_sparse:
+            raise RuntimeError("PartialAdamW does not support sparse gradients")
+        exp_avg, exp_avg_sq = self._moments(p)
+        sharded = owner is not None and owner.sharded
+        # Fused: the kernel mirrors the new columns into the weight (same dtype, no scale).
+        fused = owner is not None and not sharded and owner.axis == COLUMNS and not owner.master
+        fused = fused and owner.scale == 1.0
+        weight, index = (owner.weight, owner.index) if fused else (None, None)
+        beta1, beta2 = group["betas"]
+        local = _local(p)
+        library.partial_adamw_(
+            local,
+            _local(p.grad).contiguous(),
+            _local(exp_avg),
+            _local(exp_avg_sq),
+            weight,
+            index,
+            self.state[p]["step"],
+            group["lr"],
+            beta1,
+            beta2,
+            group["eps"],
+            group["weight_decay"],
+            group["maximize"],
+        )
+        # Kernels write through raw pointers: tell autograd and the layers that p changed.
+        increment_version(local)
+        if fused:
+            increment_version(weight)
+            owner.mark_synced(by_owner=True)
+        elif owner is not None and not sharded:
+            owner.sync_(force=True, by_owner=True)
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This rank's part of a tensor: a DTensor's local shard (same storage), else the tensor."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor

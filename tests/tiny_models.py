@@ -48,10 +48,11 @@ def make_batch(
 
 
 def sharded_steps(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, world: int
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, world: int, after_step=None
 ) -> list[float]:
     """5 optimizer steps on a global batch of 4 rows of 10 tokens (seeded per step), each of `world`
-    processes on its slice; the mean loss of each step over the processes (all-reduced when world > 1)."""
+    processes on its slice; the mean loss of each step over the processes (all-reduced when world > 1).
+    `after_step()` runs after each optimizer step."""
     losses = []
     for step in range(5):
         ids = make_batch(batch=4, seq=10, seed=20 + step)
@@ -59,6 +60,8 @@ def sharded_steps(
         loss = model(input_ids=part, labels=part).loss
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         optimizer.zero_grad()
         total = loss.detach().clone()
         if world > 1:
