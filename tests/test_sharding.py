@@ -42,8 +42,8 @@ def test_in_place_methods_refuse_fsdp1(one_process) -> None:
 
 
 def test_in_place_methods_refuse_deepspeed_zero3() -> None:
-    """ZeRO-3 marks every parameter it partitions with `ds_id` (DeepSpeed is not a test dependency:
-    the mark stands in for it)."""
+    """ZeRO-3 marks every parameter it partitions with `ds_id`: the mark stands in for the engine here
+    (tests/test_deepspeed.py runs the real one)."""
     model = slimtune.apply(make_model("llama"), IN_PLACE["s2ft"])
     for number, parameter in enumerate(model.parameters()):
         parameter.ds_id = number

@@ -1,0 +1,131 @@
+"""DeepSpeed with 2 gloo processes on CPUs: ZeRO-2 trains every method exactly (the losses and the
+trained tensors of one process); ZeRO-3 with its parameters really released (no persistence
+threshold, no reuse) trains LoRA and Hydra exactly and refuses PaCA and S2FT at the first forward,
+naming the engine, before any step."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import slimtune
+import torch
+import torch.distributed as dist
+from tiny_models import make_batch, make_model, sharded_steps
+
+METHODS = {
+    "paca": slimtune.PaCAConfig(r=4),
+    "s2ft": slimtune.S2FTConfig(heads=1, channels=8),
+    "lora": slimtune.LoRAConfig(r=4, alpha=8),
+    "hydra": slimtune.HydraConfig(2, 2, alpha=4),
+}
+CASES = [(2, m) for m in METHODS] + [(3, "lora"), (3, "hydra")]
+REFUSED = [(3, "paca"), (3, "s2ft")]
+
+
+def _config(stage: int, world: int) -> dict:
+    release = {"stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0}
+    return {
+        "train_batch_size": 4,
+        "train_micro_batch_size_per_gpu": 4 // world,
+        "zero_optimization": {"stage": stage, **(release if stage == 3 else {})},
+    }
+
+
+def _trained(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained tensors, whole (ZeRO-3 gathers its partitions for the read)."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(params):
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _train(stage: int, method: str, rank: int, world: int) -> dict:
+    import deepspeed
+
+    torch.manual_seed(0)
+    model = slimtune.apply(make_model("llama"), METHODS[method])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=params, config=_config(stage, world)
+    )
+    losses = []
+    for step in range(5):
+        ids = make_batch(batch=4, seq=10, seed=20 + step)
+        part = ids[rank * 4 // world : (rank + 1) * 4 // world]
+        loss = engine(input_ids=part, labels=part).loss
+        engine.backward(loss)
+        engine.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(float(total) / world)
+    return {"losses": losses, "trained": _trained(model)}
+
+
+def _refusal(stage: int, method: str, world: int) -> str:
+    import deepspeed
+
+    model = slimtune.apply(make_model("llama"), METHODS[method])
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.AdamW(params, lr=1e-2), model_parameters=params,
+        config=_config(stage, world),
+    )  # fmt: skip
+    try:
+        engine(input_ids=make_batch(batch=2, seq=10))
+    except RuntimeError as err:
+        return str(err)
+    return ""
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
+    )  # fmt: skip
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    results = {f"{s}-{m}": _train(s, m, rank, world) for s, m in CASES}
+    results |= {f"refused-{s}-{m}": _refusal(s, m, world) for s, m in REFUSED}
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> dict:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    folder: Path = tmp_path_factory.mktemp("deepspeed")
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_worker, args=(2, port, str(folder / "two.pt")), nprocs=2)
+    return torch.load(folder / "two.pt")
+
+
+@pytest.mark.parametrize("stage, method", CASES, ids=[f"zero{s}-{m}" for s, m in CASES])
+def test_deepspeed_with_two_processes_takes_the_steps_of_one(stage, method, two_processes) -> None:
+    torch.manual_seed(0)
+    model = slimtune.apply(make_model("llama"), METHODS[method])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = sharded_steps(model, optimizer, 0, 1)
+    two = two_processes[f"{stage}-{method}"]
+    assert two["losses"] == pytest.approx(losses, rel=1e-6)
+    trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert trained.keys() == two["trained"].keys()
+    for name, value in trained.items():
+        torch.testing.assert_close(two["trained"][name], value, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("stage, method", REFUSED, ids=[f"zero{s}-{m}" for s, m in REFUSED])
+def test_deepspeed_zero3_refuses_in_place_methods_by_name(stage, method, two_processes) -> None:
+    message = two_processes[f"refused-{stage}-{method}"]
+    assert "DeepSpeed ZeRO-3" in message and "silently wrong" in message and "ZeRO-1/2" in message
