@@ -34,6 +34,12 @@ BAD = {
         "stages[0].kfpf.k: 2 FPF steps do not fit the stage's 1 training steps",
     ),
     "unknown log key": ("model:\n", "log: {wandb: true}\nmodel:\n", ":1: log.wandb: unknown key"),
+    "unknown strategy": ("model:\n", "distributed: zero3\nmodel:\n", ":1: distributed: 'zero3' is not one of"),
+    "fsdp2 with a sparse-diff stage": (
+        "method:\n  name: full\n",
+        "distributed: fsdp2\nmethod:\n  name: sparse-diff\n",
+        "distributed: fsdp2 does not train stage 'a' (sparse-diff: its gradient masks",
+    ),
     "unknown top-level key": ("model:\n", "modle: {}\nmodel:\n", ":1: modle: unknown key"),
     "wrong type": ("batch_size: 2", "batch_size: two", ":12: stages[0].batch_size: expected an integer"),
     "not finite": ("steps: 1\n", "steps: 1\n    lr: .nan\n", ":12: stages[0].lr: expected a finite number"),
@@ -299,3 +305,10 @@ def test_every_operation_setting_is_documented_with_the_code_s_default(name, hea
     for key, value in _documented_defaults(heading).items():
         expected = code[key][0]
         assert (float(value) if isinstance(value, str) and "e-" in value else value) == expected, key
+
+
+def test_fsdp2_refuses_k_fpf_before_training(tmp_path):
+    text = "distributed: fsdp2\n" + GOOD.replace("    steps: 1\n", "    steps: 2\n    kfpf: {k: 1}\n")
+    with pytest.raises(RecipeError, match=r":1: distributed: fsdp2 does not run stage 'a''s k-FPF steps"):
+        run(_write(tmp_path, text), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

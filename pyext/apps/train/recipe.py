@@ -16,6 +16,7 @@ import slimtune
 
 from ..shipped import SHIPPED
 from .data import FIELDS, Form, Source
+from .loop import DDP, FSDP2
 from .models import BUILTIN, DTYPES, ModelSpec, llama_keys
 from .operations import FPF, Operation, Place, ReadContext, read_operation
 from .schema import (
@@ -131,6 +132,7 @@ class Recipe:
     stages: tuple[Stage, ...]
     intruders: Intruders | None = None
     log: Logging = Logging()
+    distributed: str = DDP  # how a `torchrun` launch spreads each stage's training: DDP or FSDP2
 
     def parent(self, index: int) -> int:
         """The stage whose model stage `index` starts from (-1: the base model)."""
@@ -456,10 +458,39 @@ def parse(data: Any, file: Path) -> Recipe:
         raise top.error("tasks", "a recipe needs at least one evaluation task")
     intruders = read_settings(top.section("intruders"), Intruders) if top.has("intruders") else None
     logging = _logging(top.section("log")) if top.has("log") else Logging()
+    distributed = _distributed(top, stages)
     top.close()
     return Recipe(
-        file, dict(data), description, seed, seq_len, device, model, tasks, stages, intruders, logging
-    )
+        file, dict(data), description, seed, seq_len, device, model, tasks, stages, intruders, logging,
+        distributed,
+    )  # fmt: skip
+
+
+# What FSDP2 cannot shard in the trainer: training state that lives outside the sharded copy.
+NOT_SHARDED = {
+    "sparse-diff": "its gradient masks hook the unsharded parameters",
+    "prompt": "its soft prompt is not a model parameter, so no engine would reduce its gradients",
+}
+
+
+def _distributed(top: Section, stages: tuple[Stage, ...]) -> str:
+    """`distributed`: ddp (default) or fsdp2, refused where a stage's training cannot be sharded."""
+    strategy = top.get("distributed", TEXT, DDP)
+    if strategy not in (DDP, FSDP2):
+        raise top.error("distributed", f"{strategy!r} is not one of {DDP}, {FSDP2}")
+    for stage in stages if strategy == FSDP2 else ():
+        if stage.method_name in NOT_SHARDED:
+            raise top.error(
+                "distributed",
+                f"fsdp2 does not train stage {stage.name!r} ({stage.method_name}: "
+                f"{NOT_SHARDED[stage.method_name]}); use distributed: {DDP}",
+            )
+        if stage.kfpf is not None:
+            raise top.error(
+                "distributed", f"fsdp2 does not run stage {stage.name!r}'s k-FPF steps (they train the "
+                f"unsharded model mid-stage); use distributed: {DDP}",
+            )  # fmt: skip
+    return strategy
 
 
 def _logging(section: Section) -> Logging:

@@ -45,7 +45,8 @@ class RunDir:
         if root.exists() and not root.is_dir():
             raise RecipeError(f"--output {root} is a file, not a folder: choose a folder for the run")
         marker, data_marker = root / "recipe.json", root / "data.json"
-        trained = {k: v for k, v in recipe.data.items() if k != "log"}  # where figures go is not the run
+        # Neither where figures go nor how processes share the work (same steps either way) is the run.
+        trained = {k: v for k, v in recipe.data.items() if k not in ("log", "distributed")}
         current = json.loads(json.dumps(trained, sort_keys=True, default=str))
         digests = data_digests(recipe)
         if marker.exists():

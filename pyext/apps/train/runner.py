@@ -56,7 +56,7 @@ def run(
     if report_to == "tensorboard":  # the recipe's own `log` was checked when it was read
         step_log.check_tensorboard("--report-to tensorboard")
     root = Path(output) if output is not None else Path("runs") / recipe.file.stem
-    world = loop.World.start(recipe.device)
+    world = loop.World.start(recipe.device, recipe.distributed)
     if world.rank == 0:
         print(f"slimtune train: {recipe.file} -> run folder {root}", file=sys.stderr, flush=True)
     prepared = prepare(recipe, world)
