@@ -177,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument(
         "--lora-r", type=_positive_int, default=16, help="LoRA rank, alpha = 2r (default 16)"
     )
+    profile.add_argument(
+        "--world-size",
+        type=_positive_int,
+        default=1,
+        help="also show what each of N FSDP2 processes holds (shards exact, the peak a model)",
+    )
     profile.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed steps on a device")
     profile.add_argument(
         "--steps", type=_positive_int, default=10, help="timed steps on a device (default 10)"

@@ -33,7 +33,7 @@ import slimtune
 import torch
 from slimtune import files
 
-from . import accounting
+from . import accounting, sharded_memory
 from .bench import (
     CHECKPOINTING,
     DTYPES,
@@ -78,6 +78,7 @@ class Row:
     measured_peak: float | None = None  # CUDA: max_memory_allocated; CPU: the allocator's peak (profiler)
     error: str | None = None
     ratios: dict[str, dict[str, float]] = field(default_factory=dict)
+    rank: dict[str, float] = field(default_factory=dict)  # FSDP2 (world > 1): rank 0's share, GiB
 
     @property
     def label(self) -> str:
@@ -98,6 +99,7 @@ class Setup:
     steps: int = 10
     trace: bool = False
     memory_snapshot: bool = False
+    world: int = 1  # > 1: also what each of `world` FSDP2 processes holds (sharded_memory)
 
 
 def _batch(config, setup: Setup, device: torch.device) -> dict[str, torch.Tensor]:
@@ -122,6 +124,13 @@ def account(method: str, setup: Setup, config) -> Row:
     """The exact accounting of one method on the meta device."""
     model, optimizer = _prepared(method, setup, config, torch.device("meta"))
     step = accounting.account_step(model, optimizer, _batch(config, setup, torch.device("meta")))
+    rank = {}
+    if setup.world > 1:
+        share = sharded_memory.rank_share(model, optimizer, setup.world)
+        at_peak = step.peak_parts.get("gradients", 0)
+        peak = share.peak(step.peak, step.weights, at_peak, step.gradients, step.optimizer)
+        parts = {"weights": share.weights, "gradients": share.gradients, "optimizer": share.optimizer}
+        rank = {k: v / GiB for k, v in {**parts, "unsharded": share.unsharded, "peak": peak}.items()}
     return Row(
         method=method,
         checkpointing=setup.checkpointing,
@@ -140,6 +149,7 @@ def account(method: str, setup: Setup, config) -> Row:
         backward_tflop=step.backward_flops / 1e12,
         bytes_moved_gb=step.bytes_moved / 1e9,
         modelled_ms=accounting.modelled_ms(step, accounting.CARDS[setup.card]),
+        rank=rank,
     )
 
 
@@ -331,6 +341,7 @@ def _write(rows: list[Row], setup: Setup, methods, checkpointing, folder: Path) 
         f"slimtune profile --model {setup.model} --batch {setup.batch} --seq {setup.seq} --dtype "
         f"{setup.dtype} --methods {','.join(methods)} --device {setup.device} --card {setup.card}"
         + (f" --checkpointing {','.join(checkpointing)}" if list(checkpointing) != ["off"] else "")
+        + (f" --world-size {setup.world}" if setup.world > 1 else "")
     )
     header = [
         f"- date: {report['date']}; machine: {platform.machine()} ({platform.system()}), "
@@ -483,8 +494,30 @@ def table(rows: list[Row], setup: Setup) -> str:
         "Saved for backward, by module kind (GiB; what checkpointing's own hooks keep is not seen here):",
         "",
         *_breakdown(rows, accounting.KINDS, lambda r: r.saved),
+        *_per_rank(rows, setup),
     ]
     return "\n".join(lines)
+
+
+def _per_rank(rows: list[Row], setup: Setup) -> list[str]:
+    """The FSDP2 section: what rank 0 (the largest shard) of `setup.world` processes holds."""
+    if setup.world == 1:
+        return []
+    lines = [
+        "",
+        f"Per process under FSDP2 with {setup.world} processes (GiB, rank 0: the largest shard; `--batch` "
+        "is each process's). weights, gradients, optimizer: the shards, exact. unsharded and peak are a "
+        "model: what FSDP2 gathers during the step (the root's own parameters, two blocks, one block's "
+        "gradients) added to the 1-process peak less what sharding saves:",
+        "",
+        "| method | weights | gradients | optimizer | unsharded (model) | peak (model) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.rank:
+            values = (r.rank[k] for k in ("weights", "gradients", "optimizer", "unsharded", "peak"))
+            lines.append(f"| {r.label} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    return lines
 
 
 def _breakdown(
@@ -597,6 +630,7 @@ def main(args: argparse.Namespace) -> int:
             steps=args.steps,
             trace=args.trace,
             memory_snapshot=args.memory_snapshot,
+            world=args.world_size,
         )
     except ValueError as err:
         print(f"slimtune profile: {err}", file=sys.stderr)
