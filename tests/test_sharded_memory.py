@@ -99,3 +99,5 @@ def test_the_profile_shows_the_fsdp2_section(tmp_path) -> None:
     text = (tmp_path / "profile.md").read_text()
     assert "Per process under FSDP2 with 4 processes" in text and "unsharded (model)" in text
     assert "--world-size 4" in text
+    header = (tmp_path / "profile.csv").read_text().splitlines()[0]
+    assert "rank_peak_gib" in header and any("FSDP2" in note for note in report["notes"])

@@ -34,7 +34,7 @@ BAD = {
         "stages[0].kfpf.k: 2 FPF steps do not fit the stage's 1 training steps",
     ),
     "unknown log key": ("model:\n", "log: {wandb: true}\nmodel:\n", ":1: log.wandb: unknown key"),
-    "unknown strategy": ("model:\n", "distributed: zero3\nmodel:\n", ":1: distributed: 'zero3' is not one of"),
+    "unknown strategy": ("model:\n", "distributed: zero3\nmodel:\n", ":1: distributed: 'zero3' is not one"),
     "fsdp2 with a sparse-diff stage": (
         "method:\n  name: full\n",
         "distributed: fsdp2\nmethod:\n  name: sparse-diff\n",

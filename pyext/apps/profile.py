@@ -330,6 +330,7 @@ def _write(rows: list[Row], setup: Setup, methods, checkpointing, folder: Path) 
             f"peak_card: peak_exact + {ALLOCATOR_OVERHEAD_GIB} GiB allocator overhead (calibrated, see docs)",
             "modelled_ms: a roofline model from the card's published peaks, per kernel max(FLOPs/peak, "
             "bytes/bandwidth); not a measurement",
+            *([_RANK_NOTE.format(world=setup.world)] if setup.world > 1 else []),
             *[f"{m}: {summary(METHODS[m])}" for m in methods],
         ],
         "rows": [{**asdict(r), "label": r.label} for r in rows],
@@ -412,6 +413,13 @@ def longest_table(model: str, dtype: str, budget_gib: float, methods: list[str],
     return text
 
 
+RANK_COLUMNS = ("weights", "gradients", "optimizer", "unsharded", "peak")  # FSDP2 rank 0 (--world-size)
+_RANK_NOTE = (
+    "rank: what rank 0 of {world} FSDP2 processes holds; weights, gradients, optimizer: its shards, "
+    "exact; unsharded, peak: a model of what FSDP2 gathers during the step"
+)
+
+
 def _write_csv(rows: list[Row], path: Path) -> None:
     kinds, parts = accounting.KINDS, accounting.PARTS
     buffer = io.StringIO()
@@ -421,7 +429,8 @@ def _write_csv(rows: list[Row], path: Path) -> None:
          "gradients_gib", "optimizer_gib", *[f"saved_{k.replace(' ', '_')}_gib" for k in kinds],
          "saved_total_gib", *[f"at_peak_{p.replace(' ', '_')}_gib" for p in parts], "peak_exact_gib",
          "peak_card_gib", "forward_tflop", "backward_tflop", "bytes_moved_gb", "modelled_ms",
-         "measured_ms_min", "measured_ms_median", "measured_ms_max", "measured_peak_gib", "error"]
+         "measured_ms_min", "measured_ms_median", "measured_ms_max", "measured_peak_gib",
+         *[f"rank_{k}_gib" for k in RANK_COLUMNS], "error"]
     )  # fmt: skip
     for r in rows:
         m = r.measured_ms or {}
@@ -430,7 +439,7 @@ def _write_csv(rows: list[Row], path: Path) -> None:
              r.optimizer, *[r.saved.get(k, 0.0) for k in kinds], r.saved_total,
              *[r.peak_parts.get(p, 0.0) for p in parts], r.peak_exact, r.peak_card, r.forward_tflop,
              r.backward_tflop, r.bytes_moved_gb, r.modelled_ms, m.get("min"), m.get("median"), m.get("max"),
-             r.measured_peak, r.error or ""]
+             r.measured_peak, *[r.rank.get(k) for k in RANK_COLUMNS], r.error or ""]
         )  # fmt: skip
     files.write_text(path, buffer.getvalue())
 
@@ -515,7 +524,7 @@ def _per_rank(rows: list[Row], setup: Setup) -> list[str]:
     ]
     for r in rows:
         if r.rank:
-            values = (r.rank[k] for k in ("weights", "gradients", "optimizer", "unsharded", "peak"))
+            values = (r.rank[k] for k in RANK_COLUMNS)
             lines.append(f"| {r.label} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
     return lines
 
