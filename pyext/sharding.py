@@ -83,11 +83,20 @@ def engine(model: nn.Module, layers: list[nn.Module]) -> str | None:
         for parameter in layer._parameters.values():
             if isinstance(parameter, DTensor):
                 return FSDP2
-            if getattr(parameter, "_fsdp_flattened", False):
+            if _flattened(parameter):
                 return FSDP1
             if hasattr(parameter, "ds_id"):
                 return ZERO3
     return None
+
+
+def _flattened(tensor: Tensor | None) -> bool:
+    """Whether FSDP (FSDP1) manages `tensor`: it marks the parameters it flattens, and while it holds
+    a module unsharded (its root's forward) the module's parameters are views of a marked flat one."""
+    return bool(
+        getattr(tensor, "_fsdp_flattened", False)
+        or getattr(getattr(tensor, "_base", None), "_fsdp_flattened", False)
+    )
 
 
 class Guard:

@@ -178,10 +178,24 @@ def _shard_and_save(case: str, folder: Path) -> None:
     slimtune.save(model, folder / case)
 
 
+def _fsdp1_root_only(method: str) -> str:
+    """FSDP wrapping only the root: its forward runs on views of the gathered flat parameter."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = slimtune.apply(make_model("llama"), IN_PLACE[method])
+    wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
+    try:
+        wrapped(input_ids=make_batch())
+    except RuntimeError as err:
+        return str(err)
+    return ""
+
+
 def _worker(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.manual_seed(0)
     results = {case: _train(case, rank, world) for case in CASES}
+    results |= {f"fsdp1-{method}": _fsdp1_root_only(method) for method in IN_PLACE}
     for case in SAVED:
         _shard_and_save(case, Path(out).parent)
     if rank == 0:
@@ -241,3 +255,9 @@ def test_fsdp2_bf16_compute_keeps_the_entries_in_the_float32_shards(case: str, t
     assert two["checked"] == 5
     assert all(v.dtype == torch.float32 for v in two["state"].values() if v.is_floating_point())
     assert two["losses"] == pytest.approx(one["losses"], rel=2e-2)
+
+
+@pytest.mark.parametrize("method", IN_PLACE)
+def test_fsdp1_wrapping_only_the_root_is_refused_with_two_processes(method: str, two_processes: dict) -> None:
+    """Its forward runs on views of the gathered flat parameter (no mark on them, only on their base)."""
+    assert "FSDP (torch.distributed.fsdp.FullyShardedDataParallel)" in two_processes[f"fsdp1-{method}"]
