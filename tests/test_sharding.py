@@ -191,11 +191,40 @@ def _fsdp1_root_only(method: str) -> str:
     return ""
 
 
+def _dcp_resume(case: str, rank: int, world: int, folder: Path) -> tuple[list[float], list[float]]:
+    """5 steps straight, and 2 steps saved with torch.distributed.checkpoint (model and optimizer,
+    sharded) and loaded into a freshly patched and sharded model that takes the other 3: the losses."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def fresh() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        config, _, reshard, kind, overrides, blocks = CASES[case]
+        model = slimtune.apply(make_model("llama", **overrides), config)
+        _shard(model, reshard, blocks, kind)
+        return model, _optimizer(model, kind)
+
+    straight = sharded_steps(*fresh(), rank, world)
+    model, optimizer = fresh()
+    first = sharded_steps(model, optimizer, rank, world, count=2)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder / f"dcp-{case}")
+    model, optimizer = fresh()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=folder / f"dcp-{case}")
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return straight, first + sharded_steps(model, optimizer, rank, world, count=3, first_step=2)
+
+
+DCP = ("paca-uneven", "s2ft-rows-uneven")
+
+
 def _worker(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.manual_seed(0)
     results = {case: _train(case, rank, world) for case in CASES}
     results |= {f"fsdp1-{method}": _fsdp1_root_only(method) for method in IN_PLACE}
+    results |= {f"dcp-{case}": _dcp_resume(case, rank, world, Path(out).parent) for case in DCP}
     for case in SAVED:
         _shard_and_save(case, Path(out).parent)
     if rank == 0:
@@ -261,3 +290,11 @@ def test_fsdp2_bf16_compute_keeps_the_entries_in_the_float32_shards(case: str, t
 def test_fsdp1_wrapping_only_the_root_is_refused_with_two_processes(method: str, two_processes: dict) -> None:
     """Its forward runs on views of the gathered flat parameter (no mark on them, only on their base)."""
     assert "FSDP (torch.distributed.fsdp.FullyShardedDataParallel)" in two_processes[f"fsdp1-{method}"]
+
+
+@pytest.mark.parametrize("case", DCP)
+def test_a_distributed_checkpoint_resumes_the_sharded_run_exactly(case: str, two_processes: dict) -> None:
+    """torch.distributed.checkpoint's sharded save and load (model and optimizer state, as torchtune
+    and accelerate checkpoint FSDP2) carry the trained entries: the resumed run is the straight one."""
+    straight, resumed = two_processes[f"dcp-{case}"]
+    assert resumed == straight

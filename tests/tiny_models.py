@@ -48,13 +48,19 @@ def make_batch(
 
 
 def sharded_steps(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, world: int, after_step=None
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rank: int,
+    world: int,
+    after_step=None,
+    count: int = 5,
+    first_step: int = 0,
 ) -> list[float]:
-    """5 optimizer steps on a global batch of 4 rows of 10 tokens (seeded per step), each of `world`
-    processes on its slice; the mean loss of each step over the processes (all-reduced when world > 1).
-    `after_step()` runs after each optimizer step."""
+    """`count` optimizer steps (from step `first_step` of the sequence) on a global batch of 4 rows of
+    10 tokens (seeded per step), each of `world` processes on its slice; the mean loss of each step
+    over the processes (all-reduced when world > 1). `after_step()` runs after each optimizer step."""
     losses = []
-    for step in range(5):
+    for step in range(first_step, first_step + count):
         ids = make_batch(batch=4, seq=10, seed=20 + step)
         part = ids[rank * 4 // world : (rank + 1) * 4 // world]
         loss = model(input_ids=part, labels=part).loss
