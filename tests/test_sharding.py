@@ -77,23 +77,32 @@ PACA, S2FT = slimtune.PaCAConfig(r=4), slimtune.S2FTConfig(heads=1, channels=8)
 S2FT_ROWS = slimtune.S2FTConfig(heads=1, channels=8, train_v_rows=True, train_gate_up_rows=True)
 UNEVEN = {"intermediate_size": 87}  # gate/up rows and down columns split 44 + 43
 BF16 = "bf16"  # FSDP2 computes in bf16 (MixedPrecisionPolicy) on float32 shards: the masters
-CASES = {  # name: (config, lean, reshard_after_forward, optimizer, model overrides, shard each block)
-    "paca": (PACA, False, True, "adamw", {}, True),
-    "paca-keep-gathered": (PACA, False, False, "adamw", {}, True),
+METHODS = {
+    "paca": PACA,
+    "s2ft": S2FT,
+    "lora": slimtune.LoRAConfig(r=4, alpha=8),
+    "hydra": slimtune.HydraConfig(2, 2, alpha=4),
+}
+# name: (config, lean, reshard_after_forward, optimizer, model overrides, shard each block). Every
+# method with each optimizer, resharding after forward or not; then lean mode, fused AdamW, uneven
+# shards, root-only wrapping, S2FT's rows and bf16 compute.
+CASES = {
+    f"{method}-{kind}-{'reshard' if reshard else 'keep'}": (config, False, reshard, kind, {}, True)
+    for method, config in METHODS.items()
+    for kind in ("adamw", "partial")
+    for reshard in (True, False)
+}
+CASES |= {
     "paca-lean-fused": (PACA, True, True, "adamw-fused", {}, True),
     "paca-uneven": (PACA, False, True, "adamw", UNEVEN, True),
     "paca-root-only": (PACA, False, True, "adamw", {}, False),
-    "paca-partial-adamw": (PACA, False, True, "partial", UNEVEN, True),
-    "paca-partial-adamw-keep-gathered": (PACA, True, False, "partial", {}, True),
-    "s2ft": (S2FT, False, True, "adamw", {}, True),
+    "paca-partial-adamw-lean-uneven": (PACA, True, False, "partial", UNEVEN, True),
     "s2ft-lean-uneven": (S2FT, True, False, "adamw-fused", UNEVEN, True),
     "s2ft-root-only": (S2FT, False, False, "adamw", {}, False),
     "s2ft-rows-uneven": (S2FT_ROWS, False, True, "adamw", UNEVEN, True),  # rows: gathered, written by owner
     "s2ft-rows-partial-adamw": (S2FT_ROWS, False, False, "partial", UNEVEN, True),
-    "lora": (slimtune.LoRAConfig(r=4, alpha=8), False, True, "adamw", {}, True),
-    "lora-partial-adamw": (slimtune.LoRAConfig(r=4, alpha=8), False, False, "partial", {}, True),
-    "hydra-lean": (slimtune.HydraConfig(2, 2, alpha=4), True, True, "adamw", {}, True),
-    "hydra-partial-adamw": (slimtune.HydraConfig(2, 2, alpha=4), False, True, "partial", UNEVEN, True),
+    "hydra-lean": (METHODS["hydra"], True, True, "adamw", {}, True),
+    "hydra-partial-adamw-uneven": (METHODS["hydra"], False, True, "partial", UNEVEN, True),
     "paca-bf16-masters": (PACA, False, True, BF16, {}, True),
     "s2ft-rows-bf16-masters": (S2FT_ROWS, False, True, BF16, UNEVEN, True),
 }
