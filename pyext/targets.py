@@ -133,6 +133,13 @@ def check_plain_linear(name: str, module: nn.Module) -> nn.Linear:
             f"module {name!r} has its weight on the meta device; load real weights before applying "
             f"(or, to account memory and FLOPs only, apply inside slimtune.on_meta())"
         )
+    if hasattr(weight, "ds_id") and weight.shape != (module.out_features, module.in_features):
+        raise ValueError(
+            f"module {name!r} has its weight partitioned by DeepSpeed ZeRO-3 (the model was built inside "
+            f"deepspeed.zero.Init, as transformers does once ZeRO-3 is configured); slimtune patches whole "
+            f"weights: build the model and apply slimtune before configuring ZeRO-3 (before creating "
+            f"accelerate's Accelerator or an HfDeepSpeedConfig), then let DeepSpeed partition the model"
+        )
     return module
 
 

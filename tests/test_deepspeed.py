@@ -129,3 +129,66 @@ def test_deepspeed_with_two_processes_takes_the_steps_of_one(stage, method, two_
 def test_deepspeed_zero3_refuses_in_place_methods_by_name(stage, method, two_processes) -> None:
     message = two_processes[f"refused-{stage}-{method}"]
     assert "DeepSpeed ZeRO-3" in message and "silently wrong" in message and "ZeRO-1/2" in message
+
+
+def _accelerate_worker(rank: int, world: int, port: int, out: str) -> None:
+    """accelerate's DeepSpeed plugin (ZeRO-2) around a PaCA model built and patched first."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", ACCELERATE_USE_DEEPSPEED="true",
+    )  # fmt: skip
+    from accelerate import Accelerator, DeepSpeedPlugin
+
+    torch.manual_seed(0)
+    model = slimtune.apply(make_model("llama"), METHODS["paca"])
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(zero_stage=2, gradient_accumulation_steps=1))
+    accelerator.state.deepspeed_plugin.deepspeed_config.update(
+        train_micro_batch_size_per_gpu=4 // world, train_batch_size=4
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    engine, optimizer = accelerator.prepare(model, optimizer)
+    losses = []
+    for step in range(5):
+        ids = make_batch(batch=4, seq=10, seed=20 + step)
+        part = ids[rank * 4 // world : (rank + 1) * 4 // world]
+        loss = engine(input_ids=part, labels=part).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(float(total) / world)
+    if rank == 0:
+        torch.save({"engine": type(engine).__name__, "losses": losses}, out)
+
+
+def test_accelerate_s_deepspeed_plugin_trains_paca_exactly(tmp_path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_accelerate_worker, args=(2, port, str(tmp_path / "two.pt")), nprocs=2)
+    two = torch.load(tmp_path / "two.pt")
+    torch.manual_seed(0)
+    model = slimtune.apply(make_model("llama"), METHODS["paca"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    assert two["engine"] == "DeepSpeedEngine"
+    assert two["losses"] == pytest.approx(sharded_steps(model, optimizer, 0, 1), rel=1e-6)
+
+
+def test_a_model_built_inside_zero3_init_is_refused_by_name() -> None:
+    """transformers builds inside deepspeed.zero.Init once ZeRO-3 is configured: the weights are
+    empty partitions marked `ds_id`, and slimtune says how to order the calls."""
+    from test_refusals import refused
+
+    model = make_model("llama")
+    for number, parameter in enumerate(model.parameters()):
+        parameter.data = parameter.data.new_empty(0)
+        parameter.ds_id = number
+    refused(
+        model, lambda: slimtune.apply(model, METHODS["lora"]), ValueError, "partitioned by DeepSpeed ZeRO-3"
+    )
