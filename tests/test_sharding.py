@@ -105,7 +105,22 @@ CASES |= {
     "hydra-partial-adamw-uneven": (METHODS["hydra"], False, True, "partial", UNEVEN, True),
     "paca-bf16-masters": (PACA, False, True, BF16, {}, True),
     "s2ft-rows-bf16-masters": (S2FT_ROWS, False, True, BF16, UNEVEN, True),
+    "paca-bf16-weights": (PACA, False, True, "adamw", {"dtype": torch.bfloat16}, True),  # float32 columns
+    "s2ft-rows-bf16-weights-partial-adamw": (
+        S2FT_ROWS,
+        False,
+        False,
+        "partial",
+        {"dtype": torch.bfloat16},
+        True,
+    ),
 }
+
+
+def _in_bf16(case: str) -> bool:
+    """Whether the case computes in bf16 (FSDP2's policy, or bf16 weights with float32 masters)."""
+    _, _, _, kind, overrides, _ = CASES[case]
+    return kind == BF16 or overrides.get("dtype") == torch.bfloat16
 
 
 def _optimizer(model: torch.nn.Module, kind: str) -> torch.optim.Optimizer:
@@ -272,7 +287,7 @@ def test_a_sharded_model_saves_the_files_of_one_process(case: str, two_processes
         assert all(torch.equal(mine[k], theirs[k]) and mine[k].dtype == theirs[k].dtype for k in mine), file
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][3] != BF16])
+@pytest.mark.parametrize("case", [c for c in CASES if not _in_bf16(c)])
 def test_fsdp2_with_two_processes_takes_the_steps_of_one(case: str, two_processes: dict) -> None:
     torch.manual_seed(0)
     one, two = _train(case, 0, 1), two_processes[case]
@@ -283,15 +298,19 @@ def test_fsdp2_with_two_processes_takes_the_steps_of_one(case: str, two_processe
         torch.testing.assert_close(two["state"][key], value, rtol=1e-5, atol=1e-5, msg=key)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][3] == BF16])
-def test_fsdp2_bf16_compute_keeps_the_entries_in_the_float32_shards(case: str, two_processes: dict) -> None:
-    """With FSDP2 computing in bf16 the float32 shards are the masters: they hold the trained entries
-    exactly after every step (checked on each rank), the trained tensors stay float32, and the
-    losses follow the float32 run of one process within bf16's rounding."""
+@pytest.mark.parametrize("case", [c for c in CASES if _in_bf16(c)])
+def test_fsdp2_in_bf16_keeps_the_entries_in_the_shards_and_the_masters_float32(
+    case: str, two_processes: dict
+) -> None:
+    """Computing in bf16 (FSDP2's policy on float32 weights, or bf16 weights with float32 trained
+    masters) the weight shards hold the trained entries exactly after every step (checked on each
+    rank), the trained tensors stay float32, and the losses follow one process within bf16's rounding."""
     torch.manual_seed(0)
     one, two = _train(case, 0, 1), two_processes[case]
     assert two["checked"] == 5
-    assert all(v.dtype == torch.float32 for v in two["state"].values() if v.is_floating_point())
+    config = CASES[case][0]
+    trained = [k for k in two["state"] if k.endswith((".paca_columns", ".s2ft_block"))]
+    assert trained and all(two["state"][k].dtype == torch.float32 for k in trained), config
     assert two["losses"] == pytest.approx(one["losses"], rel=2e-2)
 
 
