@@ -60,7 +60,7 @@ def _lean_mlp(module: nn.Module, arch) -> tuple[LeanGatedMLP | None, str]:
     layout = mlp_layout(module, arch)
     children = [module._modules[n] for n in (*layout.inputs, layout.down)]
     if not all(type(c) is nn.Linear or isinstance(c, PartialLinear) for c in children):
-        return None, f"{type(module).__name__}: projections not plain or partial linears (adapters fuse it)"
+        return None, f"{type(module).__name__}: projections not plain or partial linears (adapters, 4-bit)"
     activation = next((n for n in layout.activations if isinstance(module._modules.get(n), nn.Module)), None)
     if activation is None:
         return None, f"{type(module).__name__}: no activation module ({' or '.join(layout.activations)})"

@@ -109,6 +109,11 @@ class Guard:
 
     def __call__(self, module: nn.Module, args: Any) -> None:
         found = engine(module, self.layers)
+        if found is not None and any(getattr(layer, "quantized", False) for layer in self.layers):
+            raise RuntimeError(
+                f"{type(module).__name__} has a 4-bit base (QPaCA), which slimtune does not train under "
+                f"{found}; train it on one process or with DistributedDataParallel"
+            )
         if (found == FSDP2) != self.sharded:  # the layers read gathered copies from now on (or no more)
             self.sharded = found == FSDP2
             for layer in self.layers:

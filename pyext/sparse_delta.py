@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from . import files, ops, sharding
 from .layers.partial import PartialLinear
+from .layers.qpaca import QPaCALinear
 from .methods import method_for
 from .state import patch_state, patched_layers, require_patched
 from .transaction import Transaction
@@ -210,7 +211,7 @@ def delta(model: nn.Module) -> SparseDelta:
     method = method_for(state.config)
     entries = {}
     for name, layer in patched_layers(model).items():
-        if not isinstance(layer, PartialLinear):
+        if not isinstance(layer, PartialLinear | QPaCALinear):
             raise ValueError(
                 f"slimtune.delta covers partial methods (PaCA, S2FT); {name!r} is {type(layer).__name__}"
             )

@@ -9,6 +9,7 @@ from contextvars import ContextVar
 
 from torch import nn
 
+from . import quantized
 from .architectures import architecture, block_stacks, is_conv1d
 from .config import TargetModules
 
@@ -112,6 +113,11 @@ def check_plain_linear(name: str, module: nn.Module) -> nn.Linear:
             f"module {name!r} is a transformers Conv1D (GPT-2 style, weight stored as in x out), which "
             f"slimtune does not patch; convert the model's Conv1D layers to nn.Linear first or target "
             f"other modules"
+        )
+    if quantized.is_4bit(module):
+        raise ValueError(
+            f"module {name!r} is a {quantized.describe(module)}: PaCA trains on 4-bit bases (QPaCA); "
+            f"this method needs dense weights (load the model unquantized, or use PaCAConfig)"
         )
     if type(module) is not nn.Linear:
         if isinstance(module, nn.Linear):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import seeding
+from .. import quantized, seeding
 from ..config import PaCAConfig, master_dtype
 from ..layers.paca import PaCALinear
 from ..layers.partial import COLUMNS
+from ..layers.qpaca import QPaCALinear
 from ..ops import check_index
 from ..registry import FUSED_KERNELS, IN_PLACE, MERGE, SPARSE_DELTA, MethodInfo, register
 from ..targets import check_plain_linear, check_untied, match_targets
@@ -28,7 +29,8 @@ class PaCAMethod(Method):
         targets = match_targets(model, config.target_modules)
         plan = []
         for name, module in targets:
-            linear = check_plain_linear(name, module)
+            # A 4-bit base trains through QPaCA (its weight untouched); any other must be a plain linear.
+            linear = module if quantized.is_4bit(module) else check_plain_linear(name, module)
             if config.r > linear.in_features:
                 raise ValueError(
                     f"PaCAConfig.r={config.r} exceeds the {linear.in_features} input columns of {name!r}; "
@@ -43,7 +45,8 @@ class PaCAMethod(Method):
                         f"checkpoint index of {name!r} is not the one PaCAConfig(seed={config.seed}) selects "
                         f"there: the checkpoint was edited or belongs to another model"
                     )
-            writes = None if columns is None else (index, COLUMNS)  # saved columns go into the weight
+            # Saved columns go into a dense weight (a 4-bit one is never written).
+            writes = None if columns is None or quantized.is_4bit(linear) else (index, COLUMNS)
             plan.append(Replacement(name, _builder(linear, index, columns, config), writes))
         check_untied(model, [r.name for r in plan], "PaCA")
         return Plan(plan)
@@ -72,7 +75,13 @@ class PaCAMethod(Method):
 
 
 def _builder(linear: nn.Linear, index: Tensor, columns: Tensor | None, config: PaCAConfig):
-    def build() -> PaCALinear:
+    def build() -> PaCALinear | QPaCALinear:
+        if quantized.is_4bit(linear):
+            layer = QPaCALinear(linear, index, config.scale)
+            if columns is not None:
+                with torch.no_grad():
+                    layer.paca_columns.copy_(columns)
+            return layer
         master = master_dtype(config.fp32_master, linear.weight.dtype)
         layer = PaCALinear(linear, index, master, config.scale)
         if columns is not None:
@@ -89,7 +98,7 @@ register(
         name="paca",
         config=PaCAConfig,
         glue=PaCAMethod(),
-        layers=(PaCALinear,),
+        layers=(PaCALinear, QPaCALinear),
         capabilities=frozenset({IN_PLACE, MERGE, SPARSE_DELTA, FUSED_KERNELS}),
         summary="r random input columns of every targeted linear, trained in place",
         sized=lambda budget, seed: PaCAConfig(r=budget, seed=seed),

@@ -1,0 +1,39 @@
+"""4-bit quantized bases: which quantized linears slimtune trains on, and their dequantized weights.
+
+bitsandbytes' `Linear4bit` (NF4 and FP4, with or without double quantization; what transformers'
+`BitsAndBytesConfig(load_in_4bit=True)` produces) is recognised by its type, without importing
+bitsandbytes where it is not installed. PaCA trains on it (`layers.qpaca`): the 4-bit weight stays
+frozen and untouched, and its forward stays the library's own 4-bit product. Any other quantized
+linear is refused by name (`targets.check_plain_linear`).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+def is_4bit(module: nn.Module) -> bool:
+    """Whether `module` is a bitsandbytes 4-bit linear holding a quantized weight."""
+    kind = type(module)
+    return (
+        kind.__name__ == "Linear4bit"
+        and kind.__module__.startswith("bitsandbytes")
+        and getattr(getattr(module, "weight", None), "quant_state", None) is not None
+    )
+
+
+def describe(module: nn.Module) -> str:
+    """The quantization of a 4-bit linear in words: library, format, double quantization."""
+    state = module.weight.quant_state
+    double = ", double quantization" if getattr(state, "nested", False) else ""
+    return f"bitsandbytes Linear4bit ({state.quant_type}{double})"
+
+
+def dequantized(module: nn.Module) -> Tensor:
+    """The weight `module` computes with (out x in), in the dtype it was quantized from."""
+    import bitsandbytes.functional as functional
+
+    weight = module.weight
+    return functional.dequantize_4bit(weight.data, weight.quant_state).reshape(
+        module.out_features, module.in_features
+    )

@@ -1,0 +1,179 @@
+"""QPaCA: PaCA on a bitsandbytes 4-bit base (NF4 and FP4, with and without double quantization).
+
+The layer against a float64 dense reference built from the dequantized weight with the trained
+columns written in (output, input gradient, column gradient); a tiny Llama quantized in place
+trains with the trajectory of PaCA on its dequantized dense twin; checkpoints load across the two;
+merge gives the effective dense weights; delta, lean and the refusals."""
+
+from __future__ import annotations
+
+import copy
+
+import bitsandbytes as bnb
+import pytest
+import slimtune
+import torch
+from slimtune.layers.qpaca import QPaCALinear
+from test_refusals import refused
+from tiny_models import make_batch, make_model, sharded_steps
+from torch import nn
+
+
+def quantize_linear(linear: nn.Linear, quant_type: str = "nf4", double: bool = False) -> nn.Module:
+    """`linear` as a bitsandbytes 4-bit linear computing in its dtype (quantized on the move)."""
+    dtype = linear.weight.dtype
+    q = bnb.nn.Linear4bit(
+        linear.in_features, linear.out_features, bias=linear.bias is not None,
+        quant_type=quant_type, compress_statistics=double, compute_dtype=dtype,
+    )  # fmt: skip
+    q.weight = bnb.nn.Params4bit(
+        linear.weight.data.clone(), requires_grad=False, quant_type=quant_type, compress_statistics=double
+    )
+    q.bias = linear.bias
+    return q.to(linear.weight.device)
+
+
+def quantize(model: nn.Module, quant_type: str = "nf4", double: bool = False) -> nn.Module:
+    """Every linear of the blocks as a bitsandbytes 4-bit linear (the LM head stays dense)."""
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and ".layers." in name:
+            model.set_submodule(name, quantize_linear(module, quant_type, double))
+    return model
+
+
+def dense_twin(quantized: nn.Module) -> nn.Module:
+    """The same model with every 4-bit linear replaced by a dense one holding its dequantized weight."""
+    twin = copy.deepcopy(quantized)
+    for name, module in list(twin.named_modules()):
+        if slimtune.quantized.is_4bit(module):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear.weight = nn.Parameter(slimtune.quantized.dequantized(module).clone())
+            if module.bias is not None:
+                linear.bias = nn.Parameter(module.bias.detach().clone())
+            twin.set_submodule(name, linear.to(linear.weight.dtype))
+    return twin
+
+
+FORMATS = [("nf4", False), ("nf4", True), ("fp4", False)]
+
+
+@pytest.mark.parametrize(
+    "quant_type, double", FORMATS, ids=[f"{q}{'-double' if d else ''}" for q, d in FORMATS]
+)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 5e-3)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_layer_matches_the_float64_dense_reference(quant_type, double, dtype, tol, scale) -> None:
+    generator = torch.Generator().manual_seed(3)
+    dense = nn.Linear(96, 40, bias=True).to(dtype)
+    with torch.no_grad():
+        dense.weight.copy_(torch.randn(40, 96, generator=generator))
+        dense.bias.copy_(torch.randn(40, generator=generator))
+    base = quantize_linear(dense, quant_type, double)
+    index = torch.tensor([1, 7, 8, 50, 95])
+    layer = QPaCALinear(base, index, scale)
+    with torch.no_grad():
+        layer.paca_columns.add_(torch.randn(40, 5, generator=generator))
+    x = torch.randn(2, 3, 96, generator=generator).to(dtype).requires_grad_(True)
+    dy = torch.randn(2, 3, 40, generator=generator).to(dtype)
+    y = layer(x)
+    y.backward(dy)
+    weight = slimtune.quantized.dequantized(base).double()
+    weight[:, index] = scale * layer.paca_columns.detach().double()
+    x64, dy64 = x.detach().double(), dy.double()
+    expected = x64 @ weight.T + base.bias.detach().double()
+    scale_of = max(expected.abs().max().item(), 1.0)
+    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol * scale_of)
+    torch.testing.assert_close(x.grad.double(), dy64 @ weight, rtol=tol, atol=tol * scale_of)
+    column_grad = scale * torch.einsum("bto,bti->oi", dy64, x64[..., index])
+    torch.testing.assert_close(layer.paca_columns.grad.double(), column_grad, rtol=tol, atol=tol * scale_of)
+    assert base.weight.grad is None and layer.paca_columns.dtype == torch.float32
+
+
+def _pair(quant_type: str = "nf4", double: bool = False) -> tuple[nn.Module, nn.Module]:
+    """A tiny Llama quantized in place, and PaCA's dense twin of it; both patched with PaCA r=4."""
+    quantized = quantize(make_model("llama"), quant_type, double)
+    twin = dense_twin(quantized)
+    config = slimtune.PaCAConfig(r=4)
+    return slimtune.apply(quantized, config), slimtune.apply(twin, config)
+
+
+def _adamw(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+
+@pytest.mark.parametrize(
+    "quant_type, double", FORMATS, ids=[f"{q}{'-double' if d else ''}" for q, d in FORMATS]
+)
+def test_a_quantized_llama_trains_as_paca_on_its_dequantized_twin(quant_type, double) -> None:
+    quantized, twin = _pair(quant_type, double)
+    assert any(isinstance(m, QPaCALinear) for m in quantized.modules())
+    ids = make_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            quantized(input_ids=ids).logits, twin(input_ids=ids).logits, rtol=1e-5, atol=1e-5
+        )
+    mine, theirs = sharded_steps(quantized, _adamw(quantized), 0, 1), sharded_steps(twin, _adamw(twin), 0, 1)
+    assert mine == pytest.approx(theirs, rel=1e-6) and mine[-1] < mine[0] + 0.05
+    for name, layer in slimtune.state.patched_layers(quantized).items():
+        torch.testing.assert_close(
+            layer.paca_columns, twin.get_submodule(name).paca_columns, rtol=1e-5, atol=1e-6
+        )
+        assert slimtune.quantized.is_4bit(layer.base)
+
+
+def test_checkpoints_load_across_the_quantized_model_and_its_dense_twin(tmp_path) -> None:
+    quantized, _ = _pair()
+    sharded_steps(quantized, _adamw(quantized), 0, 1)
+    slimtune.save(quantized, tmp_path / "q")
+    fresh_twin = dense_twin(quantize(make_model("llama")))
+    slimtune.load(fresh_twin, tmp_path / "q")
+    ids = make_batch()
+    with torch.no_grad():
+        expected = quantized(input_ids=ids).logits
+        torch.testing.assert_close(fresh_twin(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+    slimtune.save(fresh_twin, tmp_path / "dense")
+    again = slimtune.load(quantize(make_model("llama")), tmp_path / "dense")
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert any(isinstance(m, QPaCALinear) for m in again.modules())
+
+
+def test_merge_gives_the_effective_dense_weights_and_delta_fits_the_dense_base() -> None:
+    quantized, _ = _pair()
+    base = dense_twin(quantize(make_model("llama")))
+    sharded_steps(quantized, _adamw(quantized), 0, 1)
+    delta = slimtune.delta(quantized)
+    ids = make_batch()
+    with torch.no_grad():
+        before = quantized(input_ids=ids).logits
+    merged = slimtune.merge(quantized)
+    assert not any(slimtune.quantized.is_4bit(m) or isinstance(m, QPaCALinear) for m in merged.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+    delta.apply(base)
+    for name, parameter in merged.named_parameters():
+        torch.testing.assert_close(base.get_parameter(name), parameter, rtol=0, atol=1e-6, msg=name)
+
+
+def test_lean_mode_trains_a_quantized_model() -> None:
+    quantized, _ = _pair()
+    with pytest.warns(UserWarning, match="LlamaMLP: projections not plain or partial linears"):
+        slimtune.lean(quantized)  # norms and head go lean; the MLPs of 4-bit linears keep their path
+    losses = sharded_steps(quantized, _adamw(quantized), 0, 1)
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_other_methods_and_sharding_engines_are_refused_by_name() -> None:
+    model = quantize(make_model("llama"))
+    for config in (slimtune.LoRAConfig(r=4, alpha=8), slimtune.S2FTConfig(heads=1, channels=8)):
+        refused(
+            model,
+            lambda config=config: slimtune.apply(model, config),
+            ValueError,
+            r"bitsandbytes Linear4bit \(nf4\): PaCA trains on 4-bit bases",
+        )
+    slimtune.apply(model, slimtune.PaCAConfig(r=4))
+    for number, parameter in enumerate(model.parameters()):
+        parameter.ds_id = number  # what DeepSpeed ZeRO-3 marks
+    with pytest.raises(RuntimeError, match=r"has a 4-bit base.*DeepSpeed ZeRO-3"):
+        model(input_ids=make_batch())
