@@ -177,3 +177,13 @@ def test_other_methods_and_sharding_engines_are_refused_by_name() -> None:
         parameter.ds_id = number  # what DeepSpeed ZeRO-3 marks
     with pytest.raises(RuntimeError, match=r"has a 4-bit base.*DeepSpeed ZeRO-3"):
         model(input_ids=make_batch())
+
+
+def test_partial_adamw_steps_the_columns_as_torch_adamw_does() -> None:
+    """PartialAdamW binds only dense partial layers: QPaCA's columns take its plain fused update."""
+    ours, theirs = _pair()[0], _pair()[0]
+    mine = sharded_steps(ours, slimtune.PartialAdamW(ours, lr=1e-2, weight_decay=1e-2), 0, 1)
+    reference = torch.optim.AdamW(
+        [p for p in theirs.parameters() if p.requires_grad], lr=1e-2, weight_decay=1e-2
+    )
+    assert mine == pytest.approx(sharded_steps(theirs, reference, 0, 1), rel=1e-6)
