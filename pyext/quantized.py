@@ -29,11 +29,38 @@ def describe(module: nn.Module) -> str:
     return f"bitsandbytes Linear4bit ({state.quant_type}{double})"
 
 
+def _repacked(module: nn.Module) -> bool:
+    return bool(getattr(module.weight.quant_state, "packing_format_for_cpu", False))
+
+
+def check(name: str, module: nn.Module) -> None:
+    """Refuse a 4-bit weight that bitsandbytes repacked for its CPU inference kernel (what an eval-mode
+    forward without gradients does on CPUs with AVX512-BF16): its layout is no longer the quantized one."""
+    if _repacked(module):
+        raise ValueError(
+            f"module {name!r}: bitsandbytes repacked its 4-bit weight for CPU inference (an eval-mode "
+            f"forward without gradients); load the model again and apply slimtune before evaluating it"
+        )
+
+
 def dequantized(module: nn.Module) -> Tensor:
     """The weight `module` computes with (out x in), in the dtype it was quantized from."""
     import bitsandbytes.functional as functional
 
+    check(type(module).__name__, module)
     weight = module.weight
     return functional.dequantize_4bit(weight.data, weight.quant_state).reshape(
         module.out_features, module.in_features
     )
+
+
+def product(module: nn.Module, x: Tensor) -> Tensor:
+    """`module`'s own 4-bit product of `x` (bitsandbytes' `matmul_4bit` in the module's compute dtype),
+    as its forward computes it in training, without the repacking for its CPU inference kernel (which
+    would change the numerics between training and evaluation, and the weight's layout)."""
+    import bitsandbytes as bnb
+
+    dtype = module.compute_dtype or x.dtype
+    bias = None if module.bias is None else module.bias.to(dtype)
+    out = bnb.matmul_4bit(x.to(dtype), module.weight, bias=bias, quant_state=module.weight.quant_state)
+    return out.to(x.dtype)

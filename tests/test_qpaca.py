@@ -187,3 +187,48 @@ def test_partial_adamw_steps_the_columns_as_torch_adamw_does() -> None:
         [p for p in theirs.parameters() if p.requires_grad], lr=1e-2, weight_decay=1e-2
     )
     assert mine == pytest.approx(sharded_steps(theirs, reference, 0, 1), rel=1e-6)
+
+
+def test_a_model_loaded_with_bitsandbytes_config_trains_as_its_dense_twin(tmp_path) -> None:
+    """`from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))` (on CPU):
+    apply just works, and the run is PaCA's on the dequantized weights."""
+    import transformers
+
+    make_model("llama").save_pretrained(tmp_path)
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )  # fmt: skip
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=config, device_map="cpu"
+    )
+    twin = slimtune.apply(dense_twin(loaded), slimtune.PaCAConfig(r=4))
+    model = slimtune.apply(loaded, slimtune.PaCAConfig(r=4))
+    assert sum(isinstance(m, QPaCALinear) for m in model.modules()) == 14  # 7 linears in each of 2 blocks
+    ids = make_batch()
+    with torch.no_grad():  # evaluation (eval mode, no gradients) computes as training does
+        torch.testing.assert_close(
+            model(input_ids=ids).logits, twin(input_ids=ids).logits, rtol=1e-5, atol=1e-5
+        )
+    mine, theirs = sharded_steps(model, _adamw(model), 0, 1), sharded_steps(twin, _adamw(twin), 0, 1)
+    assert mine == pytest.approx(theirs, rel=1e-6)
+    slimtune.merge(model)  # the 4-bit weights were never repacked for bitsandbytes' CPU inference
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=ids).logits, twin(input_ids=ids).logits, rtol=1e-5, atol=1e-5
+        )
+
+
+def test_a_weight_repacked_for_cpu_inference_is_refused_by_name() -> None:
+    """bitsandbytes repacks a 4-bit weight for its CPU kernel on an eval-mode forward without
+    gradients (on CPUs with AVX512-BF16); its layout is then no longer the quantized one."""
+    model = quantize(make_model("llama"))
+    layer = model.model.layers[0].self_attn.q_proj.eval()
+    with torch.no_grad():
+        layer(torch.randn(2, layer.in_features))
+    if not getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes keeps the quantized layout")
+    # (Not through `refused`: its state_dict snapshot would make bitsandbytes unpack the weight.)
+    with pytest.raises(ValueError, match="repacked its 4-bit weight"):
+        slimtune.apply(model, slimtune.PaCAConfig(r=4))
+    assert slimtune.state.patch_state(model) is None and slimtune.quantized.is_4bit(layer)

@@ -63,7 +63,7 @@ class QPaCALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         correction = (self.effective() - self.initial).to(x.dtype)
-        return self.base(x) + F.linear(x.index_select(-1, self.index), correction)
+        return quantized.product(self.base, x) + F.linear(x.index_select(-1, self.index), correction)
 
     def change(self) -> Tensor:
         """The change of the selected columns since `apply`, exactly (float64)."""

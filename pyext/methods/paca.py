@@ -30,6 +30,8 @@ class PaCAMethod(Method):
         plan = []
         for name, module in targets:
             # A 4-bit base trains through QPaCA (its weight untouched); any other must be a plain linear.
+            if quantized.is_4bit(module):
+                quantized.check(name, module)
             linear = module if quantized.is_4bit(module) else check_plain_linear(name, module)
             if config.r > linear.in_features:
                 raise ValueError(
