@@ -3,6 +3,7 @@
 from .lora import HydraLinear, LoRALinear
 from .paca import PaCALinear
 from .partial import PartialLinear
+from .qpaca import QPaCALinear
 from .s2ft import S2FTLinear
 
-__all__ = ["HydraLinear", "LoRALinear", "PaCALinear", "PartialLinear", "S2FTLinear"]
+__all__ = ["HydraLinear", "LoRALinear", "PaCALinear", "PartialLinear", "QPaCALinear", "S2FTLinear"]
