@@ -6,13 +6,12 @@ naming the engine, before any step."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import slimtune
 import torch
 import torch.distributed as dist
-from tiny_models import make_batch, make_model, sharded_steps
+from tiny_models import free_port, make_batch, make_model, run_two_processes, sharded_steps, stepped_losses
 
 METHODS = {
     "paca": slimtune.PaCAConfig(r=4),
@@ -52,16 +51,7 @@ def _train(stage: int, method: str, rank: int, world: int) -> dict:
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=params, config=_config(stage, world)
     )
-    losses = []
-    for step in range(5):
-        ids = make_batch(batch=4, seq=10, seed=20 + step)
-        part = ids[rank * 4 // world : (rank + 1) * 4 // world]
-        loss = engine(input_ids=part, labels=part).loss
-        engine.backward(loss)
-        engine.step()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        losses.append(float(total) / world)
+    losses = stepped_losses(engine, engine.backward, engine.step, rank, world)
     return {"losses": losses, "trained": _trained(model)}
 
 
@@ -98,17 +88,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory) -> dict:
-    import socket
-
-    import torch.multiprocessing as mp
-
-    folder: Path = tmp_path_factory.mktemp("deepspeed")
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(2, port, str(folder / "two.pt")), nprocs=2)
-    return torch.load(folder / "two.pt")
+    return run_two_processes(_worker, tmp_path_factory.mktemp("deepspeed"), free_port())
 
 
 @pytest.mark.parametrize("stage, method", CASES, ids=[f"zero{s}-{m}" for s, m in CASES])
@@ -147,32 +127,18 @@ def _accelerate_worker(rank: int, world: int, port: int, out: str) -> None:
     )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     engine, optimizer = accelerator.prepare(model, optimizer)
-    losses = []
-    for step in range(5):
-        ids = make_batch(batch=4, seq=10, seed=20 + step)
-        part = ids[rank * 4 // world : (rank + 1) * 4 // world]
-        loss = engine(input_ids=part, labels=part).loss
-        accelerator.backward(loss)
+
+    def step() -> None:
         optimizer.step()
         optimizer.zero_grad()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        losses.append(float(total) / world)
+
+    losses = stepped_losses(engine, accelerator.backward, step, rank, world)
     if rank == 0:
         torch.save({"engine": type(engine).__name__, "losses": losses}, out)
 
 
 def test_accelerate_s_deepspeed_plugin_trains_paca_exactly(tmp_path) -> None:
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_accelerate_worker, args=(2, port, str(tmp_path / "two.pt")), nprocs=2)
-    two = torch.load(tmp_path / "two.pt")
+    two = run_two_processes(_accelerate_worker, tmp_path, free_port())
     torch.manual_seed(0)
     model = slimtune.apply(make_model("llama"), METHODS["paca"])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -5,15 +5,12 @@ uneven split; the profile's FSDP2 section says which numbers are a model."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import slimtune
 import torch
 import torch.distributed as dist
 from slimtune.apps.sharded_memory import rank_share
-from tiny_models import make_batch, make_model
+from tiny_models import make_batch, make_model, run_two_processes
 
 CONFIGS = {
     "paca": slimtune.PaCAConfig(r=4),
@@ -66,12 +63,8 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def rank_zero(tmp_path_factory) -> dict:
-    import torch.multiprocessing as mp
-
-    folder: Path = tmp_path_factory.mktemp("shares")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(2, f"file://{folder / 'pg'}", str(folder / "held.pt")), nprocs=2)
-    return torch.load(folder / "held.pt")
+    folder = tmp_path_factory.mktemp("shares")
+    return run_two_processes(_worker, folder, f"file://{folder / 'pg'}")
 
 
 @pytest.mark.parametrize("method", CONFIGS)

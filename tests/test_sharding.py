@@ -8,14 +8,13 @@ naming the engine; a merged model is not guarded."""
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import pytest
 import slimtune
 import torch
 import torch.distributed as dist
-from tiny_models import make_batch, make_model, sharded_steps
+from tiny_models import make_batch, make_model, run_two_processes, sharded_steps
 
 IN_PLACE = {"paca": slimtune.PaCAConfig(r=4), "s2ft": slimtune.S2FTConfig(heads=1, channels=8)}
 
@@ -258,12 +257,8 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory) -> dict:
-    import torch.multiprocessing as mp
-
     folder = tmp_path_factory.mktemp("fsdp2")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(2, f"file://{folder / 'pg'}", str(folder / "two.pt")), nprocs=2)
-    return {**torch.load(folder / "two.pt"), "folder": folder}
+    return {**run_two_processes(_worker, folder, f"file://{folder / 'pg'}"), "folder": folder}
 
 
 @pytest.mark.parametrize("case", SAVED)

@@ -74,3 +74,40 @@ def sharded_steps(
             torch.distributed.all_reduce(total)
         losses.append(float(total) / world)
     return losses
+
+
+def run_two_processes(worker, folder, *args):
+    """`worker(rank, 2, *args, out)` in 2 processes, one thread each; what rank 0 saved to `out`
+    (a file in `folder`) with torch.save."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    out = folder / "rank0.pt"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(worker, args=(2, *args, str(out)), nprocs=2)
+    return torch.load(out)
+
+
+def free_port() -> int:
+    """A free local port for a rendezvous."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stepped_losses(model, backward, step, rank: int, world: int) -> list[float]:
+    """`sharded_steps` for an engine that owns its backward and step (DeepSpeed, accelerate)."""
+    losses = []
+    for number in range(5):
+        ids = make_batch(batch=4, seq=10, seed=20 + number)
+        part = ids[rank * 4 // world : (rank + 1) * 4 // world]
+        loss = model(input_ids=part, labels=part).loss
+        backward(loss)
+        step()
+        total = loss.detach().clone()
+        torch.distributed.all_reduce(total)
+        losses.append(float(total) / world)
+    return losses
