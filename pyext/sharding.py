@@ -92,10 +92,11 @@ def engine(model: nn.Module, layers: list[nn.Module]) -> str | None:
 
 def _flattened(tensor: Tensor | None) -> bool:
     """Whether FSDP (FSDP1) manages `tensor`: it marks the parameters it flattens, and while it holds
-    a module unsharded (its root's forward) the module's parameters are views of a marked flat one."""
-    return bool(
-        getattr(tensor, "_fsdp_flattened", False)
-        or getattr(getattr(tensor, "_base", None), "_fsdp_flattened", False)
+    a module unsharded (its root's forward) the module's parameters are plain tensors (views of a
+    flat parameter), never `nn.Parameter`s. (Told without reading `_base`, which breaks a compiled
+    graph.)"""
+    return bool(getattr(tensor, "_fsdp_flattened", False)) or (
+        tensor is not None and not isinstance(tensor, nn.Parameter)
     )
 
 
