@@ -9,6 +9,7 @@ linear is refused by name (`targets.check_plain_linear`).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -27,6 +28,11 @@ def describe(module: nn.Module) -> str:
     state = module.weight.quant_state
     double = ", double quantization" if getattr(state, "nested", False) else ""
     return f"bitsandbytes Linear4bit ({state.quant_type}{double})"
+
+
+def dtype(module: nn.Module) -> torch.dtype:
+    """The dtype the 4-bit weight was quantized from (what it dequantizes to)."""
+    return module.weight.quant_state.dtype
 
 
 def _repacked(module: nn.Module) -> bool:

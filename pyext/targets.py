@@ -116,8 +116,8 @@ def check_plain_linear(name: str, module: nn.Module) -> nn.Linear:
         )
     if quantized.is_4bit(module):
         raise ValueError(
-            f"module {name!r} is a {quantized.describe(module)}: PaCA trains on 4-bit bases (QPaCA); "
-            f"this method needs dense weights (load the model unquantized, or use PaCAConfig)"
+            f"module {name!r} is a {quantized.describe(module)}: PaCA and LoRA train on 4-bit bases "
+            f"(QPaCA, QLoRA); this method needs dense weights (load the model unquantized)"
         )
     if type(module) is not nn.Linear:
         if isinstance(module, nn.Linear):

@@ -165,12 +165,12 @@ def test_lean_mode_trains_a_quantized_model() -> None:
 
 def test_other_methods_and_sharding_engines_are_refused_by_name() -> None:
     model = quantize(make_model("llama"))
-    for config in (slimtune.LoRAConfig(r=4, alpha=8), slimtune.S2FTConfig(heads=1, channels=8)):
+    for config in (slimtune.HydraConfig(2, 2, alpha=4), slimtune.S2FTConfig(heads=1, channels=8)):
         refused(
             model,
             lambda config=config: slimtune.apply(model, config),
             ValueError,
-            r"bitsandbytes Linear4bit \(nf4\): PaCA trains on 4-bit bases",
+            r"bitsandbytes Linear4bit \(nf4\): PaCA and LoRA train on 4-bit bases",
         )
     slimtune.apply(model, slimtune.PaCAConfig(r=4))
     for number, parameter in enumerate(model.parameters()):

@@ -3,7 +3,16 @@
 from .lora import HydraLinear, LoRALinear
 from .paca import PaCALinear
 from .partial import PartialLinear
+from .qlora import QLoRALinear
 from .qpaca import QPaCALinear
 from .s2ft import S2FTLinear
 
-__all__ = ["HydraLinear", "LoRALinear", "PaCALinear", "PartialLinear", "QPaCALinear", "S2FTLinear"]
+__all__ = [
+    "HydraLinear",
+    "LoRALinear",
+    "PaCALinear",
+    "PartialLinear",
+    "QLoRALinear",
+    "QPaCALinear",
+    "S2FTLinear",
+]

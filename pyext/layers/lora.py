@@ -183,6 +183,7 @@ class MergeRecord:
     values: Tensor  # and the base values there
     version: int  # the weight's version counter right after merging
     written: bool = False  # whether the merged weight was written (a rollback undoes only then)
+    quantized: bool = False  # merged from a 4-bit base into a dense weight: no unmerge back to 4 bits
 
 
 @torch.no_grad()

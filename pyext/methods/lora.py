@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import seeding
+from .. import quantized, seeding
 from ..architectures import (
     GatedMLPSpec,
     architecture,
@@ -32,6 +32,7 @@ from ..layers.lora import (
     undo_merge_,
     write_merge_,
 )
+from ..layers.qlora import QLoRALinear
 from ..registry import FUSED_KERNELS, MERGE, PEFT_FORMAT, UNMERGE, MethodInfo, register
 from ..targets import check_plain_linear, match_targets
 from ..transaction import Transaction
@@ -108,18 +109,25 @@ class AdapterRecord:
 class AdapterMethod(Method):
     """Shared by LoRA and Hydra: validate everything, then build layers, fuse, merge exactly."""
 
+    takes_4bit = False  # whether the method trains on 4-bit bases (QLoRA)
+
     def make_layer(self, name: str, linear: nn.Linear, config: Any) -> AdapterLinear:
         raise NotImplementedError
 
+    def _target(self, name: str, module: nn.Module) -> nn.Module:
+        if self.takes_4bit and quantized.is_4bit(module):
+            quantized.check(name, module)
+            return module
+        return check_plain_linear(name, module)
+
     def plan(self, model: nn.Module, config: Any, saved: dict[str, Tensor] | None = None) -> Plan:
-        targets = [
-            (name, check_plain_linear(name, m)) for name, m in match_targets(model, config.target_modules)
-        ]
+        targets = [(name, self._target(name, m)) for name, m in match_targets(model, config.target_modules)]
         restored = {}
         if saved is not None:
             for name, linear in targets:
                 restored[name] = self._saved(name, linear, config, saved)
-        fusion = Fusion() if getattr(config, "dropout", 0.0) else Fusion.plan(model, [n for n, _ in targets])
+        dense = [n for n, m in targets if not quantized.is_4bit(m)]  # a 4-bit base runs its library's product
+        fusion = Fusion() if getattr(config, "dropout", 0.0) else Fusion.plan(model, dense)
         replacements = [
             Replacement(
                 name, self._builder(name, linear, config, restored.get(name), fusion.groups.get(name))
@@ -187,6 +195,11 @@ class AdapterMethod(Method):
                 f"unmerge does not rebuild CorDA adapters (LoRAConfig(init={config.init!r})): reload the "
                 f"checkpoint saved before merge with slimtune.load onto the original base model"
             )
+        if any(record.quantized for record in records.values()):
+            raise ValueError(
+                "unmerge cannot give back 4-bit weights: the model was merged from a 4-bit base (QLoRA) into "
+                "dense ones; reload the 4-bit model and the checkpoint saved before merge with slimtune.load"
+            )
         for name, record in records.items():
             try:
                 module = model.get_submodule(name)
@@ -231,11 +244,19 @@ class LoRAMethod(AdapterMethod):
     base model (see `slimtune.corda`)."""
 
     name = "lora"
+    takes_4bit = True
 
     def plan(self, model: nn.Module, config: LoRAConfig, saved: dict[str, Tensor] | None = None) -> Plan:
         plan = super().plan(model, config, saved)
         if config.init == "random":
             return plan
+        for replacement in plan.replacements:
+            if quantized.is_4bit(model.get_submodule(replacement.name)):
+                raise ValueError(
+                    f"module {replacement.name!r} is a 4-bit base: CorDA (LoRAConfig(init={config.init!r})) "
+                    f"rewrites base weights into residuals, which a quantized weight cannot hold; use "
+                    f"init='random' (QLoRA) or a dense model"
+                )
         if saved is None:
             raise ValueError(
                 f"LoRAConfig(init={config.init!r}) builds the adapter from input covariances: use "
@@ -266,10 +287,12 @@ class LoRAMethod(AdapterMethod):
         return tensors
 
     def make_layer(self, name: str, linear: nn.Linear, config: LoRAConfig) -> LoRALinear:
+        generator = seeding.generator(config.seed, name)
+        if quantized.is_4bit(linear):  # QLoRA: float32 adapters, or the dtype the base was quantized from
+            dtype = torch.float32 if config.fp32_master else quantized.dtype(linear)
+            return QLoRALinear(linear, config.r, config.alpha, config.dropout, dtype, generator)
         dtype = torch.float32 if config.fp32_master else None
-        return LoRALinear(
-            linear, config.r, config.alpha, config.dropout, dtype, seeding.generator(config.seed, name)
-        )
+        return LoRALinear(linear, config.r, config.alpha, config.dropout, dtype, generator)
 
     def trained_shapes(self, linear: nn.Linear, config: LoRAConfig) -> dict[str, tuple[int, int]]:
         return {"lora_A": (config.r, linear.in_features), "lora_B": (linear.out_features, config.r)}

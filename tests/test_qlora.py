@@ -1,0 +1,133 @@
+"""QLoRA: LoRA on a bitsandbytes 4-bit base. The layer against a float64 reference built from the
+dequantized weight; a tiny Llama quantized in place (or loaded with BitsAndBytesConfig) trains with
+the trajectory of LoRA on its dequantized dense twin; checkpoints and PEFT adapters load across the
+two; merge gives dense weights, unmerge and CorDA are refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import slimtune
+import torch
+from slimtune.layers.qlora import QLoRALinear
+from test_qpaca import dense_twin, quantize, quantize_linear
+from test_refusals import refused
+from tiny_models import make_batch, make_model, sharded_steps
+from torch import nn
+
+LORA = slimtune.LoRAConfig(r=4, alpha=8, fp32_master=True)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 5e-3)], ids=["fp32", "bf16"])
+def test_layer_matches_the_float64_reference(quant_type, dtype, tol) -> None:
+    generator = torch.Generator().manual_seed(5)
+    dense = nn.Linear(96, 40, bias=True).to(dtype)
+    base = quantize_linear(dense, quant_type)
+    layer = QLoRALinear(base, 4, 8.0, dtype=torch.float32, generator=generator)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(40, 4, generator=generator))
+    x = torch.randn(2, 3, 96, generator=generator).to(dtype).requires_grad_(True)
+    dy = torch.randn(2, 3, 40, generator=generator).to(dtype)
+    layer(x).backward(dy)
+    w = slimtune.quantized.dequantized(base).double()
+    a, b = layer.lora_A.detach().double(), 2.0 * layer.lora_B.detach().double()
+    x64, dy64 = x.detach().double(), dy.double()
+    expected = x64 @ (w + b @ a).T + base.bias.detach().double()
+    size = max(expected.abs().max().item(), 1.0)
+    torch.testing.assert_close(layer(x.detach()).double(), expected, rtol=tol, atol=tol * size)
+    torch.testing.assert_close(x.grad.double(), dy64 @ (w + b @ a), rtol=tol, atol=tol * size)
+    grad_b = 2.0 * torch.einsum("bto,btr->or", dy64, x64 @ a.T)
+    torch.testing.assert_close(layer.lora_B.grad.double(), grad_b, rtol=tol, atol=tol * size)
+    grad_a = torch.einsum("btr,bti->ri", dy64 @ b, x64)
+    torch.testing.assert_close(layer.lora_A.grad.double(), grad_a, rtol=tol, atol=tol * size)
+    assert base.weight.grad is None
+
+
+def _pair() -> tuple[nn.Module, nn.Module]:
+    quantized = quantize(make_model("llama"))
+    twin = dense_twin(quantized)
+    return slimtune.apply(quantized, LORA), slimtune.apply(twin, LORA)
+
+
+def _adamw(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+
+def test_a_quantized_llama_trains_as_lora_on_its_dequantized_twin() -> None:
+    quantized, twin = _pair()
+    assert sum(isinstance(m, QLoRALinear) for m in quantized.modules()) == 14
+    mine, theirs = sharded_steps(quantized, _adamw(quantized), 0, 1), sharded_steps(twin, _adamw(twin), 0, 1)
+    assert mine == pytest.approx(theirs, rel=1e-6)
+    for name, layer in slimtune.state.patched_layers(quantized).items():
+        other = twin.get_submodule(name)
+        torch.testing.assert_close(layer.lora_B, other.lora_B, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_checkpoints_and_peft_adapters_load_across_the_quantized_model_and_its_twin(tmp_path) -> None:
+    quantized, _ = _pair()
+    sharded_steps(quantized, _adamw(quantized), 0, 1)
+    ids = make_batch()
+    with torch.no_grad():
+        expected = quantized(input_ids=ids).logits
+    for form in ("slimtune", "peft"):
+        folder = slimtune.save(quantized, tmp_path / form, format=form)
+        dense = dense_twin(quantize(make_model("llama")))
+        loaded = slimtune.load(dense, folder) if form == "slimtune" else slimtune.load_peft(dense, folder)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5, msg=form)
+    again = slimtune.load(quantize(make_model("llama")), tmp_path / "slimtune")
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_gives_dense_weights_and_unmerge_is_refused() -> None:
+    quantized, twin = _pair()
+    sharded_steps(quantized, _adamw(quantized), 0, 1)
+    sharded_steps(twin, _adamw(twin), 0, 1)
+    ids = make_batch()
+    with torch.no_grad():
+        before = quantized(input_ids=ids).logits
+    merged = slimtune.merge(quantized)
+    assert not any(slimtune.quantized.is_4bit(m) for m in merged.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+    refused(merged, lambda: slimtune.unmerge(merged), ValueError, "cannot give back 4-bit weights")
+
+
+def test_corda_on_a_4bit_base_is_refused_by_name() -> None:
+    model = quantize(make_model("llama"))
+    corda = slimtune.LoRAConfig(r=4, alpha=8, init="corda-kpm")
+    covariances = {
+        n: torch.eye(m.in_features, dtype=torch.float64)
+        for n, m in model.named_modules()
+        if slimtune.quantized.is_4bit(m)
+    }
+    refused(
+        model, lambda: slimtune.corda.apply(model, corda, covariances), ValueError, "is a 4-bit base: CorDA"
+    )
+
+
+def test_peft_loads_the_adapter_onto_its_own_bitsandbytes_base(tmp_path) -> None:
+    """A QLoRA model loaded with BitsAndBytesConfig saves as a PEFT adapter; PEFT's own 4-bit LoRA
+    on the same base gives the same logits."""
+    import transformers
+    from peft import PeftModel
+
+    make_model("llama").save_pretrained(tmp_path / "base")
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+
+    def load() -> nn.Module:
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "base", quantization_config=config, device_map="cpu"
+        )
+
+    ours = slimtune.apply(load(), LORA).train()
+    sharded_steps(ours, _adamw(ours), 0, 1)
+    theirs = PeftModel.from_pretrained(
+        load(), slimtune.save(ours, tmp_path / "adapter", format="peft")
+    ).train()
+    ids = make_batch()
+    with torch.no_grad():  # (in train mode: bitsandbytes repacks for its CPU inference kernel in eval)
+        torch.testing.assert_close(
+            theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-6, atol=1e-6
+        )
