@@ -131,3 +131,16 @@ def test_peft_loads_the_adapter_onto_its_own_bitsandbytes_base(tmp_path) -> None
         torch.testing.assert_close(
             theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-6, atol=1e-6
         )
+
+
+@pytest.mark.parametrize("config", [slimtune.PaCAConfig(r=4), LORA], ids=["qpaca", "qlora"])
+def test_gradient_checkpointing_on_a_4bit_base_takes_the_same_steps(config) -> None:
+    """HF gradient checkpointing recomputes the 4-bit products in backward: the steps are the same."""
+    runs = []
+    for checkpointing in (False, True):
+        model = slimtune.apply(quantize(make_model("llama")), config).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        runs.append(sharded_steps(model, _adamw(model), 0, 1))
+    assert runs[1] == runs[0]
