@@ -222,12 +222,16 @@ class AdapterLinear(nn.Module):
     def __init__(self, base: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
+        self._hold(base)
+        self.dropout = 0.0
+        self.shared: SharedInput | None = None
+
+    def _hold(self, base: nn.Linear) -> None:
+        """Keep the frozen base's weight and bias: the fused products read them."""
         self.weight, self.bias = base.weight, base.bias
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.dropout = 0.0
-        self.shared: SharedInput | None = None
 
     def _adapter_parameter(self, tensor: Tensor, dtype: torch.dtype | None) -> nn.Parameter:
         return nn.Parameter(tensor.to(device=self.weight.device, dtype=dtype or self.weight.dtype))

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .. import quantized
-from .lora import LoRALinear, MergeRecord, _uniform
+from .lora import LoRALinear, MergeRecord
 
 
 class QLoRALinear(LoRALinear):
@@ -22,25 +22,13 @@ class QLoRALinear(LoRALinear):
 
     quantized = True  # the weight is a 4-bit base: merged into a dense linear, never unmerged
 
-    def __init__(
-        self,
-        base: nn.Module,
-        r: int,
-        alpha: float,
-        dropout: float = 0.0,
-        dtype: torch.dtype | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
+    def _hold(self, base: nn.Module) -> None:
+        """Keep the whole 4-bit module, frozen: its library's product reads it (never fused)."""
         self.base = base.requires_grad_(False)
-        self.shared = None  # never in a fused sibling group: the base product is the library's
-        self.r, self.scaling, self.dropout = r, alpha / r, dropout
-        device, dtype = base.weight.device, dtype or torch.float32
-        self.lora_A = nn.Parameter(
-            _uniform((r, self.in_features), self.in_features, generator).to(device, dtype)
-        )
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))
+
+    def _adapter_parameter(self, tensor: Tensor, dtype: torch.dtype | None) -> nn.Parameter:
+        """Adapters beside the 4-bit weight: float32 unless a dtype is given (QLoRA's masters)."""
+        return nn.Parameter(tensor.to(device=self.base.weight.device, dtype=dtype or torch.float32))
 
     def forward(self, x: Tensor) -> Tensor:
         a, b = self.adapter(self.lora_A.dtype)
