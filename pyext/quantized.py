@@ -60,6 +60,16 @@ def dequantized(module: nn.Module) -> Tensor:
     )
 
 
+def dense(module: nn.Module, weight: Tensor) -> nn.Linear:
+    """A frozen `nn.Linear` of `module`'s shape holding `weight` (a merged, dequantized weight) and
+    the module's bias in the weight's dtype: what merging a layer on a 4-bit base gives."""
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if module.bias is not None:
+        linear.bias = nn.Parameter(module.bias.detach().to(weight.dtype), requires_grad=False)
+    return linear
+
+
 def product(module: nn.Module, x: Tensor) -> Tensor:
     """`module`'s own 4-bit product of `x` (bitsandbytes' `matmul_4bit` in the module's compute dtype),
     as its forward computes it in training, without the repacking for its CPU inference kernel (which

@@ -106,6 +106,15 @@ def on_meta() -> Iterator[None]:
         _META_ALLOWED.reset(token)
 
 
+def check_base_linear(name: str, module: nn.Module, takes_4bit: bool) -> nn.Module:
+    """A plain linear (`check_plain_linear`), or, for a method that trains on 4-bit bases
+    (`takes_4bit`), a 4-bit one in its quantized layout (`quantized.check`)."""
+    if takes_4bit and quantized.is_4bit(module):
+        quantized.check(name, module)
+        return module
+    return check_plain_linear(name, module)
+
+
 def check_plain_linear(name: str, module: nn.Module) -> nn.Linear:
     """Refuse anything but a floating-point `nn.Linear` with a message naming the module and the fix."""
     if is_conv1d(module):

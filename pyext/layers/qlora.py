@@ -45,13 +45,7 @@ class QLoRALinear(LoRALinear):
         merged = (weight.double() + b @ a).to(weight.dtype)
         empty = torch.empty(0, dtype=torch.long)
         record = MergeRecord(self.checkpoint_tensors(), b, a, empty, weight.new_empty(0), -1, quantized=True)
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.base.bias is not None, device="meta"
-        )
-        linear.weight = nn.Parameter(weight, requires_grad=False)
-        if self.base.bias is not None:
-            linear.bias = nn.Parameter(self.base.bias.detach().to(weight.dtype), requires_grad=False)
-        return linear, record, merged
+        return quantized.dense(self.base, weight), record, merged
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, base={quantized.describe(self.base)}"

@@ -82,13 +82,7 @@ class QPaCALinear(nn.Module):
         weight = quantized.dequantized(self.base)
         weight = weight.to(dtype or weight.dtype)
         weight.index_copy_(1, self.index, self.effective().detach().to(weight.dtype))
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.base.bias is not None, device="meta"
-        )
-        linear.weight = nn.Parameter(weight, requires_grad=False)
-        if self.base.bias is not None:
-            linear.bias = nn.Parameter(self.base.bias.detach().to(weight.dtype), requires_grad=False)
-        return linear
+        return quantized.dense(self.base, weight)
 
     def extra_repr(self) -> str:
         scale = f", scale={self.scale:g}" if self.scale != 1.0 else ""

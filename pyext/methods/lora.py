@@ -34,7 +34,7 @@ from ..layers.lora import (
 )
 from ..layers.qlora import QLoRALinear
 from ..registry import FUSED_KERNELS, MERGE, PEFT_FORMAT, UNMERGE, MethodInfo, register
-from ..targets import check_plain_linear, match_targets
+from ..targets import check_base_linear, match_targets
 from ..transaction import Transaction
 from .base import MERGE_RECORD, Method, Plan, Replacement, Step
 
@@ -114,14 +114,11 @@ class AdapterMethod(Method):
     def make_layer(self, name: str, linear: nn.Linear, config: Any) -> AdapterLinear:
         raise NotImplementedError
 
-    def _target(self, name: str, module: nn.Module) -> nn.Module:
-        if self.takes_4bit and quantized.is_4bit(module):
-            quantized.check(name, module)
-            return module
-        return check_plain_linear(name, module)
-
     def plan(self, model: nn.Module, config: Any, saved: dict[str, Tensor] | None = None) -> Plan:
-        targets = [(name, self._target(name, m)) for name, m in match_targets(model, config.target_modules)]
+        targets = [
+            (name, check_base_linear(name, m, self.takes_4bit))
+            for name, m in match_targets(model, config.target_modules)
+        ]
         restored = {}
         if saved is not None:
             for name, linear in targets:

@@ -12,7 +12,7 @@ from ..layers.partial import COLUMNS
 from ..layers.qpaca import QPaCALinear
 from ..ops import check_index
 from ..registry import FUSED_KERNELS, IN_PLACE, MERGE, SPARSE_DELTA, MethodInfo, register
-from ..targets import check_plain_linear, check_untied, match_targets
+from ..targets import check_base_linear, check_untied, match_targets
 from .base import Method, Plan, Replacement
 
 
@@ -29,10 +29,7 @@ class PaCAMethod(Method):
         targets = match_targets(model, config.target_modules)
         plan = []
         for name, module in targets:
-            # A 4-bit base trains through QPaCA (its weight untouched); any other must be a plain linear.
-            if quantized.is_4bit(module):
-                quantized.check(name, module)
-            linear = module if quantized.is_4bit(module) else check_plain_linear(name, module)
+            linear = check_base_linear(name, module, takes_4bit=True)  # a 4-bit base trains as QPaCA
             if config.r > linear.in_features:
                 raise ValueError(
                     f"PaCAConfig.r={config.r} exceeds the {linear.in_features} input columns of {name!r}; "
