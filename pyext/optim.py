@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import increment_version
 
-from . import library
-from .layers.partial import COLUMNS, PartialLinear, is_dtensor
+from . import library, sharding
+from .layers.partial import COLUMNS, PartialLinear
 
 
 class PartialAdamW(torch.optim.Optimizer):
@@ -99,12 +99,12 @@ class PartialAdamW(torch.optim.Optimizer):
         fused = fused and owner.scale == 1.0
         weight, index = (owner.weight, owner.index) if fused else (None, None)
         beta1, beta2 = group["betas"]
-        local = _local(p)
+        local = sharding.local(p)
         library.partial_adamw_(
             local,
-            _local(p.grad).contiguous(),
-            _local(exp_avg),
-            _local(exp_avg_sq),
+            sharding.local(p.grad).contiguous(),
+            sharding.local(exp_avg),
+            sharding.local(exp_avg_sq),
             weight,
             index,
             self.state[p]["step"],
@@ -122,8 +122,3 @@ class PartialAdamW(torch.optim.Optimizer):
             owner.mark_synced(by_owner=True)
         elif owner is not None and not sharded:
             owner.sync_(force=True, by_owner=True)
-
-
-def _local(tensor: Tensor) -> Tensor:
-    """This rank's part of a tensor: a DTensor's local shard (same storage), else the tensor."""
-    return tensor.to_local() if is_dtensor(tensor) else tensor

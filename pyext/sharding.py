@@ -48,6 +48,11 @@ def is_sharded(model: nn.Module) -> bool:
     return any(is_dtensor(p) for p in model.parameters())
 
 
+def local(tensor: Tensor) -> Tensor:
+    """This process's part of a tensor: a DTensor's local shard (same storage), else the tensor."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
 def gathered(tensor: Tensor) -> Tensor:
     """A tensor as one process holds it, on the CPU: a DTensor's shards gathered (a collective: every
     rank calls it)."""

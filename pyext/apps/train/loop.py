@@ -94,11 +94,6 @@ def make_optimizer(params: list[nn.Parameter], stage: Stage) -> torch.optim.Opti
     return torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
 
 
-def _local(tensor: Tensor) -> Tensor:
-    """This process's part of a tensor: an FSDP2 shard's local tensor, else the tensor."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
 def memory_mib(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> float:
     """Peak CUDA memory; on a CPU, the bytes of parameters, gradients and optimizer state this
     process holds (its shards under FSDP2; no activations)."""
@@ -107,13 +102,13 @@ def memory_mib(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch
     params = list(model.parameters())
     tensors = params + [p.grad for p in params if p.grad is not None]
     tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
-    return sum(_local(t).numel() * t.element_size() for t in tensors) / 2**20
+    return sum(slimtune.sharding.local(t).numel() * t.element_size() for t in tensors) / 2**20
 
 
 def grad_norm(params: list[nn.Parameter], world: World | None = None) -> float:
     """The L2 norm of every gradient together (after DDP's averaging), as clip_grad_norm_ reports it;
     of FSDP2 shards, summed over the processes (a collective: every rank calls it)."""
-    grads = [_local(p.grad).float() for p in params if p.grad is not None]
+    grads = [slimtune.sharding.local(p.grad).float() for p in params if p.grad is not None]
     square = sum((g.square().sum() for g in grads), torch.zeros(()))
     if world is not None and world.sharded:
         dist.all_reduce(square)
