@@ -117,8 +117,8 @@ class Guard:
         found = engine(module, self.layers)
         if found is not None and any(getattr(layer, "quantized", False) for layer in self.layers):
             raise RuntimeError(
-                f"{type(module).__name__} has a 4-bit base (QPaCA), which slimtune does not train under "
-                f"{found}; train it on one process or with DistributedDataParallel"
+                f"{type(module).__name__} has a 4-bit base (QPaCA, QLoRA), which slimtune does not train "
+                f"under {found}; train it on one process or with DistributedDataParallel"
             )
         if (found == FSDP2) != self.sharded:  # the layers read gathered copies from now on (or no more)
             self.sharded = found == FSDP2
@@ -164,10 +164,11 @@ def _after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Non
 
 
 def install(model: nn.Module, state: PatchState) -> None:
-    """Guard a model patched with an in-place method (the hook's handle is kept in `state`)."""
-    if for_config(state.config).has(IN_PLACE):
-        guard = Guard(state.config.method, list(patched_layers(model).values()))
-        state.shard_hook = model.register_forward_pre_hook(guard)
+    """Guard a model patched with an in-place method, or with layers on 4-bit bases (the hook's
+    handle is kept in `state`)."""
+    layers = list(patched_layers(model).values())
+    if for_config(state.config).has(IN_PLACE) or any(getattr(layer, "quantized", False) for layer in layers):
+        state.shard_hook = model.register_forward_pre_hook(Guard(state.config.method, layers))
 
 
 def uninstall(state: PatchState) -> None:

@@ -32,7 +32,7 @@ class PatchState:
     extra: Any = None  # the method's own record (`Plan.extra`), read only by its glue
     full_modules: list[str] = field(default_factory=list)  # trained in full (modules_to_save)
     load_hook: Any = None  # the handle of hf_model.install's load-state-dict pre-hook
-    shard_hook: Any = None  # the handle of sharding.install's forward pre-hook (in-place methods)
+    shard_hook: Any = None  # the handle of sharding.install's forward pre-hook (in-place, 4-bit)
     peft_config: dict[str, Any] | None = None  # the adapter config `load_peft` read (`save_peft` keeps it)
 
 

@@ -146,3 +146,13 @@ def test_gradient_checkpointing_on_a_4bit_base_takes_the_same_steps(config) -> N
             assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
         runs.append(sharded_steps(model, _adamw(model), 0, 1))
     assert runs[1] == runs[0]
+
+
+def test_sharding_engines_are_refused_for_a_qlora_model_by_name() -> None:
+    """A LoRA model is not guarded (engines shard it exactly), unless a layer sits on a 4-bit base."""
+    model = slimtune.apply(quantize(make_model("llama")), LORA)
+    model(input_ids=make_batch())  # no engine: trains
+    for number, parameter in enumerate(model.parameters()):
+        parameter.ds_id = number  # what DeepSpeed ZeRO-3 marks
+    with pytest.raises(RuntimeError, match=r"has a 4-bit base \(QPaCA, QLoRA\).*DeepSpeed ZeRO-3"):
+        model(input_ids=make_batch())
