@@ -49,6 +49,7 @@ def test_info_prints_the_backend_report_without_heavy_imports() -> None:
         (["bench", "--dtype", "fp8"], "invalid choice"),
         (["demo", "--steps", "many"], "expected an integer >= 1"),
         (["demo", "--device", "tpu"], "--device"),
+        (["demo", "--single-task", "--output", "x"], "--output: the single-task demo writes no files"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_message(argv: list[str], message: str, capsys: CaptureStr) -> None:
@@ -58,6 +59,15 @@ def test_bad_arguments_exit_2_with_a_message(argv: list[str], message: str, caps
     err = capsys.readouterr().err
     assert message in err
     assert "Traceback" not in err
+
+
+def test_demo_refuses_a_folder_that_holds_files_and_leaves_it_as_it_was(tmp_path: Path, capsys) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--device", "cpu", "--output", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"--output {tmp_path}: not an empty folder" in capsys.readouterr().err
+    assert [path.name for path in tmp_path.iterdir()] == ["notes.txt"]
 
 
 def test_bench_tiny_on_cpu_writes_markdown_and_json(tmp_path: Path, capsys: CaptureStr) -> None:
@@ -134,15 +144,17 @@ def test_demo_compares_three_methods(capfd: CaptureStr) -> None:
     reason=f"the demo's model needs: {slimtune.models.INSTALL}",
 )
 @pytest.mark.filterwarnings("error")
-def test_demo_teaches_the_real_model_with_every_method_by_default(capfd: CaptureStr) -> None:
-    assert main(["demo", "--steps", "1", "--device", "cpu"]) == 0
+def test_demo_teaches_the_real_model_with_every_method_by_default(capfd: CaptureStr, tmp_path) -> None:
+    folder = tmp_path / "demo"  # about 1 GB of checkpoints: here, not in a temporary folder kept for users
+    assert main(["demo", "--steps", "1", "--device", "cpu", "--output", str(folder)]) == 0
     out, err = capfd.readouterr()
     _no_warning(err)
     assert "\r" not in err and "loading smollm2-135m" in err and "evaluating knowledge: 64/64" in err
     table = out[out.index("knowledge kept") :].splitlines()[2:7]  # the comparison table printed last
     assert tuple(line.split()[0] for line in table) == ("full", "lora", "paca", "s2ft", "hft")
     assert all(len(line.split()) == 7 for line in table)
-    assert "heatmap" in out
+    assert "heatmap" in out and f"checkpoints in {folder / 'run'}" in out
+    assert (folder / "demo.yaml").is_file() and (folder / "run" / "forgetting.png").is_file()
 
 
 def test_demo_without_the_model_names_the_pip_command(capfd: CaptureStr, monkeypatch) -> None:

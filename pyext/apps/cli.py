@@ -10,6 +10,7 @@ import importlib.util
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from .shipped import shipped_recipes
 
@@ -101,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda if available)")
     demo.add_argument("--seed", type=int, default=0, help="seed for the model, data and PaCA columns")
+    demo.add_argument(
+        "--output",
+        default=None,
+        help="folder for the recipe and its run, new or empty (default: a new temporary folder, kept so its "
+        "checkpoints and plots can be read; about 1 GB)",
+    )
 
     train = sub.add_parser(
         "train",
@@ -259,9 +266,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_demo_output(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The demo's --output before anything loads: only for the pretrained demo, a new or empty folder."""
+    if args.output is None:
+        return
+    if args.single_task:
+        parser.error("--output: the single-task demo writes no files (drop --output or --single-task)")
+    folder = Path(args.output)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        parser.error(f"--output {folder}: not an empty folder; name a new or empty one")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        _check_demo_output(parser, args)
     missing = [name for name in APPS_MODULES if importlib.util.find_spec(name) is None]
     if args.command != "info" and missing:
         print(

@@ -93,6 +93,14 @@ def table(metrics: dict[str, Any], memory: str) -> str:
     return "\n".join(lines)
 
 
+def _folder(output: str | None) -> Path:
+    """The folder asked for (the CLI checked it is new or empty), else a fresh temporary one, kept."""
+    if output is None:
+        return Path(tempfile.mkdtemp(prefix="slimtune-demo-"))
+    Path(output).mkdir(parents=True, exist_ok=True)
+    return Path(output)
+
+
 def main(args: argparse.Namespace) -> int:
     """`slimtune demo`: write the recipe to a fresh folder, run it, print the comparison."""
     if not slimtune.models.is_available(MODEL):
@@ -101,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    folder = Path(tempfile.mkdtemp(prefix="slimtune-demo-"))
+    folder = _folder(args.output)
     path = folder / "demo.yaml"
     slimtune.files.write_text(
         path, yaml.safe_dump(recipe(args.steps, args.seed, args.device.type), sort_keys=False)
