@@ -1,10 +1,13 @@
 """4-bit quantized bases: which quantized linears slimtune trains on, and their dequantized weights.
 
-bitsandbytes' `Linear4bit` (NF4 and FP4, with or without double quantization; what transformers'
-`BitsAndBytesConfig(load_in_4bit=True)` produces) is recognised by its type, without importing
-bitsandbytes where it is not installed. PaCA trains on it (`layers.qpaca`): the 4-bit weight stays
-frozen and untouched, and its forward stays the library's own 4-bit product. Any other quantized
-linear is refused by name (`targets.check_plain_linear`).
+Two formats, each recognised without importing its library where it is not installed:
+- bitsandbytes' `Linear4bit` (NF4 and FP4, with or without double quantization; what transformers'
+  `BitsAndBytesConfig(load_in_4bit=True)` produces);
+- an `nn.Linear` whose weight is a torchao `NF4Tensor` (`torchao.quantization.to_nf4`; torchtune's
+  `FrozenNF4Linear` is one).
+PaCA and LoRA train on them (`layers.qpaca`, `layers.qlora`): the 4-bit weight stays frozen and
+untouched, and the forward stays the library's own 4-bit product. Any other quantized linear or
+tensor-subclass weight is refused by name (`targets.check_plain_linear`).
 """
 
 from __future__ import annotations
@@ -13,51 +16,157 @@ import torch
 from torch import Tensor, nn
 
 
+class _Bitsandbytes:
+    """bitsandbytes `Linear4bit`: the weight is a `Params4bit` carrying its `quant_state`."""
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        kind = type(module)
+        return (
+            kind.__name__ == "Linear4bit"
+            and kind.__module__.startswith("bitsandbytes")
+            and getattr(getattr(module, "weight", None), "quant_state", None) is not None
+        )
+
+    @staticmethod
+    def describe(module: nn.Module) -> str:
+        state = module.weight.quant_state
+        double = ", double quantization" if getattr(state, "nested", False) else ""
+        return f"bitsandbytes Linear4bit ({state.quant_type}{double})"
+
+    @staticmethod
+    def dtype(module: nn.Module) -> torch.dtype:
+        return module.weight.quant_state.dtype
+
+    @staticmethod
+    def check(name: str, module: nn.Module) -> None:
+        """Refuse a weight bitsandbytes repacked for its CPU inference kernel (what an eval-mode forward
+        without gradients does on CPUs with AVX512-BF16): its layout is no longer the quantized one."""
+        if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            raise ValueError(
+                f"module {name!r}: bitsandbytes repacked its 4-bit weight for CPU inference (an eval-mode "
+                f"forward without gradients); load the model again and apply slimtune before evaluating it"
+            )
+
+    @staticmethod
+    def held(module: nn.Module) -> list[Tensor]:
+        state = module.weight.quant_state
+        tensors = [state.absmax, state.code, getattr(state, "offset", None)]
+        if getattr(state, "nested", False):
+            tensors += [state.state2.absmax, state.state2.code]
+        return [t for t in tensors if isinstance(t, Tensor)]
+
+    @staticmethod
+    def dequantized(module: nn.Module) -> Tensor:
+        import bitsandbytes.functional as functional
+
+        weight = module.weight
+        return functional.dequantize_4bit(weight.data, weight.quant_state).reshape(
+            module.out_features, module.in_features
+        )
+
+    @staticmethod
+    def product(module: nn.Module, x: Tensor) -> Tensor:
+        """bitsandbytes' `matmul_4bit` in the module's compute dtype, as its forward computes it in
+        training, without the repacking for its CPU inference kernel (which would change the numerics
+        between training and evaluation, and the weight's layout)."""
+        import bitsandbytes as bnb
+
+        dtype = module.compute_dtype or x.dtype
+        bias = None if module.bias is None else module.bias.to(dtype)
+        out = bnb.matmul_4bit(x.to(dtype), module.weight, bias=bias, quant_state=module.weight.quant_state)
+        return out.to(x.dtype)
+
+
+class _TorchaoNF4:
+    """An `nn.Linear` whose weight is a torchao `NF4Tensor` (dtype: the dtype it was quantized from)."""
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        weight = getattr(module, "weight", None)
+        kind = type(weight.data) if isinstance(weight, nn.Parameter) else type(weight)
+        return (
+            isinstance(module, nn.Linear)
+            and kind.__name__ == "NF4Tensor"
+            and kind.__module__.startswith("torchao")
+        )
+
+    @staticmethod
+    def describe(module: nn.Module) -> str:
+        weight = module.weight
+        return f"torchao NF4 linear (block {weight.block_size}, scaler block {weight.scaler_block_size})"
+
+    @staticmethod
+    def dtype(module: nn.Module) -> torch.dtype:
+        return module.weight.dtype
+
+    @staticmethod
+    def check(name: str, module: nn.Module) -> None:
+        """Nothing to refuse: torchao keeps the quantized layout."""
+
+    @staticmethod
+    def held(module: nn.Module) -> list[Tensor]:
+        return []  # the NF4Tensor parameter holds its scalers and codes itself
+
+    @staticmethod
+    def dequantized(module: nn.Module) -> Tensor:
+        return module.weight.get_original_weight()
+
+    @staticmethod
+    def product(module: nn.Module, x: Tensor) -> Tensor:
+        """torchao's `linear_nf4` (the weight dequantized to x's dtype; only the 4-bit weight saved for
+        backward), then the bias, as torchtune's `FrozenNF4Linear` computes it."""
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+
+        out = linear_nf4(x, module.weight)
+        return out if module.bias is None else out + module.bias.to(out.dtype)
+
+
+_FORMATS = (_Bitsandbytes, _TorchaoNF4)
+
+
+def _format(module: nn.Module) -> type:
+    for candidate in _FORMATS:
+        if candidate.matches(module):
+            return candidate
+    raise ValueError(f"{type(module).__name__} is not a 4-bit linear slimtune knows")
+
+
 def is_4bit(module: nn.Module) -> bool:
-    """Whether `module` is a bitsandbytes 4-bit linear holding a quantized weight."""
-    kind = type(module)
-    return (
-        kind.__name__ == "Linear4bit"
-        and kind.__module__.startswith("bitsandbytes")
-        and getattr(getattr(module, "weight", None), "quant_state", None) is not None
-    )
+    """Whether `module` is a 4-bit linear of a format slimtune trains on."""
+    return any(candidate.matches(module) for candidate in _FORMATS)
 
 
 def describe(module: nn.Module) -> str:
-    """The quantization of a 4-bit linear in words: library, format, double quantization."""
-    state = module.weight.quant_state
-    double = ", double quantization" if getattr(state, "nested", False) else ""
-    return f"bitsandbytes Linear4bit ({state.quant_type}{double})"
+    """The quantization of a 4-bit linear in words: library, format, its settings."""
+    return _format(module).describe(module)
 
 
 def dtype(module: nn.Module) -> torch.dtype:
     """The dtype the 4-bit weight was quantized from (what it dequantizes to)."""
-    return module.weight.quant_state.dtype
-
-
-def _repacked(module: nn.Module) -> bool:
-    return bool(getattr(module.weight.quant_state, "packing_format_for_cpu", False))
+    return _format(module).dtype(module)
 
 
 def check(name: str, module: nn.Module) -> None:
-    """Refuse a 4-bit weight that bitsandbytes repacked for its CPU inference kernel (what an eval-mode
-    forward without gradients does on CPUs with AVX512-BF16): its layout is no longer the quantized one."""
-    if _repacked(module):
-        raise ValueError(
-            f"module {name!r}: bitsandbytes repacked its 4-bit weight for CPU inference (an eval-mode "
-            f"forward without gradients); load the model again and apply slimtune before evaluating it"
-        )
+    """Refuse a 4-bit weight whose layout is no longer the quantized one, naming `name` and the fix."""
+    _format(module).check(name, module)
+
+
+def held_tensors(model: nn.Module) -> list[Tensor]:
+    """The tensors the 4-bit bases of `model` hold beside their parameters and buffers (bitsandbytes'
+    quantization state: absmax, code, nested state), which a memory account must count too."""
+    return [t for m in model.modules() if is_4bit(m) for t in _format(m).held(m)]
 
 
 def dequantized(module: nn.Module) -> Tensor:
     """The weight `module` computes with (out x in), in the dtype it was quantized from."""
-    import bitsandbytes.functional as functional
-
     check(type(module).__name__, module)
-    weight = module.weight
-    return functional.dequantize_4bit(weight.data, weight.quant_state).reshape(
-        module.out_features, module.in_features
-    )
+    return _format(module).dequantized(module)
+
+
+def product(module: nn.Module, x: Tensor) -> Tensor:
+    """`module`'s own 4-bit product of `x` (bias included), as its forward computes it in training."""
+    return _format(module).product(module, x)
 
 
 def dense(module: nn.Module, weight: Tensor) -> nn.Linear:
@@ -68,15 +177,3 @@ def dense(module: nn.Module, weight: Tensor) -> nn.Linear:
     if module.bias is not None:
         linear.bias = nn.Parameter(module.bias.detach().to(weight.dtype), requires_grad=False)
     return linear
-
-
-def product(module: nn.Module, x: Tensor) -> Tensor:
-    """`module`'s own 4-bit product of `x` (bitsandbytes' `matmul_4bit` in the module's compute dtype),
-    as its forward computes it in training, without the repacking for its CPU inference kernel (which
-    would change the numerics between training and evaluation, and the weight's layout)."""
-    import bitsandbytes as bnb
-
-    dtype = module.compute_dtype or x.dtype
-    bias = None if module.bias is None else module.bias.to(dtype)
-    out = bnb.matmul_4bit(x.to(dtype), module.weight, bias=bias, quant_state=module.weight.quant_state)
-    return out.to(x.dtype)

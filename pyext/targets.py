@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterator
 from contextvars import ContextVar
 
+import torch
 from torch import nn
 
 from . import quantized
@@ -14,8 +15,9 @@ from .architectures import architecture, block_stacks, is_conv1d
 from .config import TargetModules
 
 
-def describe_type(module: nn.Module) -> str:
-    cls = type(module)
+def describe_type(obj: object) -> str:
+    """The qualified class name of `obj` (a module or a tensor), for messages."""
+    cls = type(obj)
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
@@ -142,6 +144,12 @@ def check_plain_linear(name: str, module: nn.Module) -> nn.Linear:
         raise ValueError(
             f"module {name!r} has a {weight.dtype} weight (quantized?); slimtune trains float32, "
             f"float16 or bfloat16 weights: dequantize the model first"
+        )
+    if type(weight.data) is not torch.Tensor:
+        raise ValueError(
+            f"module {name!r} holds its weight as a {describe_type(weight.data)} (a tensor subclass: "
+            f"quantized or distributed?); slimtune patches plain float weights: dequantize the model, or "
+            f"apply slimtune before sharding it"
         )
     if weight.device.type == "meta" and not _META_ALLOWED.get():
         raise ValueError(

@@ -122,8 +122,14 @@ def test_bench_records_a_failing_method_and_goes_on(tmp_path: Path, capsys: Capt
     assert "ValueError" in capsys.readouterr().out
 
 
+# torch 2.13 logs this (a deprecation) when torchao 0.18 registers its enums, which PEFT imports
+# wherever torchao is installed (the dev extra installs it for the 4-bit tests): not slimtune's to fix
+THIRD_PARTY = ("is an Enum subclass and is now natively supported by torch.compile",)
+
+
 def _no_warning(err: str) -> None:
-    assert "warn" not in err.lower() and "deprecat" not in err.lower(), err[-2000:]
+    ours = "\n".join(line for line in err.splitlines() if not any(text in line for text in THIRD_PARTY))
+    assert "warn" not in ours.lower() and "deprecat" not in ours.lower(), ours[-2000:]
 
 
 @pytest.mark.filterwarnings("error")  # the demo prints no warning, deprecations included

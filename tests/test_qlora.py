@@ -1,15 +1,16 @@
-"""QLoRA: LoRA on a bitsandbytes 4-bit base. The layer against a float64 reference built from the
-dequantized weight; a tiny Llama quantized in place (or loaded with BitsAndBytesConfig) trains with
-the trajectory of LoRA on its dequantized dense twin; checkpoints and PEFT adapters load across the
-two; merge gives dense weights, unmerge and CorDA are refused by name."""
+"""QLoRA: LoRA on a 4-bit base (bitsandbytes NF4/FP4, torchao NF4). The layer against a float64
+reference built from the dequantized weight; a tiny Llama quantized in place (or loaded with
+BitsAndBytesConfig) trains with the trajectory of LoRA on its dequantized dense twin; checkpoints and
+PEFT adapters load across the two; merge gives dense weights, unmerge and CorDA are refused by name;
+the layers compile with the eager numbers."""
 
 from __future__ import annotations
 
 import pytest
 import slimtune
 import torch
+from quantize import FORMATS, dense_twin, quantize, quantize_linear
 from slimtune.layers.qlora import QLoRALinear
-from test_qpaca import dense_twin, quantize, quantize_linear
 from test_refusals import refused
 from tiny_models import make_batch, make_model, sharded_steps
 from torch import nn
@@ -17,12 +18,12 @@ from torch import nn
 LORA = slimtune.LoRAConfig(r=4, alpha=8, fp32_master=True)
 
 
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 5e-3)], ids=["fp32", "bf16"])
-def test_layer_matches_the_float64_reference(quant_type, dtype, tol) -> None:
+def test_layer_matches_the_float64_reference(fmt, dtype, tol) -> None:
     generator = torch.Generator().manual_seed(5)
     dense = nn.Linear(96, 40, bias=True).to(dtype)
-    base = quantize_linear(dense, quant_type)
+    base = quantize_linear(dense, fmt)
     layer = QLoRALinear(base, 4, 8.0, dtype=torch.float32, generator=generator)
     with torch.no_grad():
         layer.lora_B.copy_(torch.randn(40, 4, generator=generator))
@@ -45,8 +46,8 @@ def test_layer_matches_the_float64_reference(quant_type, dtype, tol) -> None:
     assert base.weight.grad is None
 
 
-def _pair() -> tuple[nn.Module, nn.Module]:
-    quantized = quantize(make_model("llama"))
+def _pair(fmt: str = "bnb-nf4") -> tuple[nn.Module, nn.Module]:
+    quantized = quantize(make_model("llama"), fmt)
     twin = dense_twin(quantized)
     return slimtune.apply(quantized, LORA), slimtune.apply(twin, LORA)
 
@@ -55,8 +56,9 @@ def _adamw(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 
 
-def test_a_quantized_llama_trains_as_lora_on_its_dequantized_twin() -> None:
-    quantized, twin = _pair()
+@pytest.mark.parametrize("fmt", ["bnb-nf4", "torchao-nf4"])
+def test_a_quantized_llama_trains_as_lora_on_its_dequantized_twin(fmt) -> None:
+    quantized, twin = _pair(fmt)
     assert sum(isinstance(m, QLoRALinear) for m in quantized.modules()) == 14
     mine, theirs = sharded_steps(quantized, _adamw(quantized), 0, 1), sharded_steps(twin, _adamw(twin), 0, 1)
     assert mine == pytest.approx(theirs, rel=1e-6)
@@ -82,8 +84,9 @@ def test_checkpoints_and_peft_adapters_load_across_the_quantized_model_and_its_t
         torch.testing.assert_close(again(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_merge_gives_dense_weights_and_unmerge_is_refused() -> None:
-    quantized, twin = _pair()
+@pytest.mark.parametrize("fmt", ["bnb-nf4", "torchao-nf4"])
+def test_merge_gives_dense_weights_and_unmerge_is_refused(fmt) -> None:
+    quantized, twin = _pair(fmt)
     sharded_steps(quantized, _adamw(quantized), 0, 1)
     sharded_steps(twin, _adamw(twin), 0, 1)
     ids = make_batch()
@@ -135,12 +138,13 @@ def test_peft_loads_the_adapter_onto_its_own_bitsandbytes_base(tmp_path) -> None
         )
 
 
+@pytest.mark.parametrize("fmt", ["bnb-nf4", "torchao-nf4"])
 @pytest.mark.parametrize("config", [slimtune.PaCAConfig(r=4), LORA], ids=["qpaca", "qlora"])
-def test_gradient_checkpointing_on_a_4bit_base_takes_the_same_steps(config) -> None:
+def test_gradient_checkpointing_on_a_4bit_base_takes_the_same_steps(config, fmt) -> None:
     """HF gradient checkpointing recomputes the 4-bit products in backward: the steps are the same."""
     runs = []
     for checkpointing in (False, True):
-        model = slimtune.apply(quantize(make_model("llama")), config).train()
+        model = slimtune.apply(quantize(make_model("llama"), fmt), config).train()
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
@@ -156,3 +160,38 @@ def test_sharding_engines_are_refused_for_a_qlora_model_by_name() -> None:
         parameter.ds_id = number  # what DeepSpeed ZeRO-3 marks
     with pytest.raises(RuntimeError, match=r"has a 4-bit base \(QPaCA, QLoRA\).*DeepSpeed ZeRO-3"):
         model(input_ids=make_batch())
+
+
+@pytest.mark.parametrize(
+    ("fmt", "config"),
+    [
+        ("bnb-nf4", slimtune.PaCAConfig(r=4)),
+        ("torchao-nf4", LORA),
+        pytest.param("bnb-nf4", LORA, marks=pytest.mark.slow),
+        pytest.param("torchao-nf4", slimtune.PaCAConfig(r=4), marks=pytest.mark.slow),
+    ],
+    ids=["bnb-qpaca", "torchao-qlora", "bnb-qlora", "torchao-qpaca"],
+)
+def test_a_decoder_block_on_a_4bit_base_compiles_fullgraph_with_the_eager_gradients(fmt, config) -> None:
+    """torch.compile(fullgraph=True) of a block of 4-bit linears (the libraries' own products are
+    traceable): the output, the input gradient and every trained tensor's gradient as in eager."""
+    model = slimtune.apply(quantize(make_model("llama"), fmt), config).train()
+    with torch.no_grad():  # off the identity init, so every trained tensor gets a gradient
+        for p in slimtune.trainable_parameters(model):
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    block = model.model.layers[0]
+    hidden = torch.randn(2, 7, model.config.hidden_size, requires_grad=True)
+    rope = model.model.rotary_emb(hidden, torch.arange(7)[None].expand(2, -1))
+    trained = [p for p in block.parameters() if p.requires_grad]
+
+    def run(module) -> list[torch.Tensor]:
+        out = module(hidden, position_embeddings=rope, attention_mask=None)
+        out = out[0] if isinstance(out, tuple) else out
+        return [out.detach(), *torch.autograd.grad(out.square().sum(), [hidden, *trained])]
+
+    expected = run(block)
+    torch._dynamo.reset()
+    got = run(torch.compile(block, fullgraph=True))
+    assert len(trained) > 0 and all(g.abs().sum() > 0 for g in expected[2:])
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -1,4 +1,5 @@
-"""QPaCA: PaCA on a bitsandbytes 4-bit base (NF4 and FP4, with and without double quantization).
+"""QPaCA: PaCA on a 4-bit base (bitsandbytes NF4 and FP4, with and without double quantization;
+torchao NF4).
 
 The layer against a float64 dense reference built from the dequantized weight with the trained
 columns written in (output, input gradient, column gradient); a tiny Llama quantized in place
@@ -7,68 +8,26 @@ merge gives the effective dense weights; delta, lean and the refusals."""
 
 from __future__ import annotations
 
-import copy
-
-import bitsandbytes as bnb
 import pytest
 import slimtune
 import torch
+from quantize import FORMATS, dense_twin, quantize, quantize_linear
 from slimtune.layers.qpaca import QPaCALinear
 from test_refusals import refused
 from tiny_models import make_batch, make_model, sharded_steps
 from torch import nn
 
 
-def quantize_linear(linear: nn.Linear, quant_type: str = "nf4", double: bool = False) -> nn.Module:
-    """`linear` as a bitsandbytes 4-bit linear computing in its dtype (quantized on the move)."""
-    dtype = linear.weight.dtype
-    q = bnb.nn.Linear4bit(
-        linear.in_features, linear.out_features, bias=linear.bias is not None,
-        quant_type=quant_type, compress_statistics=double, compute_dtype=dtype,
-    )  # fmt: skip
-    q.weight = bnb.nn.Params4bit(
-        linear.weight.data.clone(), requires_grad=False, quant_type=quant_type, compress_statistics=double
-    )
-    q.bias = linear.bias
-    return q.to(linear.weight.device)
-
-
-def quantize(model: nn.Module, quant_type: str = "nf4", double: bool = False) -> nn.Module:
-    """Every linear of the blocks as a bitsandbytes 4-bit linear (the LM head stays dense)."""
-    for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and ".layers." in name:
-            model.set_submodule(name, quantize_linear(module, quant_type, double))
-    return model
-
-
-def dense_twin(quantized: nn.Module) -> nn.Module:
-    """The same model with every 4-bit linear replaced by a dense one holding its dequantized weight."""
-    twin = copy.deepcopy(quantized)
-    for name, module in list(twin.named_modules()):
-        if slimtune.quantized.is_4bit(module):
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            linear.weight = nn.Parameter(slimtune.quantized.dequantized(module).clone())
-            if module.bias is not None:
-                linear.bias = nn.Parameter(module.bias.detach().clone())
-            twin.set_submodule(name, linear.to(linear.weight.dtype))
-    return twin
-
-
-FORMATS = [("nf4", False), ("nf4", True), ("fp4", False)]
-
-
-@pytest.mark.parametrize(
-    "quant_type, double", FORMATS, ids=[f"{q}{'-double' if d else ''}" for q, d in FORMATS]
-)
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 5e-3)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("scale", [1.0, 2.0])
-def test_layer_matches_the_float64_dense_reference(quant_type, double, dtype, tol, scale) -> None:
+def test_layer_matches_the_float64_dense_reference(fmt, dtype, tol, scale) -> None:
     generator = torch.Generator().manual_seed(3)
     dense = nn.Linear(96, 40, bias=True).to(dtype)
     with torch.no_grad():
         dense.weight.copy_(torch.randn(40, 96, generator=generator))
         dense.bias.copy_(torch.randn(40, generator=generator))
-    base = quantize_linear(dense, quant_type, double)
+    base = quantize_linear(dense, fmt)
     index = torch.tensor([1, 7, 8, 50, 95])
     layer = QPaCALinear(base, index, scale)
     with torch.no_grad():
@@ -88,9 +47,9 @@ def test_layer_matches_the_float64_dense_reference(quant_type, double, dtype, to
     assert base.weight.grad is None and layer.paca_columns.dtype == torch.float32
 
 
-def _pair(quant_type: str = "nf4", double: bool = False) -> tuple[nn.Module, nn.Module]:
+def _pair(fmt: str = "bnb-nf4") -> tuple[nn.Module, nn.Module]:
     """A tiny Llama quantized in place, and PaCA's dense twin of it; both patched with PaCA r=4."""
-    quantized = quantize(make_model("llama"), quant_type, double)
+    quantized = quantize(make_model("llama"), fmt)
     twin = dense_twin(quantized)
     config = slimtune.PaCAConfig(r=4)
     return slimtune.apply(quantized, config), slimtune.apply(twin, config)
@@ -100,11 +59,9 @@ def _adamw(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 
 
-@pytest.mark.parametrize(
-    "quant_type, double", FORMATS, ids=[f"{q}{'-double' if d else ''}" for q, d in FORMATS]
-)
-def test_a_quantized_llama_trains_as_paca_on_its_dequantized_twin(quant_type, double) -> None:
-    quantized, twin = _pair(quant_type, double)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_quantized_llama_trains_as_paca_on_its_dequantized_twin(fmt) -> None:
+    quantized, twin = _pair(fmt)
     assert any(isinstance(m, QPaCALinear) for m in quantized.modules())
     ids = make_batch()
     with torch.no_grad():
@@ -120,26 +77,28 @@ def test_a_quantized_llama_trains_as_paca_on_its_dequantized_twin(quant_type, do
         assert slimtune.quantized.is_4bit(layer.base)
 
 
-def test_checkpoints_load_across_the_quantized_model_and_its_dense_twin(tmp_path) -> None:
-    quantized, _ = _pair()
+@pytest.mark.parametrize("fmt", ["bnb-nf4", "torchao-nf4"])
+def test_checkpoints_load_across_the_quantized_model_and_its_dense_twin(tmp_path, fmt) -> None:
+    quantized, _ = _pair(fmt)
     sharded_steps(quantized, _adamw(quantized), 0, 1)
     slimtune.save(quantized, tmp_path / "q")
-    fresh_twin = dense_twin(quantize(make_model("llama")))
+    fresh_twin = dense_twin(quantize(make_model("llama"), fmt))
     slimtune.load(fresh_twin, tmp_path / "q")
     ids = make_batch()
     with torch.no_grad():
         expected = quantized(input_ids=ids).logits
         torch.testing.assert_close(fresh_twin(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
     slimtune.save(fresh_twin, tmp_path / "dense")
-    again = slimtune.load(quantize(make_model("llama")), tmp_path / "dense")
+    again = slimtune.load(quantize(make_model("llama"), fmt), tmp_path / "dense")
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
     assert any(isinstance(m, QPaCALinear) for m in again.modules())
 
 
-def test_merge_gives_the_effective_dense_weights_and_delta_fits_the_dense_base() -> None:
-    quantized, _ = _pair()
-    base = dense_twin(quantize(make_model("llama")))
+@pytest.mark.parametrize("fmt", ["bnb-nf4", "torchao-nf4"])
+def test_merge_gives_the_effective_dense_weights_and_delta_fits_the_dense_base(fmt) -> None:
+    quantized, _ = _pair(fmt)
+    base = dense_twin(quantize(make_model("llama"), fmt))
     sharded_steps(quantized, _adamw(quantized), 0, 1)
     delta = slimtune.delta(quantized)
     ids = make_batch()
@@ -154,28 +113,51 @@ def test_merge_gives_the_effective_dense_weights_and_delta_fits_the_dense_base()
         torch.testing.assert_close(base.get_parameter(name), parameter, rtol=0, atol=1e-6, msg=name)
 
 
-def test_lean_mode_trains_a_quantized_model() -> None:
-    quantized, _ = _pair()
+@pytest.mark.parametrize("fmt", ["bnb-nf4", "torchao-nf4"])
+def test_lean_mode_trains_a_quantized_model(fmt) -> None:
+    quantized, _ = _pair(fmt)
     with pytest.warns(UserWarning, match="LlamaMLP: projections not plain or partial linears"):
         slimtune.lean(quantized)  # norms and head go lean; the MLPs of 4-bit linears keep their path
     losses = sharded_steps(quantized, _adamw(quantized), 0, 1)
     assert all(torch.isfinite(torch.tensor(losses)))
 
 
-def test_other_methods_and_sharding_engines_are_refused_by_name() -> None:
-    model = quantize(make_model("llama"))
+@pytest.mark.parametrize(
+    ("fmt", "described"),
+    [("bnb-nf4", r"bitsandbytes Linear4bit \(nf4\)"), ("torchao-nf4", r"torchao NF4 linear")],
+)
+def test_other_methods_and_sharding_engines_are_refused_by_name(fmt, described) -> None:
+    model = quantize(make_model("llama"), fmt)
     for config in (slimtune.HydraConfig(2, 2, alpha=4), slimtune.S2FTConfig(heads=1, channels=8)):
         refused(
             model,
             lambda config=config: slimtune.apply(model, config),
             ValueError,
-            r"bitsandbytes Linear4bit \(nf4\): PaCA and LoRA train on 4-bit bases",
+            described + ".*: PaCA and LoRA train on 4-bit bases",
         )
     slimtune.apply(model, slimtune.PaCAConfig(r=4))
     for number, parameter in enumerate(model.parameters()):
         parameter.ds_id = number  # what DeepSpeed ZeRO-3 marks
     with pytest.raises(RuntimeError, match=r"has a 4-bit base.*DeepSpeed ZeRO-3"):
         model(input_ids=make_batch())
+
+
+def test_a_weight_of_an_unknown_tensor_subclass_is_refused_by_name() -> None:
+    """A linear whose weight is a tensor subclass slimtune does not know (another quantization
+    library's, say) is refused, not patched as if it were a plain float weight."""
+
+    class Packed(torch.Tensor):
+        pass
+
+    model = make_model("llama")
+    linear = model.model.layers[0].mlp.up_proj
+    linear.weight = nn.Parameter(linear.weight.detach().as_subclass(Packed), requires_grad=False)
+    refused(
+        model,
+        lambda: slimtune.apply(model, slimtune.PaCAConfig(r=4)),
+        ValueError,
+        r"module 'model.layers.0.mlp.up_proj' holds its weight as a .*Packed \(a tensor subclass",
+    )
 
 
 def test_partial_adamw_steps_the_columns_as_torch_adamw_does() -> None:

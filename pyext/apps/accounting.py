@@ -46,7 +46,11 @@ KINDS = (
 def module_kind(name: str, module: nn.Module) -> str:
     """Which part of the model a module belongs to, for the memory breakdown."""
     if isinstance(
-        module, slimtune.layers.PartialLinear | slimtune.layers.LoRALinear | slimtune.layers.HydraLinear
+        module,
+        slimtune.layers.PartialLinear
+        | slimtune.layers.QPaCALinear
+        | slimtune.layers.LoRALinear
+        | slimtune.layers.HydraLinear,
     ):
         return "adapters and trained entries"
     if "norm" in type(module).__name__.lower():
@@ -374,6 +378,12 @@ class StepAccount:
         return sum(self.saved.values())
 
 
+def model_tensors(model: nn.Module) -> list[Tensor]:
+    """Every tensor the model holds: parameters, buffers, and the quantization state of 4-bit bases
+    (bitsandbytes keeps it beside the parameter)."""
+    return [*model.parameters(), *model.buffers(), *slimtune.quantized.held_tensors(model)]
+
+
 def optimizer_state(optimizer: torch.optim.Optimizer | None) -> list[Tensor]:
     states = optimizer.state.values() if optimizer is not None else ()
     return [t for s in states for t in s.values() if isinstance(t, Tensor)]
@@ -420,7 +430,7 @@ def account_step(
     """Run `steps` training steps under the counters and account the last one."""
     counter = StepCounter()
     params = list(model.parameters())
-    weights = params + list(model.buffers())
+    weights = model_tensors(model)
     counter.adopt(weights, "weights")
     counter.adopt(list(batch.values()), "batch")
     existing = {t.untyped_storage()._cdata for t in weights}

@@ -190,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="also show what each of N FSDP2 processes holds (shards exact, the peak a model)",
     )
+    profile.add_argument(
+        "--quant",
+        default="none",
+        help="4-bit base: every linear but the LM head as bitsandbytes Linear4bit, as BitsAndBytesConfig("
+        "load_in_4bit=True) loads it: nf4 (with double quantization, QLoRA's setting), nf4-single, fp4 "
+        "(default none); rows: floor, paca (QPaCA), lora (QLoRA), peft-lora and their +lean variants",
+    )
     profile.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed steps on a device")
     profile.add_argument(
         "--steps", type=_positive_int, default=10, help="timed steps on a device (default 10)"

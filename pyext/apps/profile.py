@@ -33,7 +33,7 @@ import slimtune
 import torch
 from slimtune import files
 
-from . import accounting, sharded_memory
+from . import accounting, quantize, sharded_memory
 from .bench import (
     CHECKPOINTING,
     DTYPES,
@@ -52,6 +52,13 @@ from .bench import (
 GiB = 2**30
 ALLOCATOR_OVERHEAD_GIB = 1.04
 DEFAULT_METHODS = ("floor", "paca", "s2ft", "lora", "hydra", "peft-lora", "peft-lora-bf16", "full")
+ON_4BIT = ("floor", "paca", "lora", "peft-lora", "peft-lora-bf16")  # rows that train on a 4-bit base
+QUANT_ROWS = (
+    "- on the 4-bit base, paca is QPaCA (bitsandbytes' 4-bit product plus one correction product; the "
+    "columns a float32 master beside the frozen 4-bit weight, with their dequantized initial values) and "
+    "lora is QLoRA (the 4-bit product beside the adapter's two; float32 adapters); weights include the "
+    "quantization state"
+)
 BASELINES = ("floor", "peft-lora", "peft-lora-bf16", "full")  # every row gets its ratio to these
 
 
@@ -100,6 +107,7 @@ class Setup:
     trace: bool = False
     memory_snapshot: bool = False
     world: int = 1  # > 1: also what each of `world` FSDP2 processes holds (sharded_memory)
+    quant: str = "none"  # or a 4-bit format of apps.quantize: every linear but the LM head quantized
 
 
 def _batch(config, setup: Setup, device: torch.device) -> dict[str, torch.Tensor]:
@@ -113,6 +121,8 @@ def _batch(config, setup: Setup, device: torch.device) -> dict[str, torch.Tensor
 def _prepared(method: str, setup: Setup, config, device: torch.device):
     """A fresh model of `config` on `device`, checkpointed as the setup says, prepared for `method`."""
     model = build_model(config, device, DTYPES[setup.dtype], setup.options.seed)
+    if setup.quant != "none":
+        quantize.quantize(model, setup.quant)
     enable_checkpointing(model, setup.checkpointing)
     if device.type != "meta":
         return METHODS[method](model, setup.options)
@@ -154,11 +164,11 @@ def account(method: str, setup: Setup, config) -> Row:
 
 
 def cpu_peak(model: torch.nn.Module, optimizer, batch: dict[str, torch.Tensor]) -> int:
-    """The CPU allocator's peak over one training step, in bytes: what is live before it (weights,
-    optimizer state, the batch) plus the highest running sum of the allocations and frees that
+    """The CPU allocator's peak over one training step, in bytes: what is live before it (the model's
+    tensors, optimizer state, the batch) plus the highest running sum of the allocations and frees that
     `torch.profiler` records during it (the bytes each tensor asked for, as the accounting counts)."""
     before = accounting.storage_bytes(
-        [*model.parameters(), *model.buffers(), *accounting.optimizer_state(optimizer), *batch.values()]
+        [*accounting.model_tensors(model), *accounting.optimizer_state(optimizer), *batch.values()]
     )
     activities = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
@@ -235,10 +245,28 @@ def _add_ratios(rows: list[Row]) -> None:
             row.ratios[base] = ratio
 
 
-def _check(methods, device: str, card: str, dtype: str, checkpointing) -> None:
+def _base_row(method: str) -> str:
+    """The row a variant builds on: `paca+lean` and `paca-partial-adamw` are `paca`'s."""
+    return method.removesuffix("+lean").removesuffix("-partial-adamw")
+
+
+def _check_quant(methods, quant: str) -> None:
+    if quant != "none" and quant not in quantize.FORMATS:
+        raise ValueError(f"unknown --quant {quant!r}; choose from none, {', '.join(quantize.FORMATS)}")
+    dense_only = [m for m in methods if quant != "none" and _base_row(m) not in ON_4BIT]
+    if dense_only:
+        raise ValueError(
+            f"--quant {quant}: {dense_only} need dense weights (the 4-bit weights stay frozen; S2FT and "
+            f"Hydra are refused on 4-bit bases); rows on a 4-bit base: {', '.join(ON_4BIT)} and their "
+            f"+lean variants"
+        )
+
+
+def _check(methods, device: str, card: str, dtype: str, checkpointing, quant: str = "none") -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    _check_quant(methods, quant)
     if card not in accounting.CARDS:
         raise ValueError(f"unknown card {card!r}; choose from {', '.join(accounting.CARDS)}")
     if dtype not in DTYPES:
@@ -290,11 +318,12 @@ def profile(
     table, CSV and JSON to `out` after every row (a run cut short keeps its finished rows), and the
     plot at the end. Returns the report (also `report.json`). `out` None:
     `profiles/<model>-<batch>x<seq>-<dtype>`."""
-    _check(methods, device, card, dtype, checkpointing)
+    _check(methods, device, card, dtype, checkpointing, measure_options.get("quant", "none"))
     setup = Setup(model, batch, seq, dtype, device, card, options or MethodOptions(), **measure_options)
     config = model_config(model)
     name = Path(model).stem if model not in PRESETS else model
-    folder = Path(out) if out is not None else Path("profiles") / f"{name}-{batch}x{seq}-{dtype}"
+    quant = "" if setup.quant == "none" else f"-{setup.quant}"
+    folder = Path(out) if out is not None else Path("profiles") / f"{name}-{batch}x{seq}-{dtype}{quant}"
     folder.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
     for mode in checkpointing:
@@ -343,6 +372,7 @@ def _write(rows: list[Row], setup: Setup, methods, checkpointing, folder: Path) 
         f"{setup.dtype} --methods {','.join(methods)} --device {setup.device} --card {setup.card}"
         + (f" --checkpointing {','.join(checkpointing)}" if list(checkpointing) != ["off"] else "")
         + (f" --world-size {setup.world}" if setup.world > 1 else "")
+        + (f" --quant {setup.quant}" if setup.quant != "none" else "")
     )
     header = [
         f"- date: {report['date']}; machine: {platform.machine()} ({platform.system()}), "
@@ -475,12 +505,21 @@ def _line(r: Row, device: str) -> str:
     return line + (_measured(r, device) if device != "meta" else "")
 
 
+def _quant_words(quant: str) -> str:
+    if quant == "none":
+        return ""
+    quant_type, double = quantize.FORMATS[quant]
+    nested = " with double quantization" if double else ""
+    return f", every linear but the LM head 4-bit (bitsandbytes {quant_type.upper()}{nested})"
+
+
 def table(rows: list[Row], setup: Setup) -> str:
     card = accounting.CARDS[setup.card].name
     measured = setup.device != "meta"
     lines = [
         f"slimtune profile: {_model_name(setup.model)}, batch {setup.batch} x {setup.seq} tokens, "
-        f"{setup.dtype}, accounted on meta; time modelled for {card} (a model, not a measurement)",
+        f"{setup.dtype}{_quant_words(setup.quant)}, accounted on meta; time modelled for {card} (a model, "
+        "not a measurement)",
         "",
         "| method | trainable | weights | grads + optimizer | fp32 masters + grads | saved for backward "
         "| peak (exact) | peak on card | x floor | x PEFT LoRA | x full | TFLOP fwd+bwd | modelled ms "
@@ -495,6 +534,7 @@ def table(rows: list[Row], setup: Setup) -> str:
         "Ratios compare rows with the same checkpointing. Rows:",
         "",
         *[f"- {m}: {summary(METHODS[m])}" for m in dict.fromkeys(r.method for r in rows)],
+        *([QUANT_ROWS] if setup.quant != "none" else []),
         "",
         "Live at the peak (GiB; the parts sum to the exact peak):",
         "",
@@ -640,6 +680,7 @@ def main(args: argparse.Namespace) -> int:
             trace=args.trace,
             memory_snapshot=args.memory_snapshot,
             world=args.world_size,
+            quant=args.quant,
         )
     except ValueError as err:
         print(f"slimtune profile: {err}", file=sys.stderr)
