@@ -14,6 +14,8 @@ entry point that patches (apply, load, unmerge, load_peft, corda.apply) and take
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from torch import nn
 
 from . import sharding
@@ -37,6 +39,17 @@ class NumParameters:
         return count if only_trainable else count - duplicated_entries(model)
 
 
+def _loaded_keys(model: nn.Module) -> Iterator[str]:
+    """The keys `load_state_dict` fills: every parameter and persistent buffer, a tied one under each
+    name. (Not `state_dict()`'s keys: a bitsandbytes 4-bit linear adds its quantization state there,
+    which Trainer's check of the missing keys on resume does not see.)"""
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        yield from (dot + name for name, p in module._parameters.items() if p is not None)
+        skip = module._non_persistent_buffers_set
+        yield from (dot + name for name, b in module._buffers.items() if b is not None and name not in skip)
+
+
 def install(model: nn.Module) -> nn.Module:
     """Set the overrides on a freshly patched model (see the module docstring)."""
     state = require_patched(model)
@@ -46,7 +59,7 @@ def install(model: nn.Module) -> nn.Module:
         model.num_parameters = NumParameters(model)
     if hasattr(model, "_keys_to_ignore_on_save"):  # a transformers PreTrainedModel
         trained = {name for name, p in model.named_parameters() if p.requires_grad}
-        model._keys_to_ignore_on_save = [key for key in model.state_dict() if key not in trained]
+        model._keys_to_ignore_on_save = [key for key in _loaded_keys(model) if key not in trained]
     state.load_hook = model.register_load_state_dict_pre_hook(check_identity)
     sharding.install(model, state)
     return model

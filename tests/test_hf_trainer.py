@@ -1,6 +1,6 @@
 """Patched models inside the trainers people use: HF Trainer (and TRL's SFTTrainer, built on it) save
 checkpoints at `save_steps` and `save_model`, resume from them onto a freshly patched model with the
-same result as an uninterrupted run, and refuse a checkpoint of another config."""
+same result as an uninterrupted run, and refuse a checkpoint of another config; QPaCA and QLoRA on 4-bit bases too."""
 
 from __future__ import annotations
 
@@ -201,3 +201,31 @@ def test_accelerate_save_state_and_load_state_resume_a_bf16_loop_exactly(method:
     for key in expected:
         assert torch.equal(got[key], expected[key]), key
     assert torch.equal(logits(resumed), logits(whole))
+
+
+@pytest.mark.parametrize("fmt", ["bnb-nf4", "torchao-nf4"])
+@pytest.mark.parametrize("method", ["paca", "lora"], ids=["qpaca", "qlora"])
+def test_a_4bit_base_checkpoints_and_resumes_in_trainer(method: str, fmt: str, tmp_path: Path, monkeypatch):
+    """QPaCA and QLoRA under Trainer: the checkpoint holds the trained tensors (the 4-bit weights stay
+    the base's), a resumed run ends where the whole run does, and resuming warns of no missing key."""
+    from quantize import quantize
+
+    def fresh() -> torch.nn.Module:
+        return slimtune.apply(quantize(make_model("llama").train(), fmt), CONFIGS[method])
+
+    whole = fresh()
+    trainer(whole, tmp_path / "whole").train()
+    middle = tmp_path / "whole" / "checkpoint-2"
+    resumed = fresh()
+    warned: list[str] = []
+    monkeypatch.setattr(transformers.trainer.logger, "warning", lambda text, *_, **__: warned.append(text))
+    trainer(resumed, tmp_path / "resumed").train(resume_from_checkpoint=str(middle))
+    assert not [m for m in warned if "missing keys" in m], warned
+    expected = {n: p for n, p in whole.named_parameters() if p.requires_grad}
+    got = {n: p for n, p in resumed.named_parameters() if p.requires_grad}
+    assert expected.keys() == got.keys() and len(got) > 0
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    ids = make_batch(batch=2, seq=9, seed=11)
+    with torch.no_grad():  # in train mode: bitsandbytes repacks for its CPU inference kernel in eval
+        assert torch.equal(whole.train()(input_ids=ids).logits, resumed.train()(input_ids=ids).logits)
