@@ -1,6 +1,7 @@
 """Patched models inside the trainers people use: HF Trainer (and TRL's SFTTrainer, built on it) save
 checkpoints at `save_steps` and `save_model`, resume from them onto a freshly patched model with the
-same result as an uninterrupted run, and refuse a checkpoint of another config; QPaCA and QLoRA on 4-bit bases too."""
+same result as an uninterrupted run, and refuse a checkpoint of another config; QPaCA and QLoRA on
+4-bit bases too."""
 
 from __future__ import annotations
 
