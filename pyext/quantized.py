@@ -5,7 +5,7 @@ Two formats, each recognised without importing its library where it is not insta
   `BitsAndBytesConfig(load_in_4bit=True)` produces);
 - an `nn.Linear` whose weight is a torchao `NF4Tensor` (`torchao.quantization.to_nf4`; torchtune's
   `FrozenNF4Linear` is one).
-PaCA and LoRA train on them (`layers.qpaca`, `layers.qlora`): the 4-bit weight stays frozen and
+PaCA, LoRA and Hydra train on them (`layers.qpaca`, `layers.qlora`): the 4-bit weight stays frozen and
 untouched, and the forward stays the library's own 4-bit product. Any other quantized linear or
 tensor-subclass weight is refused by name (`targets.check_plain_linear`).
 """
@@ -66,15 +66,15 @@ class _Bitsandbytes:
         )
 
     @staticmethod
-    def product(module: nn.Module, x: Tensor) -> Tensor:
+    def product(module: nn.Module, x: Tensor, bias: bool) -> Tensor:
         """bitsandbytes' `matmul_4bit` in the module's compute dtype, as its forward computes it in
         training, without the repacking for its CPU inference kernel (which would change the numerics
         between training and evaluation, and the weight's layout)."""
         import bitsandbytes as bnb
 
         dtype = module.compute_dtype or x.dtype
-        bias = None if module.bias is None else module.bias.to(dtype)
-        out = bnb.matmul_4bit(x.to(dtype), module.weight, bias=bias, quant_state=module.weight.quant_state)
+        added = module.bias.to(dtype) if bias and module.bias is not None else None
+        out = bnb.matmul_4bit(x.to(dtype), module.weight, bias=added, quant_state=module.weight.quant_state)
         return out.to(x.dtype)
 
 
@@ -113,13 +113,13 @@ class _TorchaoNF4:
         return module.weight.get_original_weight()
 
     @staticmethod
-    def product(module: nn.Module, x: Tensor) -> Tensor:
+    def product(module: nn.Module, x: Tensor, bias: bool) -> Tensor:
         """torchao's `linear_nf4` (the weight dequantized to x's dtype; only the 4-bit weight saved for
         backward), then the bias, as torchtune's `FrozenNF4Linear` computes it."""
         from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
 
         out = linear_nf4(x, module.weight)
-        return out if module.bias is None else out + module.bias.to(out.dtype)
+        return out if not bias or module.bias is None else out + module.bias.to(out.dtype)
 
 
 _FORMATS = (_Bitsandbytes, _TorchaoNF4)
@@ -164,9 +164,10 @@ def dequantized(module: nn.Module) -> Tensor:
     return _format(module).dequantized(module)
 
 
-def product(module: nn.Module, x: Tensor) -> Tensor:
-    """`module`'s own 4-bit product of `x` (bias included), as its forward computes it in training."""
-    return _format(module).product(module, x)
+def product(module: nn.Module, x: Tensor, bias: bool = True) -> Tensor:
+    """`module`'s own 4-bit product of `x` (with its bias unless `bias` is False), as its forward
+    computes it in training."""
+    return _format(module).product(module, x, bias)
 
 
 def dense(module: nn.Module, weight: Tensor) -> nn.Linear:

@@ -127,8 +127,8 @@ def check_plain_linear(name: str, module: nn.Module) -> nn.Linear:
         )
     if quantized.is_4bit(module):
         raise ValueError(
-            f"module {name!r} is a {quantized.describe(module)}: PaCA and LoRA train on 4-bit bases "
-            f"(QPaCA, QLoRA); this method needs dense weights (load the model unquantized)"
+            f"module {name!r} is a {quantized.describe(module)}: PaCA, LoRA and Hydra train on 4-bit "
+            f"bases (QPaCA, QLoRA, QHydra); this method needs dense weights (load the model unquantized)"
         )
     if type(module) is not nn.Linear:
         if isinstance(module, nn.Linear):

@@ -10,12 +10,15 @@ import pytest
 import slimtune
 import torch
 from quantize import FORMATS, dense_twin, quantize, quantize_linear
-from slimtune.layers.qlora import QLoRALinear
+from slimtune.layers.qlora import QHydraLinear, QLoRALinear
 from test_refusals import refused
 from tiny_models import make_batch, make_model, sharded_steps
 from torch import nn
 
 LORA = slimtune.LoRAConfig(r=4, alpha=8, fp32_master=True)
+HYDRA = slimtune.HydraConfig(r_parallel=2, r_sequential=3, alpha=4, fp32_master=True)
+ADAPTERS = {"qlora": LORA, "qhydra": HYDRA}
+HYDRA_TENSORS = ("parallel_A", "parallel_B", "sequential_A", "sequential_B")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -46,10 +49,10 @@ def test_layer_matches_the_float64_reference(fmt, dtype, tol) -> None:
     assert base.weight.grad is None
 
 
-def _pair(fmt: str = "bnb-nf4") -> tuple[nn.Module, nn.Module]:
+def _pair(fmt: str = "bnb-nf4", config: slimtune.MethodConfig = LORA) -> tuple[nn.Module, nn.Module]:
     quantized = quantize(make_model("llama"), fmt)
     twin = dense_twin(quantized)
-    return slimtune.apply(quantized, LORA), slimtune.apply(twin, LORA)
+    return slimtune.apply(quantized, config), slimtune.apply(twin, config)
 
 
 def _adamw(model: nn.Module) -> torch.optim.Optimizer:
@@ -84,9 +87,10 @@ def test_checkpoints_and_peft_adapters_load_across_the_quantized_model_and_its_t
         torch.testing.assert_close(again(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ADAPTERS)
 @pytest.mark.parametrize("fmt", ["bnb-nf4", "torchao-nf4"])
-def test_merge_gives_dense_weights_and_unmerge_is_refused(fmt) -> None:
-    quantized, twin = _pair(fmt)
+def test_merge_gives_dense_weights_and_unmerge_is_refused(fmt, method) -> None:
+    quantized, twin = _pair(fmt, ADAPTERS[method])
     sharded_steps(quantized, _adamw(quantized), 0, 1)
     sharded_steps(twin, _adamw(twin), 0, 1)
     ids = make_batch()
@@ -97,6 +101,65 @@ def test_merge_gives_dense_weights_and_unmerge_is_refused(fmt) -> None:
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
     refused(merged, lambda: slimtune.unmerge(merged), ValueError, "cannot give back 4-bit weights")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 5e-3)], ids=["fp32", "bf16"])
+def test_qhydra_layer_matches_the_float64_reference(fmt, dtype, tol) -> None:
+    """y = h + b + sp (x Ap^T) Bp^T + ss (h As^T) Bs^T with h = x W^T, W the dequantized weight."""
+    generator = torch.Generator().manual_seed(6)
+    dense = nn.Linear(96, 40, bias=True).to(dtype)
+    base = quantize_linear(dense, fmt)
+    layer = QHydraLinear(base, 2, 3, 4.0, dtype=torch.float32, generator=generator)
+    with torch.no_grad():
+        layer.parallel_B.copy_(torch.randn(40, 2, generator=generator))
+        layer.sequential_B.copy_(torch.randn(40, 3, generator=generator))
+    x = torch.randn(2, 3, 96, generator=generator).to(dtype).requires_grad_(True)
+    dy = torch.randn(2, 3, 40, generator=generator).to(dtype)
+    layer(x).backward(dy)
+    trained = [layer.parallel_A, layer.parallel_B, layer.sequential_A, layer.sequential_B]
+    reference = [t.detach().double().requires_grad_(True) for t in trained]
+    x64 = x.detach().double().requires_grad_(True)
+    w, bias = slimtune.quantized.dequantized(base).double(), base.bias.detach().double()
+    ap, bp, as_, bs = reference
+    h = x64 @ w.T
+    expected = h + bias + 2.0 * (x64 @ ap.T) @ bp.T + (4.0 / 3) * (h @ as_.T) @ bs.T
+    expected.backward(dy.double())
+    pairs = [(layer(x.detach()), expected.detach()), (x.grad, x64.grad)]
+    pairs += [(t.grad, r.grad) for t, r in zip(trained, reference, strict=True)]
+    for got, want in pairs:  # within `tol` of each tensor's own scale
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * max(want.abs().max().item(), 1.0))
+    assert all(t.dtype == torch.float32 for t in trained) and slimtune.quantized.is_4bit(layer.base)
+
+
+@pytest.mark.parametrize("fmt", ["bnb-nf4", "torchao-nf4"])
+def test_a_quantized_llama_trains_as_hydra_on_its_dequantized_twin(fmt) -> None:
+    quantized, twin = _pair(fmt, HYDRA)
+    assert sum(isinstance(m, QHydraLinear) for m in quantized.modules()) == 14
+    mine, theirs = sharded_steps(quantized, _adamw(quantized), 0, 1), sharded_steps(twin, _adamw(twin), 0, 1)
+    assert mine == pytest.approx(theirs, rel=1e-6) and mine[-1] < mine[0]
+    for name, layer in slimtune.state.patched_layers(quantized).items():
+        other = twin.get_submodule(name)
+        for key in HYDRA_TENSORS:
+            torch.testing.assert_close(
+                getattr(layer, key), getattr(other, key), rtol=1e-4, atol=1e-6, msg=name
+            )
+
+
+def test_hydra_checkpoints_load_across_the_quantized_model_and_its_twin(tmp_path) -> None:
+    quantized, _ = _pair(config=HYDRA)
+    sharded_steps(quantized, _adamw(quantized), 0, 1)
+    ids = make_batch()
+    with torch.no_grad():
+        expected = quantized(input_ids=ids).logits
+    slimtune.save(quantized, tmp_path / "q")
+    dense = slimtune.load(dense_twin(quantize(make_model("llama"))), tmp_path / "q")
+    slimtune.save(dense, tmp_path / "d")
+    again = slimtune.load(quantize(make_model("llama")), tmp_path / "d")
+    assert any(isinstance(m, QHydraLinear) for m in again.modules())
+    with torch.no_grad():
+        for model in (dense, again):
+            torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_corda_on_a_4bit_base_is_refused_by_name() -> None:
@@ -139,7 +202,7 @@ def test_peft_loads_the_adapter_onto_its_own_bitsandbytes_base(tmp_path) -> None
 
 
 @pytest.mark.parametrize("fmt", ["bnb-nf4", "torchao-nf4"])
-@pytest.mark.parametrize("config", [slimtune.PaCAConfig(r=4), LORA], ids=["qpaca", "qlora"])
+@pytest.mark.parametrize("config", [slimtune.PaCAConfig(r=4), LORA, HYDRA], ids=["qpaca", "qlora", "qhydra"])
 def test_gradient_checkpointing_on_a_4bit_base_takes_the_same_steps(config, fmt) -> None:
     """HF gradient checkpointing recomputes the 4-bit products in backward: the steps are the same."""
     runs = []
@@ -168,9 +231,10 @@ def test_sharding_engines_are_refused_for_a_qlora_model_by_name() -> None:
         ("bnb-nf4", slimtune.PaCAConfig(r=4)),
         ("torchao-nf4", LORA),
         pytest.param("bnb-nf4", LORA, marks=pytest.mark.slow),
+        ("bnb-nf4", HYDRA),
         pytest.param("torchao-nf4", slimtune.PaCAConfig(r=4), marks=pytest.mark.slow),
     ],
-    ids=["bnb-qpaca", "torchao-qlora", "bnb-qlora", "torchao-qpaca"],
+    ids=["bnb-qpaca", "torchao-qlora", "bnb-qlora", "bnb-qhydra", "torchao-qpaca"],
 )
 def test_a_decoder_block_on_a_4bit_base_compiles_fullgraph_with_the_eager_gradients(fmt, config) -> None:
     """torch.compile(fullgraph=True) of a block of 4-bit linears (the libraries' own products are

@@ -3,7 +3,7 @@
 from .lora import HydraLinear, LoRALinear
 from .paca import PaCALinear
 from .partial import PartialLinear
-from .qlora import QLoRALinear
+from .qlora import QHydraLinear, QLoRALinear
 from .qpaca import QPaCALinear
 from .s2ft import S2FTLinear
 
@@ -12,6 +12,7 @@ __all__ = [
     "LoRALinear",
     "PaCALinear",
     "PartialLinear",
+    "QHydraLinear",
     "QLoRALinear",
     "QPaCALinear",
     "S2FTLinear",

@@ -32,7 +32,7 @@ from ..layers.lora import (
     undo_merge_,
     write_merge_,
 )
-from ..layers.qlora import QLoRALinear
+from ..layers.qlora import QHydraLinear, QLoRALinear
 from ..registry import FUSED_KERNELS, MERGE, PEFT_FORMAT, UNMERGE, MethodInfo, register
 from ..targets import check_base_linear, match_targets
 from ..transaction import Transaction
@@ -308,10 +308,14 @@ def _to_residual(linear: nn.Linear, a0: Tensor, b0: Tensor, scaling: float) -> N
 
 class HydraMethod(AdapterMethod):
     name = "hydra"
+    takes_4bit = True
 
     def make_layer(self, name: str, linear: nn.Linear, config: HydraConfig) -> HydraLinear:
         dtype = torch.float32 if config.fp32_master else None
-        return HydraLinear(
+        if quantized.is_4bit(linear):  # QHydra: float32 adapters, or the dtype the base was quantized from
+            dtype = dtype or quantized.dtype(linear)
+        layer = QHydraLinear if quantized.is_4bit(linear) else HydraLinear
+        return layer(
             linear,
             config.r_parallel,
             config.r_sequential,
