@@ -52,7 +52,7 @@ def test_cpu_measured_peak_equals_the_accounted_one_on_a_4bit_base(tmp_path, fmt
     """As for dense models (test_profile): the same bytes, quantization state included, but for the
     scalar operands wrapped on the host. (At 32 tokens bitsandbytes' CPU kernels' own workspace, up to
     40 KB, rises above the step's tiny peak; at 128 it does not.)"""
-    report = profile(model="tiny", batch=2, seq=64, dtype=dtype, methods=["floor", "paca", "lora"],
+    report = profile(model="tiny", batch=2, seq=64, dtype=dtype, methods=["floor", "paca", "lora", "hydra"],
                      device="cpu", out=tmp_path, warmup=1, steps=1, quant=fmt)  # fmt: skip
     for row in report["rows"]:
         assert row["error"] is None, row["error"]
@@ -85,7 +85,7 @@ def test_the_4bit_base_holds_its_hand_count_and_qpaca_its_columns(tmp_path) -> N
 
 def test_rows_that_need_dense_weights_and_unknown_formats_are_refused(capsys) -> None:
     with pytest.raises(ValueError, match=r"--quant nf4: \['full', 's2ft\+lean'\] need dense weights"):
-        profile(model="tiny", methods=["paca", "full", "s2ft+lean"], quant="nf4")
+        profile(model="tiny", methods=["paca", "hydra", "full", "s2ft+lean"], quant="nf4")
     with pytest.raises(ValueError, match="unknown --quant 'int3'"):
         profile(model="tiny", methods=["paca"], quant="int3")
     assert cli_main(["profile", "--model", "tiny", "--quant", "int3"]) == 2

@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="4-bit base: every linear but the LM head as bitsandbytes Linear4bit, as BitsAndBytesConfig("
         "load_in_4bit=True) loads it: nf4 (with double quantization, QLoRA's setting), nf4-single, fp4 "
-        "(default none); rows: floor, paca (QPaCA), lora (QLoRA), peft-lora and their +lean variants",
+        "(default none); rows: floor, paca (QPaCA), lora (QLoRA), hydra (QHydra), peft-lora, and +lean "
+        "variants",
     )
     profile.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed steps on a device")
     profile.add_argument(

@@ -52,12 +52,12 @@ from .bench import (
 GiB = 2**30
 ALLOCATOR_OVERHEAD_GIB = 1.04
 DEFAULT_METHODS = ("floor", "paca", "s2ft", "lora", "hydra", "peft-lora", "peft-lora-bf16", "full")
-ON_4BIT = ("floor", "paca", "lora", "peft-lora", "peft-lora-bf16")  # rows that train on a 4-bit base
+ON_4BIT = ("floor", "paca", "lora", "hydra", "peft-lora", "peft-lora-bf16")  # rows that train on a 4-bit base
 QUANT_ROWS = (
     "- on the 4-bit base, paca is QPaCA (bitsandbytes' 4-bit product plus one correction product; the "
     "columns a float32 master beside the frozen 4-bit weight, with their dequantized initial values) and "
-    "lora is QLoRA (the 4-bit product beside the adapter's two; float32 adapters); weights include the "
-    "quantization state"
+    "lora is QLoRA and hydra QHydra (the 4-bit product beside the adapters' products; float32 adapters); "
+    "weights include the quantization state"
 )
 BASELINES = ("floor", "peft-lora", "peft-lora-bf16", "full")  # every row gets its ratio to these
 
@@ -256,9 +256,8 @@ def _check_quant(methods, quant: str) -> None:
     dense_only = [m for m in methods if quant != "none" and _base_row(m) not in ON_4BIT]
     if dense_only:
         raise ValueError(
-            f"--quant {quant}: {dense_only} need dense weights (the 4-bit weights stay frozen; S2FT and "
-            f"Hydra are refused on 4-bit bases); rows on a 4-bit base: {', '.join(ON_4BIT)} and their "
-            f"+lean variants"
+            f"--quant {quant}: {dense_only} need dense weights (the 4-bit weights stay frozen; S2FT is "
+            f"refused on 4-bit bases); rows on a 4-bit base: {', '.join(ON_4BIT)} and their +lean variants"
         )
 
 
@@ -352,6 +351,7 @@ def _write(rows: list[Row], setup: Setup, methods, checkpointing, folder: Path) 
             "transformers": package_version("transformers"),
             "peft": package_version("peft"),
             "slimtune": slimtune.__version__,
+            **({"bitsandbytes": package_version("bitsandbytes")} if setup.quant != "none" else {}),
         },
         "notes": [
             "peak_exact: live bytes of the step, exact (meta-device accounting)",
