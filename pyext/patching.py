@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from . import checkpoint, files, hf_model, sharding
+from . import checkpoint, files, hf_model, quantized, sharding
 from .architectures import architecture
 from .checkpoint import CONFIG_FILE, FORMAT_VERSION, TENSORS_FILE
 from .config import MethodConfig
@@ -67,21 +67,42 @@ def print_trainable_summary(model: nn.Module) -> None:
     print(f"{counts} || trainable%: {s['percent']:.4f}")
 
 
-def merge(model: nn.Module) -> nn.Module:
+def merge(model: nn.Module, requantize: bool = False) -> nn.Module:
     """Replace every slimtune layer by a plain module holding the trained weights (same outputs).
 
-    Parameters get back the `requires_grad` flags they had before `apply`.
+    Parameters get back the `requires_grad` flags they had before `apply`. A layer on a 4-bit base
+    becomes a dense linear in the dtype the base was quantized from; with `requantize=True` it is
+    quantized again as its base was (with a warning: rounding changes the merged weights).
     """
     state = require_patched(model)
     sharding.refuse_sharded(model, "merge")
     layers = patched_layers(model)
+    on_4bit = {name: layer.base for name, layer in layers.items() if getattr(layer, "quantized", False)}
+    if requantize and not on_4bit:
+        raise ValueError(
+            f"merge(requantize=True): no layer of this {type(model).__name__} sits on a 4-bit base; "
+            f"merge without requantize"
+        )
     with Transaction(model) as transaction:
         for_config(state.config).glue.unpatch(model, layers, state.extra, transaction)
+        if requantize:
+            _requantize(model, on_4bit)
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(state.requires_grad.get(name, True))
         clear(model)
     hf_model.uninstall(model, state)
     return model
+
+
+def _requantize(model: nn.Module, bases: dict[str, nn.Module]) -> None:
+    """Each merged dense linear named in `bases` quantized again as its 4-bit base was."""
+    for name, base in bases.items():
+        model.set_submodule(name, quantized.quantized_like(base, model.get_submodule(name)))
+    warnings.warn(
+        f"slimtune.merge(requantize=True): {len(bases)} merged linears quantized to 4 bits again; the "
+        f"rounding changes their weights, so the model no longer computes exactly what was trained",
+        stacklevel=3,
+    )
 
 
 def unmerge(model: nn.Module) -> nn.Module:

@@ -66,6 +66,25 @@ class _Bitsandbytes:
         )
 
     @staticmethod
+    def like(module: nn.Module, linear: nn.Linear) -> nn.Module:
+        import bitsandbytes as bnb
+
+        state = module.weight.quant_state
+        double = bool(getattr(state, "nested", False))
+        q = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            compute_dtype=module.compute_dtype, compress_statistics=double, quant_type=state.quant_type,
+            device="meta",
+        )  # fmt: skip
+        q.weight = bnb.nn.Params4bit(
+            linear.weight.detach().to(state.dtype).clone(), requires_grad=False, blocksize=state.blocksize,
+            compress_statistics=double, quant_type=state.quant_type,
+        )  # fmt: skip
+        if linear.bias is not None:
+            q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return q.to(module.weight.device)  # bitsandbytes quantizes on the move
+
+    @staticmethod
     def product(module: nn.Module, x: Tensor, bias: bool) -> Tensor:
         """bitsandbytes' `matmul_4bit` in the module's compute dtype, as its forward computes it in
         training, without the repacking for its CPU inference kernel (which would change the numerics
@@ -111,6 +130,18 @@ class _TorchaoNF4:
     @staticmethod
     def dequantized(module: nn.Module) -> Tensor:
         return module.weight.get_original_weight()
+
+    @staticmethod
+    def like(module: nn.Module, linear: nn.Linear) -> nn.Module:
+        from torchao.quantization import to_nf4
+
+        weight = module.weight
+        q = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        nf4 = to_nf4(linear.weight.detach().to(weight.dtype), weight.block_size, weight.scaler_block_size)
+        q.weight = nn.Parameter(nf4, requires_grad=False)
+        if linear.bias is not None:
+            q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return q
 
     @staticmethod
     def product(module: nn.Module, x: Tensor, bias: bool) -> Tensor:
@@ -168,6 +199,12 @@ def product(module: nn.Module, x: Tensor, bias: bool = True) -> Tensor:
     """`module`'s own 4-bit product of `x` (with its bias unless `bias` is False), as its forward
     computes it in training."""
     return _format(module).product(module, x, bias)
+
+
+def quantized_like(module: nn.Module, linear: nn.Linear) -> nn.Module:
+    """`linear` (a merged weight) quantized to 4 bits as `module` is: same library, format, block sizes,
+    double quantization and compute dtype, on `module`'s device. Rounding changes the weight."""
+    return _format(module).like(module, linear)
 
 
 def dense(module: nn.Module, weight: Tensor) -> nn.Linear:

@@ -259,3 +259,32 @@ def test_a_decoder_block_on_a_4bit_base_compiles_fullgraph_with_the_eager_gradie
     assert len(trained) > 0 and all(g.abs().sum() > 0 for g in expected[2:])
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["qpaca", *ADAPTERS])
+@pytest.mark.parametrize("fmt", ["bnb-nf4-double", "torchao-nf4"])
+def test_merge_with_requantize_quantizes_each_merged_linear_as_its_base_was(fmt, method) -> None:
+    config = ADAPTERS.get(method, slimtune.PaCAConfig(r=4))
+
+    def trained() -> nn.Module:  # twice the same run (a deepcopy would re-quantize torchao's weights)
+        model = slimtune.apply(quantize(make_model("llama"), fmt), config)
+        sharded_steps(model, _adamw(model), 0, 1)
+        return model
+
+    model, dense = trained(), slimtune.merge(trained())  # the merged weights, dense
+    layers = slimtune.state.patched_layers(model).items()
+    bases = {name: slimtune.quantized.describe(layer.base) for name, layer in layers}
+    with pytest.warns(UserWarning, match="rounding changes their weights"):
+        slimtune.merge(model, requantize=True)
+    for name, described in bases.items():
+        layer, merged = model.get_submodule(name), dense.get_submodule(name)
+        assert slimtune.quantized.describe(layer) == described, name
+        again = slimtune.quantized.quantized_like(layer, merged)  # the same quantization of the same weight
+        assert torch.equal(slimtune.quantized.dequantized(layer), slimtune.quantized.dequantized(again)), name
+        assert not torch.equal(slimtune.quantized.dequantized(layer), merged.weight.detach()), name  # rounded
+
+
+def test_merge_with_requantize_of_a_dense_model_is_refused() -> None:
+    model = slimtune.apply(make_model("llama"), LORA)
+    merge = lambda: slimtune.merge(model, requantize=True)  # noqa: E731
+    refused(model, merge, ValueError, "no layer of this .* 4-bit base")
