@@ -21,32 +21,53 @@ ADAPTERS = {"qlora": LORA, "qhydra": HYDRA}
 HYDRA_TENSORS = ("parallel_A", "parallel_B", "sequential_A", "sequential_B")
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 5e-3)], ids=["fp32", "bf16"])
-def test_layer_matches_the_float64_reference(fmt, dtype, tol) -> None:
-    generator = torch.Generator().manual_seed(5)
-    dense = nn.Linear(96, 40, bias=True).to(dtype)
-    base = quantize_linear(dense, fmt)
-    layer = QLoRALinear(base, 4, 8.0, dtype=torch.float32, generator=generator)
-    with torch.no_grad():
-        layer.lora_B.copy_(torch.randn(40, 4, generator=generator))
-    x = torch.randn(2, 3, 96, generator=generator).to(dtype).requires_grad_(True)
-    dy = torch.randn(2, 3, 40, generator=generator).to(dtype)
+PRECISIONS = pytest.mark.parametrize(
+    "dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 5e-3)], ids=["fp32", "bf16"]
+)
+
+
+def against_float64(layer: nn.Module, trained_names, reference, dtype: torch.dtype, tol: float) -> None:
+    """The layer's output, input gradient and every trained tensor's gradient against `reference(x,
+    w, bias, *trained)` run in float64 autograd on the dequantized weight; each within `tol` of its
+    own scale (float32 sums round at about 1e-7 of it)."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, layer.in_features, generator=generator).to(dtype).requires_grad_(True)
+    dy = torch.randn(2, 3, layer.out_features, generator=generator).to(dtype)
     layer(x).backward(dy)
-    w = slimtune.quantized.dequantized(base).double()
-    a, b = layer.lora_A.detach().double(), 2.0 * layer.lora_B.detach().double()
-    x64, dy64 = x.detach().double(), dy.double()
-    expected = x64 @ (w + b @ a).T + base.bias.detach().double()
-    grad_b = 2.0 * torch.einsum("bto,btr->or", dy64, x64 @ a.T)
-    grad_a = torch.einsum("btr,bti->ri", dy64 @ b, x64)
-    for got, want in [
-        (layer(x.detach()), expected),
-        (x.grad, dy64 @ (w + b @ a)),
-        (layer.lora_B.grad, grad_b),
-        (layer.lora_A.grad, grad_a),
-    ]:  # within `tol` of each tensor's own scale (float32 sums round at about 1e-7 of it)
+    inputs = [x, *(getattr(layer, name) for name in trained_names)]
+    exact = [t.detach().double().requires_grad_(True) for t in inputs]
+    w, bias = slimtune.quantized.dequantized(layer.base).double(), layer.base.bias.detach().double()
+    expected = reference(exact[0], w, bias, *exact[1:])
+    expected.backward(dy.double())
+    pairs = [(layer(x.detach()), expected.detach())] + [
+        (t.grad, e.grad) for t, e in zip(inputs, exact, strict=True)
+    ]
+    for got, want in pairs:
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * max(want.abs().max().item(), 1.0))
-    assert base.weight.grad is None
+    assert all(t.dtype == torch.float32 for t in inputs[1:]) and layer.base.weight.grad is None
+
+
+def adapter_layer(kind: type, fmt: str, dtype: torch.dtype, *sizes) -> nn.Module:
+    """A `kind` layer on a 4-bit 96 -> 40 base, float32 adapters, every B off its zero init."""
+    generator = torch.Generator().manual_seed(5)
+    layer = kind(
+        quantize_linear(nn.Linear(96, 40).to(dtype), fmt), *sizes, dtype=torch.float32, generator=generator
+    )
+    with torch.no_grad():
+        for name, tensor in layer.named_parameters():
+            if name.endswith("B"):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    return layer
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@PRECISIONS
+def test_layer_matches_the_float64_reference(fmt, dtype, tol) -> None:
+    """y = x W^T + b + s (x A^T) B^T, s = alpha / r = 2."""
+    layer = adapter_layer(QLoRALinear, fmt, dtype, 4, 8.0)
+    against_float64(
+        layer, ("lora_A", "lora_B"), lambda x, w, bias, a, b: x @ (w + 2.0 * b @ a).T + bias, dtype, tol
+    )
 
 
 def _pair(fmt: str = "bnb-nf4", config: slimtune.MethodConfig = LORA) -> tuple[nn.Module, nn.Module]:
@@ -103,33 +124,17 @@ def test_merge_gives_dense_weights_and_unmerge_is_refused(fmt, method) -> None:
     refused(merged, lambda: slimtune.unmerge(merged), ValueError, "cannot give back 4-bit weights")
 
 
+def _hydra(x, w, bias, ap, bp, as_, bs):
+    h = x @ w.T
+    return h + bias + 2.0 * (x @ ap.T) @ bp.T + (4.0 / 3) * (h @ as_.T) @ bs.T
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 5e-3)], ids=["fp32", "bf16"])
+@PRECISIONS
 def test_qhydra_layer_matches_the_float64_reference(fmt, dtype, tol) -> None:
-    """y = h + b + sp (x Ap^T) Bp^T + ss (h As^T) Bs^T with h = x W^T, W the dequantized weight."""
-    generator = torch.Generator().manual_seed(6)
-    dense = nn.Linear(96, 40, bias=True).to(dtype)
-    base = quantize_linear(dense, fmt)
-    layer = QHydraLinear(base, 2, 3, 4.0, dtype=torch.float32, generator=generator)
-    with torch.no_grad():
-        layer.parallel_B.copy_(torch.randn(40, 2, generator=generator))
-        layer.sequential_B.copy_(torch.randn(40, 3, generator=generator))
-    x = torch.randn(2, 3, 96, generator=generator).to(dtype).requires_grad_(True)
-    dy = torch.randn(2, 3, 40, generator=generator).to(dtype)
-    layer(x).backward(dy)
-    trained = [layer.parallel_A, layer.parallel_B, layer.sequential_A, layer.sequential_B]
-    reference = [t.detach().double().requires_grad_(True) for t in trained]
-    x64 = x.detach().double().requires_grad_(True)
-    w, bias = slimtune.quantized.dequantized(base).double(), base.bias.detach().double()
-    ap, bp, as_, bs = reference
-    h = x64 @ w.T
-    expected = h + bias + 2.0 * (x64 @ ap.T) @ bp.T + (4.0 / 3) * (h @ as_.T) @ bs.T
-    expected.backward(dy.double())
-    pairs = [(layer(x.detach()), expected.detach()), (x.grad, x64.grad)]
-    pairs += [(t.grad, r.grad) for t, r in zip(trained, reference, strict=True)]
-    for got, want in pairs:  # within `tol` of each tensor's own scale
-        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * max(want.abs().max().item(), 1.0))
-    assert all(t.dtype == torch.float32 for t in trained) and slimtune.quantized.is_4bit(layer.base)
+    """y = h + b + sp (x Ap^T) Bp^T + ss (h As^T) Bs^T with h = x W^T (sp = 4/2, ss = 4/3)."""
+    layer = adapter_layer(QHydraLinear, fmt, dtype, 2, 3, 4.0)
+    against_float64(layer, HYDRA_TENSORS, _hydra, dtype, tol)
 
 
 @pytest.mark.parametrize("fmt", ["bnb-nf4", "torchao-nf4"])
