@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_demo_output(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The demo's --output before anything loads: only for the pretrained demo, a new or empty folder."""
-    if args.output is None:
+    if args.command != "demo" or args.output is None:
         return
     if args.single_task:
         parser.error("--output: the single-task demo writes no files (drop --output or --single-task)")
@@ -289,8 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        _check_demo_output(parser, args)
+    _check_demo_output(parser, args)
     missing = [name for name in APPS_MODULES if importlib.util.find_spec(name) is None]
     if args.command != "info" and missing:
         print(
