@@ -156,6 +156,10 @@ def test_demo_teaches_the_real_model_with_every_method_by_default(capfd: Capture
     out, err = capfd.readouterr()
     _no_warning(err)
     assert "\r" not in err and "loading smollm2-135m" in err and "evaluating knowledge: 64/64" in err
+    banner = err.splitlines()[0]  # what runs, how long it takes and where it goes, before anything loads
+    assert banner.startswith("slimtune demo: the built-in smollm2-135m") and str(folder) in banner
+    assert "about 4 minutes" in banner and "1 step each" in banner
+    assert "smollm2-135m, 1 step of the swap task with each method from the same base:" in out
     table = out[out.index("knowledge kept") :].splitlines()[2:7]  # the comparison table printed last
     assert tuple(line.split()[0] for line in table) == ("full", "lora", "paca", "s2ft", "hft")
     assert all(len(line.split()) == 7 for line in table)

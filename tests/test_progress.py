@@ -22,6 +22,18 @@ def test_off_a_terminal_a_counted_phase_prints_its_tenths_only_once_it_is_slow(c
     assert capsys.readouterr().err == "evaluating swap: 4/4 (31.0 s)\n"  # the last update always shows
 
 
+def test_off_a_terminal_a_slow_phase_prints_at_least_every_30_seconds(capsys, monkeypatch) -> None:
+    """A phase of 1000 items at 4 s each (a base evaluation on a loaded machine): a tenth takes 400 s,
+    so it also prints at the first update 30 s after its last line."""
+    clock = iter([0.0, *(4.0 * step for step in range(1, 21))])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    bar = progress.bar(1000, "evaluating knowledge", quiet_s=10.0)
+    for _ in range(20):
+        bar.update()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"evaluating knowledge: {n}/1000 ({4.0 * n:.1f} s)" for n in (8, 16)]
+
+
 def test_an_uncounted_phase_says_what_it_does_and_how_long_it_took(capsys, monkeypatch) -> None:
     with progress.phase("loading smollm2-135m"):
         pass

@@ -2,7 +2,9 @@
 
 tqdm's carriage-return frames would fill a log or CI output, so off a terminal a counted phase
 prints a line at each tenth (once it has run `quiet_s` seconds: a phase that ends sooner prints
-only its last line) and an uncounted phase prints a line when it starts and one when it ends.
+only its last line), and at the first update `EVERY_S` seconds after its last line however slowly it
+goes (a loaded machine shows life at least that often); an uncounted phase prints a line when it
+starts and one when it ends.
 """
 
 from __future__ import annotations
@@ -43,23 +45,31 @@ class Silent:
         pass
 
 
+EVERY_S = 30.0  # off a terminal, a counted phase prints at least this often (at its next update)
+
+
 class Lines:
-    """A counted phase off a terminal: a line at each tenth once `quiet_s` have passed, and the last."""
+    """A counted phase off a terminal: a line at each tenth once `quiet_s` have passed, at the first
+    update `EVERY_S` after the last line, and the last."""
 
     def __init__(self, total: int, desc: str, quiet_s: float = 0.0) -> None:
         self.total, self.desc, self.quiet_s = total, desc, quiet_s
         self.done, self.tenth, self.postfix = 0, 0, ""
         self.started = time.perf_counter()
+        self.printed = self.started
 
     def set_postfix_str(self, text: str) -> None:
         self.postfix = text
 
     def update(self, n: int = 1) -> None:
         self.done += n
-        tenth, seconds = self.done * 10 // max(self.total, 1), time.perf_counter() - self.started
-        if self.done >= self.total or (tenth > self.tenth and seconds >= self.quiet_s):
+        now = time.perf_counter()
+        tenth, seconds = self.done * 10 // max(self.total, 1), now - self.started
+        new_tenth = tenth > self.tenth and seconds >= self.quiet_s
+        if self.done >= self.total or new_tenth or now - self.printed >= EVERY_S:
             print(f"{self.desc}: {self.done}/{self.total} {self.postfix}".rstrip() + f" ({seconds:.1f} s)",
                   file=sys.stderr, flush=True)  # fmt: skip
+            self.printed = now
         self.tenth = tenth
 
     def close(self) -> None:
