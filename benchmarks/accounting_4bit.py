@@ -55,7 +55,8 @@ def summary() -> str:
             "- command: `python benchmarks/accounting_4bit.py` (each folder's profile.md gives its own "
             "`slimtune profile` command)",
             "- base: every linear but the LM head bitsandbytes NF4 with double quantization, bf16 otherwise; "
-            "PaCA r=64 (QPaCA), LoRA r=16 (QLoRA), Hydra r=8 parallel + 8 sequential (QHydra), PEFT LoRA r=16; AdamW",
+            "PaCA r=64 (QPaCA), LoRA r=16 (QLoRA), Hydra r=8 parallel + 8 sequential (QHydra), PEFT LoRA "
+            "r=16; AdamW",
             f"- GiB on a card: the exact accounted peak + {first['allocator_overhead_gib']} GiB allocator "
             "overhead (calibrated on the H200 anchors' TinyLlama step; other shapes may differ). A model "
             f"fits when that is at most {CARD_GIB:g} GiB.",
