@@ -145,17 +145,16 @@ def test_demo_compares_three_methods(capfd: CaptureStr) -> None:
         assert float(row[2]) < 10 and float(row[3]) > 0  # final loss, ms/step
 
 
-@pytest.mark.skipif(
+NEEDS_MODEL = pytest.mark.skipif(
     not slimtune.models.is_available("smollm2-135m"),
     reason=f"the demo's model needs: {slimtune.models.INSTALL}",
 )
-@pytest.mark.filterwarnings("error")
-def test_demo_teaches_the_real_model_with_every_method_by_default(capfd: CaptureStr, tmp_path) -> None:
-    folder = tmp_path / "demo"  # about 1 GB of checkpoints: here, not in a temporary folder kept for users
-    assert main(["demo", "--steps", "1", "--device", "cpu", "--output", str(folder)]) == 0
-    out, err = capfd.readouterr()
+
+
+def _check_demo_output(out: str, err: str, folder: Path, probes: int) -> None:
     _no_warning(err)
-    assert "\r" not in err and "loading smollm2-135m" in err and "evaluating knowledge: 64/64" in err
+    assert "\r" not in err and "loading smollm2-135m" in err
+    assert f"evaluating knowledge: {probes}/{probes}" in err
     banner = err.splitlines()[0]  # what runs, how long it takes and where it goes, before anything loads
     assert banner.startswith("slimtune demo: the built-in smollm2-135m") and str(folder) in banner
     assert "about 4 minutes" in banner and "1 step each" in banner
@@ -165,6 +164,35 @@ def test_demo_teaches_the_real_model_with_every_method_by_default(capfd: Capture
     assert all(len(line.split()) == 7 for line in table)
     assert "heatmap" in out and f"checkpoints in {folder / 'run'}" in out
     assert (folder / "demo.yaml").is_file() and (folder / "run" / "forgetting.png").is_file()
+
+
+@NEEDS_MODEL
+@pytest.mark.filterwarnings("error")
+def test_the_demo_command_on_four_items_a_task(capfd: CaptureStr, tmp_path, monkeypatch) -> None:
+    """The short variant (the full one is marked slow): each method from the base, 4 items a task."""
+    from slimtune.apps.train import demo
+
+    def small(steps: int, seed: int, device: str) -> dict:
+        data = full_recipe(steps, seed, device)
+        for entry in [*data["tasks"], *(source for stage in data["stages"] for source in stage["data"])]:
+            entry["n"] = 4
+        assert all(stage["from"] == "base" for stage in data["stages"])
+        return data
+
+    full_recipe = demo.recipe
+    monkeypatch.setattr(demo, "recipe", small)
+    folder = tmp_path / "demo"
+    assert main(["demo", "--steps", "1", "--device", "cpu", "--output", str(folder)]) == 0
+    _check_demo_output(*capfd.readouterr(), folder, probes=4)
+
+
+@NEEDS_MODEL
+@pytest.mark.slow  # about 3 minutes on 2 idle cores: `pytest -m slow`
+@pytest.mark.filterwarnings("error")
+def test_demo_teaches_the_real_model_with_every_method_by_default(capfd: CaptureStr, tmp_path) -> None:
+    folder = tmp_path / "demo"  # about 1 GB of checkpoints: here, not in a temporary folder kept for users
+    assert main(["demo", "--steps", "1", "--device", "cpu", "--output", str(folder)]) == 0
+    _check_demo_output(*capfd.readouterr(), folder, probes=64)
 
 
 def test_demo_without_the_model_names_the_pip_command(capfd: CaptureStr, monkeypatch) -> None:

@@ -186,19 +186,6 @@ def test_a_chat_recipe_trains_the_real_model_and_exports_a_plain_hf_directory(tm
         torch.testing.assert_close(plain(input_ids=ids).logits, result.model(input_ids=ids).logits)
 
 
-def test_the_demo_recipe_compares_every_method_from_the_base(tmp_path) -> None:
-    from slimtune.apps.train import demo, run
-
-    data = demo.recipe(steps=1, seed=0, device="cpu")
-    for entry in [*data["tasks"], *(source for stage in data["stages"] for source in stage["data"])]:
-        entry["n"] = 4
-    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(data))
-    result = run(tmp_path / "demo.yaml", tmp_path / "run")
-    lines = demo.table(result.metrics, "state MiB").splitlines()
-    assert [line.split()[0] for line in lines[2:]] == list(demo.METHODS)
-    assert all(stage["from"] == "base" for stage in data["stages"])
-
-
 def test_concurrent_first_loads_build_the_cache_once(tmp_path, monkeypatch) -> None:
     import threading
     import time

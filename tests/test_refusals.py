@@ -13,12 +13,13 @@ from torch import nn
 
 
 def _copy(value: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """A tensor's data, exactly; a wrapper subclass's (torchao's NF4Tensor) as its inner tensors (its
-    own clone re-quantizes)."""
-    if type(value) is torch.Tensor or not hasattr(value, "__tensor_flatten__"):
+    """A tensor's data, exactly; a wrapper subclass whose inner tensors are all tensors (torchao's
+    NF4Tensor) as those (its own clone re-quantizes)."""
+    flatten = getattr(value, "__tensor_flatten__", None) if type(value) is not torch.Tensor else None
+    inner = [getattr(value, name) for name in flatten()[0]] if flatten is not None else []
+    if not inner or not all(isinstance(t, torch.Tensor) for t in inner):  # plain, or a DTensor (its mesh)
         return (value.detach().clone(),)
-    names, _ = value.__tensor_flatten__()
-    return tuple(getattr(value, name).detach().clone() for name in names)
+    return tuple(t.detach().clone() for t in inner)
 
 
 def snapshot(model: nn.Module) -> dict:
