@@ -19,6 +19,8 @@ from torch import Tensor, nn
 class _Bitsandbytes:
     """bitsandbytes `Linear4bit`: the weight is a `Params4bit` carrying its `quant_state`."""
 
+    shards_under_fsdp2 = False  # its quantization state lives beside the parameter, where FSDP2 cannot see
+
     @staticmethod
     def matches(module: nn.Module) -> bool:
         kind = type(module)
@@ -100,6 +102,8 @@ class _Bitsandbytes:
 class _TorchaoNF4:
     """An `nn.Linear` whose weight is a torchao `NF4Tensor` (dtype: the dtype it was quantized from)."""
 
+    shards_under_fsdp2 = True  # NF4Tensor splits and gathers its inner tensors for FSDP2 (torchtune's QLoRA)
+
     @staticmethod
     def matches(module: nn.Module) -> bool:
         weight = getattr(module, "weight", None)
@@ -171,6 +175,12 @@ def is_4bit(module: nn.Module) -> bool:
 def describe(module: nn.Module) -> str:
     """The quantization of a 4-bit linear in words: library, format, its settings."""
     return _format(module).describe(module)
+
+
+def shards_under_fsdp2(module: nn.Module) -> bool:
+    """Whether FSDP2 (`fully_shard`) shards and gathers this 4-bit weight exactly (torchao's NF4 does;
+    bitsandbytes' keeps its quantization state outside the parameter)."""
+    return _format(module).shards_under_fsdp2
 
 
 def dtype(module: nn.Module) -> torch.dtype:

@@ -1,4 +1,4 @@
-"""In-place methods under sharding engines: exact under FSDP2, refused under FSDP and ZeRO-3.
+"""In-place methods and 4-bit bases under sharding engines: exact under FSDP2, else refused.
 
 PaCA and S2FT keep their trained entries in a tensor of their own and write them into the dense
 weight before a product reads it. A sharding engine gathers that weight for each forward and
@@ -12,7 +12,9 @@ global step post-hook) and when the model meets FSDP2 first. FSDP2 shards a weig
 columns (`out x r`) by the same rows, so PaCA's columns are written without communication; S2FT's
 rows (`r x in`) are gathered and each rank writes the rows its shard holds. FSDP
 (`FullyShardedDataParallel`) and DeepSpeed ZeRO-3 release the weight the same way and are refused
-at the first forward, naming the engine and what works; DDP and ZeRO-1/2 need nothing.
+at the first forward, naming the engine and what works; DDP and ZeRO-1/2 need nothing. Layers on
+4-bit bases (QPaCA, QLoRA, QHydra) shard under FSDP2 where the base is torchao's NF4 (it splits and
+gathers its inner tensors); any other 4-bit base, or engine, is refused at the first forward.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from . import quantized
 from .layers.partial import is_dtensor
 from .registry import IN_PLACE, for_config
 from .state import PatchState, patched_layers
@@ -106,20 +109,34 @@ def _flattened(tensor: Tensor | None) -> bool:
 
 
 class Guard:
-    """The forward pre-hook of an in-place method's model: under FSDP2 it keeps the sharded weights
-    holding the trained entries; under an engine it cannot train under, it refuses."""
+    """The forward pre-hook of a model patched with an in-place method or on 4-bit bases: under FSDP2
+    it keeps the sharded weights holding the trained entries; under an engine it cannot train under,
+    it refuses."""
 
-    def __init__(self, method: str, layers: list[nn.Module]) -> None:
+    def __init__(self, method: str, layers: list[nn.Module], in_place: bool) -> None:
         self.method, self.layers = method, layers  # the layer objects stay (engines wrap them in place)
-        self.sharded = False
+        self.in_place, self.sharded = in_place, False
+        # read now: an engine's shards no longer carry what tells the 4-bit formats apart
+        bases = [layer.base for layer in layers if getattr(layer, "quantized", False)]
+        self.kinds = sorted({quantized.describe(base) for base in bases})
+        self.fsdp2_exact = all(quantized.shards_under_fsdp2(base) for base in bases)
+
+    def _check_4bit(self, module: nn.Module, found: str) -> None:
+        """FSDP2 shards torchao NF4 bases exactly; bitsandbytes' 4-bit bases and other engines: refused."""
+        if found == FSDP2 and self.fsdp2_exact:
+            return
+        raise RuntimeError(
+            f"{type(module).__name__} has 4-bit bases ({', '.join(self.kinds)}; QPaCA, QLoRA, QHydra), which "
+            f"slimtune does not train under {found}; train it on one process or with "
+            f"DistributedDataParallel (FSDP2 shards torchao NF4 bases)"
+        )
 
     def __call__(self, module: nn.Module, args: Any) -> None:
         found = engine(module, self.layers)
-        if found is not None and any(getattr(layer, "quantized", False) for layer in self.layers):
-            raise RuntimeError(
-                f"{type(module).__name__} has a 4-bit base (QPaCA, QLoRA), which slimtune does not train "
-                f"under {found}; train it on one process or with DistributedDataParallel"
-            )
+        if found is not None and self.kinds:
+            self._check_4bit(module, found)
+        if not self.in_place:  # adapters on 4-bit bases: nothing written into weights
+            return
         if (found == FSDP2) != self.sharded:  # the layers read gathered copies from now on (or no more)
             self.sharded = found == FSDP2
             for layer in self.layers:
@@ -167,8 +184,9 @@ def install(model: nn.Module, state: PatchState) -> None:
     """Guard a model patched with an in-place method, or with layers on 4-bit bases (the hook's
     handle is kept in `state`)."""
     layers = list(patched_layers(model).values())
-    if for_config(state.config).has(IN_PLACE) or any(getattr(layer, "quantized", False) for layer in layers):
-        state.shard_hook = model.register_forward_pre_hook(Guard(state.config.method, layers))
+    in_place = for_config(state.config).has(IN_PLACE)
+    if in_place or any(getattr(layer, "quantized", False) for layer in layers):
+        state.shard_hook = model.register_forward_pre_hook(Guard(state.config.method, layers, in_place))
 
 
 def uninstall(state: PatchState) -> None:

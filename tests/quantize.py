@@ -19,8 +19,11 @@ FORMATS = {
 
 
 def _scaler_block(blocks: int) -> int:
-    """The largest divisor of `blocks` up to torchao's default 256 (its scalers quantize in groups)."""
-    return max(size for size in range(1, min(blocks, 256) + 1) if blocks % size == 0)
+    """The largest divisor of `blocks` up to torchao's default 256 that leaves an even number of scaler
+    groups (FSDP2 splits each of NF4's inner tensors in two across two processes)."""
+    return max(
+        size for size in range(1, min(blocks, 256) + 1) if blocks % size == 0 and blocks // size % 2 == 0
+    )
 
 
 def _torchao(linear: nn.Linear) -> nn.Module:

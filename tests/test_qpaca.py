@@ -137,7 +137,7 @@ def test_other_methods_and_sharding_engines_are_refused_by_name(fmt, described) 
     slimtune.apply(model, slimtune.PaCAConfig(r=4))
     for number, parameter in enumerate(model.parameters()):
         parameter.ds_id = number  # what DeepSpeed ZeRO-3 marks
-    with pytest.raises(RuntimeError, match=r"has a 4-bit base.*DeepSpeed ZeRO-3"):
+    with pytest.raises(RuntimeError, match=r"has 4-bit bases.*DeepSpeed ZeRO-3"):
         model(input_ids=make_batch())
 
 
