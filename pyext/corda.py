@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import hf_model, quantized
+from . import hf_model
 from .config import LoRAConfig
-from .methods.lora import residual
+from .methods.lora import check_dense_for_corda, residual
 from .state import check_unpatched, commit, plan
 from .targets import check_plain_linear, match_targets
 
@@ -199,11 +199,7 @@ def check(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Linear]]:
     planned = plan(model, dataclasses.replace(config, init="random"))  # LoRA's own checks of the targets
     targets = [(r.name, model.get_submodule(r.name)) for r in planned.replacements]
     for name, linear in targets:
-        if quantized.is_4bit(linear):
-            raise ValueError(
-                f"module {name!r} is a 4-bit base: CorDA rewrites base weights into residuals, which a "
-                f"quantized weight cannot hold; use LoRAConfig(init='random') (QLoRA) or a dense model"
-            )
+        check_dense_for_corda(name, linear, config.init)
         if config.r > min(linear.in_features, linear.out_features):
             raise ValueError(
                 f"CorDA: rank {config.r} exceeds the rank of {name} ({tuple(linear.weight.shape)}); "

@@ -114,6 +114,14 @@ class AdapterMethod(Method):
     def make_layer(self, name: str, linear: nn.Linear, config: Any) -> AdapterLinear:
         raise NotImplementedError
 
+    @staticmethod
+    def adapter_dtype(linear: nn.Module, config: Any) -> torch.dtype | None:
+        """float32 masters if asked; else the base's dtype (None), which a 4-bit base reads from the
+        dtype it was quantized from."""
+        if config.fp32_master:
+            return torch.float32
+        return quantized.dtype(linear) if quantized.is_4bit(linear) else None
+
     def plan(self, model: nn.Module, config: Any, saved: dict[str, Tensor] | None = None) -> Plan:
         targets = [
             (name, check_base_linear(name, m, self.takes_4bit))
@@ -248,12 +256,7 @@ class LoRAMethod(AdapterMethod):
         if config.init == "random":
             return plan
         for replacement in plan.replacements:
-            if quantized.is_4bit(model.get_submodule(replacement.name)):
-                raise ValueError(
-                    f"module {replacement.name!r} is a 4-bit base: CorDA (LoRAConfig(init={config.init!r})) "
-                    f"rewrites base weights into residuals, which a quantized weight cannot hold; use "
-                    f"init='random' (QLoRA) or a dense model"
-                )
+            check_dense_for_corda(replacement.name, model.get_submodule(replacement.name), config.init)
         if saved is None:
             raise ValueError(
                 f"LoRAConfig(init={config.init!r}) builds the adapter from input covariances: use "
@@ -284,15 +287,22 @@ class LoRAMethod(AdapterMethod):
         return tensors
 
     def make_layer(self, name: str, linear: nn.Linear, config: LoRAConfig) -> LoRALinear:
-        generator = seeding.generator(config.seed, name)
-        if quantized.is_4bit(linear):  # QLoRA: float32 adapters, or the dtype the base was quantized from
-            dtype = torch.float32 if config.fp32_master else quantized.dtype(linear)
-            return QLoRALinear(linear, config.r, config.alpha, config.dropout, dtype, generator)
-        dtype = torch.float32 if config.fp32_master else None
-        return LoRALinear(linear, config.r, config.alpha, config.dropout, dtype, generator)
+        layer = QLoRALinear if quantized.is_4bit(linear) else LoRALinear
+        dtype, generator = self.adapter_dtype(linear, config), seeding.generator(config.seed, name)
+        return layer(linear, config.r, config.alpha, config.dropout, dtype, generator)
 
     def trained_shapes(self, linear: nn.Linear, config: LoRAConfig) -> dict[str, tuple[int, int]]:
         return {"lora_A": (config.r, linear.in_features), "lora_B": (linear.out_features, config.r)}
+
+
+def check_dense_for_corda(name: str, module: nn.Module, init: str) -> None:
+    """Refuse CorDA on a 4-bit base: it rewrites the base weight into a residual."""
+    if quantized.is_4bit(module):
+        raise ValueError(
+            f"module {name!r} is a 4-bit base: CorDA (LoRAConfig(init={init!r})) rewrites base weights "
+            f"into residuals, which a quantized weight cannot hold; use init='random' (QLoRA) or a dense "
+            f"model"
+        )
 
 
 def residual(weight: Tensor, a0: Tensor, b0: Tensor, scaling: float) -> Tensor:
@@ -311,16 +321,13 @@ class HydraMethod(AdapterMethod):
     takes_4bit = True
 
     def make_layer(self, name: str, linear: nn.Linear, config: HydraConfig) -> HydraLinear:
-        dtype = torch.float32 if config.fp32_master else None
-        if quantized.is_4bit(linear):  # QHydra: float32 adapters, or the dtype the base was quantized from
-            dtype = dtype or quantized.dtype(linear)
         layer = QHydraLinear if quantized.is_4bit(linear) else HydraLinear
         return layer(
             linear,
             config.r_parallel,
             config.r_sequential,
             config.alpha,
-            dtype,
+            self.adapter_dtype(linear, config),
             seeding.generator(config.seed, name),
         )
 
