@@ -156,6 +156,63 @@ def _(dh: Tensor, gate: Tensor, up: Tensor, activation: str) -> tuple[Tensor, Te
     return gate.new_empty(gate.shape[0], 2 * gate.shape[1]), gate.new_empty(gate.shape)
 
 
+# ---- the lean frozen path: one kernel each on CUDA, the PyTorch reference elsewhere ----------------
+# On the meta device the fakes run: outputs only, as the fused kernels allocate (the accounting's view).
+
+
+@torch.library.custom_op("slimtune::rms_norm_forward", mutates_args=())
+def rms_norm_forward(
+    x: Tensor, weight: Tensor, eps: float, offset: float, scale_in_fp32: bool
+) -> tuple[Tensor, Tensor]:
+    """(y, float32 rstd) of the rows of x; see `ops.rms_norm_forward_ref`."""
+    return ops.rms_norm_forward.run(x, weight, eps, offset, scale_in_fp32)
+
+
+@rms_norm_forward.register_fake
+def _(x: Tensor, weight: Tensor, eps: float, offset: float, scale_in_fp32: bool) -> tuple[Tensor, Tensor]:
+    dtype = x.dtype if scale_in_fp32 else torch.promote_types(x.dtype, weight.dtype)
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("slimtune::rms_norm_backward", mutates_args=())
+def rms_norm_backward(
+    dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, offset: float, scale_in_fp32: bool, need_dx: bool
+) -> tuple[Tensor, Tensor]:
+    """(dx, or an empty tensor when not needed; d weight in float32)."""
+    dx, dw = ops.rms_norm_backward.run(dy, x, weight, rstd, offset, scale_in_fp32, need_dx)
+    return (x.new_empty(0) if dx is None else dx), dw
+
+
+@rms_norm_backward.register_fake
+def _(dy, x, weight, rstd, offset, scale_in_fp32, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return dx, weight.new_empty(weight.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("slimtune::glu", mutates_args=())
+def glu(gate: Tensor, up: Tensor, activation: str) -> Tensor:
+    """h = act(gate) * up."""
+    return ops.glu.run(gate, up, activation)
+
+
+@glu.register_fake
+def _(gate: Tensor, up: Tensor, activation: str) -> Tensor:
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("slimtune::cross_entropy_", mutates_args=("logits",))
+def cross_entropy_(
+    logits: Tensor, targets: Tensor, scale: Tensor, softcap: float | None, ignore_index: int
+) -> Tensor:
+    """Per-row losses; the logits become the gradient of sum(losses) * scale, in place."""
+    return ops.cross_entropy_.run(logits, targets, scale, softcap, ignore_index)
+
+
+@cross_entropy_.register_fake
+def _(logits: Tensor, targets: Tensor, scale: Tensor, softcap: float | None, ignore_index: int) -> Tensor:
+    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
 # ---- the layer products' math, over a set of kernels ----------------------------------------------
 #
 # Each layer product is written once, as forward and backward functions over a `Kernels` set, and

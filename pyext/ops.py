@@ -419,3 +419,86 @@ lora_linear = OPS["lora_linear"]
 lora_input_grad = OPS["lora_input_grad"]
 glu_down = OPS["glu_down"]
 glu_backward = OPS["glu_backward"]
+
+
+# ---- the lean frozen path (Triton kernels in triton_kernels/rms_norm.py, lora.py, cross_entropy.py) ----
+
+NORM_CHUNK = 4096  # rows per step of the reference norm backward: bounds its float32 temporaries
+
+
+def rms_norm_forward_ref(
+    x: Tensor, weight: Tensor, eps: float, offset: float, scale_in_fp32: bool
+) -> tuple[Tensor, Tensor]:
+    """(y, rstd) of the rows of x: rstd = rsqrt(mean(x^2) + eps) in float32; y = weight * xhat rounded
+    to x's dtype (Llama) or ((offset + weight) * xhat).to(x's dtype) in float32 (Gemma)."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = xf * rstd
+    y = (xhat * (offset + weight.float())).to(x.dtype) if scale_in_fp32 else weight * xhat.to(x.dtype)
+    return y, rstd.squeeze(-1)
+
+
+def rms_norm_backward_ref(
+    dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, offset: float, scale_in_fp32: bool, need_dx: bool
+) -> tuple[Tensor | None, Tensor]:
+    """(dx in x's dtype or None, d weight in float32), in chunks of rows (float32 temporaries of one
+    chunk at a time), with the roundings of the forward's autograd."""
+    dx = torch.empty_like(x) if need_dx else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    r2 = rstd.reshape(-1, 1)
+    for start in range(0, x.shape[0], NORM_CHUNK):
+        rows = slice(start, start + NORM_CHUNK)
+        xhat = x[rows].float() * r2[rows]
+        if scale_in_fp32:
+            g = dy[rows].float() * (offset + weight.float())
+            dw += (dy[rows].float() * xhat).sum(0)
+        else:
+            g = (dy[rows] * weight).float()
+            dw += (dy[rows] * xhat.to(x.dtype)).sum(0, dtype=torch.float32)
+        if dx is not None:
+            dx[rows] = r2[rows] * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+    return dx, dw
+
+
+def glu_ref(gate: Tensor, up: Tensor, activation: str) -> Tensor:
+    """h = act(gate) * up, computed in float32 and rounded once to gate's dtype."""
+    act, _ = GLU_ACTIVATIONS[activation](gate.float())
+    return (act * up.float()).to(gate.dtype)
+
+
+def cross_entropy_ref(
+    logits: Tensor, targets: Tensor, scale: Tensor, softcap: float | None = None, ignore_index: int = -100
+) -> Tensor:
+    """Per-row losses (float32) of logits against targets (0 where ignored); the logits are overwritten
+    with the gradient of sum(losses) * scale, in their dtype (softcap: z = c tanh(logits / c))."""
+    valid = targets != ignore_index
+    z = logits.float()
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
+    safe = targets.clamp_min(0)
+    losses = (torch.logsumexp(z, dim=-1) - z.gather(1, safe[:, None]).squeeze(1)) * valid
+    g = torch.softmax(z, dim=-1)
+    g[torch.arange(g.shape[0], device=g.device), safe] -= 1.0
+    g *= (valid * scale)[:, None]
+    if softcap is not None:
+        g *= 1 - (z / softcap) ** 2
+    logits.copy_(g)
+    return losses
+
+
+OPS.update(
+    {
+        op.name: op
+        for op in (
+            _op("rms_norm_forward", rms_norm_forward_ref, ("triton",), ()),
+            _op("rms_norm_backward", rms_norm_backward_ref, ("triton",), ()),
+            _op("glu", glu_ref, ("triton",), ()),
+            _op("cross_entropy_", cross_entropy_ref, ("triton",), ()),
+        )
+    }
+)
+
+rms_norm_forward = OPS["rms_norm_forward"]
+rms_norm_backward = OPS["rms_norm_backward"]
+glu = OPS["glu"]
+cross_entropy_ = OPS["cross_entropy_"]

@@ -221,6 +221,7 @@ def test_backward_in_chunks_of_tokens_gives_the_same_gradients(method: str, monk
     """The norm and MLP backward run over chunks of tokens (bounding their float32 temporaries);
     with 5-token chunks (7 chunks here, the last one short) the gradients are the unchunked ones."""
     import slimtune.layers.lean as lean_layers
+    from slimtune import ops
 
     reference = slimtune.lean(prepared("phi3" if method == "s2ft" else "llama", method))
     chunked = copy.deepcopy(reference)
@@ -228,6 +229,7 @@ def test_backward_in_chunks_of_tokens_gives_the_same_gradients(method: str, monk
     embeds = []
     for model, chunk in ((reference, lean_layers.BACKWARD_CHUNK), (chunked, 5)):
         monkeypatch.setattr(lean_layers, "BACKWARD_CHUNK", chunk)
+        monkeypatch.setattr(ops, "NORM_CHUNK", chunk)  # the norm's reference backward
         x = model.model.embed_tokens(ids).detach().requires_grad_(True)  # the input gradient, through it all
         model(inputs_embeds=x, labels=ids).loss.backward()
         embeds.append(x.grad)

@@ -5,7 +5,8 @@ written once. The LoRA forward is ``[(x, W^T), (u, (sB)^T)]`` (the low-rank term
 stretch of the base product's reduction, not a second pass over y); the input gradient of q/k/v
 is ``[(dq, Wq), (dk, Wk), (dv, Wv), (g, A)]``. ``glu_down`` forms ``h = act(gate) * up`` and the
 down adapter's ``u = h @ A^T`` while the row block is in registers; ``glu_backward`` recomputes
-``h`` from ``gate`` and ``up`` (the MLP saves no activation) and writes both gate and up gradients.
+``h`` from ``gate`` and ``up`` (the MLP saves no activation) and writes both gate and up gradients;
+``glu`` is ``h`` alone (the lean MLP, whose frozen down projection needs nothing else).
 """
 
 from __future__ import annotations
@@ -307,6 +308,24 @@ def glu_down(
     elif fused:
         u.zero_()
     return h, (u if fused else h @ a.t())
+
+
+def glu(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """``h = act(gate) * up`` (N, I) in gate's dtype: the gated MLP's product when no adapter reads h
+    (the lean MLP's forward)."""
+    _check_pair(gate, up)
+    check_devices(gate=gate, up=up)
+    code = _activation_code(activation)
+    n, i = gate.shape
+    h = torch.empty((n, i), dtype=gate.dtype, device=gate.device)
+    if n and i:
+        block_n, block_i = (16, 16) if INTERPRET else (32, 128)
+        _glu_down_kernel[(triton.cdiv(n, block_n),)](
+            gate, up, h, h, h, n, i, 0,
+            gate.stride(0), gate.stride(1), up.stride(0), up.stride(1), 0, 0, h.stride(0), h.stride(1), 0, 0,
+            ACT=code, HAS_A=False, PRECISION="ieee", BLOCK_N=block_n, BLOCK_I=block_i, BLOCK_R=16,
+        )  # fmt: skip
+    return h
 
 
 def glu_backward(

@@ -1,18 +1,23 @@
 """Lean stand-ins for the frozen parts of a decoder step: RMSNorm, the gated MLP, LM head + loss.
 
-Each computes what the Hugging Face module computes (the forward runs the same ops in the same
-dtypes) but keeps less for backward:
+Each computes what the Hugging Face module computes (on the PyTorch path the forward runs the same
+ops in the same dtypes; a kernel may round once where the module rounds twice) but keeps less for
+backward. On CUDA each piece is one Triton kernel (`slimtune.library` ops: `rms_norm_forward`,
+`rms_norm_backward`, `glu`, `glu_backward`, `cross_entropy_`); elsewhere their PyTorch references
+run; on the meta device their fakes do (outputs only), which is what the accounting counts.
 
 - `LeanRMSNorm` keeps its input in the model's dtype and the float32 inverse RMS (N floats), not
   the float32 copy of its input that HF's upcast leaves for autograd.
 - `LeanGatedMLP` runs down(act(gate(x)) * up(x)) as one autograd function that keeps gate and up
   only (plus, for projections that train, what their gradient needs: x's trained columns for PaCA,
-  x for trained rows or dense weights) and recomputes act(gate) and h in backward. The activation's
-  derivative comes from autograd on the recomputed activation, so any activation is exact. For a
+  x for trained rows or dense weights) and recomputes act(gate) and h in backward. A known
+  activation (SiLU, GELU) runs as the kernels' formula; any other comes from the module and its
+  derivative from autograd on the recomputed activation, so every activation is exact. For a
   partial down projection the trained columns of h come from the recomputed h: nothing of h is kept.
 - `LeanLMHead` computes the LM head and the causal-LM cross-entropy in chunks of tokens, forming the
-  gradient of each chunk in the forward (as fused linear cross-entropy kernels do), so the float32
-  logits of the whole batch never exist; it keeps only dL/dhidden (N x hidden, model dtype).
+  gradient of each chunk in the forward (as fused linear cross-entropy kernels do): one chunk of
+  logits in the model's dtype, overwritten in place by its gradient, so no float32 logits exist; it
+  keeps only dL/dhidden (N x hidden, model dtype).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import library, ops
 from ..library import as_rows
 from .partial import COLUMNS, PartialLinear
 from .precision import autocast_dtype, autocast_off, cast_floating
@@ -49,36 +55,25 @@ def _accumulate(total: list, parts: tuple) -> None:
 
 class _RMSNormFn(torch.autograd.Function):
     """y = w * (x * rstd).to(dtype) ("scale after cast", Llama) or ((x * rstd) * (offset + w)).to(dtype)
-    (Gemma: offset 1, scale in float32); rstd = rsqrt(mean(x^2) + eps) in float32."""
+    (Gemma: offset 1, scale in float32); rstd = rsqrt(mean(x^2) + eps) in float32. One kernel each way
+    on CUDA (`library.rms_norm_forward`/`_backward`), the PyTorch reference elsewhere."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float, offset: float, scale_in_fp32: bool) -> Tensor:
-        xf = x.float()
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        xhat = xf * rstd
-        y = (xhat * (offset + weight.float())).to(x.dtype) if scale_in_fp32 else weight * xhat.to(x.dtype)
+        y, rstd = library.rms_norm_forward(as_rows(x), weight, eps, offset, scale_in_fp32)
         ctx.save_for_backward(x, rstd, weight)
-        ctx.eps, ctx.offset, ctx.scale_in_fp32 = eps, offset, scale_in_fp32
-        return y
+        ctx.offset, ctx.scale_in_fp32 = offset, scale_in_fp32
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, rstd, weight = ctx.saved_tensors
-        x2, r2, dy2 = as_rows(x), rstd.reshape(-1, 1), as_rows(dy)
-        dx = torch.empty_like(x2) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for rows in _chunks(x2.shape[0]):  # float32 temporaries of one chunk of tokens at a time
-            xhat = x2[rows].float() * r2[rows]
-            if ctx.scale_in_fp32:
-                g = dy2[rows].float() * (ctx.offset + weight.float())
-                dw += (dy2[rows].float() * xhat).sum(0)
-            else:
-                g = (dy2[rows] * weight).float()
-                dw += (dy2[rows] * xhat.to(x.dtype)).sum(0, dtype=torch.float32)
-            if dx is not None:
-                dx[rows] = r2[rows] * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+        need_dx = ctx.needs_input_grad[0]
+        dx, dw = library.rms_norm_backward(
+            as_rows(dy), as_rows(x), weight, rstd, ctx.offset, ctx.scale_in_fp32, need_dx
+        )
         return (
-            None if dx is None else dx.view(x.shape),
+            dx.view(x.shape) if need_dx else None,
             dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
             None,
             None,
@@ -142,21 +137,47 @@ def _projection_grads(g2: Tensor, kept: Tensor, weight: Tensor, bias, trained, i
     return dw, db, dt
 
 
+def _kernel_path(kind: str | None, device: torch.device) -> bool:
+    """Whether the gated activation runs as one kernel: a known activation with a native kernel on the
+    device (CUDA), or the meta device, where the accounting models the card's path."""
+    return kind is not None and (device.type == "meta" or ops.glu.choose(device)[0] != "torch")
+
+
+def _gated_grads(
+    ctx, gate: Tensor, up: Tensor, dh: Tensor, need_h: bool
+) -> tuple[list[Tensor], Tensor | None]:
+    """(the gradients of the projections' outputs, h or None) of h = act(gate) * up for dh: the gate
+    and up gradients as one tensor for a fused gate_up projection. One kernel on the kernel path;
+    elsewhere autograd on the recomputed activation, exact for any activation."""
+    if _kernel_path(ctx.kind, gate.device):
+        packed, h = library.glu_backward(dh, gate, up, ctx.kind)  # [dgate | dup], and h recomputed
+        return ([packed] if ctx.fused else list(packed.chunk(2, dim=-1))), h
+    with torch.enable_grad():
+        g = gate.detach().requires_grad_(True)
+        a = ctx.act(g)
+    h = a.detach() * up if need_h else None
+    dup = dh * a.detach()
+    (dgate,) = torch.autograd.grad(a, g, dh.mul_(up))  # dh is not needed after this: reuse it
+    return ([torch.cat([dgate, dup], dim=-1)] if ctx.fused else [dgate, dup]), h
+
+
 class _LeanMLPFn(torch.autograd.Function):
-    """down(act(gate(x)) * up(x)); per projection the tensors (weight, bias, trained, index)."""
+    """down(act(gate(x)) * up(x)); per projection the tensors (weight, bias, trained, index). `kind`
+    names the activation for its kernels (None: the module `act` runs, and autograd differentiates it)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, act: nn.Module, fused: bool, axes: tuple[int, ...], *parts):
+    def forward(ctx, x: Tensor, act: nn.Module, kind: str | None, fused: bool, axes: tuple[int, ...], *parts):
         per = [parts[i : i + 4] for i in range(0, len(parts), 4)]
         x2 = as_rows(x)
         outs = [F.linear(x2, w, b) for w, b, _, _ in per[:-1]]
         gate, up = outs[0].chunk(2, dim=-1) if fused else outs
-        h = act(gate) * up
+        h = library.glu(gate, up, kind) if _kernel_path(kind, x.device) else act(gate) * up
         w_down, b_down, _, _ = per[-1]
         y = F.linear(h, w_down, b_down)
         kept = [_keep_input(x2, w, t, i, a) for (w, _, t, i), a in zip(per[:-1], axes[:-1], strict=True)]
         ctx.save_for_backward(*outs, *kept, *parts)
-        ctx.act, ctx.fused, ctx.axes, ctx.n_in, ctx.x_shape = act, fused, axes, len(per) - 1, x.shape
+        ctx.act, ctx.kind, ctx.fused, ctx.axes = act, kind, fused, axes
+        ctx.n_in, ctx.x_shape = len(per) - 1, x.shape
         return y  # 2-D: the caller reshapes (a view made here could not be modified in place)
 
     @staticmethod
@@ -168,30 +189,19 @@ class _LeanMLPFn(torch.autograd.Function):
         gate_all, up_all = outs[0].chunk(2, dim=-1) if ctx.fused else outs
         w_down, b_down, t_down, i_down = per[-1]
         down_trains = any(t is not None and t.requires_grad for t in (w_down, b_down, t_down))
+        columns_only = t_down is not None and ctx.axes[-1] == COLUMNS and not w_down.requires_grad
         need_x = ctx.needs_input_grad[0]
         dx = dy.new_empty(dy.shape[0], ctx.x_shape[-1]) if need_x else None
         totals = [[None, None, None] for _ in per]
         for rows in _chunks(dy.shape[0]):  # the temporaries (N x I each) of one chunk at a time
-            gate, up, dyc = gate_all[rows], up_all[rows], dy[rows]
-            with torch.enable_grad():  # recompute act(gate); autograd gives its exact derivative
-                g = gate.detach().requires_grad_(True)
-                a = ctx.act(g)
+            dyc = dy[rows]
             dh = dyc @ w_down.to(dyc.dtype)
-            dup = dh * a.detach()
+            d_outs, h = _gated_grads(ctx, gate_all[rows], up_all[rows], dh, down_trains)
             if down_trains:
-                if t_down is not None and ctx.axes[-1] == COLUMNS and not w_down.requires_grad:
-                    h = a.detach().index_select(1, i_down) * up.index_select(
-                        1, i_down
-                    )  # trained columns only
-                else:
-                    h = _keep_input(a.detach() * up, w_down, t_down, i_down, ctx.axes[-1])
-                _accumulate(
-                    totals[-1], _projection_grads(dyc, h, w_down, b_down, t_down, i_down, ctx.axes[-1])
-                )
-                del h
-            (dgate,) = torch.autograd.grad(a, g, dh.mul_(up))  # dh is not needed after this: reuse it
-            del a, g, dh
-            d_outs = [torch.cat([dgate, dup], dim=-1)] if ctx.fused else [dgate, dup]
+                down = (w_down, b_down, t_down, i_down, ctx.axes[-1])
+                h = h.index_select(1, i_down) if columns_only else _keep_input(h, w_down, *down[2:])
+                _accumulate(totals[-1], _projection_grads(dyc, h, *down))
+            del h, dh
             if need_x:
                 dx[rows] = sum(d @ w.to(d.dtype) for d, (w, _, _, _) in zip(d_outs, per[:-1], strict=True))
             for total, d, k, (w, b, t, i), axis in zip(
@@ -201,7 +211,7 @@ class _LeanMLPFn(torch.autograd.Function):
         flat = []
         for (dw, db, dt), (w, b, t, _) in zip(totals, per, strict=True):
             flat += [_cast(dw, w), _cast(db, b), _cast(dt, t), None]
-        return (None if dx is None else dx.view(ctx.x_shape), None, None, None, *flat)
+        return (None if dx is None else dx.view(ctx.x_shape), None, None, None, None, *flat)
 
 
 def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
@@ -214,9 +224,12 @@ class LeanGatedMLP(StandIn):
     Adapter projections (LoRA, Hydra) take their own fused path.
     """
 
-    def __init__(self, original: nn.Module, inputs: Sequence[str], down: str, activation: str) -> None:
+    def __init__(
+        self, original: nn.Module, inputs: Sequence[str], down: str, activation: str, kind: str | None = None
+    ) -> None:
         super().__init__(original)
         self.inputs, self.down, self.activation = tuple(inputs), down, activation
+        self.kind = kind  # a key of ops.GLU_ACTIVATIONS: its kernels run where a device has them
 
     def forward(self, x: Tensor) -> Tensor:
         projections = [getattr(self, n) for n in (*self.inputs, self.down)]
@@ -232,11 +245,11 @@ class LeanGatedMLP(StandIn):
         act = getattr(self, self.activation)
         dtype = autocast_dtype(x.device.type)
         if dtype is None:
-            y = _LeanMLPFn.apply(x, act, len(self.inputs) == 1, tuple(axes), *parts)
+            y = _LeanMLPFn.apply(x, act, self.kind, len(self.inputs) == 1, tuple(axes), *parts)
         else:  # the casts autocast would make, up front (see layers/precision.py)
             with autocast_off(x.device.type):
                 parts = [cast_floating(t, dtype) for t in parts]
-                y = _LeanMLPFn.apply(x.to(dtype), act, len(self.inputs) == 1, tuple(axes), *parts)
+                y = _LeanMLPFn.apply(x.to(dtype), act, self.kind, len(self.inputs) == 1, tuple(axes), *parts)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
@@ -248,7 +261,9 @@ class LeanGatedMLP(StandIn):
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Mean token cross-entropy of softcap(h W^T) against targets, chunk by chunk; the gradients of
-    h (and W, if it trains) are formed in the forward and scaled by the incoming gradient later."""
+    h (and W, if it trains) are formed in the forward and scaled by the incoming gradient later. Each
+    chunk's logits are one buffer in the model's dtype that `library.cross_entropy_` overwrites with
+    their gradient (one kernel on CUDA): no float32 logits exist."""
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, softcap: float | None, chunk: int,
@@ -266,27 +281,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         dh = torch.empty_like(h) if need_h else None
         dw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        scale = per_target.reshape(1)
         for start in range(0, h.shape[0], chunk):
-            stop = start + chunk
-            hc, tc, vc = h[start:stop], targets[start:stop], valid[start:stop]
-            z = F.linear(hc, weight).float()
-            if softcap is not None:
-                z = torch.tanh(z / softcap) * softcap
-            lse = torch.logsumexp(z, dim=-1)
-            safe = tc.clamp_min(0)
-            picked = z.gather(1, safe[:, None]).squeeze(1)
-            loss += ((lse - picked) * vc).sum()
-            if need_h or need_w:
-                g = torch.softmax(z, dim=-1)
-                g[torch.arange(g.shape[0], device=g.device), safe] -= 1.0
-                g *= (vc * per_target)[:, None]
-                if softcap is not None:
-                    g *= 1 - (z / softcap) ** 2
-                g = g.to(h.dtype)
-                if need_h:
-                    dh[start : start + chunk] = g @ weight
-                if need_w:
-                    dw += g.t().float() @ hc.float()
+            hc = h[start : start + chunk]
+            z = F.linear(hc, weight)  # one chunk of logits in the model's dtype, then its gradient
+            losses = library.cross_entropy_(z, targets[start : start + chunk], scale, softcap, IGNORE_INDEX)
+            loss += losses.sum()
+            if need_h:
+                dh[start : start + chunk] = z @ weight
+            if need_w:
+                dw += z.t() @ hc
         ctx.save_for_backward(*(t for t in (dh, dw) if t is not None))
         ctx.need, ctx.weight_dtype = (need_h, need_w), weight.dtype
         return loss / count

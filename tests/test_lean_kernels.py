@@ -1,0 +1,213 @@
+"""The lean frozen path's kernels (RMSNorm forward/backward, the gated activation, cross-entropy over
+logits in place): Triton (the interpreter on CPU) and the PyTorch references against float64
+autograd; their custom ops under torch.library's checks; whole lean models on the kernel path
+against the plain model.
+
+bf16 runs only on a GPU (the interpreter's bf16 is not the card's); shapes are small and ragged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import slimtune
+import torch
+import torch.nn.functional as F
+from slimtune import library, ops
+from slimtune.layers.lean import LeanGatedMLP, LeanRMSNorm
+from slimtune.triton_kernels import cross_entropy_, glu, rms_norm_backward, rms_norm_forward
+from test_lean import prepared, trainable
+from test_lora_kernels import ACTIVATIONS, close
+from test_triton_kernels import DEVICE, LAYOUTS, make, poison_empty  # noqa: F401 (a fixture)
+from tiny_models import make_batch
+
+DTYPES = [torch.float32, torch.float16]
+LEAN_OPS = ("rms_norm_forward", "rms_norm_backward", "glu", "glu_backward", "cross_entropy_")
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def norm64(x: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool) -> tuple[torch.Tensor, ...]:
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    rstd = torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+    return x64, w64, rstd, x64 * rstd * ((1.0 if gemma else 0.0) + w64)
+
+
+# --------------------------------------------------------------------------- RMSNorm
+
+
+@pytest.mark.parametrize("flavor", ["llama", "gemma"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "d"), [(1, 5), (19, 37), (6, 130)])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.usefixtures("poison_empty")
+def test_rms_norm_matches_float64_autograd(n, d, dtype, flavor, layout, gen):
+    gemma = flavor == "gemma"
+    x, dy = make((n, d), dtype, layout, gen), make((n, d), dtype, LAYOUTS[::-1][LAYOUTS.index(layout)], gen)
+    w = (0.5 * torch.randn(d, generator=gen)).to(DEVICE, dtype)
+    x64, w64, rstd64, y64 = norm64(x, w, 1e-5, gemma)
+    y64.backward(dy.double())
+    for forward, backward in ((rms_norm_forward, rms_norm_backward),
+                              (ops.rms_norm_forward_ref, ops.rms_norm_backward_ref)):  # fmt: skip
+        y, rstd = forward(x, w, 1e-5, 1.0 if gemma else 0.0, gemma)
+        close(y, y64.detach(), dtype)
+        assert rstd.dtype == torch.float32
+        torch.testing.assert_close(rstd.double(), rstd64.detach().squeeze(-1), rtol=1e-5, atol=0)
+        dx, dw = backward(dy, x, w, rstd, 1.0 if gemma else 0.0, gemma, True)
+        close(dx, x64.grad, dtype)
+        assert dw.dtype == torch.float32
+        close(dw.to(dtype), w64.grad, dtype)
+        none, dw_only = backward(dy, x, w, rstd, 1.0 if gemma else 0.0, gemma, False)
+        assert none is None
+        torch.testing.assert_close(dw_only, dw)
+
+
+def test_rms_norm_of_a_half_input_with_a_float32_weight_is_float32(gen):
+    """Llama's norm under a float32 weight: weight * xhat.to(half) promotes to float32."""
+    x, w = make((9, 24), torch.float16, "contiguous", gen), torch.randn(24, generator=gen, device=DEVICE)
+    y, rstd = rms_norm_forward(x, w, 1e-6, 0.0, False)
+    y_ref, rstd_ref = ops.rms_norm_forward_ref(x, w, 1e-6, 0.0, False)
+    assert y.dtype == y_ref.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(rstd, rstd_ref)
+
+
+# --------------------------------------------------------------------------- gated activation
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "i"), [(1, 3), (21, 70)])
+@pytest.mark.usefixtures("poison_empty")
+def test_glu_matches_float64(n, i, dtype, activation, gen):
+    gate, up = make((n, i), dtype, "strided", gen), make((n, i), dtype, "transposed", gen)
+    ref = ACTIVATIONS[activation](gate.double()) * up.double()
+    for impl in (glu, ops.glu_ref):
+        close(impl(gate, up, activation), ref, dtype)
+
+
+# --------------------------------------------------------------------------- cross-entropy
+
+
+def ce64(logits: torch.Tensor, targets: torch.Tensor, scale: float, softcap: float | None):
+    z64 = logits.double().requires_grad_()
+    z = torch.tanh(z64 / softcap) * softcap if softcap is not None else z64
+    losses = F.cross_entropy(z, targets, reduction="none", ignore_index=-100)
+    (losses.sum() * scale).backward()
+    return losses.detach(), z64.grad
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "v"), [(1, 7), (9, 1500), (4, 2049)])
+def test_cross_entropy_in_place_matches_float64(n, v, dtype, softcap, gen):
+    logits = (3 * torch.randn(n, v, generator=gen)).to(DEVICE, dtype)
+    targets = torch.randint(0, v, (n,), generator=gen, device=DEVICE)
+    targets[n // 2] = -100  # one ignored row: zero loss, zero gradient
+    losses64, grad64 = ce64(logits, targets, 0.3, softcap)
+    for impl in (cross_entropy_, ops.cross_entropy_ref):
+        z = logits.clone()
+        losses = impl(z, targets, torch.tensor([0.3], device=DEVICE), softcap, -100)
+        assert losses.dtype == torch.float32 and losses[n // 2] == 0
+        torch.testing.assert_close(losses.double(), losses64, rtol=1e-5, atol=1e-5)
+        close(z, grad64, dtype)
+        assert not z[n // 2].any()
+
+
+def test_cross_entropy_target_outside_the_vocabulary_gives_nan_not_a_wild_read(gen):
+    logits = torch.randn(3, 50, generator=gen, device=DEVICE)
+    losses = cross_entropy_(logits.clone(), torch.tensor([1, 50, -7], device=DEVICE), torch.ones(1), None)
+    assert torch.isfinite(losses[0]) and torch.isnan(losses[1:]).all()
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda z, t, s: cross_entropy_(z.t(), t, s), "contiguous rows"),
+        (lambda z, t, s: cross_entropy_(z, t.int(), s), "int64"),
+        (lambda z, t, s: cross_entropy_(z, t, s.double()), "one float32"),
+        (lambda z, t, s: rms_norm_forward(z, torch.ones(3), 1e-6, 0.0, False), "weight must be 1-D"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name(call, message, gen):
+    z, t = torch.randn(4, 4, generator=gen, device=DEVICE), torch.zeros(4, dtype=torch.int64, device=DEVICE)
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(z, t, torch.ones(1, device=DEVICE))
+
+
+def test_custom_ops_pass_opcheck(gen):
+    x, w = torch.randn(5, 12, generator=gen), torch.randn(12, generator=gen)
+    _, rstd = library.rms_norm_forward(x, w, 1e-6, 0.0, False)
+    cases = [
+        (library.rms_norm_forward, (x, w, 1e-6, 1.0, True)),
+        (library.rms_norm_backward, (torch.randn(5, 12, generator=gen), x, w, rstd, 0.0, False, True)),
+        (library.rms_norm_backward, (torch.randn(5, 12, generator=gen), x, w, rstd, 0.0, False, False)),
+        (library.glu, (torch.randn(5, 8, generator=gen), torch.randn(5, 8, generator=gen), "gelu_tanh")),
+        (
+            library.cross_entropy_,
+            (torch.randn(5, 11, generator=gen), torch.tensor([1, -100, 3, 0, 10]), torch.ones(1), 2.0, -100),
+        ),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_meta_runs_the_fakes_outputs_only():
+    """On the meta device (the accounting's view of a card) the ops allocate their outputs alone."""
+    x, w = torch.empty(4, 8, device="meta", dtype=torch.bfloat16), torch.empty(8, device="meta")
+    y, rstd = library.rms_norm_forward(x, w, 1e-6, 0.0, False)
+    assert y.dtype == torch.float32 and rstd.shape == (4,)
+    z = torch.empty(4, 10, device="meta", dtype=torch.bfloat16)
+    targets, scale = torch.empty(4, dtype=torch.int64, device="meta"), torch.ones(1, device="meta")
+    losses = library.cross_entropy_(z, targets, scale, None, -100)
+    assert losses.shape == (4,) and losses.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- whole models
+
+
+@contextlib.contextmanager
+def kernels_on(backend: str):
+    with contextlib.ExitStack() as stack:
+        for name in LEAN_OPS:
+            stack.enter_context(ops.use_backend(name, backend))
+        yield
+
+
+@pytest.mark.parametrize(
+    ("family", "method"),
+    [("llama", "floor"), ("llama", "paca"), ("gemma", "full"), ("gemma2", "paca"), ("phi3", "s2ft")],
+)
+def test_lean_on_the_kernel_path_gives_the_plain_loss_and_gradients(family, method):
+    """Every lean op on Triton (interpreted on CPU): SiLU and GELU-tanh, both norm flavours, soft-capped
+    logits, a fused gate_up; loss and every trained gradient within float32 tolerance of the plain
+    model, and the lean modules really took the kernel path (the stand-ins know their activation)."""
+    if DEVICE.type != "cpu":
+        pytest.skip("the GPU run is test_lean_matches_plain_on_cuda")
+    reference = prepared(family, method)
+    lean = slimtune.lean(copy.deepcopy(reference))
+    assert all(m.kind in ("silu", "gelu_tanh") for m in lean.modules() if isinstance(m, LeanGatedMLP))
+    assert any(isinstance(m, LeanRMSNorm) for m in lean.modules())
+    ids = make_batch()
+    embeds = []
+    for model, backend in ((reference, "torch"), (lean, "triton")):
+        with kernels_on(backend):
+            x = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # the input gradient too
+            loss = model(inputs_embeds=x, labels=ids).loss
+            loss.backward()
+        embeds.append((loss.detach(), x.grad))
+    assert ops.glu.choose(torch.device("cpu"))[0] == "torch"  # use_backend undone
+    (loss_ref, dx_ref), (loss, dx) = embeds
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx / dx_ref.abs().max(), dx_ref / dx_ref.abs().max(), rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(trainable(reference).items(), trainable(lean).values(), strict=True):
+        if a.grad is None:  # the input embeddings, bypassed by inputs_embeds
+            assert b.grad is None, name
+            continue
+        scale = a.grad.abs().max().clamp_min(1e-8)
+        torch.testing.assert_close(b.grad / scale, a.grad / scale, rtol=1e-4, atol=1e-5, msg=name)
