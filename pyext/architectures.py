@@ -9,6 +9,7 @@ is missing. The coverage table in `docs/architecture.md` is tested by `tests/tes
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field
 
@@ -366,3 +367,22 @@ def final_logit_softcap(model: nn.Module) -> float | None:
     """The LM head's logit soft-capping (Gemma 2), or None."""
     cap = getattr(text_config(model), "final_logit_softcapping", None)
     return float(cap) if cap else None
+
+
+ROTARY_FUNCTION = "apply_rotary_pos_emb"  # the module-level function HF attention forwards call
+
+
+def rotary_function(module: nn.Module) -> object | None:
+    """The `apply_rotary_pos_emb(q, k, cos, sin)` an attention module's forward reads from its modeling
+    module, or None where the forward calls no function of that name (Llama 4's complex rotation,
+    Qwen2-VL's multimodal one). Only a claim: lean mode probes it before replacing it."""
+    forward = inspect.unwrap(type(module).forward)
+    if ROTARY_FUNCTION not in forward.__code__.co_names:
+        return None
+    return forward.__globals__.get(ROTARY_FUNCTION)
+
+
+def rotary_width(model: nn.Module) -> int:
+    """Features per head that the rotary embedding turns (head_dim x partial_rotary_factor)."""
+    factor = getattr(text_config(model), "partial_rotary_factor", None) or 1.0
+    return int(head_geometry(model).head_dim * factor)

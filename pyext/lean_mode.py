@@ -1,9 +1,10 @@
 """`slimtune.lean(model)`: swap the frozen parts of a decoder step for lean stand-ins.
 
 Composes with every method and with a plain frozen model, before or after `apply`. The
-architecture registry says where the RMSNorms, gated MLPs and the LM head are; each swap is
-accepted only after a numerical probe shows the stand-in computes what the module computes (skipped,
-and said, on the meta device). What was swapped, and what was not and why, is in `lean_report`.
+architecture registry says where the RMSNorms, gated MLPs, attention modules (their rotary
+embedding) and the LM head are; each swap is accepted only after a numerical probe shows the
+stand-in computes what the module computes (skipped, and said, on the meta device). What was
+swapped, and what was not and why, is in `lean_report`.
 """
 
 from __future__ import annotations
@@ -15,15 +16,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import ops
 from .architectures import (
+    ROTARY_FUNCTION,
     activation_kind,
     architecture,
+    attention_layout,
     final_logit_softcap,
+    head_geometry,
     mlp_layout,
     probe_input,
     rms_norm_eps,
+    rotary_function,
+    rotary_width,
 )
-from .layers.lean import LeanGatedMLP, LeanLMHead, LeanRMSNorm
+from .layers.lean import LeanAttention, LeanGatedMLP, LeanLMHead, LeanRMSNorm, lean_forward
 from .layers.partial import PartialLinear
 from .transaction import Transaction
 
@@ -34,6 +41,7 @@ _LEAN = "_slimtune_lean"
 class LeanState:
     norms: list[str] = field(default_factory=list)
     mlps: list[str] = field(default_factory=list)
+    attention: list[str] = field(default_factory=list)  # rotary embeddings as kernels
     lm_head: str | None = None
     hooks: list[Any] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -113,22 +121,48 @@ def lean(model: nn.Module) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def _lean_attention(module: nn.Module, model: nn.Module) -> tuple[LeanAttention | None, str]:
+    """The attention stand-in if the module's rotary function computes what the rotary kernel does
+    (probed in float32 on random q, k and tables of the model's rotary width)."""
+    name, rotary = type(module).__name__, rotary_function(module)
+    if rotary is None:
+        return None, f"{name}: its forward calls no {ROTARY_FUNCTION}"
+    if lean_forward(type(module)) is None:
+        return None, f"{name}: a decorator of its forward cannot be rewired"
+    weight = next(module.parameters())
+    q = probe_input(weight, 1, 3, 5, head_geometry(model).head_dim)
+    if q is not None:
+        q = q.float()
+        k, cos, sin = q[:, :2] * 0.5, *probe_input(weight, 2, 1, 5, rotary_width(model), seed=1).float()
+        expected = rotary(q, k, cos, sin)
+        got = (ops.rope_ref(q, cos, sin), ops.rope_ref(k, cos, sin))
+        if not all(_same(a, b) for a, b in zip(got, expected, strict=True)):
+            return None, f"{name}: its {ROTARY_FUNCTION} is not the rotation of the rotary kernel"
+    return LeanAttention(module), ""
+
+
+def _stand_in(name: str, module: nn.Module, model: nn.Module, arch, state: LeanState):
+    """(stand-in or None, why not, the state's list it goes to), or None for a module lean leaves."""
+    eps = rms_norm_eps(module)
+    if eps is not None:
+        return (*_lean_norm(module, eps), state.norms)
+    if mlp_layout(module, arch) is not None and type(module).__name__ != "FusedGatedMLP":
+        return (*_lean_mlp(module, arch), state.mlps)
+    if attention_layout(module, arch) is not None:
+        return (*_lean_attention(module, model), state.attention)
+    return None
+
+
 def _block_swaps(model: nn.Module, state: LeanState) -> list[tuple[str, nn.Module]]:
-    """The stand-ins of the blocks' RMSNorms and gated MLPs that pass their probes (the rest are
-    recorded in `state.skipped` with the reason)."""
+    """The stand-ins of the blocks' RMSNorms, gated MLPs and attention modules that pass their probes
+    (the rest are recorded in `state.skipped` with the reason), parents before their children."""
     arch, swaps = architecture(model), []
     for name, module in model.named_modules():
-        if not name:
+        found = _stand_in(name, module, model, arch, state) if name else None
+        if found is None:
             continue
-        eps = rms_norm_eps(module)
-        if eps is not None:
-            replacement, why = _lean_norm(module, eps)
-            swapped = state.norms
-        elif mlp_layout(module, arch) is not None and type(module).__name__ != "FusedGatedMLP":
-            replacement, why = _lean_mlp(module, arch)
-            swapped = state.mlps
-        else:
-            continue
+        replacement, why, swapped = found
         if replacement is None:
             state.skipped[name] = why
         else:
@@ -160,9 +194,15 @@ def unlean(model: nn.Module) -> nn.Module:
     if state is None:
         raise ValueError(f"{type(model).__name__} is not lean; there is nothing to undo")
     with Transaction(model):
-        for name in [*state.norms, *state.mlps, *([state.lm_head] if state.lm_head else [])]:
+        # attention last: a stand-in gives its original the children current then (q/k norms restored)
+        for name in [
+            *state.norms,
+            *state.mlps,
+            *([state.lm_head] if state.lm_head else []),
+            *state.attention,
+        ]:
             module = model.get_submodule(name)
-            if isinstance(module, LeanGatedMLP | LeanRMSNorm | LeanLMHead):
+            if isinstance(module, LeanGatedMLP | LeanRMSNorm | LeanLMHead | LeanAttention):
                 model.set_submodule(name, module.restore())
             elif isinstance(getattr(module, "original", None), LeanGatedMLP):
                 inner = module.original  # LoRA's fused MLP over a lean one
@@ -182,6 +222,7 @@ def lean_report(model: nn.Module) -> dict[str, Any]:
     return {
         "lean": True,
         "norms": len(state.norms),
+        "attention (rotary kernel)": len(state.attention),
         "gated MLPs": state.mlps,
         "lm_head": state.lm_head,
         "kept": dict(state.skipped),

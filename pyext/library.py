@@ -189,6 +189,17 @@ def _(dy, x, weight, rstd, offset, scale_in_fp32, need_dx):
     return dx, weight.new_empty(weight.shape, dtype=torch.float32)
 
 
+@torch.library.custom_op("slimtune::rope", mutates_args=())
+def rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
+    """x rotated by the tables (or by their transpose: the backward); see `ops.rope_ref`."""
+    return ops.rope.run(x, cos, sin, inverse)
+
+
+@rope.register_fake
+def _(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
+    return torch.empty_like(x, dtype=torch.promote_types(x.dtype, cos.dtype))
+
+
 @torch.library.custom_op("slimtune::glu", mutates_args=())
 def glu(gate: Tensor, up: Tensor, activation: str) -> Tensor:
     """h = act(gate) * up."""

@@ -421,7 +421,7 @@ glu_down = OPS["glu_down"]
 glu_backward = OPS["glu_backward"]
 
 
-# ---- the lean frozen path (Triton kernels in triton_kernels/rms_norm.py, lora.py, cross_entropy.py) ----
+# ---- the lean frozen path (Triton kernels in triton_kernels/rms_norm.py, rope.py, lora.py, cross_entropy.py)
 
 NORM_CHUNK = 4096  # rows per step of the reference norm backward: bounds its float32 temporaries
 
@@ -486,10 +486,29 @@ def cross_entropy_ref(
     return losses
 
 
+def rope_ref(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+    """x (B, H, S, D) rotated as Hugging Face's apply_rotary_pos_emb does, over its first R features
+    (cos, sin: (B or 1, S, R)); inverse: the transposed rotation (the backward). float32 math, one
+    rounding."""
+    rotary = cos.shape[-1]
+    x1, x2 = x[..., :rotary].float().chunk(2, dim=-1)
+    c1, c2 = cos.float().unsqueeze(1).chunk(2, dim=-1)
+    s1, s2 = sin.float().unsqueeze(1).chunk(2, dim=-1)
+    if inverse:
+        rotated = torch.cat([x1 * c1 + x2 * s2, x2 * c2 - x1 * s1], dim=-1)
+    else:
+        rotated = torch.cat([x1 * c1 - x2 * s1, x2 * c2 + x1 * s2], dim=-1)
+    out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, cos.dtype))  # as x * cos would be
+    out[..., :rotary] = rotated
+    out[..., rotary:] = x[..., rotary:]
+    return out
+
+
 OPS.update(
     {
         op.name: op
         for op in (
+            _op("rope", rope_ref, ("triton",), ()),
             _op("rms_norm_forward", rms_norm_forward_ref, ("triton",), ()),
             _op("rms_norm_backward", rms_norm_backward_ref, ("triton",), ()),
             _op("glu", glu_ref, ("triton",), ()),
@@ -502,3 +521,4 @@ rms_norm_forward = OPS["rms_norm_forward"]
 rms_norm_backward = OPS["rms_norm_backward"]
 glu = OPS["glu"]
 cross_entropy_ = OPS["cross_entropy_"]
+rope = OPS["rope"]

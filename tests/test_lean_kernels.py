@@ -16,15 +16,15 @@ import slimtune
 import torch
 import torch.nn.functional as F
 from slimtune import library, ops
-from slimtune.layers.lean import LeanGatedMLP, LeanRMSNorm
-from slimtune.triton_kernels import cross_entropy_, glu, rms_norm_backward, rms_norm_forward
+from slimtune.layers.lean import LeanAttention, LeanGatedMLP, LeanRMSNorm
+from slimtune.triton_kernels import cross_entropy_, glu, rms_norm_backward, rms_norm_forward, rope
 from test_lean import prepared, trainable
 from test_lora_kernels import ACTIVATIONS, close
 from test_triton_kernels import DEVICE, LAYOUTS, make, poison_empty  # noqa: F401 (a fixture)
 from tiny_models import make_batch
 
 DTYPES = [torch.float32, torch.float16]
-LEAN_OPS = ("rms_norm_forward", "rms_norm_backward", "glu", "glu_backward", "cross_entropy_")
+LEAN_OPS = ("rms_norm_forward", "rms_norm_backward", "rope", "glu", "glu_backward", "cross_entropy_")
 
 
 @pytest.fixture
@@ -75,6 +75,46 @@ def test_rms_norm_of_a_half_input_with_a_float32_weight_is_float32(gen):
     assert y.dtype == y_ref.dtype == torch.float32
     torch.testing.assert_close(y, y_ref, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(rstd, rstd_ref)
+
+
+# --------------------------------------------------------------------------- rotary embedding
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("heads", "seq", "dim", "rotary"), [(1, 1, 2, 2), (3, 7, 24, 24), (5, 4, 32, 16)])
+@pytest.mark.parametrize("table_batch", [1, 2], ids=["shared tables", "per-row tables"])
+def test_rope_and_its_inverse_match_hf_formula_in_float64(heads, seq, dim, rotary, table_batch, dtype, gen):
+    """q in HF's layout (the transpose of the projection's output), partial rotary widths (the rest
+    passes through), tables shared over the batch or not; the inverse is the gradient."""
+    x = torch.randn(2, seq, heads, dim, generator=gen).to(DEVICE, dtype).transpose(1, 2)
+    cos, sin = (torch.randn(table_batch, seq, rotary, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    x64 = x.double().requires_grad_()
+    c, s = cos.double().unsqueeze(1), sin.double().unsqueeze(1)
+    turned = x64[..., :rotary] * c + rotate_half(x64[..., :rotary]) * s
+    ref = torch.cat([turned, x64[..., rotary:]], dim=-1)
+    grad = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    ref.backward(grad)
+    g = grad.to(DEVICE, dtype)
+    for impl in (rope, ops.rope_ref):
+        out = impl(x, cos, sin, False)
+        assert out.stride() == x.stride()  # x's layout, as x * cos
+        close(out.reshape(-1, dim), ref.detach().reshape(-1, dim), dtype)
+        close(impl(g, cos, sin, True).reshape(-1, dim), x64.grad.reshape(-1, dim), dtype)
+
+
+def test_rope_of_half_q_with_float32_tables_is_float32(gen):
+    """Under autocast HF's tables stay float32 and q * cos promotes; the kernel's output does too."""
+    x = torch.randn(1, 2, 3, 8, generator=gen).to(DEVICE, torch.float16)
+    cos, sin = (
+        torch.randn(1, 3, 8, generator=gen, device=DEVICE),
+        torch.randn(1, 3, 8, generator=gen, device=DEVICE),
+    )
+    assert rope(x, cos, sin).dtype == ops.rope_ref(x, cos, sin).dtype == torch.float32
 
 
 # --------------------------------------------------------------------------- gated activation
@@ -149,6 +189,15 @@ def test_custom_ops_pass_opcheck(gen):
         (library.rms_norm_backward, (torch.randn(5, 12, generator=gen), x, w, rstd, 0.0, False, False)),
         (library.glu, (torch.randn(5, 8, generator=gen), torch.randn(5, 8, generator=gen), "gelu_tanh")),
         (
+            library.rope,
+            (
+                torch.randn(2, 3, 5, 8, generator=gen),
+                torch.randn(2, 5, 6, generator=gen),
+                torch.randn(2, 5, 6, generator=gen),
+                True,
+            ),
+        ),
+        (
             library.cross_entropy_,
             (torch.randn(5, 11, generator=gen), torch.tensor([1, -100, 3, 0, 10]), torch.ones(1), 2.0, -100),
         ),
@@ -193,6 +242,7 @@ def test_lean_on_the_kernel_path_gives_the_plain_loss_and_gradients(family, meth
     lean = slimtune.lean(copy.deepcopy(reference))
     assert all(m.kind in ("silu", "gelu_tanh") for m in lean.modules() if isinstance(m, LeanGatedMLP))
     assert any(isinstance(m, LeanRMSNorm) for m in lean.modules())
+    assert any(isinstance(m, LeanAttention) for m in lean.modules())
     ids = make_batch()
     embeds = []
     for model, backend in ((reference, "torch"), (lean, "triton")):

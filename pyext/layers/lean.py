@@ -22,6 +22,9 @@ run; on the meta device their fakes do (outputs only), which is what the account
 
 from __future__ import annotations
 
+import functools
+import inspect
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import library, ops
+from ..architectures import ROTARY_FUNCTION
 from ..library import as_rows
 from .partial import COLUMNS, PartialLinear
 from .precision import autocast_dtype, autocast_off, cast_floating
@@ -103,6 +107,100 @@ class LeanRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}, flavor={self.flavor}, lean"
+
+
+# ---- attention: the rotary embedding as one kernel each way ---------------------------------------
+
+
+class _RotaryFn(torch.autograd.Function):
+    """(q, k) rotated by the cos/sin tables; backward: the transposed rotation of their gradients."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(cos, sin)
+        ctx.dtypes = q.dtype, k.dtype
+        return library.rope(q, cos, sin, False), library.rope(k, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, dq: Tensor | None, dk: Tensor | None):
+        cos, sin = ctx.saved_tensors
+        grads = [None if g is None else library.rope(g, cos, sin, True).to(dtype)
+                 for g, dtype in zip((dq, dk), ctx.dtypes, strict=True)]  # fmt: skip
+        return *grads, None, None
+
+
+class LeanRotary:
+    """Stands for the `apply_rotary_pos_emb` an attention forward calls: one kernel each way for the
+    usual call (q, k of (B, H, S, D); cos, sin of (B, S, R), which train nothing); any other call goes
+    to the model's own function."""
+
+    def __init__(self, original: Any) -> None:
+        self.original = original
+
+    def __call__(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *args, **kwargs):
+        usual = not args and kwargs.get("unsqueeze_dim", 1) == 1 and set(kwargs) <= {"unsqueeze_dim"}
+        if (
+            usual
+            and q.dim() == k.dim() == 4
+            and cos.dim() == 3
+            and not (cos.requires_grad or sin.requires_grad)
+        ):
+            return _RotaryFn.apply(q, k, cos, sin)
+        return self.original(q, k, cos, sin, *args, **kwargs)
+
+
+def _holds(cell: Any, value: Any) -> bool:
+    try:
+        return cell.cell_contents is value
+    except ValueError:  # an empty cell
+        return False
+
+
+def _copy_function(fn: Any, globals_: dict, closure: tuple | None) -> Any:
+    new = types.FunctionType(fn.__code__, globals_, fn.__name__, fn.__defaults__, closure)
+    new.__kwdefaults__, new.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+    return new
+
+
+def _rewired(fn: Any, name: str, value: Any) -> Any | None:
+    """A copy of `fn`, and of each decorator around it (`__wrapped__`), whose innermost code reads
+    `value` for the global `name`; None where a decorator does not hold the function it wraps in a
+    closure cell. The model's own class and module are not touched."""
+    inner = getattr(fn, "__wrapped__", None)
+    if inner is None:
+        return _copy_function(fn, {**fn.__globals__, name: value}, fn.__closure__)
+    new_inner = _rewired(inner, name, value)
+    cells = fn.__closure__ or ()
+    if new_inner is None or not any(_holds(c, inner) for c in cells):
+        return None
+    new = _copy_function(fn, fn.__globals__, tuple(types.CellType(new_inner) if _holds(c, inner) else c
+                                                   for c in cells))  # fmt: skip
+    new.__wrapped__ = new_inner
+    return new
+
+
+@functools.cache
+def lean_forward(cls: type) -> Any | None:
+    """The forward of attention class `cls` with its rotary function replaced by `LeanRotary` (built
+    once per class and process, so a lean model that was pickled finds it again), or None."""
+    original = inspect.unwrap(cls.forward).__globals__.get(ROTARY_FUNCTION)
+    return None if original is None else _rewired(cls.forward, ROTARY_FUNCTION, LeanRotary(original))
+
+
+class LeanAttention(StandIn):
+    """An attention module whose rotary embedding runs as one kernel each way where a device has it
+    (CUDA; the meta device, for the accounting); the rest is the module's own forward code, and
+    elsewhere all of it is."""
+
+    def forward(self, *args, **kwargs):
+        cls = type(self.original)
+        device = next(self.parameters()).device
+        if device.type == "meta" or ops.rope.choose(device)[0] != "torch":
+            return lean_forward(cls)(self, *args, **kwargs)
+        return cls.forward(self, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"lean {type(self.original).__name__} (rotary kernel)"
 
 
 # ---- gated MLP ------------------------------------------------------------------------------------
