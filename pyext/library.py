@@ -189,6 +189,20 @@ def _(dy, x, weight, rstd, offset, scale_in_fp32, need_dx):
     return dx, weight.new_empty(weight.shape, dtype=torch.float32)
 
 
+@torch.library.custom_op("slimtune::glu_backward_", mutates_args=("gate", "up"))
+def glu_backward_(dh: Tensor, gate: Tensor, up: Tensor, activation: str, need_h: bool) -> Tensor:
+    """gate becomes dgate = dh up act'(gate) and up becomes dup = dh act(gate), in place (the lean MLP's
+    backward, whose saved gate and up are not read again); returns the recomputed h where asked, else
+    an empty tensor."""
+    h = ops.glu_backward.run(dh, gate, up, activation, gate, up, need_h)
+    return gate.new_empty(0) if h is None else h
+
+
+@glu_backward_.register_fake
+def _(dh: Tensor, gate: Tensor, up: Tensor, activation: str, need_h: bool) -> Tensor:
+    return gate.new_empty(gate.shape if need_h else (0,))
+
+
 @torch.library.custom_op("slimtune::rope", mutates_args=())
 def rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
     """x rotated by the tables (or by their transpose: the backward); see `ops.rope_ref`."""

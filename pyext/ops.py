@@ -372,14 +372,16 @@ def glu_down_ref(gate: Tensor, up: Tensor, a: Tensor, activation: str) -> tuple[
 
 
 def glu_backward_ref(
-    dh: Tensor, gate: Tensor, up: Tensor, activation: str, dgate: Tensor, dup: Tensor
-) -> Tensor:
-    """Write dgate = dh * up * act'(gate), dup = dh * act(gate); return the recomputed h."""
+    dh: Tensor, gate: Tensor, up: Tensor, activation: str, dgate: Tensor, dup: Tensor, need_h: bool = True
+) -> Tensor | None:
+    """Write dgate = dh * up * act'(gate), dup = dh * act(gate) (they may be gate and up themselves);
+    return the recomputed h, or None unless need_h."""
     act, grad = GLU_ACTIVATIONS[activation](gate.float())
-    dh, v = dh.float(), up.float()
+    dh, v = dh.float(), up.float()  # float32 inputs: the same tensors, written below
+    h = (act * v).to(gate.dtype) if need_h else None
     dgate.copy_(dh * v * grad)
     dup.copy_(dh * act)
-    return (act * v).to(gate.dtype)
+    return h
 
 
 BLAS_FIRST = (

@@ -131,6 +131,28 @@ def test_glu_matches_float64(n, i, dtype, activation, gen):
         close(impl(gate, up, activation), ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_glu_backward_in_place_over_gate_and_up(dtype, gen):
+    """The lean MLP's backward writes dgate over gate and dup over up (halves of one fused buffer
+    here), and forms h only when asked."""
+    n, i = 13, 40
+    packed = make((n, 2 * i), dtype, "contiguous", gen)
+    gate, up = packed.chunk(2, dim=-1)
+    dh = make((n, i), dtype, "strided", gen)
+    g64, u64 = gate.double().requires_grad_(), up.double().requires_grad_()
+    h64 = ACTIVATIONS["silu"](g64) * u64
+    h64.backward(dh.double())
+    for impl in (ops.glu_backward.impls["triton"], ops.glu_backward_ref):
+        work = packed.clone()
+        g, u = work.chunk(2, dim=-1)
+        assert impl(dh, g, u, "silu", g, u, False) is None
+        close(g, g64.grad, dtype)
+        close(u, u64.grad, dtype)
+        work = packed.clone()
+        g, u = work.chunk(2, dim=-1)
+        close(impl(dh, g, u, "silu", g, u, True), h64.detach(), dtype)
+
+
 # --------------------------------------------------------------------------- cross-entropy
 
 
@@ -188,6 +210,8 @@ def test_custom_ops_pass_opcheck(gen):
         (library.rms_norm_backward, (torch.randn(5, 12, generator=gen), x, w, rstd, 0.0, False, True)),
         (library.rms_norm_backward, (torch.randn(5, 12, generator=gen), x, w, rstd, 0.0, False, False)),
         (library.glu, (torch.randn(5, 8, generator=gen), torch.randn(5, 8, generator=gen), "gelu_tanh")),
+        (library.glu_backward_, (*torch.randn(3, 5, 8, generator=gen), "silu", True)),
+        (library.glu_backward_, (*torch.randn(3, 5, 8, generator=gen), "gelu_tanh", False)),
         (
             library.rope,
             (
@@ -261,3 +285,18 @@ def test_lean_on_the_kernel_path_gives_the_plain_loss_and_gradients(family, meth
             continue
         scale = a.grad.abs().max().clamp_min(1e-8)
         torch.testing.assert_close(b.grad / scale, a.grad / scale, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_second_backward_on_the_kernel_path_fails_by_name():
+    """The kernel path writes the MLP's gradients over its saved gate and up: a second backward through
+    the same graph (retain_graph) must raise, not reuse overwritten tensors."""
+    if DEVICE.type != "cpu":
+        pytest.skip("the CPU interpreter run")
+    model = slimtune.lean(prepared("llama", "floor"))
+    ids = make_batch()
+    with kernels_on("triton"):
+        x = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        loss = model(inputs_embeds=x, labels=ids).loss
+        loss.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()

@@ -243,8 +243,9 @@ def _glu_down_kernel(
 def _glu_backward_kernel(
     dh_ptr, gate_ptr, up_ptr, h_ptr, dgate_ptr, dup_ptr, N, I,
     s_dhn, s_dhi, s_gn, s_gi, s_un, s_ui, s_hn, s_hi, s_dgn, s_dgi, s_dun, s_dui,
-    ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr,
+    ACT: tl.constexpr, HAS_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr,
 ):  # fmt: skip
+    # Each element is read before it is written, by the same program: dgate and dup may be gate and up.
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     mask = (offs_n < N)[:, None] & (offs_i < I)[None, :]
@@ -253,7 +254,8 @@ def _glu_backward_kernel(
     g = tl.load(gate_ptr + n * s_gn + i * s_gi, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(up_ptr + n * s_un + i * s_ui, mask=mask, other=0.0).to(tl.float32)
     act = _act(g, ACT)
-    tl.store(h_ptr + n * s_hn + i * s_hi, (act * v).to(h_ptr.dtype.element_ty), mask=mask)
+    if HAS_H:
+        tl.store(h_ptr + n * s_hn + i * s_hi, (act * v).to(h_ptr.dtype.element_ty), mask=mask)
     tl.store(
         dgate_ptr + n * s_dgn + i * s_dgi,
         (dh * v * _act_grad(g, ACT)).to(dgate_ptr.dtype.element_ty),
@@ -335,8 +337,10 @@ def glu_backward(
     activation: str,
     dgate: torch.Tensor,
     dup: torch.Tensor,
-) -> torch.Tensor:
-    """Write ``dgate = dh * up * act'(gate)`` and ``dup = dh * act(gate)``; return the recomputed h."""
+    need_h: bool = True,
+) -> torch.Tensor | None:
+    """Write ``dgate = dh * up * act'(gate)`` and ``dup = dh * act(gate)``; return the recomputed h
+    (None unless ``need_h``). ``dgate`` and ``dup`` may be ``gate`` and ``up`` themselves (in place)."""
     _check_pair(gate, up)
     for name, t in (("dh", dh), ("dgate", dgate), ("dup", dup)):
         check_matrix(name, t)
@@ -345,14 +349,15 @@ def glu_backward(
     check_devices(dh=dh, gate=gate, up=up, dgate=dgate, dup=dup)
     code = _activation_code(activation)
     n, i = gate.shape
-    h = torch.empty((n, i), dtype=gate.dtype, device=gate.device)
+    h = torch.empty((n, i), dtype=gate.dtype, device=gate.device) if need_h else None
     if n and i:
         block_n, block_i = (16, 32) if INTERPRET else (32, 128)
         grid = (triton.cdiv(n, block_n), triton.cdiv(i, block_i))
+        out = gate if h is None else h
         _glu_backward_kernel[grid](
-            dh, gate, up, h, dgate, dup, n, i,
+            dh, gate, up, out, dgate, dup, n, i,
             dh.stride(0), dh.stride(1), gate.stride(0), gate.stride(1), up.stride(0), up.stride(1),
-            h.stride(0), h.stride(1), dgate.stride(0), dgate.stride(1), dup.stride(0), dup.stride(1),
-            ACT=code, BLOCK_N=block_n, BLOCK_I=block_i,
+            out.stride(0), out.stride(1), dgate.stride(0), dgate.stride(1), dup.stride(0), dup.stride(1),
+            ACT=code, HAS_H=need_h, BLOCK_N=block_n, BLOCK_I=block_i,
         )  # fmt: skip
     return h

@@ -241,15 +241,15 @@ def _kernel_path(kind: str | None, device: torch.device) -> bool:
     return kind is not None and (device.type == "meta" or ops.glu.choose(device)[0] != "torch")
 
 
-def _gated_grads(
-    ctx, gate: Tensor, up: Tensor, dh: Tensor, need_h: bool
-) -> tuple[list[Tensor], Tensor | None]:
-    """(the gradients of the projections' outputs, h or None) of h = act(gate) * up for dh: the gate
-    and up gradients as one tensor for a fused gate_up projection. One kernel on the kernel path;
-    elsewhere autograd on the recomputed activation, exact for any activation."""
+def _gated_grads(ctx, outs: list[Tensor], dh: Tensor, need_h: bool) -> tuple[list[Tensor], Tensor | None]:
+    """(the gradients of the input projections' outputs `outs`, h or None) of h = act(gate) * up for
+    dh. On the kernel path one kernel writes them over `outs`, the saved gate and up of these rows (a
+    second backward through the graph then fails by name: autograd sees its saved tensors
+    modified); elsewhere autograd on the recomputed activation, exact for any activation."""
+    gate, up = outs[0].chunk(2, dim=-1) if ctx.fused else outs
     if _kernel_path(ctx.kind, gate.device):
-        packed, h = library.glu_backward(dh, gate, up, ctx.kind)  # [dgate | dup], and h recomputed
-        return ([packed] if ctx.fused else list(packed.chunk(2, dim=-1))), h
+        h = library.glu_backward_(dh, gate, up, ctx.kind, need_h)
+        return outs, (h if need_h else None)
     with torch.enable_grad():
         g = gate.detach().requires_grad_(True)
         a = ctx.act(g)
@@ -284,7 +284,6 @@ class _LeanMLPFn(torch.autograd.Function):
         saved = ctx.saved_tensors
         outs, kept, parts = saved[:n], saved[n : 2 * n], saved[2 * n :]
         per = [parts[i : i + 4] for i in range(0, len(parts), 4)]
-        gate_all, up_all = outs[0].chunk(2, dim=-1) if ctx.fused else outs
         w_down, b_down, t_down, i_down = per[-1]
         down_trains = any(t is not None and t.requires_grad for t in (w_down, b_down, t_down))
         columns_only = t_down is not None and ctx.axes[-1] == COLUMNS and not w_down.requires_grad
@@ -294,7 +293,7 @@ class _LeanMLPFn(torch.autograd.Function):
         for rows in _chunks(dy.shape[0]):  # the temporaries (N x I each) of one chunk at a time
             dyc = dy[rows]
             dh = dyc @ w_down.to(dyc.dtype)
-            d_outs, h = _gated_grads(ctx, gate_all[rows], up_all[rows], dh, down_trains)
+            d_outs, h = _gated_grads(ctx, [out[rows] for out in outs], dh, down_trains)
             if down_trains:
                 down = (w_down, b_down, t_down, i_down, ctx.axes[-1])
                 h = h.index_select(1, i_down) if columns_only else _keep_input(h, w_down, *down[2:])
