@@ -136,6 +136,33 @@ def check_index(index: object, size: int, what: str, distinct: bool = False) -> 
 
 _forced: dict[str, str] = {}
 _choices: dict[tuple[str, str], tuple[str, str]] = {}
+_meta_models: list[str] = ["cuda"]  # the device whose program a step on the meta device stands for
+
+
+@contextlib.contextmanager
+def meta_models(device_type: str) -> Iterator[None]:
+    """Inside the block a step on the meta device takes the paths `device_type` ("cuda" or "cpu")
+    would: the accounting of a CPU run compares with what the CPU allocates, not with a card."""
+    if device_type not in ("cuda", "cpu"):
+        raise ValueError(f"the meta device models 'cuda' or 'cpu', not {device_type!r}")
+    _meta_models.append(device_type)
+    try:
+        yield
+    finally:
+        _meta_models.pop()
+
+
+def modelled_device() -> str:
+    """What a step on the meta device stands for: "cuda" (a card; the default) or "cpu"."""
+    return _meta_models[-1]
+
+
+def runs_kernel(op: Op, device: torch.device) -> bool:
+    """Whether `op` runs as one native kernel (Triton or CUDA) for tensors on `device`; on the meta
+    device, whether it would on the device the meta device stands for (`meta_models`)."""
+    if device.type == "meta":
+        return modelled_device() == "cuda" and op.prefer_cuda[:1] in (("triton",), ("cuda",))
+    return op.choose(device)[0] in ("triton", "cuda")
 
 
 @contextlib.contextmanager

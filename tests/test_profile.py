@@ -336,3 +336,23 @@ def test_plot_stacks_equal_the_table_and_name_no_path(tmp_path) -> None:
     plt.close(fig)
     assert _model_name(str(tmp_path / "my-model" / "config.json")) == "my-model"
     assert _model_name(str(tmp_path / "my-model")) == "my-model"
+
+
+@pytest.mark.parametrize("card", [True, False], ids=["card", "cpu"])
+def test_a_fused_kernel_counts_its_outputs_on_a_card_and_its_reference_s_temporaries_on_a_cpu(card) -> None:
+    """glu_backward on a card writes dgate and dup from registers; the CPU runs its reference, whose
+    float32 act, act' and products are real allocations. Both count the kernel's FLOPs and traffic."""
+    n, i = 64, 48
+    gate, up, dh = (torch.empty(n, i, device="meta", dtype=torch.bfloat16) for _ in range(3))
+    dgate, dup = torch.empty_like(gate), torch.empty_like(gate)
+    counter = accounting.StepCounter(card=card)
+    counter.adopt([gate, up, dh, dgate, dup], "temporaries")
+    counter.restart()
+    with accounting._Dispatch(counter), accounting.fused_kernels(counter):
+        h = slimtune.ops.glu_backward.run(dh, gate, up, "silu", dgate, dup)
+    extra = counter.peak - counter.live
+    assert h.shape == (n, i) and len(counter.work) == 1  # one kernel
+    if card:
+        assert extra == 0  # h is live at the end; nothing else was
+    else:
+        assert extra >= 3 * n * i * 4  # at least the float32 act, act' and a product

@@ -148,6 +148,7 @@ class StepCounter:
     bytes_moved: int = 0
     work: Work = field(default_factory=lambda: defaultdict(int))
     fused_depth: int = 0  # > 0 inside one of slimtune's fused kernels
+    card: bool = True  # the step stands for a card's (else a CPU's: the references' temporaries are real)
     fused_flops: int = 0  # FLOPs of the ops inside the running fused kernel
     _sizes: dict[int, tuple[int, str]] = field(default_factory=dict)
 
@@ -214,12 +215,15 @@ class _Dispatch(TorchDispatchMode):
         out = func(*args, **kwargs)
         counter = self.counter
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
-        new = [counter._track(t) for t in outputs]
+        in_kernel = counter.fused_depth > 0
+        # Inside one of slimtune's kernels on a card its reference's ops stand for work in registers:
+        # their FLOPs count, their temporaries do not (its outputs are tracked by `fused_kernels`).
+        new = [] if in_kernel and counter.card else [counter._track(t) for t in outputs]
         if str(func.overloadpacket) in _VIEW_OPS:
             return out
         formula = _flop_formula(func.overloadpacket)
         flops = formula(*args, **kwargs, out_val=out) if formula is not None else 0
-        if counter.fused_depth:  # a fused kernel's traffic is counted once, by `fused_kernels`
+        if in_kernel:  # a fused kernel's traffic is counted once, by `fused_kernels`
             counter.fused_flops += flops
             return out
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
@@ -248,7 +252,8 @@ def _nbytes(tensors: list[Tensor]) -> int:
 def fused_kernels(counter: StepCounter) -> Iterator[None]:
     """Count each of slimtune's ops whose CUDA default is a native kernel (Triton or CUDA C++) as one
     kernel: one pass over its inputs and outputs with the FLOPs of the ops inside, as it runs on a
-    card, instead of the PyTorch reference's ops that run on the meta device. Ops whose CUDA
+    card, instead of the PyTorch reference's ops that run on the meta device; of its memory, only
+    its outputs (the reference's float32 temporaries are the kernel's registers). Ops whose CUDA
     default is plain torch code ('blas') are counted op by op like the rest of the model."""
     wrapped = [op for op in slimtune.ops.OPS.values() if op.prefer_cuda[:1] in (("triton",), ("cuda",))]
 
@@ -266,6 +271,9 @@ def fused_kernels(counter: StepCounter) -> Iterator[None]:
                 counter.fused_depth -= 1
             if outer:
                 tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, Tensor)]
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, Tensor):
+                        counter._track(t)  # the kernel's outputs (new ones count from here)
                 counter.kernel(counter.fused_flops, _nbytes(tensors), tensors)
             return out
 
@@ -426,9 +434,11 @@ def account_step(
     optimizer: torch.optim.Optimizer | None,
     batch: dict[str, Tensor],
     steps: int = 2,
+    models: str = "cuda",
 ) -> StepAccount:
-    """Run `steps` training steps under the counters and account the last one."""
-    counter = StepCounter()
+    """Run `steps` training steps under the counters and account the last one, as the program of
+    `models` ("cuda": a card's, slimtune's kernels included; "cpu": the references' as a CPU runs them)."""
+    counter = StepCounter(card=models == "cuda")
     params = list(model.parameters())
     weights = model_tensors(model)
     counter.adopt(weights, "weights")
@@ -436,6 +446,7 @@ def account_step(
     existing = {t.untyped_storage()._cdata for t in weights}
     saved = SavedTensors()
     with (
+        slimtune.ops.meta_models(models),
         flash_attention(counter),
         _Dispatch(counter),
         fused_kernels(counter),

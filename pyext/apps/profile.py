@@ -133,7 +133,10 @@ def _prepared(method: str, setup: Setup, config, device: torch.device):
 def account(method: str, setup: Setup, config) -> Row:
     """The exact accounting of one method on the meta device."""
     model, optimizer = _prepared(method, setup, config, torch.device("meta"))
-    step = accounting.account_step(model, optimizer, _batch(config, setup, torch.device("meta")))
+    models = "cpu" if setup.device == "cpu" else "cuda"  # a CPU measurement compares with the CPU's program
+    step = accounting.account_step(
+        model, optimizer, _batch(config, setup, torch.device("meta")), models=models
+    )
     rank = {}
     if setup.world > 1:
         share = sharded_memory.rank_share(model, optimizer, setup.world)

@@ -64,7 +64,9 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float, offset: float, scale_in_fp32: bool) -> Tensor:
-        y, rstd = library.rms_norm_forward(as_rows(x), weight, eps, offset, scale_in_fp32)
+        ctx.kernels = ops.runs_kernel(ops.rms_norm_forward, x.device)
+        forward = library.rms_norm_forward if ctx.kernels else ops.rms_norm_forward_ref
+        y, rstd = forward(as_rows(x), weight, eps, offset, scale_in_fp32)
         ctx.save_for_backward(x, rstd, weight)
         ctx.offset, ctx.scale_in_fp32 = offset, scale_in_fp32
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -73,9 +75,8 @@ class _RMSNormFn(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, rstd, weight = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]
-        dx, dw = library.rms_norm_backward(
-            as_rows(dy), as_rows(x), weight, rstd, ctx.offset, ctx.scale_in_fp32, need_dx
-        )
+        backward = library.rms_norm_backward if ctx.kernels else ops.rms_norm_backward_ref
+        dx, dw = backward(as_rows(dy), as_rows(x), weight, rstd, ctx.offset, ctx.scale_in_fp32, need_dx)
         return (
             dx.view(x.shape) if need_dx else None,
             dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
@@ -194,8 +195,7 @@ class LeanAttention(StandIn):
 
     def forward(self, *args, **kwargs):
         cls = type(self.original)
-        device = next(self.parameters()).device
-        if device.type == "meta" or ops.rope.choose(device)[0] != "torch":
+        if ops.runs_kernel(ops.rope, next(self.parameters()).device):
             return lean_forward(cls)(self, *args, **kwargs)
         return cls.forward(self, *args, **kwargs)
 
@@ -236,9 +236,9 @@ def _projection_grads(g2: Tensor, kept: Tensor, weight: Tensor, bias, trained, i
 
 
 def _kernel_path(kind: str | None, device: torch.device) -> bool:
-    """Whether the gated activation runs as one kernel: a known activation with a native kernel on the
-    device (CUDA), or the meta device, where the accounting models the card's path."""
-    return kind is not None and (device.type == "meta" or ops.glu.choose(device)[0] != "torch")
+    """Whether the gated activation runs as kernels: a known activation, and kernels on the device (or
+    on the one the meta device stands for, `ops.meta_models`)."""
+    return kind is not None and ops.runs_kernel(ops.glu, device)
 
 
 def _gated_grads(ctx, outs: list[Tensor], dh: Tensor, need_h: bool) -> tuple[list[Tensor], Tensor | None]:
@@ -379,10 +379,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         dh = torch.empty_like(h) if need_h else None
         dw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         scale = per_target.reshape(1)
+        cross_entropy_ = (
+            library.cross_entropy_ if ops.runs_kernel(ops.cross_entropy_, h.device) else ops.cross_entropy_ref
+        )
         for start in range(0, h.shape[0], chunk):
             hc = h[start : start + chunk]
             z = F.linear(hc, weight)  # one chunk of logits in the model's dtype, then its gradient
-            losses = library.cross_entropy_(z, targets[start : start + chunk], scale, softcap, IGNORE_INDEX)
+            losses = cross_entropy_(z, targets[start : start + chunk], scale, softcap, IGNORE_INDEX)
             loss += losses.sum()
             if need_h:
                 dh[start : start + chunk] = z @ weight
