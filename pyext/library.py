@@ -253,7 +253,7 @@ class Kernels:
     lora_linear: Callable[..., Tensor]
     lora_input_grad: Callable[..., Tensor]
     glu_down: Callable[..., tuple[Tensor, Tensor]]
-    glu_backward: Callable[..., tuple[Tensor, Tensor]]
+    glu_grads: Callable[..., tuple[list[Tensor], Tensor]]  # (dh, outs, activation) -> (d_outs, h)
 
 
 def _direct(name: str) -> Callable[..., Tensor]:
@@ -265,15 +265,33 @@ def _direct(name: str) -> Callable[..., Tensor]:
     return call
 
 
+def _gate_up(outs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    return outs[0].chunk(2, dim=-1) if len(outs) == 1 else outs  # gate_up_proj: gate first
+
+
+def _glu_grads_in_place(dh: Tensor, outs: Sequence[Tensor], activation: str) -> tuple[list[Tensor], Tensor]:
+    """Eager: the gate and up gradients written over the saved gate and up outputs, which backward
+    does not read again (a second backward through the graph fails by name), and h recomputed."""
+    gate, up = _gate_up(outs)
+    h = ops.glu_backward.run(dh, gate, up, activation, gate, up, True)
+    return list(outs), h
+
+
+def _glu_grads_packed(dh: Tensor, outs: Sequence[Tensor], activation: str) -> tuple[list[Tensor], Tensor]:
+    """Traced: a functional op (new [dgate | dup] and h)."""
+    packed, h = glu_backward(dh, *_gate_up(outs), activation)
+    return ([packed] if len(outs) == 1 else list(packed.chunk(2, dim=1))), h
+
+
 DIRECT = Kernels(
     _direct("gather_columns"),
     _direct("column_grad"),
     _direct("lora_linear"),
     _direct("lora_input_grad"),
     _direct("glu_down"),
-    _glu_backward_packed,
+    _glu_grads_in_place,
 )
-TRACEABLE = Kernels(gather_columns, column_grad, lora_linear, lora_input_grad, glu_down, glu_backward)
+TRACEABLE = Kernels(gather_columns, column_grad, lora_linear, lora_input_grad, glu_down, _glu_grads_packed)
 
 
 def _partial_forward(
@@ -334,7 +352,7 @@ def _gated_forward(
 ):
     """(y, gate/up outputs, u of the inputs' adapters, u of the down adapter); h is not kept."""
     outs, u = _project(k, x2, x2, a_in, weights, biases, bs, ranks)
-    gate, up = outs[0].chunk(2, dim=-1) if len(outs) == 1 else outs  # gate_up_proj: gate first
+    gate, up = _gate_up(outs)
     h, u_down = k.glu_down(gate, up, a_down, activation)
     return k.lora_linear(h, w_down, bias_down, u_down, b_down), outs, u, u_down
 
@@ -342,15 +360,57 @@ def _gated_forward(
 def _gated_backward(k: Kernels, dy, x2, u, a_in, a_down, b_down, w_down, u_down, outs, weights, bs, ranks,
                     activation, need_x):  # fmt: skip
     """(dx, da_in, da_down, db_down, dbs); h = act(gate) * up is recomputed, not read back."""
-    gate, up = outs[0].chunk(2, dim=-1) if len(outs) == 1 else outs
     g_down = dy @ b_down
     db_down = dy.t() @ u_down
     dh = k.lora_input_grad(g_down, a_down, [dy], [w_down])
-    packed, h = k.glu_backward(dh, gate, up, activation)
-    d_outs = [packed] if len(outs) == 1 else list(packed.chunk(2, dim=1))
+    d_outs, h = k.glu_grads(dh, outs, activation)
+    del dh
     da_down = g_down.t() @ h
+    del h
     dx, _, da_in, dbs = _project_backward(k, d_outs, x2, u, a_in, weights, bs, ranks, True, need_x)
     return dx, da_in, da_down, db_down, dbs
+
+
+# ---- inputs recomputed from what a lean RMSNorm keeps -----------------------------------------------
+
+NORM_SOURCE = "_slimtune_norm_source"
+
+
+@dataclass(frozen=True)
+class NormSource:
+    """A lean RMSNorm's output, recomputable from the norm's input, which the norm keeps for its own
+    backward: a product reading the output keeps that input (no new memory) instead of the output
+    (LoRA's adapted inputs: q/k/v and gate/up each share one) and recomputes it, one elementwise pass,
+    in backward. `version`: the output's, when made (an in-place change since disowns it)."""
+
+    x: Tensor
+    weight: Tensor
+    eps: float
+    offset: float
+    scale_in_fp32: bool
+    version: int
+
+    def output_rows(self, x: Tensor) -> Tensor:
+        """The norm's output, as (tokens, features), from its input `x` (as saved)."""
+        kernels = ops.runs_kernel(ops.rms_norm_forward, x.device)
+        forward = rms_norm_forward if kernels else ops.rms_norm_forward_ref
+        return forward(as_rows(x), self.weight, self.eps, self.offset, self.scale_in_fp32)[0]
+
+
+def norm_source(t: Tensor) -> NormSource | None:
+    """The lean norm `t` came out of, unchanged since, or None."""
+    source = getattr(t, NORM_SOURCE, None)
+    return source if source is not None and t._version == source.version else None
+
+
+def _keep_input(ctx, x: Tensor, x2: Tensor) -> Tensor:
+    """What a product keeps for its input's rows: the input of the lean norm x came from, or x2."""
+    ctx.norm = norm_source(x)
+    return x2 if ctx.norm is None else ctx.norm.x
+
+
+def _input_rows(ctx, kept: Tensor) -> Tensor:
+    return kept if ctx.norm is None else ctx.norm.output_rows(kept)
 
 
 # ---- eager: autograd Functions calling the kernels directly -------------------------------------
@@ -391,13 +451,17 @@ class _ProjectFn(torch.autograd.Function):
         x2 = as_rows(x)
         xa2 = x2 if xa is None else as_rows(xa)
         outs, u = _project(DIRECT, x2, xa2, a, weights, biases, bs, ranks)
-        ctx.save_for_backward(xa2, u, a, *weights, *bs)
+        kept = _keep_input(ctx, x, xa2) if xa is None else xa2
+        if xa is not None:
+            ctx.norm = None
+        ctx.save_for_backward(kept, u, a, *weights, *bs)
         ctx.ranks, ctx.shares_input, ctx.x_shape = ranks, xa is None, x.shape
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *d_outs):
-        xa, u, a, *rest = ctx.saved_tensors
+        kept, u, a, *rest = ctx.saved_tensors
+        xa = _input_rows(ctx, kept)
         n = len(ctx.ranks)
         dx, dxa, da, dbs = _project_backward(
             DIRECT, d_outs, xa, u, a, rest[:n], rest[n:], ctx.ranks, ctx.shares_input, ctx.needs_input_grad[0]
@@ -415,13 +479,16 @@ class _GatedMLPFn(torch.autograd.Function):
         y, outs, u, u_down = _gated_forward(
             DIRECT, x2, a_in, a_down, b_down, w_down, bias_down, activation, ranks, weights, biases, bs
         )
-        ctx.save_for_backward(x2, u, a_in, a_down, b_down, w_down, u_down, *outs, *weights, *bs)
+        ctx.save_for_backward(
+            _keep_input(ctx, x, x2), u, a_in, a_down, b_down, w_down, u_down, *outs, *weights, *bs
+        )
         ctx.ranks, ctx.activation, ctx.x_shape = ranks, activation, x.shape
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, u, a_in, a_down, b_down, w_down, u_down, *rest = ctx.saved_tensors
+        kept, u, a_in, a_down, b_down, w_down, u_down, *rest = ctx.saved_tensors
+        x2 = _input_rows(ctx, kept)
         n = len(ctx.ranks)
         dx, da_in, da_down, db_down, dbs = _gated_backward(
             DIRECT, dy, x2, u, a_in, a_down, b_down, w_down, u_down, rest[:n], rest[n : 2 * n], rest[2 * n :],

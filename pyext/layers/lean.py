@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .. import library, ops
 from ..architectures import ROTARY_FUNCTION
-from ..library import as_rows
+from ..library import NORM_SOURCE, NormSource, as_rows
 from .partial import COLUMNS, PartialLinear
 from .precision import autocast_dtype, autocast_off, cast_floating
 from .standin import StandIn
@@ -101,7 +101,11 @@ class LeanRMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gemma = self.flavor == "gemma"
-        return _RMSNormFn.apply(x, self.weight, self.eps, 1.0 if gemma else 0.0, gemma)
+        offset = 1.0 if gemma else 0.0
+        y = _RMSNormFn.apply(x, self.weight, self.eps, offset, gemma)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # eager products may recompute y
+            setattr(y, NORM_SOURCE, NormSource(x, self.weight, self.eps, offset, gemma, y._version))
+        return y
 
     def restore(self) -> nn.Module:
         return self.original
@@ -269,9 +273,16 @@ class _LeanMLPFn(torch.autograd.Function):
         x2 = as_rows(x)
         outs = [F.linear(x2, w, b) for w, b, _, _ in per[:-1]]
         gate, up = outs[0].chunk(2, dim=-1) if fused else outs
-        h = library.glu(gate, up, kind) if _kernel_path(kind, x.device) else act(gate) * up
         w_down, b_down, _, _ = per[-1]
-        y = F.linear(h, w_down, b_down)
+        kernels = _kernel_path(kind, x.device)
+        y = x2.new_empty(x2.shape[0], w_down.shape[0], dtype=torch.result_type(gate, w_down))
+        for rows in _chunks(x2.shape[0]):  # h of one chunk of tokens at a time: it is never kept
+            h = library.glu(gate[rows], up[rows], kind) if kernels else act(gate[rows]) * up[rows]
+            if b_down is None:  # written into y's rows by the GEMM itself: no copy of the output
+                torch.mm(h, w_down.t(), out=y[rows])
+            else:
+                torch.addmm(b_down, h, w_down.t(), out=y[rows])
+            del h
         kept = [_keep_input(x2, w, t, i, a) for (w, _, t, i), a in zip(per[:-1], axes[:-1], strict=True)]
         ctx.save_for_backward(*outs, *kept, *parts)
         ctx.act, ctx.kind, ctx.fused, ctx.axes = act, kind, fused, axes
@@ -391,6 +402,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 dh[start : start + chunk] = z @ weight
             if need_w:
                 dw += z.t() @ hc
+            del z  # before the next chunk's logits exist: one chunk at a time
         ctx.save_for_backward(*(t for t in (dh, dw) if t is not None))
         ctx.need, ctx.weight_dtype = (need_h, need_w), weight.dtype
         return loss / count
