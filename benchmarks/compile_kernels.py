@@ -30,6 +30,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.pop("TRITON_INTERPRET", None)  # the launchers must pick their GPU configurations
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated
@@ -82,8 +83,34 @@ def _meta_factory(dtype: torch.dtype):
     return make
 
 
-def _calls(columns, column_grad, lora, m) -> list[tuple[str, object, tuple]]:
+def _lean_calls(k, m) -> list[tuple[str, object, tuple]]:
+    """The lean frozen path's launches at the TinyLlama shapes (32 heads of 64, vocabulary 32000 in
+    chunks of 1024 tokens, 4096-token chunks of the MLP backward)."""
+    rows, chunk, vocab = m(TOKENS, HIDDEN), 4096, 32000
+    gate, up = m(chunk, INTER), m(chunk, INTER)
+    q = m(8, 2048, 32, 64).transpose(1, 2)
+    table = m(8, 2048, 64)
+    targets = torch.empty(1024, dtype=torch.int64, device="meta")
+    scale = torch.empty(1, dtype=torch.float32, device="meta")
+    rstd = torch.empty(TOKENS, dtype=torch.float32, device="meta")
+    norm, dh = k.rms_norm, m(chunk, INTER)
+    return [
+        ("rms_norm forward (N x 2048)", norm.rms_norm_forward, (rows, m(HIDDEN), 1e-5, 0.0, False)),
+        (
+            "rms_norm backward (N x 2048)",
+            norm.rms_norm_backward,
+            (rows, rows, m(HIDDEN), rstd, 0.0, False, True),
+        ),
+        ("rope q (8 x 32 x 2048 x 64)", k.rope.rope, (q, table, table, False)),
+        ("glu act(gate) * up (4096-token chunk)", k.lora.glu, (gate, up, "silu")),
+        ("glu_backward in place (lean MLP)", k.lora.glu_backward, (dh, gate, up, "silu", gate, up, False)),
+        ("cross_entropy_ (1024 x 32000)", k.cross_entropy.cross_entropy_, (m(1024, vocab), targets, scale)),
+    ]
+
+
+def _calls(k, m) -> list[tuple[str, object, tuple]]:
     """(what, launcher, arguments) at the TinyLlama shapes; `m(*shape)` makes a meta tensor."""
+    columns, column_grad, lora = k.columns, k.column_grad, k.lora
     idx = torch.empty(COLUMNS, dtype=torch.int64, device="meta")
     qkv_dys = [m(TOKENS, HIDDEN), m(TOKENS, KV), m(TOKENS, KV)]
     qkv_weights = [m(HIDDEN, HIDDEN), m(KV, HIDDEN), m(KV, HIDDEN)]
@@ -120,6 +147,7 @@ def _calls(columns, column_grad, lora, m) -> list[tuple[str, object, tuple]]:
         ),
         ("glu_down act(gate) * up, u = h a^T", lora.glu_down, (big[0], big[1], m(RANK, INTER), "silu")),
         ("glu_backward (recomputes h)", lora.glu_backward, (big[0], big[1], big[2], "silu", big[3], big[4])),
+        *_lean_calls(k, m),
     ]
 
 
@@ -128,20 +156,20 @@ def record_launches(sms: int) -> list[Launch]:
     global _current_use
     import importlib
 
-    _common, column_grad, columns, lora = (
-        importlib.import_module(f"slimtune.triton_kernels.{name}")
-        for name in ("_common", "column_grad", "columns", "lora")
+    names = ("_common", "column_grad", "columns", "lora", "rms_norm", "rope", "cross_entropy")
+    k = SimpleNamespace(
+        **{name: importlib.import_module(f"slimtune.triton_kernels.{name}") for name in names}
     )
 
     KernelInterface.__getitem__ = _record
-    for module in (_common, columns, column_grad, lora):
+    for module in vars(k).values():
         if hasattr(module, "check_devices"):
             module.check_devices = lambda **tensors: next(iter(tensors.values())).device
         if hasattr(module, "num_sms"):
             module.num_sms = lambda device: sms
     _recorded.clear()
     for dtype in (torch.bfloat16, torch.float16):
-        for use, launcher, args in _calls(columns, column_grad, lora, _meta_factory(dtype)):
+        for use, launcher, args in _calls(k, _meta_factory(dtype)):
             _current_use = f"{use}, {TYPE_NAMES[dtype]}"
             launcher(*args)
     return list(_recorded)

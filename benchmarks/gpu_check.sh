@@ -37,6 +37,12 @@ RESULTS=benchmarks/results/$RUN
 [ "$DRY" = 1 ] && RESULTS=${DRY_RESULTS:-$(mktemp -d)}/$RUN
 mkdir -p "$RESULTS"
 exec > >(tee -a "$RESULTS/gpu_check.log") 2>&1
+# Packages the card lacks (liger-kernel, for the +liger rows and the composition test) travel as wheels
+# in .whl/ (see /work/.library/device/README.md); installed beside the card's own, never over them.
+if [ "$DRY" = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 printf 'phase\trc\tseconds\tlimit\tpredicted\n' > "$RESULTS/phases.tsv"
 [ "$DRY" = 1 ] && echo "DRY RUN on $(uname -m): structure and time boxes only; no number here is a GPU result" \
   | tee "$RESULTS/DRY_RUN"
@@ -166,11 +172,12 @@ run_tests() {
 }
 
 # Every kernel at bf16 and realistic shapes (Triton: gather, scatter, column gradient, the LoRA GEMMs,
-# glu_down, glu_backward; CUDA C++: the twins), the model-level checks (PaCA, LoRA against PEFT, S2FT,
-# lean and compile on the card), then each kernel file's own cases on the card.
+# glu_down, glu_backward, the lean path's RMSNorm, RoPE, glu and cross-entropy; CUDA C++: the twins),
+# the model-level checks (PaCA, LoRA against PEFT, S2FT, lean against plain in bf16, Liger then
+# slimtune, compile on the card), then each kernel file's own cases on the card.
 gpu_tests() {
-  run_tests -m gpu tests/test_triton_kernels.py tests/test_lora_kernels.py tests/test_cpp_kernels.py \
-    -k "not (test_gather_columns or test_scatter_columns)"
+  run_tests -m gpu tests/test_triton_kernels.py tests/test_lora_kernels.py tests/test_lean_kernels.py \
+    tests/test_cpp_kernels.py -k "not (test_gather_columns or test_scatter_columns)"
   run_tests tests/test_lora_kernels.py -k "not gpu"
   run_tests tests/test_triton_kernels.py -k "not gpu and (compact or deterministic or rounds or poisoned or empty or bad)"
   run_tests -m gpu tests/test_paca_layer.py tests/test_lora.py tests/test_s2ft.py tests/test_paca_models.py \
@@ -191,10 +198,10 @@ if [ "$DRY" = 1 ]; then
   TESTS=(--collect-only -q)
 else
   BENCH=(--model tinyllama-1.1b --batch "${BATCH:-8}" --seq "${SEQ:-2048}" --warmup 2 --steps 5 \
-    --methods "${METHODS:-floor,floor+lean,paca,paca+lean,paca-partial-adamw,s2ft,s2ft+lean,lora,lora+lean,hydra,peft-lora,peft-lora-bf16,full}")
+    --methods "${METHODS:-floor,floor+lean,floor+liger,paca,paca+lean,paca+liger,paca-partial-adamw,s2ft,s2ft+lean,lora,lora+lean,hydra,peft-lora,peft-lora-bf16,full}")
   # Lean against non-lean and against Liger-Kernel (its row errors cleanly where it is not installed).
   PROFILE=(--batch "${BATCH:-8}" --seq "${SEQ:-2048}" --device cuda --warmup 1 --steps 3 \
-    --methods floor,floor+lean,floor+liger,paca,paca+lean,s2ft+lean,lora,lora+lean,full-mixed)
+    --methods floor,floor+lean,floor+liger,paca,paca+lean,paca+liger,s2ft+lean,lora,lora+lean,full-mixed)
   MICRO=(--benchmark-max-time=0.05 --benchmark-min-rounds=3 --benchmark-warmup=on --benchmark-warmup-iterations=2)
   SHAPES="N16384"
   TESTS=(-v)

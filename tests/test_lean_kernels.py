@@ -300,3 +300,85 @@ def test_a_second_backward_on_the_kernel_path_fails_by_name():
         loss.backward(retain_graph=True)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             loss.backward()
+
+
+# --------------------------------------------------------------------------- GPU: bf16, realistic shapes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_lean_kernels_at_tinyllama_shapes(dtype, gen):
+    """One block's worth of TinyLlama rows (4096 tokens, hidden 2048, intermediate 5632, 32 heads of
+    64, vocabulary 32000 in chunks of 1024) against float64 math."""
+    n, d, i = 4096, 2048, 5632
+    x, dy = make((n, d), dtype, "contiguous", gen), make((n, d), dtype, "contiguous", gen)
+    w = (1 + 0.1 * torch.randn(d, generator=gen)).to(DEVICE, dtype)
+    x64, w64, _, y64 = norm64(x, w, 1e-5, False)
+    y64.backward(dy.double())
+    y, rstd = rms_norm_forward(x, w, 1e-5, 0.0, False)
+    close(y, y64.detach(), dtype)
+    dx, dw = rms_norm_backward(dy, x, w, rstd, 0.0, False, True)
+    close(dx, x64.grad, dtype)
+    close(dw.to(dtype), w64.grad, dtype)
+    gate, up = make((n, i), dtype, "contiguous", gen), make((n, i), dtype, "contiguous", gen)
+    close(glu(gate, up, "silu"), ACTIVATIONS["silu"](gate.double()) * up.double(), dtype)
+    q = torch.randn(2, 2048, 32, 64, generator=gen).to(DEVICE, dtype).transpose(1, 2)
+    cos, sin = (torch.randn(1, 2048, 64, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    ref = q.double() * cos.double().unsqueeze(1) + rotate_half(q.double()) * sin.double().unsqueeze(1)
+    close(rope(q, cos, sin).reshape(-1, 64), ref.reshape(-1, 64), dtype)
+    logits = (3 * torch.randn(1024, 32000, generator=gen)).to(DEVICE, dtype)
+    targets = torch.randint(0, 32000, (1024,), generator=gen, device=DEVICE)
+    losses64, grad64 = ce64(logits, targets, 1 / 1024, None)
+    losses = cross_entropy_(logits, targets, torch.full((1,), 1 / 1024, device=DEVICE), None)
+    torch.testing.assert_close(losses.double(), losses64, rtol=2e-2, atol=2e-2)
+    close(logits, grad64, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["floor", "paca", "lora"])
+def test_gpu_lean_bf16_step_matches_plain(method):
+    """A bf16 Llama on the card: lean mode's loss and gradients (every kernel on Triton) within bf16
+    tolerance of the plain model's."""
+    reference = prepared("llama", method).to(DEVICE, torch.bfloat16)
+    lean = slimtune.lean(copy.deepcopy(reference))
+    assert ops.rope.choose(DEVICE)[0] == "triton"
+    ids = make_batch().to(DEVICE)
+    losses, grads = [], []
+    for model in (reference, lean):
+        x = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        loss = model(inputs_embeds=x, labels=ids).loss
+        loss.backward()
+        losses.append(loss.float())
+        grads.append([x.grad, *(p.grad for p in trainable(model).values() if p.grad is not None)])
+    torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=2e-2)
+    for a, b in zip(grads[0], grads[1], strict=True):
+        scale = a.float().abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(b.float() / scale, a.float() / scale, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["paca", "lora"])
+def test_gpu_liger_then_slimtune_gives_the_plain_gradients(method):
+    """Users who patch with Liger-Kernel first (`apply_liger_kernel_to_llama()`, module-wide) and then
+    apply a slimtune method get the plain model's loss and trained gradients (liger-kernel travels to
+    the card as a wheel; where it is missing this test fails, it is not skipped)."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    reference = prepared("llama", method).to(DEVICE, torch.float32)
+    ids = make_batch().to(DEVICE)
+    reference(input_ids=ids, labels=ids).loss.backward()
+    apply_liger_kernel_to_llama()  # patches transformers' Llama classes: models built from now on
+    try:
+        patched = prepared("llama", method).to(DEVICE, torch.float32)
+        loss = patched(input_ids=ids, labels=ids).loss
+        loss.backward()
+    finally:
+        import importlib
+
+        import transformers.models.llama.modeling_llama as modeling
+
+        importlib.reload(modeling)  # the other tests get transformers' own Llama again
+    torch.testing.assert_close(loss, reference(input_ids=ids, labels=ids).loss, rtol=1e-3, atol=1e-3)
+    for (name, a), b in zip(trainable(reference).items(), trainable(patched).values(), strict=True):
+        scale = a.grad.abs().max().clamp_min(1e-8)
+        torch.testing.assert_close(b.grad / scale, a.grad / scale, rtol=1e-2, atol=1e-3, msg=name)

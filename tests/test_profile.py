@@ -14,7 +14,7 @@ import transformers
 from slimtune.apps import accounting
 from slimtune.apps.bench import build_model
 from slimtune.apps.cli import main as cli_main
-from slimtune.apps.profile import ALLOCATOR_OVERHEAD_GIB, Setup, account, model_config, profile, table
+from slimtune.apps.profile import ALLOWANCE_GIB, Setup, account, model_config, profile, table
 from torch import nn
 
 N, K, M, R = 64, 48, 40, 4  # tokens, in, out, rank/columns
@@ -131,7 +131,26 @@ def test_calibration_against_the_h200_anchors(method: str) -> None:
     setup = Setup(model="tinyllama-1.1b", batch=8, seq=2048, dtype="bf16", device="meta", card="h200")
     row = account(method, setup, model_config("tinyllama-1.1b"))
     assert row.peak_card == pytest.approx(CALIBRATION[method], rel=0.03)
-    assert row.peak_exact + ALLOCATOR_OVERHEAD_GIB == pytest.approx(row.peak_card)
+    assert row.peak_exact + ALLOWANCE_GIB["hf"] == pytest.approx(row.peak_card)
+
+
+LIGER_FLOOR = 15.86  # GiB, the anchors' Liger-patched floor on the H200
+
+
+def test_fused_allowance_is_the_liger_anchor_s_gap(monkeypatch) -> None:
+    """Liger's floor keeps lean mode's tensors and forms the gated MLP's product whole: lean mode with
+    unbounded token chunks is that program; its exact peak plus the fused allowance is the measured
+    15.86 GiB (to the anchors' 0.01), and lean mode's own rows get the fused allowance."""
+    import slimtune.layers.lean as lean_layers
+
+    setup = Setup(model="tinyllama-1.1b", batch=8, seq=2048, dtype="bf16", device="meta", card="h200")
+    config = model_config("tinyllama-1.1b")
+    chunked = account("floor+lean", setup, config)
+    assert chunked.peak_card == pytest.approx(chunked.peak_exact + ALLOWANCE_GIB["fused"])
+    monkeypatch.setattr(lean_layers, "BACKWARD_CHUNK", 1 << 40)
+    whole = account("floor+lean", setup, config)
+    assert whole.peak_exact + ALLOWANCE_GIB["fused"] == pytest.approx(LIGER_FLOOR, abs=0.01)
+    assert whole.peak_exact > chunked.peak_exact  # lean's chunks keep its own peak below Liger's
 
 
 def test_cli_writes_table_csv_json_and_plot(tmp_path, capsys) -> None:

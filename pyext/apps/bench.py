@@ -163,16 +163,23 @@ def _full_mixed(model: nn.Module, options: MethodOptions) -> Prepared:
     return model, MasterWeightAdamW(_trainable(model), options)  # type: ignore[return-value]
 
 
-def _floor_liger(model: nn.Module, options: MethodOptions) -> Prepared:
-    """The floor with Liger-Kernel's fused RMSNorm, RoPE, SwiGLU and linear cross-entropy (the anchors'
-    Liger row), for comparison with `floor+lean`; Llama-family models only, where liger-kernel is
-    installed (CUDA)."""
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    except ImportError as err:
-        raise RuntimeError("liger-kernel is not installed here (pip install liger-kernel)") from err
-    _apply_liger_kernel_to_instance(model=model)
-    return _floor(model, options)
+def _liger(
+    prepare: Callable[[nn.Module, MethodOptions], Prepared],
+) -> Callable[[nn.Module, MethodOptions], Prepared]:
+    """The same row on a model patched by Liger-Kernel first (its fused RMSNorm, RoPE, SwiGLU and
+    linear cross-entropy; the anchors' Liger rows), for comparison with the +lean rows and to show
+    that slimtune's methods compose with it; Llama-family models, where liger-kernel is installed."""
+
+    def prepare_liger(model: nn.Module, options: MethodOptions) -> Prepared:
+        try:
+            from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        except ImportError as err:
+            raise RuntimeError("liger-kernel is not installed here (pip install liger-kernel)") from err
+        _apply_liger_kernel_to_instance(model=model)
+        return prepare(model, options)
+
+    prepare_liger.__doc__ = f"{summary(prepare)}; on a model patched by Liger-Kernel first"
+    return prepare_liger
 
 
 def summary(prepare: Callable[[nn.Module, MethodOptions], Prepared]) -> str:
@@ -197,7 +204,7 @@ def _lean(
 
 def _methods() -> dict[str, Callable[[nn.Module, MethodOptions], Prepared]]:
     """The rows: the floor, every registered method (in-place ones also with PartialAdamW), PEFT, full;
-    and NAME+lean for the floor, every registered method and full."""
+    NAME+lean for the floor, every registered method and full; NAME+liger for the floor, PaCA and LoRA."""
     rows: dict[str, Callable[[nn.Module, MethodOptions], Prepared]] = {"floor": _floor}
     for name, method in slimtune.registry.methods().items():
         rows[name] = _registered(name)
@@ -208,10 +215,10 @@ def _methods() -> dict[str, Callable[[nn.Module, MethodOptions], Prepared]]:
         "peft-lora-bf16": _peft_lora_bf16,
         "full": _full,
         "full-mixed": _full_mixed,
-        "floor+liger": _floor_liger,
     }
     lean = {f"{name}+lean": _lean(rows[name]) for name in ("floor", *slimtune.registry.methods(), "full")}
-    return rows | lean
+    liger = {f"{name}+liger": _liger(rows[name]) for name in ("floor", "paca", "lora")}
+    return rows | lean | liger
 
 
 # name -> (model, options) -> (model to call, optimizer or None).
