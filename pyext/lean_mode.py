@@ -94,21 +94,27 @@ def _lean_mlp(module: nn.Module, arch) -> tuple[LeanGatedMLP | None, str]:
     return lean, ""
 
 
-def lean(model: nn.Module) -> nn.Module:
-    """Swap the model's RMSNorms, gated MLPs and LM head + loss for lean stand-ins, in place.
+def lean(model: nn.Module, recompute: float = 0.0) -> nn.Module:
+    """Swap the model's RMSNorms, gated MLPs, attention modules' rotary embedding and LM head + loss
+    for lean stand-ins, in place.
 
     Outputs and gradients stay those of the model within dtype tolerance; called with `labels`, the
-    model returns its loss and `logits=None` (the batch's logits are never formed). `unlean` undoes it.
-    All or nothing: a failure part-way leaves the model as it was (no stand-in, no hook).
+    model returns its loss and `logits=None` (the batch's logits are never formed). `recompute`: the
+    fraction of gated MLPs (evenly spread over the blocks) that keep no up projection output and
+    recompute it in backward, one GEMM each (memory for time; separate gate and up projections).
+    `unlean` undoes it. All or nothing: a failure part-way leaves the model as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if getattr(model, _LEAN, None) is not None:
         raise ValueError(f"{type(model).__name__} is lean already; call slimtune.unlean(model) first")
+    if isinstance(recompute, bool) or not isinstance(recompute, int | float) or not 0 <= recompute <= 1:
+        raise ValueError(f"recompute must be a fraction of the gated MLPs in [0, 1], got {recompute!r}")
     state = LeanState()
     with Transaction(model) as transaction:
         swaps = _block_swaps(model, state)
         swaps += _head_swap(model, state, transaction)
+        _spread_recompute([r for _, r in swaps if isinstance(r, LeanGatedMLP)], recompute)
         for name, replacement in swaps:
             model.set_submodule(name, replacement)
         setattr(model, _LEAN, state)
@@ -152,6 +158,13 @@ def _stand_in(name: str, module: nn.Module, model: nn.Module, arch, state: LeanS
     if attention_layout(module, arch) is not None:
         return (*_lean_attention(module, model), state.attention)
     return None
+
+
+def _spread_recompute(mlps: list[LeanGatedMLP], fraction: float) -> None:
+    """Mark round(fraction x len) of the MLPs, evenly spread, to recompute their up projection."""
+    count = round(fraction * len(mlps))
+    for k, mlp in enumerate(mlps):
+        mlp.recompute_up = (k + 1) * count // len(mlps) > k * count // len(mlps)
 
 
 def _block_swaps(model: nn.Module, state: LeanState) -> list[tuple[str, nn.Module]]:
@@ -224,6 +237,7 @@ def lean_report(model: nn.Module) -> dict[str, Any]:
         "norms": len(state.norms),
         "attention (rotary kernel)": len(state.attention),
         "gated MLPs": state.mlps,
+        "recompute up": [n for n in state.mlps if getattr(model.get_submodule(n), "recompute_up", False)],
         "lm_head": state.lm_head,
         "kept": dict(state.skipped),
     }

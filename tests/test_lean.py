@@ -317,3 +317,35 @@ def test_lean_and_unlean_are_all_or_nothing(step: str, monkeypatch) -> None:
     assert (dict(model._forward_pre_hooks), dict(model._forward_hooks)) == hooks
     assert slimtune.lean_report(model)["lean"] == (step == "unlean")
     assert torch.equal(model(input_ids=ids, labels=ids).loss, expected)
+
+
+@pytest.mark.parametrize(("family", "method"), [("llama", "floor"), ("llama", "paca"), ("gemma", "full"),
+                                                ("llama", "s2ft")])  # fmt: skip
+def test_recomputing_the_up_projection_keeps_loss_and_gradients_and_saves_its_output(family, method) -> None:
+    """slimtune.lean(model, recompute=1.0): every MLP keeps gate only and recomputes up in backward
+    from the norm's kept input: the same loss and gradients, N x I fewer bytes kept per block."""
+    reference = prepared(family, method)
+    ids = make_batch()
+    kept = []
+    for fraction in (0.0, 1.0):
+        lean = slimtune.lean(copy.deepcopy(reference), recompute=fraction)
+        assert len(slimtune.lean_report(lean)["recompute up"]) == (2 if fraction else 0)
+        kept.append(sum(saved_by_kind(lean, ids).values()))
+        loss = lean(input_ids=ids, labels=ids).loss
+        loss.backward()
+    assert kept[0] - kept[1] == 2 * ids.numel() * COMMON["intermediate_size"] * 4  # 2 blocks, float32
+    expected = reference(input_ids=ids, labels=ids).loss
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(trainable(reference).items(), trainable(lean).values(), strict=True):
+        scale = a.grad.abs().max().clamp_min(1e-8)
+        torch.testing.assert_close(b.grad / scale, a.grad / scale, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.5, True, "half"])
+def test_a_recompute_fraction_outside_0_1_is_refused_and_the_model_left_as_it_was(fraction) -> None:
+    model = build("llama")
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="recompute must be a fraction"):
+        slimtune.lean(model, recompute=fraction)
+    assert {n: type(m) for n, m in model.named_modules()} == before

@@ -61,6 +61,7 @@ class MethodOptions:
     lr: float = 1e-4
     paca_optimizer: str = "adamw-fused"  # or "partial-adamw"
     seed: int = 0
+    lean_recompute: float = 0.0  # +lean rows: slimtune.lean(model, recompute=...)
 
 
 Prepared = tuple[nn.Module, torch.optim.Optimizer | None]
@@ -195,7 +196,7 @@ def _lean(
 
     def prepare_lean(model: nn.Module, options: MethodOptions) -> Prepared:
         model, optimizer = prepare(model, options)
-        return slimtune.lean(model), optimizer
+        return slimtune.lean(model, recompute=options.lean_recompute), optimizer
 
     lean_note = "with slimtune.lean (lean RMSNorm, gated MLP, chunked LM head + loss)"
     prepare_lean.__doc__ = f"{summary(prepare)}; {lean_note}"

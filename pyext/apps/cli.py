@@ -34,6 +34,16 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {value}")
+    return value
+
+
 def _device(text: str):
     """A torch.device that exists here, so a typo or a missing GPU is a usage error, not a traceback."""
     import torch
@@ -183,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     profile.add_argument(
         "--lora-r", type=_positive_int, default=16, help="LoRA rank, alpha = 2r (default 16)"
+    )
+    profile.add_argument(
+        "--lean-recompute",
+        type=_fraction,
+        default=0.0,
+        help="the +lean rows: fraction of gated MLPs that recompute their up projection in backward "
+        "(slimtune.lean(model, recompute=F); default 0)",
     )
     profile.add_argument(
         "--world-size",

@@ -691,7 +691,7 @@ def main(args: argparse.Namespace) -> int:
             device=device,
             card=args.card,
             out=args.out,
-            options=MethodOptions(paca_r=args.paca_r, lora_r=args.lora_r),
+            options=MethodOptions(paca_r=args.paca_r, lora_r=args.lora_r, lean_recompute=args.lean_recompute),
             checkpointing=[c.strip() for c in args.checkpointing.split(",") if c.strip()],
             warmup=args.warmup,
             steps=args.steps,

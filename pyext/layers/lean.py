@@ -26,6 +26,7 @@ import functools
 import inspect
 import types
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -250,76 +251,116 @@ def _gated_grads(ctx, outs: list[Tensor], dh: Tensor, need_h: bool) -> tuple[lis
     dh. On the kernel path one kernel writes them over `outs`, the saved gate and up of these rows (a
     second backward through the graph then fails by name: autograd sees its saved tensors
     modified); elsewhere autograd on the recomputed activation, exact for any activation."""
-    gate, up = outs[0].chunk(2, dim=-1) if ctx.fused else outs
-    if _kernel_path(ctx.kind, gate.device):
-        h = library.glu_backward_(dh, gate, up, ctx.kind, need_h)
+    plan = ctx.plan
+    gate, up = outs[0].chunk(2, dim=-1) if plan.fused else outs
+    if _kernel_path(plan.kind, gate.device):
+        h = library.glu_backward_(dh, gate, up, plan.kind, need_h)
         return outs, (h if need_h else None)
     with torch.enable_grad():
         g = gate.detach().requires_grad_(True)
-        a = ctx.act(g)
+        a = plan.act(g)
     h = a.detach() * up if need_h else None
     dup = dh * a.detach()
     (dgate,) = torch.autograd.grad(a, g, dh.mul_(up))  # dh is not needed after this: reuse it
-    return ([torch.cat([dgate, dup], dim=-1)] if ctx.fused else [dgate, dup]), h
+    return ([torch.cat([dgate, dup], dim=-1)] if plan.fused else [dgate, dup]), h
+
+
+@dataclass(frozen=True)
+class _MLPPlan:
+    """What the lean MLP's function needs besides tensors. `kind` names the activation for its kernels
+    (None: the module `act` runs, and autograd differentiates it); `recompute_up`: keep no up output,
+    recompute it in backward from the MLP's input (separate gate and up projections only)."""
+
+    act: nn.Module
+    kind: str | None
+    fused: bool
+    axes: tuple[int, ...]
+    recompute_up: bool = False
+
+
+def _stored_outputs(ctx, outs: list[Tensor], x: Tensor, x2: Tensor) -> list[Tensor]:
+    """What backward keeps of the input projections' outputs: both, or (recompute_up) gate and the
+    MLP's input (the input of the lean norm it came from, which the norm keeps anyway, or the input)."""
+    ctx.norm = None
+    if not ctx.plan.recompute_up:
+        return outs
+    ctx.norm = library.norm_source(x)
+    return [outs[0], x2 if ctx.norm is None else ctx.norm.x]
+
+
+def _outputs_of_rows(ctx, stored: tuple[Tensor, ...], up: tuple, rows: slice) -> list[Tensor]:
+    """The input projections' outputs for these rows: read back, or up recomputed (a GEMM)."""
+    if not ctx.plan.recompute_up:
+        return [out[rows] for out in stored]
+    gate, source = stored
+    x_rows = as_rows(source)[rows]
+    if ctx.norm is not None:
+        x_rows = ctx.norm.output_rows(x_rows)
+    weight, bias = up
+    return [gate[rows], F.linear(x_rows.to(weight.dtype), weight, bias)]
 
 
 class _LeanMLPFn(torch.autograd.Function):
-    """down(act(gate(x)) * up(x)); per projection the tensors (weight, bias, trained, index). `kind`
-    names the activation for its kernels (None: the module `act` runs, and autograd differentiates it)."""
+    """down(act(gate(x)) * up(x)); per projection the tensors (weight, bias, trained, index)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, act: nn.Module, kind: str | None, fused: bool, axes: tuple[int, ...], *parts):
+    def forward(ctx, x: Tensor, plan: _MLPPlan, *parts):
         per = [parts[i : i + 4] for i in range(0, len(parts), 4)]
         x2 = as_rows(x)
         outs = [F.linear(x2, w, b) for w, b, _, _ in per[:-1]]
-        gate, up = outs[0].chunk(2, dim=-1) if fused else outs
+        gate, up = outs[0].chunk(2, dim=-1) if plan.fused else outs
         w_down, b_down, _, _ = per[-1]
-        kernels = _kernel_path(kind, x.device)
+        kernels = _kernel_path(plan.kind, x.device)
         y = x2.new_empty(x2.shape[0], w_down.shape[0], dtype=torch.result_type(gate, w_down))
         for rows in _chunks(x2.shape[0]):  # h of one chunk of tokens at a time: it is never kept
-            h = library.glu(gate[rows], up[rows], kind) if kernels else act(gate[rows]) * up[rows]
+            h = library.glu(gate[rows], up[rows], plan.kind) if kernels else plan.act(gate[rows]) * up[rows]
             if b_down is None:  # written into y's rows by the GEMM itself: no copy of the output
                 torch.mm(h, w_down.t(), out=y[rows])
             else:
                 torch.addmm(b_down, h, w_down.t(), out=y[rows])
             del h
-        kept = [_keep_input(x2, w, t, i, a) for (w, _, t, i), a in zip(per[:-1], axes[:-1], strict=True)]
-        ctx.save_for_backward(*outs, *kept, *parts)
-        ctx.act, ctx.kind, ctx.fused, ctx.axes = act, kind, fused, axes
-        ctx.n_in, ctx.x_shape = len(per) - 1, x.shape
+        ctx.plan = plan
+        stored = _stored_outputs(ctx, outs, x, x2)
+        kept = [_keep_input(x2, w, t, i, a) for (w, _, t, i), a in zip(per[:-1], plan.axes[:-1], strict=True)]
+        ctx.save_for_backward(*stored, *kept, *parts)
+        ctx.n_stored, ctx.n_in, ctx.x_shape = len(stored), len(per) - 1, x.shape
         return y  # 2-D: the caller reshapes (a view made here could not be modified in place)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        n = ctx.n_in
-        saved = ctx.saved_tensors
-        outs, kept, parts = saved[:n], saved[n : 2 * n], saved[2 * n :]
+        saved, axes = ctx.saved_tensors, ctx.plan.axes
+        stored, kept, parts = (
+            saved[: ctx.n_stored],
+            saved[ctx.n_stored : -4 * (ctx.n_in + 1)],
+            saved[-4 * (ctx.n_in + 1) :],
+        )
         per = [parts[i : i + 4] for i in range(0, len(parts), 4)]
         w_down, b_down, t_down, i_down = per[-1]
         down_trains = any(t is not None and t.requires_grad for t in (w_down, b_down, t_down))
-        columns_only = t_down is not None and ctx.axes[-1] == COLUMNS and not w_down.requires_grad
+        columns_only = t_down is not None and axes[-1] == COLUMNS and not w_down.requires_grad
         need_x = ctx.needs_input_grad[0]
         dx = dy.new_empty(dy.shape[0], ctx.x_shape[-1]) if need_x else None
         totals = [[None, None, None] for _ in per]
         for rows in _chunks(dy.shape[0]):  # the temporaries (N x I each) of one chunk at a time
             dyc = dy[rows]
             dh = dyc @ w_down.to(dyc.dtype)
-            d_outs, h = _gated_grads(ctx, [out[rows] for out in outs], dh, down_trains)
+            outs = _outputs_of_rows(ctx, stored, per[-2][:2], rows)
+            d_outs, h = _gated_grads(ctx, outs, dh, down_trains)
             if down_trains:
-                down = (w_down, b_down, t_down, i_down, ctx.axes[-1])
+                down = (w_down, b_down, t_down, i_down, axes[-1])
                 h = h.index_select(1, i_down) if columns_only else _keep_input(h, w_down, *down[2:])
                 _accumulate(totals[-1], _projection_grads(dyc, h, *down))
-            del h, dh
+            del h, dh, outs
             if need_x:
                 dx[rows] = sum(d @ w.to(d.dtype) for d, (w, _, _, _) in zip(d_outs, per[:-1], strict=True))
             for total, d, k, (w, b, t, i), axis in zip(
-                totals, d_outs, kept, per[:-1], ctx.axes[:-1], strict=False
+                totals, d_outs, kept, per[:-1], axes[:-1], strict=False
             ):
                 _accumulate(total, _projection_grads(d, k[rows] if k.numel() else k, w, b, t, i, axis))
         flat = []
         for (dw, db, dt), (w, b, t, _) in zip(totals, per, strict=True):
             flat += [_cast(dw, w), _cast(db, b), _cast(dt, t), None]
-        return (None if dx is None else dx.view(ctx.x_shape), None, None, None, None, *flat)
+        return (None if dx is None else dx.view(ctx.x_shape), None, *flat)
 
 
 def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
@@ -338,6 +379,7 @@ class LeanGatedMLP(StandIn):
         super().__init__(original)
         self.inputs, self.down, self.activation = tuple(inputs), down, activation
         self.kind = kind  # a key of ops.GLU_ACTIVATIONS: its kernels run where a device has them
+        self.recompute_up = False  # set by slimtune.lean(recompute=...) on separate gate/up projections
 
     def forward(self, x: Tensor) -> Tensor:
         projections = [getattr(self, n) for n in (*self.inputs, self.down)]
@@ -350,14 +392,17 @@ class LeanGatedMLP(StandIn):
             weight, bias, trained, index, axis = _projection_parts(p)
             parts += [weight, bias, trained, index]
             axes.append(axis)
-        act = getattr(self, self.activation)
+        fused = len(self.inputs) == 1
+        plan = _MLPPlan(
+            getattr(self, self.activation), self.kind, fused, tuple(axes), self.recompute_up and not fused
+        )
         dtype = autocast_dtype(x.device.type)
         if dtype is None:
-            y = _LeanMLPFn.apply(x, act, self.kind, len(self.inputs) == 1, tuple(axes), *parts)
+            y = _LeanMLPFn.apply(x, plan, *parts)
         else:  # the casts autocast would make, up front (see layers/precision.py)
             with autocast_off(x.device.type):
                 parts = [cast_floating(t, dtype) for t in parts]
-                y = _LeanMLPFn.apply(x.to(dtype), act, self.kind, len(self.inputs) == 1, tuple(axes), *parts)
+                y = _LeanMLPFn.apply(x.to(dtype), plan, *parts)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
