@@ -248,14 +248,17 @@ def _kernel_path(kind: str | None, device: torch.device) -> bool:
 
 def _gated_grads(ctx, outs: list[Tensor], dh: Tensor, need_h: bool) -> tuple[list[Tensor], Tensor | None]:
     """(the gradients of the input projections' outputs `outs`, h or None) of h = act(gate) * up for
-    dh. On the kernel path one kernel writes them over `outs`, the saved gate and up of these rows (a
-    second backward through the graph then fails by name: autograd sees its saved tensors
-    modified); elsewhere autograd on the recomputed activation, exact for any activation."""
+    dh, written over `outs`, the saved gate and up of these rows (a second backward through the graph
+    then fails by name: autograd sees its saved tensors modified), by one kernel on the kernel path
+    or its reference elsewhere; for an activation the kernels do not know, autograd on the recomputed
+    activation (exact for any activation)."""
     plan = ctx.plan
     gate, up = outs[0].chunk(2, dim=-1) if plan.fused else outs
     if _kernel_path(plan.kind, gate.device):
         h = library.glu_backward_(dh, gate, up, plan.kind, need_h)
         return outs, (h if need_h else None)
+    if plan.kind is not None:  # the kernel's reference, in place as well (and no autograd.grad to trace)
+        return outs, ops.glu_backward_ref(dh, gate, up, plan.kind, gate, up, need_h)
     with torch.enable_grad():
         g = gate.detach().requires_grad_(True)
         a = plan.act(g)
@@ -311,7 +314,7 @@ class _LeanMLPFn(torch.autograd.Function):
         gate, up = outs[0].chunk(2, dim=-1) if plan.fused else outs
         w_down, b_down, _, _ = per[-1]
         kernels = _kernel_path(plan.kind, x.device)
-        y = x2.new_empty(x2.shape[0], w_down.shape[0], dtype=torch.result_type(gate, w_down))
+        y = x2.new_empty(x2.shape[0], w_down.shape[0], dtype=gate.dtype)  # mm needs one dtype
         for rows in _chunks(x2.shape[0]):  # h of one chunk of tokens at a time: it is never kept
             h = library.glu(gate[rows], up[rows], plan.kind) if kernels else plan.act(gate[rows]) * up[rows]
             if b_down is None:  # written into y's rows by the GEMM itself: no copy of the output
