@@ -349,3 +349,22 @@ def test_a_recompute_fraction_outside_0_1_is_refused_and_the_model_left_as_it_wa
     with pytest.raises(ValueError, match="recompute must be a fraction"):
         slimtune.lean(model, recompute=fraction)
     assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+def test_a_loss_option_the_chunked_loss_lacks_runs_the_model_s_own_loss_and_says_so() -> None:
+    """shift_labels (HF's context-parallel loss input) is not implemented by the chunked loss: the
+    model's own loss runs with the batch's logits, the same loss as the plain model, and a warning
+    says so (once)."""
+    plain = build("llama")
+    lean = slimtune.lean(copy.deepcopy(plain))
+    ids = make_batch()
+    shifted = torch.nn.functional.pad(ids, (0, 1), value=-100)[:, 1:].contiguous()
+    expected = plain(input_ids=ids, labels=ids, shift_labels=shifted)
+    with pytest.warns(UserWarning, match="does not implement shift_labels"):
+        got = lean(input_ids=ids, labels=ids, shift_labels=shifted)
+    assert got.logits is not None
+    torch.testing.assert_close(got.loss, expected.loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lean(input_ids=ids, labels=ids, shift_labels=shifted)  # said once
+        assert lean(input_ids=ids, labels=ids).logits is None  # the chunked loss again

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import inspect
 import types
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,9 @@ from .precision import autocast_dtype, autocast_off, cast_floating
 from .standin import StandIn
 
 IGNORE_INDEX = -100
+# Options of HF's causal-LM loss (name: the value that means "not used") the chunked loss does not
+# implement; a call with any other value runs the model's own loss instead.
+PLAIN_LOSS_OPTIONS = {"shift_labels": None, "ignore_index": IGNORE_INDEX}
 BACKWARD_CHUNK = 4096  # tokens per step of the norm and MLP backward: bounds their temporaries
 
 
@@ -489,6 +493,16 @@ class LeanLMHead(nn.Module):
     def divert_labels(self, module: nn.Module, args: tuple, kwargs: dict):
         labels = kwargs.get("labels")
         if labels is None:
+            return None
+        unknown = [k for k, plain in PLAIN_LOSS_OPTIONS.items() if kwargs.get(k, plain) != plain]
+        if unknown:  # the model's own loss runs: the batch's logits are formed, and that is said once
+            if not self.__dict__.get("_said"):
+                warnings.warn(
+                    f"slimtune.lean: the chunked LM-head loss does not implement {', '.join(unknown)}; "
+                    "the model's own loss runs (with the batch's logits) for such calls",
+                    stacklevel=2,
+                )
+                self.__dict__["_said"] = True
             return None
         self._pending = (labels, kwargs.get("num_items_in_batch"))
         return args, {**kwargs, "labels": None}
