@@ -271,6 +271,7 @@ def _fsdp2_worker(rank: int, world: int, out: str) -> None:
         results[name] = (losses, trained)
     if rank == 0:
         torch.save(results, out)
+    dist.barrier()  # both ranks done before teardown (see test_sharding)
     dist.destroy_process_group()
 
 
