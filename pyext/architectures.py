@@ -372,11 +372,11 @@ def final_logit_softcap(model: nn.Module) -> float | None:
 ROTARY_FUNCTION = "apply_rotary_pos_emb"  # the module-level function HF attention forwards call
 
 
-def rotary_function(module: nn.Module) -> object | None:
-    """The `apply_rotary_pos_emb(q, k, cos, sin)` an attention module's forward reads from its modeling
+def rotary_function(attention: type[nn.Module]) -> object | None:
+    """The `apply_rotary_pos_emb(q, k, cos, sin)` an attention class's forward reads from its modeling
     module, or None where the forward calls no function of that name (Llama 4's complex rotation,
     Qwen2-VL's multimodal one). Only a claim: lean mode probes it before replacing it."""
-    forward = inspect.unwrap(type(module).forward)
+    forward = inspect.unwrap(attention.forward)
     if ROTARY_FUNCTION not in forward.__code__.co_names:
         return None
     return forward.__globals__.get(ROTARY_FUNCTION)

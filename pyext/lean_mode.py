@@ -131,7 +131,7 @@ def lean(model: nn.Module, recompute: float = 0.0) -> nn.Module:
 def _lean_attention(module: nn.Module, model: nn.Module) -> tuple[LeanAttention | None, str]:
     """The attention stand-in if the module's rotary function computes what the rotary kernel does
     (probed in float32 on random q, k and tables of the model's rotary width)."""
-    name, rotary = type(module).__name__, rotary_function(module)
+    name, rotary = type(module).__name__, rotary_function(type(module))
     if rotary is None:
         return None, f"{name}: its forward calls no {ROTARY_FUNCTION}"
     if lean_forward(type(module)) is None:

@@ -403,13 +403,15 @@ def norm_source(t: Tensor) -> NormSource | None:
     return source if source is not None and t._version == source.version else None
 
 
-def _keep_input(ctx, x: Tensor, x2: Tensor) -> Tensor:
-    """What a product keeps for its input's rows: the input of the lean norm x came from, or x2."""
-    ctx.norm = norm_source(x)
+def keep_rows(ctx, x: Tensor, x2: Tensor, recomputable: bool = True) -> Tensor:
+    """What a product keeps for its input x (x2: its rows): the input of the lean norm x came from
+    (`ctx.norm` says which), or x2 itself."""
+    ctx.norm = norm_source(x) if recomputable else None
     return x2 if ctx.norm is None else ctx.norm.x
 
 
-def _input_rows(ctx, kept: Tensor) -> Tensor:
+def input_rows(ctx, kept: Tensor) -> Tensor:
+    """The input's rows back from what `keep_rows` kept (rows of it: row-wise, so any slice works)."""
     return kept if ctx.norm is None else ctx.norm.output_rows(kept)
 
 
@@ -451,9 +453,7 @@ class _ProjectFn(torch.autograd.Function):
         x2 = as_rows(x)
         xa2 = x2 if xa is None else as_rows(xa)
         outs, u = _project(DIRECT, x2, xa2, a, weights, biases, bs, ranks)
-        kept = _keep_input(ctx, x, xa2) if xa is None else xa2
-        if xa is not None:
-            ctx.norm = None
+        kept = keep_rows(ctx, x, xa2, recomputable=xa is None)  # dropout's output is no norm's
         ctx.save_for_backward(kept, u, a, *weights, *bs)
         ctx.ranks, ctx.shares_input, ctx.x_shape = ranks, xa is None, x.shape
         return tuple(outs)
@@ -461,7 +461,7 @@ class _ProjectFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *d_outs):
         kept, u, a, *rest = ctx.saved_tensors
-        xa = _input_rows(ctx, kept)
+        xa = input_rows(ctx, kept)
         n = len(ctx.ranks)
         dx, dxa, da, dbs = _project_backward(
             DIRECT, d_outs, xa, u, a, rest[:n], rest[n:], ctx.ranks, ctx.shares_input, ctx.needs_input_grad[0]
@@ -480,7 +480,7 @@ class _GatedMLPFn(torch.autograd.Function):
             DIRECT, x2, a_in, a_down, b_down, w_down, bias_down, activation, ranks, weights, biases, bs
         )
         ctx.save_for_backward(
-            _keep_input(ctx, x, x2), u, a_in, a_down, b_down, w_down, u_down, *outs, *weights, *bs
+            keep_rows(ctx, x, x2), u, a_in, a_down, b_down, w_down, u_down, *outs, *weights, *bs
         )
         ctx.ranks, ctx.activation, ctx.x_shape = ranks, activation, x.shape
         return y
@@ -488,7 +488,7 @@ class _GatedMLPFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         kept, u, a_in, a_down, b_down, w_down, u_down, *rest = ctx.saved_tensors
-        x2 = _input_rows(ctx, kept)
+        x2 = input_rows(ctx, kept)
         n = len(ctx.ranks)
         dx, da_in, da_down, db_down, dbs = _gated_backward(
             DIRECT, dy, x2, u, a_in, a_down, b_down, w_down, u_down, rest[:n], rest[n : 2 * n], rest[2 * n :],

@@ -23,7 +23,6 @@ run; on the meta device their fakes do (outputs only), which is what the account
 from __future__ import annotations
 
 import functools
-import inspect
 import types
 import warnings
 from collections.abc import Sequence
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import library, ops
-from ..architectures import ROTARY_FUNCTION
+from ..architectures import ROTARY_FUNCTION, rotary_function
 from ..library import NORM_SOURCE, NormSource, as_rows
 from .partial import COLUMNS, PartialLinear
 from .precision import autocast_dtype, autocast_off, cast_floating
@@ -193,7 +192,7 @@ def _rewired(fn: Any, name: str, value: Any) -> Any | None:
 def lean_forward(cls: type) -> Any | None:
     """The forward of attention class `cls` with its rotary function replaced by `LeanRotary` (built
     once per class and process, so a lean model that was pickled finds it again), or None."""
-    original = inspect.unwrap(cls.forward).__globals__.get(ROTARY_FUNCTION)
+    original = rotary_function(cls)
     return None if original is None else _rewired(cls.forward, ROTARY_FUNCTION, LeanRotary(original))
 
 
@@ -287,22 +286,16 @@ class _MLPPlan:
 
 def _stored_outputs(ctx, outs: list[Tensor], x: Tensor, x2: Tensor) -> list[Tensor]:
     """What backward keeps of the input projections' outputs: both, or (recompute_up) gate and the
-    MLP's input (the input of the lean norm it came from, which the norm keeps anyway, or the input)."""
-    ctx.norm = None
-    if not ctx.plan.recompute_up:
-        return outs
-    ctx.norm = library.norm_source(x)
-    return [outs[0], x2 if ctx.norm is None else ctx.norm.x]
+    MLP's input as `library.keep_rows` keeps it (the lean norm's input, which the norm keeps anyway)."""
+    return [outs[0], library.keep_rows(ctx, x, x2)] if ctx.plan.recompute_up else outs
 
 
 def _outputs_of_rows(ctx, stored: tuple[Tensor, ...], up: tuple, rows: slice) -> list[Tensor]:
     """The input projections' outputs for these rows: read back, or up recomputed (a GEMM)."""
     if not ctx.plan.recompute_up:
         return [out[rows] for out in stored]
-    gate, source = stored
-    x_rows = as_rows(source)[rows]
-    if ctx.norm is not None:
-        x_rows = ctx.norm.output_rows(x_rows)
+    gate, kept = stored
+    x_rows = library.input_rows(ctx, as_rows(kept)[rows])
     weight, bias = up
     return [gate[rows], F.linear(x_rows.to(weight.dtype), weight, bias)]
 
