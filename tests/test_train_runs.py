@@ -382,6 +382,21 @@ def test_two_gloo_processes_give_the_losses_of_one(tmp_path, strategy):
     assert sharded == (strategy == "fsdp2")
 
 
+def test_a_run_leaves_a_process_group_its_caller_started(tmp_path, monkeypatch):
+    """`World.close` ends only the group `World.start` began (the torchrun launch above ends its
+    own): a caller's group outlives the run."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun, but the group is already there
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        world = loop.World.start("cpu")
+        world.close()
+        assert not world.owns_group and dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_plain_text_data_and_epochs(tmp_path):
     text = tmp_path / "text.jsonl"
     text.write_text("".join(json.dumps({"text": f"line {i}: the quick brown fox"}) + "\n" for i in range(40)))

@@ -76,16 +76,30 @@ def sharded_steps(
     return losses
 
 
+def _rank_main(rank: int, worker, world: int, *args) -> None:
+    """One rank: the worker, then the teardown every rank needs. Both ranks meet at a barrier and
+    destroy the process group while the interpreter is alive: a rank that leaves a gloo group
+    undestroyed, or leaves before the other is done, can abort at exit ("terminate called without
+    an active exception", pytorch/pytorch#190489), seen under load in accelerate's and FSDP's tests."""
+    import torch.distributed as dist
+
+    worker(rank, world, *args)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run_two_processes(worker, folder, *args):
     """`worker(rank, 2, *args, out)` in 2 processes, one thread each; what rank 0 saved to `out`
-    (a file in `folder`) with torch.save."""
+    (a file in `folder`) with torch.save. The worker may leave its process group initialized:
+    `_rank_main` tears it down."""
     import os
 
     import torch.multiprocessing as mp
 
     out = folder / "rank0.pt"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(worker, args=(2, *args, str(out)), nprocs=2)
+    mp.spawn(_rank_main, args=(worker, 2, *args, str(out)), nprocs=2)
     return torch.load(out)
 
 

@@ -46,18 +46,28 @@ class World:
     size: int
     device: torch.device
     strategy: str = DDP
+    owns_group: bool = False  # this World started the process group (and so ends it)
 
     @classmethod
     def start(cls, device: str, strategy: str = DDP) -> World:
         size = int(os.environ.get("WORLD_SIZE", "1"))
         cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if size > 1 and not dist.is_initialized():
+        owns = size > 1 and not dist.is_initialized()
+        if owns:
             if cuda:
                 torch.cuda.set_device(local)
             dist.init_process_group("nccl" if cuda else "gloo")
         place = torch.device(f"cuda:{local}" if cuda else "cpu")
-        return cls(int(os.environ.get("RANK", "0")), size, place, strategy)
+        return cls(int(os.environ.get("RANK", "0")), size, place, strategy, owns)
+
+    def close(self) -> None:
+        """After a finished run: every rank waits for the others, then the group this World started
+        is destroyed while the interpreter is alive (a gloo group left to exit-time teardown can
+        abort the process, pytorch/pytorch#190489). A group the caller started stays theirs."""
+        if self.owns_group and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
     @property
     def sharded(self) -> bool:

@@ -73,6 +73,7 @@ def run(
             run_dir.write(root / "base.json", base)
         records = train_stages(recipe, prepared, run_dir, world, export_hf)
         data = report(recipe, base, records, root, tensorboard) if world.rank == 0 else None
+    world.close()  # on success only: after a failure, a barrier could wait for a rank that is gone
     return RunResult(root, prepared.model, data)
 
 
