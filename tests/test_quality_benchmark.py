@@ -1,10 +1,11 @@
-"""A tiny configuration of the quality benchmark runs end to end (the full one is a benchmark, not a
-test): data preparation with probe screening, two runs, and every result file."""
+"""The quality benchmark: its report from runs with known values (interpolation at matched learning,
+paired intervals, the claims it prints), and a tiny configuration end to end on the real model."""
 
 from __future__ import annotations
 
 import csv
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -13,23 +14,115 @@ import pytest
 import slimtune
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import quality  # noqa: E402
+import quality_report  # noqa: E402
+
+TASKS = ["swap", "facts", "place"]
+PROBES = 120
+
+
+def _fake_run(tmp_path: Path, method: str, seed: int, lr: float, learned: float, kept: float) -> quality.Run:
+    """A finished run whose every new task scores `learned` after its own stage (the first task half
+    of that at the end) and which keeps a share `kept` of the probes."""
+    rng = random.Random(f"{method}{seed}{lr}")
+    folder = tmp_path / f"{method}-{seed}-{lr}"
+    last = folder / "stages" / "03-place"
+    last.mkdir(parents=True)
+    items = {
+        t: [int(rng.random() < (learned / 2 if t == "swap" else learned)) for _ in range(64)] for t in TASKS
+    }
+    last.joinpath("result.json").write_text(
+        json.dumps({"eval": {t: {"correct": c} for t, c in items.items()}})
+    )
+    accuracy = [[learned if j == i else 0.0 for i in range(3)] for j in range(3)]
+    accuracy[-1] = [sum(items[t]) / 64 for t in TASKS[:2]] + [learned]
+    metrics = {"tasks": TASKS, "stages": TASKS, "accuracy": accuracy}
+    measures = {
+        "probes": [int(rng.random() < kept) for _ in range(PROBES)],
+        "text_nll": 2.0,
+        "code_nll": 1.0,
+        "replies_nll": 1.5,
+        "wall_s": 1.0,
+    }
+    return quality.Run(method, seed, lr, folder, metrics, measures)
+
+
+def _fake_runs(tmp_path: Path) -> list[quality.Run]:
+    runs = []
+    for seed in range(3):
+        for lr, learned in ((1e-4, 0.5), (3e-4, 0.85), (1e-3, 0.95)):
+            runs.append(_fake_run(tmp_path, "full", seed, lr, learned, 0.3))
+            runs.append(_fake_run(tmp_path, "paca", seed, lr * 10, learned, 0.7))
+    return runs
+
+
+def test_the_report_compares_methods_at_matched_learning(tmp_path) -> None:
+    runs = _fake_runs(tmp_path)
+    base = {"probes": [1] * PROBES, "text_nll": 1.9, "code_nll": 1.0, "replies_nll": 1.0}
+    rows = quality_report.matched_all(runs, (0.8, 0.9), base)
+    assert len(rows) == 2 * 3 * 2  # every method, seed and level bracketed
+    at = next(m for m in rows if m.method == "paca" and m.seed == 0 and m.level == 0.9)
+    assert (at.low_lr, at.high_lr) == pytest.approx((3e-3, 1e-2)) and at.lr == pytest.approx(
+        3e-3 * (1e-2 / 3e-3) ** 0.5
+    )
+    assert at.own["facts"] == pytest.approx(0.9) and at.drift["text"] == pytest.approx(0.1)
+    summary = quality_report.summary(rows, ["full", "paca"], 0.9, "swap")
+    paca = summary[1]
+    assert paca["seeds"] == 3 and paca["retention_vs_full"].excludes_zero
+    assert 0.3 < paca["retention_vs_full"].difference < 0.5 and not paca["first_final_vs_full"].excludes_zero
+    claims = quality_report.claims(summary, "swap")
+    assert any("paca vs full fine-tuning on general-knowledge probes: keeps more" in c for c in claims)
+    assert any("on swap: no difference resolved" in c for c in claims)
+
+
+def test_the_report_writes_every_file_and_names_unbracketed_methods(tmp_path) -> None:
+    runs = _fake_runs(tmp_path)
+    runs += [_fake_run(tmp_path, "lora", 0, lr, 0.4, 0.5) for lr in (1e-4, 3e-4)]  # never reaches 0.8
+    info = {
+        "base": {"probes": [1] * PROBES, "text_nll": 1.9, "code_nll": 1.0, "replies_nll": 1.0},
+        "probes": {"kept": PROBES, "candidates": 200},
+        "categories": ["a", "b", "c"] * (PROBES // 3),
+    }
+    setup = {
+        "preset": "test",
+        "levels": (0.8, 0.9),
+        "methods": {"full": {}, "paca": {}, "lora": {}},
+        "steps": 2,
+        "batch_size": 4,
+        "seq_len": 64,
+        "seeds": (0, 1, 2),
+    }
+    quality_report.write(tmp_path / "results", runs, info, setup, "python benchmarks/quality.py", 60.0)
+    files = {p.name for p in (tmp_path / "results").iterdir()}
+    assert files == {
+        "runs.csv",
+        "matched.csv",
+        "results.json",
+        "quality.md",
+        "tradeoff.png",
+        "forgetting.png",
+    }
+    text = (tmp_path / "results" / "quality.md").read_text()
+    assert "| lora | 0 (not bracketed) |" in text and "## Probes kept by category at 90% learned" in text
+    assert len(list(csv.DictReader((tmp_path / "results" / "runs.csv").open()))) == len(runs)
 
 
 @pytest.mark.skipif(
     not slimtune.models.is_available("smollm2-135m"),
     reason=f"needs the built-in model: {slimtune.models.INSTALL}",
 )
-def test_the_tiny_quality_benchmark_writes_every_result(tmp_path) -> None:
+def test_the_tiny_quality_benchmark_runs_end_to_end(tmp_path) -> None:
     out, results = tmp_path / "work", tmp_path / "results"
     command = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--preset", "tiny", "--workers", "1"]
     subprocess.run([*command, "--out", str(out), "--results", str(results)], check=True, timeout=900)
-    assert {p.name for p in results.iterdir()} == {"runs.csv", "runs.json", "pareto.png", "quality.md"}
     rows = list(csv.DictReader((results / "runs.csv").open()))
-    assert [r["method"] for r in rows] == ["full", "paca"]
+    assert {r["method"] for r in rows} == {"full", "paca"} and {r["seed"] for r in rows} == {"0"}
     for row in rows:
-        assert 0.0 <= float(row["probe_retention"]) <= 1.0 and 0.0 <= float(row["target"]) <= 1.0
-    meta = json.loads((results / "runs.json").read_text())["meta"]
-    assert meta["versions"]["slimtune"] == slimtune.__version__ and meta["preset"] == "tiny"
-    assert "Retention at matched target accuracy" in (results / "quality.md").read_text()
+        assert 0.0 <= float(row["probes_kept"]) <= 1.0 and 0.0 <= float(row["learned"]) <= 1.0
+    meta = json.loads((results / "results.json").read_text())["meta"]
+    assert meta["versions"]["slimtune"] == slimtune.__version__ and meta["setup"]["preset"] == "tiny"
     prepared = json.loads((out / "data" / "prepared.json").read_text())
-    assert prepared["probes"]["kept_probes"] >= 4  # the base answers the screened probes
+    assert prepared["probes"]["kept"] >= 4 and len(prepared["categories"]) == prepared["probes"]["kept"]
+    evaluated = json.loads((out / "data" / "seed0" / "base.json").read_text())
+    assert set(evaluated) == set(TASKS)

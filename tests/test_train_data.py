@@ -133,3 +133,7 @@ def test_answer_matching():
     assert Match(pattern=r"answer is (\d+)")("so the answer is 7, yes", "7")
     assert not Match(pattern=r"answer is (\d+)")("no number", "7")
     assert not Match("loss").scores
+    word = Match("word")
+    assert word("It is Rome, of course.", "rome") and word("Oslo", "Oslo") and word("(H2O)", "H2O")
+    assert not word("Romeo and Juliet", "Rome") and not word("Oslo", "O") and not word("14", "4")
+    assert word("New York City", "new york") and word("3.14 is pi", "3.14") and not word("3.145", "3.14")

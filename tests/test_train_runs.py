@@ -58,6 +58,11 @@ def test_shipped_recipe_runs_on_a_tiny_model(tmp_path, recipe, capfd):
     report = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert report == result.metrics
     assert len(report["accuracy"]) == len(data["stages"])
+    base = json.loads((tmp_path / "run" / "base.json").read_text())
+    for task, accuracy in zip(report["tasks"], report["base"]["accuracy"], strict=True):
+        if accuracy is not None:  # each item's score, in order, beside the accuracy they make
+            correct = base[task]["correct"]
+            assert set(correct) <= {0, 1} and sum(correct) / len(correct) == accuracy, task
     assert all(len(row) == len(data["tasks"]) for row in report["accuracy"])
     dense = [2 if stage.method_name == "sparse-diff" else 0 for stage in load_recipe(path).stages]
     assert [t["steps"] for t in report["training"]] == [2 + d for d in dense]

@@ -58,6 +58,7 @@ WITHOUT = "without"
 
 
 SCHEDULES = ("constant", "linear", "cosine")
+MATCHES = ("exact", "contains", "word", "loss")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -288,11 +289,11 @@ def _form(section: Section) -> Form:
 
 
 def _match(section: Section) -> Match:
-    """`match` (exact, contains, loss), `answer_pattern` (a regex; its first group is the answer) and
-    `max_new_tokens` (the reply's budget)."""
+    """`match` (exact, contains, word, loss), `answer_pattern` (a regex; its first group is the
+    answer) and `max_new_tokens` (the reply's budget)."""
     kind = section.get("match", TEXT, "exact")
-    if kind not in ("exact", "contains", "loss"):
-        raise section.error("match", f"{kind!r} is not one of exact, contains, loss")
+    if kind not in MATCHES:
+        raise section.error("match", f"{kind!r} is not one of {', '.join(MATCHES)}")
     budget = section.positive("max_new_tokens", INT, None, 4096)
     pattern = section.get("answer_pattern", TEXT, None)
     if pattern is not None:

@@ -46,8 +46,10 @@ class Example:
 @dataclass(frozen=True)
 class Match:
     """How a greedy answer is scored: `exact` (after stripping spaces), `contains` (the expected
-    answer appears in the reply, case-insensitive), `pattern` (a regex whose first group, or whole
-    match, found in the reply must equal the expected answer), or `loss` (not at all: loss only)."""
+    answer appears in the reply, case-insensitive), `word` (it appears as whole words,
+    case-insensitive: "Rome" is not found in "Romeo", nor "O" in "Oslo"), `pattern` (a regex whose
+    first group, or whole match, found in the reply must equal the expected answer), or `loss` (not
+    at all: loss only)."""
 
     kind: str = "exact"
     pattern: str | None = None
@@ -66,6 +68,9 @@ class Match:
             return (found.group(1) if found.groups() else found.group(0)).strip() == expected.strip()
         if self.kind == "contains":
             return expected.strip().lower() in reply.lower()
+        if self.kind == "word":
+            whole = rf"(?<!\w){re.escape(expected.strip())}(?!\w)"
+            return re.search(whole, reply, re.IGNORECASE) is not None
         return reply.strip() == expected.strip()
 
 
@@ -156,11 +161,12 @@ def evaluate(
     match: Match = Match(),
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, float | None]:
-    """Mean completion loss per token and, for tasks with answers, greedy accuracy under `match`;
-    `progress(n)` after each batch of n examples."""
+    """Mean completion loss per token and, for tasks with answers, greedy accuracy under `match`
+    with each example's score in order (`correct`, 1 or 0: what a paired comparison of two models
+    on the same items needs); `progress(n)` after each batch of n examples."""
     model.eval()
     device = next(model.parameters()).device
-    total, count, correct = 0.0, 0, 0
+    total, count, correct = 0.0, 0, []
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
         encoded = [encode(e, tokenizer) for e in batch]
@@ -175,11 +181,12 @@ def evaluate(
         count += int((labels[:, 1:] != -100).sum())
         if answers and match.scores:
             replies = greedy(model, tokenizer, batch, match.max_new_tokens)
-            correct += sum(match(p, e.answer) for p, e in zip(replies, batch, strict=True))
+            correct += [int(match(p, e.answer)) for p, e in zip(replies, batch, strict=True)]
         if progress is not None:
             progress(len(batch))
-    accuracy = correct / len(examples) if answers and match.scores else None
-    return {"loss": total / max(count, 1), "accuracy": accuracy}
+    if not (answers and match.scores):
+        return {"loss": total / max(count, 1), "accuracy": None}
+    return {"loss": total / max(count, 1), "accuracy": sum(correct) / len(examples), "correct": correct}
 
 
 def cache_keyword(model: nn.Module) -> str:

@@ -1,0 +1,398 @@
+"""The quality benchmark's results: per run, per method and seed at each matched level of learning,
+per method over seeds with paired intervals against full fine-tuning; CSV, JSON, Markdown, figures.
+
+Every number at a level is interpolated between the two runs of a method and seed that bracket the
+level (`quality_search.crossing`); a method and seed whose search did not bracket a level has no
+value there, and the tables say how many seeds each mean holds.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quality_search import Point, crossing, interpolate
+from quality_stats import Interval, mean_se, paired_interval
+
+REFERENCE = "full"
+DRIFTS = ("text", "code", "replies")
+
+
+def learned(metrics: dict[str, Any]) -> float:
+    """The mean held-out accuracy of the new tasks, each right after the stage that teaches it."""
+    stages, tasks = metrics["stages"], metrics["tasks"]
+    return sum(metrics["accuracy"][stages.index(t)][tasks.index(t)] for t in tasks) / len(tasks)
+
+
+def retention(run) -> float:
+    return sum(run.measures["probes"]) / len(run.measures["probes"])
+
+
+def _items(run, task: str) -> list[float]:
+    """A new task's held-out scores after the last stage, item by item."""
+    folder = sorted((run.folder / "stages").iterdir())[-1]
+    return [float(x) for x in json.loads((folder / "result.json").read_text())["eval"][task]["correct"]]
+
+
+@dataclass
+class Matched:
+    """One method and seed at one level: the values interpolated between the bracketing runs."""
+
+    method: str
+    seed: int
+    level: float
+    lr: float
+    low_lr: float
+    high_lr: float
+    probes: list[float]  # each probe's score (base-answered probes only), interpolated
+    finals: dict[str, list[float]]  # each new task's held-out scores after the last stage
+    own: dict[str, float]  # each new task's accuracy after its own stage
+    drift: dict[str, float]  # per-token NLL change from the base
+
+    @property
+    def retention(self) -> float:
+        return sum(self.probes) / len(self.probes)
+
+
+def match(runs: list, level: float, base: dict[str, Any]) -> Matched | None:
+    """The chain's values at `level` (runs of one method and seed), or None where not bracketed."""
+    by_lr = {r.lr: r for r in runs}
+    found = crossing([Point(r.lr, r.learned) for r in runs], level)
+    if found is None:
+        return None
+    low, high, w = by_lr[found.low.lr], by_lr[found.high.lr], found.weight
+    answered = [i for i, x in enumerate(base["probes"]) if x]
+    tasks = low.metrics["tasks"]
+
+    def own(run, task: str) -> float:
+        return run.metrics["accuracy"][run.metrics["stages"].index(task)][tasks.index(task)]
+
+    return Matched(
+        low.method,
+        low.seed,
+        level,
+        found.lr,
+        low.lr,
+        high.lr,
+        [interpolate(low.measures["probes"][i], high.measures["probes"][i], w) for i in answered],
+        {
+            t: [interpolate(a, b, w) for a, b in zip(_items(low, t), _items(high, t), strict=True)]
+            for t in tasks
+        },
+        {t: interpolate(own(low, t), own(high, t), w) for t in tasks},
+        {
+            d: interpolate(low.measures[f"{d}_nll"], high.measures[f"{d}_nll"], w) - base[f"{d}_nll"]
+            for d in DRIFTS
+        },
+    )
+
+
+def matched_all(runs: list, levels: tuple[float, ...], base: dict[str, Any]) -> list[Matched]:
+    chains: dict[tuple[str, int], list] = {}
+    for run in runs:
+        chains.setdefault((run.method, run.seed), []).append(run)
+    found = [match(chain, level, base) for chain in chains.values() for level in levels]
+    return [m for m in found if m is not None]
+
+
+def compare(rows: list[Matched], method: str, level: float, score) -> Interval | None:
+    """`score(row)` (per-item lists) of `method` minus full fine-tuning's, paired on the seeds where
+    both bracketed `level`."""
+    mine = {m.seed: m for m in rows if m.method == method and m.level == level}
+    ref = {m.seed: m for m in rows if m.method == REFERENCE and m.level == level}
+    seeds = sorted(mine.keys() & ref.keys())
+    if method == REFERENCE or not seeds:
+        return None
+    shared = score is _probes
+    return paired_interval([score(mine[s]) for s in seeds], [score(ref[s]) for s in seeds], shared)
+
+
+def _probes(m: Matched) -> list[float]:
+    return m.probes
+
+
+def summary(rows: list[Matched], methods: list[str], level: float, first_task: str) -> list[dict[str, Any]]:
+    """Per method at `level`: means and standard errors over its bracketed seeds; paired intervals
+    against full fine-tuning for probe retention and for the first task's final accuracy."""
+    out = []
+    for method in methods:
+        mine = [m for m in rows if m.method == method and m.level == level]
+        if not mine:
+            out.append({"method": method, "level": level, "seeds": 0})
+            continue
+        kept = compare(rows, method, level, _probes)
+        first = compare(rows, method, level, lambda m: m.finals[first_task])
+        out.append(
+            {
+                "method": method,
+                "level": level,
+                "seeds": len(mine),
+                "lr": _geomean([m.lr for m in mine]),
+                "retention": mean_se([m.retention for m in mine]),
+                "retention_vs_full": kept,
+                "first_final": mean_se([_mean(m.finals[first_task]) for m in mine]),
+                "first_final_vs_full": first,
+                **{f"{d}_drift": mean_se([m.drift[d] for m in mine]) for d in DRIFTS},
+            }
+        )
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _geomean(values: list[float]) -> float:
+    product = 1.0
+    for v in values:
+        product *= v
+    return product ** (1 / len(values))
+
+
+def _est(e) -> str:
+    return "-" if e is None else f"{e.mean:.3f}" + ("" if e.se is None else f" ± {e.se:.3f}")
+
+
+def _ci(i: Interval | None, signed: str = "+.3f") -> str:
+    if i is None:
+        return "-"
+    mark = " **" if i.excludes_zero else ""
+    return f"{i.difference:{signed}} [{i.low:{signed}}, {i.high:{signed}}]{mark}"
+
+
+def summary_table(summ: list[dict[str, Any]], first_task: str) -> list[str]:
+    lines = [
+        f"| method | seeds | lr (geo. mean) | probes kept | vs full [95% CI] | {first_task} at the end "
+        "| vs full [95% CI] | prose NLL drift | code NLL drift | reply NLL drift |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summ:
+        if not s["seeds"]:
+            lines.append(f"| {s['method']} | 0 (not bracketed) | | | | | | | | |")
+            continue
+        lines.append(
+            f"| {s['method']} | {s['seeds']} | {s['lr']:.2g} | {_est(s['retention'])} "
+            f"| {_ci(s['retention_vs_full'])} "
+            f"| {_est(s['first_final'])} | {_ci(s['first_final_vs_full'])} | {_est(s['text_drift'])} "
+            f"| {_est(s['code_drift'])} | {_est(s['replies_drift'])} |"
+        )
+    return lines
+
+
+def category_table(rows: list[Matched], methods: list[str], level: float, categories: list[str]) -> list[str]:
+    names = sorted(set(categories))
+    lines = ["| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for method in methods:
+        mine = [m for m in rows if m.method == method and m.level == level]
+        if not mine:
+            continue
+        cells = []
+        for name in names:
+            picked = [i for i, c in enumerate(categories) if c == name]
+            cells.append(_est(mean_se([_mean([m.probes[i] for i in picked]) for m in mine])))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def task_table(rows: list[Matched], methods: list[str], level: float, tasks: list[str]) -> list[str]:
+    lines = [
+        "| method | " + " | ".join(f"{t} after its stage | {t} at the end" for t in tasks) + " |",
+        "|---" * (2 * len(tasks) + 1) + "|",
+    ]
+    for method in methods:
+        mine = [m for m in rows if m.method == method and m.level == level]
+        if mine:
+            cells = [
+                _est(mean_se([m.own[t] for m in mine]))
+                + " | "
+                + _est(mean_se([_mean(m.finals[t]) for m in mine]))
+                for t in tasks
+            ]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def claims(summ: list[dict[str, Any]], first_task: str) -> list[str]:
+    """Sentences for the differences whose paired interval excludes 0, and for those that do not."""
+    out = []
+    for s in summ:
+        for key, what in (
+            ("retention_vs_full", "general-knowledge probes"),
+            ("first_final_vs_full", first_task),
+        ):
+            i = s.get(key)
+            if i is None:
+                continue
+            verdict = (
+                ("keeps more" if i.difference > 0 else "keeps less")
+                if i.excludes_zero
+                else "no difference resolved"
+            )
+            out.append(
+                f"- at {s['level']:.0%} learned, {s['method']} vs full fine-tuning on {what}: {verdict} "
+                f"({i.difference:+.3f}, 95% CI [{i.low:+.3f}, {i.high:+.3f}], {s['seeds']} seeds)"
+            )
+    return out
+
+
+def run_rows(runs: list) -> list[dict[str, Any]]:
+    rows = []
+    for r in runs:
+        tasks = r.metrics["tasks"]
+        rows.append(
+            {
+                "method": r.method,
+                "seed": r.seed,
+                "lr": r.lr,
+                "learned": round(r.learned, 4),
+                **{
+                    f"{t}_own": r.metrics["accuracy"][r.metrics["stages"].index(t)][tasks.index(t)]
+                    for t in tasks
+                },
+                **{f"{t}_final": r.metrics["accuracy"][-1][tasks.index(t)] for t in tasks},
+                "probes_kept": round(retention(r), 4),
+                **{f"{d}_nll": round(r.measures[f"{d}_nll"], 4) for d in DRIFTS},
+                "wall_s": round(r.measures.get("wall_s", 0.0)),
+            }
+        )
+    return rows
+
+
+def versions() -> dict[str, str]:
+    import peft
+    import slimtune
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "slimtune": slimtune.__version__,
+    }
+
+
+def write(
+    results: Path, runs: list, info: dict[str, Any], setup: dict[str, Any], command: str, wall: float
+) -> None:
+    """runs.csv, matched.csv, results.json, quality.md and the figures."""
+    import quality_figures as figures
+
+    results.mkdir(parents=True, exist_ok=True)
+    base, levels, methods = info["base"], tuple(setup["levels"]), list(setup["methods"])
+    rows = matched_all(runs, levels, base)
+    first = runs[0].metrics["tasks"][0]
+    tasks = runs[0].metrics["tasks"]
+    _csv(results / "runs.csv", run_rows(runs))
+    _csv(results / "matched.csv", [_flat(m) for m in rows])
+    summaries = {level: summary(rows, methods, level, first) for level in levels}
+    categories = [c for c, x in zip(info["categories"], base["probes"], strict=True) if x]
+    meta = {
+        "command": command,
+        "date": datetime.date.today().isoformat(),
+        "wall_time_s": round(wall),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
+        "versions": versions(),
+        "setup": setup,
+        "probes": info["probes"],
+        "runs": len(runs),
+    }
+    (results / "results.json").write_text(
+        json.dumps(
+            {"meta": meta, "summary": {str(k): v for k, v in summaries.items()}}, indent=1, default=_plain
+        )
+        + "\n"
+    )
+    figures.tradeoff(runs, rows, methods, levels, results / "tradeoff.png")
+    figures.forgetting(rows, methods, max(levels), tasks, results / "forgetting.png")
+    lines = _markdown(meta, summaries, rows, methods, categories, tasks, first)
+    (results / "quality.md").write_text("\n".join(lines) + "\n")
+
+
+def _markdown(meta, summaries, rows, methods, categories, tasks, first) -> list[str]:
+    setup = meta["setup"]
+    lines = [
+        f"# Quality benchmark: SmolLM2-135M-Instruct, preset `{setup['preset']}`",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Date: {meta['date']}; machine: {meta['machine']}; wall time {meta['wall_time_s'] / 60:.0f} min  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        "",
+        f"Tasks in sequence: {', '.join(tasks)}; {setup['steps']} steps per stage, "
+        f"batch {setup['batch_size']} x "
+        f"{setup['seq_len']} tokens; seeds {setup['seeds']} (each draws its own task data); "
+        f"{meta['probes']['kept']} of {meta['probes']['candidates']} probes answered by the base; "
+        f"{meta['runs']} runs.",
+        "",
+        "![trade-off](tradeoff.png)",
+        "",
+        "![forgetting](forgetting.png)",
+        "",
+        "## What the intervals support",
+        "",
+        "A difference is claimed only where its paired 95% interval (bootstrap over seeds and items) "
+        "excludes 0.",
+        "",
+        *claims([s for summ in summaries.values() for s in summ], first),
+        "",
+    ]
+    for level, summ in summaries.items():
+        lines += [
+            f"## At {level:.0%} learned",
+            "",
+            *summary_table(summ, first),
+            "",
+            *task_table(rows, methods, level, tasks),
+            "",
+        ]
+    top = max(summaries)
+    lines += [
+        f"## Probes kept by category at {top:.0%} learned",
+        "",
+        *category_table(rows, methods, top, categories),
+        "",
+    ]
+    lines += [
+        "## Brackets (per method, seed and level: the two runs the values are interpolated between)",
+        "",
+        "| method | seed | level | lr | bracket |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {m.method} | {m.seed} | {m.level:.0%} | {m.lr:.3g} | [{m.low_lr:.3g}, {m.high_lr:.3g}] |"
+        for m in rows
+    ]
+    return [*lines, "", "Every run: `runs.csv`; the interpolated values: `matched.csv`."]
+
+
+def _flat(m: Matched) -> dict[str, Any]:
+    return {
+        "method": m.method,
+        "seed": m.seed,
+        "level": m.level,
+        "lr": round(m.lr, 8),
+        "low_lr": m.low_lr,
+        "high_lr": m.high_lr,
+        "probes_kept": round(m.retention, 4),
+        **{f"{t}_own": round(v, 4) for t, v in m.own.items()},
+        **{f"{t}_final": round(_mean(v), 4) for t, v in m.finals.items()},
+        **{f"{d}_drift": round(v, 4) for d, v in m.drift.items()},
+    }
+
+
+def _plain(value: Any) -> Any:
+    return value.__dict__ if hasattr(value, "__dict__") else str(value)
+
+
+def _csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["none"])
+        writer.writeheader()
+        writer.writerows(rows)

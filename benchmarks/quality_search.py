@@ -1,0 +1,84 @@
+"""Learning rates chosen per method and seed to reach target levels of learning, not a fixed grid.
+
+A method's learning `t(lr)` (the mean held-out accuracy of the new tasks, each after its own stage)
+rises with the learning rate until it saturates or turns down (too high a rate for the steps
+given). For each level (0.8 and 0.9) the search first brackets it, a run below and a run at or
+above, stepping the rate by a factor of 3 from the method's starting rate, then bisects the bracket
+on log(lr). What a method keeps at a matched level is read by linear interpolation between the two
+runs that bracket it (the first crossing in rate order), so methods are compared at the same
+learning, not at their best runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+STEP = 3.0  # the bracketing step (a factor on the rate)
+
+
+@dataclass(frozen=True)
+class Point:
+    lr: float
+    learned: float
+
+
+@dataclass(frozen=True)
+class Crossing:
+    """Where the curve crosses `level`: between runs `low` (below) and `high` (at or above); `weight`
+    is the share of the way from low to high at which it crosses, `lr` the rate there (log scale)."""
+
+    level: float
+    low: Point
+    high: Point
+    weight: float
+
+    @property
+    def lr(self) -> float:
+        return math.exp((1 - self.weight) * math.log(self.low.lr) + self.weight * math.log(self.high.lr))
+
+    @property
+    def ratio(self) -> float:
+        """How wide the bracket is (high lr / low lr): the search narrows it to a set width."""
+        return self.high.lr / self.low.lr
+
+
+def crossing(points: list[Point], level: float) -> Crossing | None:
+    """The first crossing of `level` in rate order, or None where no run pair brackets it."""
+    ordered = sorted(points, key=lambda p: p.lr)
+    for low, high in itertools.pairwise(ordered):
+        if low.learned < level <= high.learned:
+            weight = (level - low.learned) / (high.learned - low.learned)
+            return Crossing(level, low, high, weight)
+    return None
+
+
+def next_lr(
+    points: list[Point], levels: tuple[float, ...], start: float, width: float, limits: tuple[float, float]
+) -> float | None:
+    """The next rate to run, or None when every level the method reaches is bracketed to within
+    `width` (the ratio of a bracket's ends) or the limits stop the search. Brackets first: above the
+    highest run while some level is not reached yet and learning still rises there (past the rate
+    where it turns down, a higher one will not learn more), below the lowest while some level is
+    already passed there; then the widest bracket is halved on log(lr)."""
+    if not points:
+        return start
+    ordered = sorted(points, key=lambda p: p.lr)
+    lowest, highest = ordered[0], ordered[-1]
+    rising = highest.learned >= max(p.learned for p in points)
+    if rising and highest.learned < max(levels):
+        up = highest.lr * STEP
+        return up if up <= limits[1] else None
+    if lowest.learned >= min(levels):
+        down = lowest.lr / STEP
+        return down if down >= limits[0] else None
+    brackets = [c for c in (crossing(points, level) for level in levels) if c is not None]
+    widest = max(brackets, key=lambda c: c.ratio, default=None)
+    if widest is None or widest.ratio <= width:
+        return None
+    return math.sqrt(widest.low.lr * widest.high.lr)
+
+
+def interpolate(values_low: float, values_high: float, weight: float) -> float:
+    return (1 - weight) * values_low + weight * values_high

@@ -1,0 +1,88 @@
+"""The quality benchmark's learning-rate search and statistics, against curves and data with known
+answers (the benchmark itself runs in test_quality_benchmark)."""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from quality_search import Point, crossing, next_lr
+from quality_stats import mean_se, paired_interval
+
+LEVELS = (0.8, 0.9)
+
+
+def _search(curve, start: float, width: float = 1.8, limit: int = 20) -> list[Point]:
+    points: list[Point] = []
+    for _ in range(limit):
+        lr = next_lr(points, LEVELS, start, width, (1e-7, 1.0))
+        if lr is None:
+            return points
+        points.append(Point(lr, curve(lr)))
+    raise AssertionError(f"no end after {limit} runs: {points}")
+
+
+def _logistic(mid: float):
+    return lambda lr: 1 / (1 + math.exp(-3 * (math.log(lr) - math.log(mid))))
+
+
+@pytest.mark.parametrize("start", [1e-6, 1e-4, 3e-2])
+def test_the_search_brackets_each_level_within_the_width(start) -> None:
+    curve = _logistic(1e-4)
+    points = _search(curve, start)
+    for level in LEVELS:
+        found = crossing(points, level)
+        assert found is not None and found.ratio <= 1.8 and found.low.learned < level <= found.high.learned
+        exact = 1e-4 * math.exp(math.log(level / (1 - level)) / 3)  # the curve's inverse
+        assert abs(math.log(found.lr / exact)) < math.log(1.8)  # the crossing lies inside its bracket
+    assert len(points) <= 8
+
+
+def test_the_search_stops_at_its_limits_when_a_method_cannot_learn() -> None:
+    points = _search(lambda lr: 0.3, 1e-3)
+    assert all(p.learned == 0.3 for p in points) and max(p.lr for p in points) <= 1.0
+    assert crossing(points, 0.8) is None
+
+
+def test_the_search_stops_climbing_where_learning_turns_down_and_keeps_the_reachable_level() -> None:
+    def curve(lr: float) -> float:  # peaks at 0.85 near 1e-4, then falls
+        return 0.85 * math.exp(-(math.log(lr / 1e-4) ** 2) / 2)
+
+    points = _search(curve, 1e-5)
+    assert crossing(points, 0.9) is None and max(p.lr for p in points) <= 1e-3
+    found = crossing(points, 0.8)
+    assert found is not None and found.ratio <= 1.8 and len(points) <= 7
+
+
+def test_the_first_crossing_in_rate_order_is_read_where_the_curve_falls_again() -> None:
+    points = [Point(1e-5, 0.2), Point(3e-5, 0.85), Point(1e-4, 0.95), Point(3e-4, 0.5), Point(1e-3, 0.97)]
+    found = crossing(points, 0.9)
+    assert (found.low.lr, found.high.lr) == (3e-5, 1e-4) and found.weight == pytest.approx(0.5)
+
+
+def test_mean_and_standard_error() -> None:
+    estimate = mean_se([0.2, 0.4, 0.6])
+    assert estimate.mean == pytest.approx(0.4) and estimate.se == pytest.approx(0.2 / math.sqrt(3))
+    assert mean_se([0.5]).se is None
+
+
+def test_the_paired_interval_finds_a_real_difference_and_not_a_null_one() -> None:
+    rng = random.Random(1)
+    base = [[float(rng.random() < 0.6) for _ in range(200)] for _ in range(3)]
+    better = [[max(x, float(rng.random() < 0.3)) for x in seed] for seed in base]  # ~+0.12
+    real = paired_interval(better, base, shared_items=True)
+    assert real.excludes_zero and 0.05 < real.difference < 0.2 and real.low < real.difference < real.high
+    same = paired_interval(base, [list(s) for s in base], shared_items=True)
+    assert same.difference == 0 and not same.excludes_zero
+    noise = [[float(rng.random() < 0.6) for _ in range(200)] for _ in range(3)]
+    assert not paired_interval(noise, base, shared_items=False).excludes_zero
+
+
+def test_the_paired_interval_refuses_unpaired_data() -> None:
+    with pytest.raises(ValueError, match="same seeds and the same items"):
+        paired_interval([[1.0, 0.0]], [[1.0]], shared_items=True)
