@@ -106,8 +106,8 @@ def _invented(rng: random.Random, parts: int) -> str:
 
 
 def facts(train_n: int, eval_n: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """eval_n / 8 invented people (at least one); each fact trained in its three trained templates (train_n is not
-    used: a fact is trained in all of them or not at all) and held out in four others."""
+    """eval_n / 8 invented people (at least one); each fact trained in its three trained templates
+    (train_n is not used: a fact is trained in all of them or not at all), held out in four others."""
     del train_n
     rng, people, cities = random.Random(f"facts:{seed}"), {}, set()
     while len(people) < max(1, -(-eval_n // 8)):  # 8 held-out questions a person
