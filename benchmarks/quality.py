@@ -48,6 +48,7 @@ MODEL = "smollm2-135m"
 NEW_TASKS = tuple(data.TASKS)  # taught in this order, one stage each
 LEVELS = (0.8, 0.9)  # the mean new-task accuracies at which methods are compared
 LIMITS = (1e-6, 3e-2)  # the search's bounds on the learning rate
+REPLY_TOKENS = 160  # the budget of the base's replies (those it ends within it are kept)
 
 
 @dataclass(frozen=True)
@@ -121,8 +122,9 @@ PRESETS = {
     "full": Preset(steps=16, batch_size=8, seq_len=128, train_n=128, eval_n=64, min_probes=150, text=16,
                    code=None, replies=16, replay=32),
     # the core methods and LiNeS, brackets of one search step (ratio 3): hours on 2 CPU cores
+    # (code drift on the first 48 HumanEval problems: all 164 cost a run minutes of forward passes)
     "cpu": Preset(steps=16, batch_size=8, seq_len=128, train_n=128, eval_n=64, min_probes=150, text=16,
-                  code=None, replies=16, replay=32, methods=("full", "paca", "lora", "s2ft", "full+lines"),
+                  code=48, replies=16, replay=32, methods=("full", "paca", "lora", "s2ft", "full+lines"),
                   width=3.0, max_runs=4),
     "tiny": Preset(steps=2, batch_size=4, seq_len=128, train_n=16, eval_n=4, min_probes=4, text=2, code=2,
                    replies=2, replay=4, seeds=(0,), methods=("full", "paca"), width=100.0, max_runs=1,
@@ -211,15 +213,18 @@ def _screen_probes(model, tok, preset: Preset) -> list[dict]:
 
 
 def _base_replies(model, tok, preset: Preset) -> list[dict]:
-    """The base's greedy replies to generic instructions, cut at its end of turn (greedy stops at eos,
-    the chat template's end-of-turn token), as chats."""
+    """The base's greedy replies to generic instructions that end at its end of turn within
+    `REPLY_TOKENS` (greedy stops at eos, the chat template's end-of-turn token; a reply the budget
+    cut would teach the measure a false end), as chats."""
     from slimtune.apps.train.tasks import chat, greedy
 
     prompts = [p["prompt"] for p in data.read_jsonl("prompts.jsonl")][: preset.prompts]
     answers = []
     for start in range(0, len(prompts), 16):
-        answers += greedy(model, tok, [chat(p, "") for p in prompts[start : start + 16]], 48)
-    return [_chat(p, a.strip()) for p, a in zip(prompts, answers, strict=True) if a.strip()][: preset.replies]
+        answers += greedy(model, tok, [chat(p, "") for p in prompts[start : start + 16]], REPLY_TOKENS)
+    ended = [(p, a.strip()) for p, a in zip(prompts, answers, strict=True) if a.strip()]
+    ended = [(p, a) for p, a in ended if len(tok.encode(a)) < REPLY_TOKENS - 2]  # margin: re-encoding
+    return [_chat(p, a) for p, a in ended][: preset.replies]
 
 
 def _chat(question: str, answer: str) -> dict:
@@ -239,7 +244,10 @@ def measure(model, out: Path, preset: Preset) -> dict[str, Any]:
     result = {"probes": found["correct"]}
     for name in ("text", "code", "replies"):
         examples, answers = read_records(folder / f"{name}.jsonl")
-        result[f"{name}_nll"] = evaluate(model, tok, examples, answers, match=Match("loss"))["loss"]
+        # the mean per token does not depend on the order: batches of similar lengths pad little
+        examples.sort(key=lambda e: len(e.prompt) + len(e.completion) + sum(len(t) for _, t in e.messages))
+        loss = evaluate(model, tok, examples, answers, batch_size=8, match=Match("loss"))["loss"]
+        result[f"{name}_nll"] = loss
     return result
 
 
