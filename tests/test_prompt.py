@@ -70,6 +70,16 @@ def test_cached_greedy_decoding_equals_recomputation():
     assert " ".join(map(str, generated[0, 5:].tolist())) == replies[0]
 
 
+def test_greedy_decoding_keeps_no_autograd_graph():
+    """Called outside `evaluate` too (the quality benchmark's base replies): a graph kept through the
+    cache grew with every new token until a 160-token batch ran a 23 GB machine out of memory."""
+    model = make_model("llama")
+    grad_enabled = []
+    model.register_forward_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
+    greedy(model, _Tok(), [Example("1 2 3", "1 1")], max_new_tokens=3)
+    assert grad_enabled and not any(grad_enabled)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_generate_logits_at_every_cached_step_equal_recomputation(seed):
     """`generate` reads the key/value cache after its first step (under the keyword of the installed

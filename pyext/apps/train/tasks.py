@@ -195,11 +195,12 @@ def cache_keyword(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
+@torch.no_grad()  # called on its own too: a graph kept across steps grows with every new token
 def greedy(
     model: nn.Module, tokenizer: Tokenizer, batch: list[Example], max_new_tokens: int | None = None
 ) -> list[str]:
     """Greedy completions of the prompts, cut at eos (at most the expected answer's length + 1
-    tokens, or `max_new_tokens`).
+    tokens, or `max_new_tokens`), without autograd.
 
     Left-padded; the prompts run once and each new token reads the key/value cache (only the last
     position's logits are computed), as `generate` does, without its per-call overhead. Rows stop
