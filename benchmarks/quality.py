@@ -188,7 +188,10 @@ def prepare(out: Path, preset: Preset) -> dict[str, Any]:
         folder / "replay.jsonl", [{"text": t["text"]} for t in text[preset.text :]][: preset.replay]
     )
     data.write_jsonl(folder / "code.jsonl", data.human_eval()[: preset.code])
-    data.write_jsonl(folder / "replies.jsonl", _base_replies(model, tok, preset))
+    replies = _base_replies(model, tok, preset)
+    if not replies:
+        raise SystemExit(f"none of the base's replies ended within {REPLY_TOKENS} tokens: give more prompts")
+    data.write_jsonl(folder / "replies.jsonl", replies)
     shipped = len(data.read_jsonl("probes.jsonl")[: preset.candidates])
     info = {"probes": {"kept": len(kept), "candidates": shipped}, "categories": [c["category"] for c in kept]}
     info["base"] = measure(model, out, preset)
@@ -232,8 +235,8 @@ def _chat(question: str, answer: str) -> dict:
 
 
 def measure(model, out: Path, preset: Preset) -> dict[str, Any]:
-    """What the base knew, on `model` as it is: each probe's score (whole-word match) and the mean
-    per-token NLL of prose, code and the base's replies."""
+    """What the base knew, on `model` as it is: each probe's score (whole-word match), the mean NLL
+    of the probes' answers, and the mean per-token NLL of prose, code and the base's replies."""
     from slimtune.apps.train.data import read_records
     from slimtune.apps.train.recipe import Form
     from slimtune.apps.train.tasks import Match, evaluate
@@ -241,7 +244,9 @@ def measure(model, out: Path, preset: Preset) -> dict[str, Any]:
     tok, folder = _tokenizer(), out / "data"
     probes, _ = read_records(folder / "probes.jsonl", form=Form((), True))
     found = evaluate(model, tok, probes, True, match=Match("word", max_new_tokens=preset.probe_tokens))
-    result = {"probes": found["correct"]}
+    # the probes' answer NLL too: knowledge a model still holds though it no longer answers in words
+    # (after a stage that teaches one-digit replies, greedy answers every question with a digit)
+    result = {"probes": found["correct"], "probes_nll": found["loss"]}
     for name in ("text", "code", "replies"):
         examples, answers = read_records(folder / f"{name}.jsonl")
         # the mean per token does not depend on the order: batches of similar lengths pad little

@@ -21,7 +21,7 @@ from quality_search import Point, crossing, interpolate
 from quality_stats import Interval, mean_se, paired_interval
 
 REFERENCE = "full"
-DRIFTS = ("text", "code", "replies")
+DRIFTS = ("probes", "text", "code", "replies")  # NLL of the probes' answers, prose, code, the base's replies
 
 
 def learned(metrics: dict[str, Any]) -> float:
@@ -89,6 +89,9 @@ def match(runs: list, level: float, base: dict[str, Any]) -> Matched | None:
         {
             d: interpolate(low.measures[f"{d}_nll"], high.measures[f"{d}_nll"], w) - base[f"{d}_nll"]
             for d in DRIFTS
+            if all(
+                f"{d}_nll" in where for where in (low.measures, high.measures, base)
+            )  # older runs lack one
         },
     )
 
@@ -138,10 +141,15 @@ def summary(rows: list[Matched], methods: list[str], level: float, first_task: s
                 "retention_vs_full": kept,
                 "first_final": mean_se([_mean(m.finals[first_task]) for m in mine]),
                 "first_final_vs_full": first,
-                **{f"{d}_drift": mean_se([m.drift[d] for m in mine]) for d in DRIFTS},
+                **{f"{d}_drift": _drift(mine, d) for d in DRIFTS},
             }
         )
     return out
+
+
+def _drift(rows: list[Matched], name: str):
+    values = [m.drift[name] for m in rows if name in m.drift]
+    return mean_se(values) if values else None
 
 
 def _mean(values: list[float]) -> float:
@@ -169,18 +177,18 @@ def _ci(i: Interval | None, signed: str = "+.3f") -> str:
 def summary_table(summ: list[dict[str, Any]], first_task: str) -> list[str]:
     lines = [
         f"| method | seeds | lr (geo. mean) | probes kept | vs full [95% CI] | {first_task} at the end "
-        "| vs full [95% CI] | prose NLL drift | code NLL drift | reply NLL drift |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| vs full [95% CI] | probe answer NLL drift | prose NLL drift | code NLL drift | reply NLL drift |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summ:
         if not s["seeds"]:
-            lines.append(f"| {s['method']} | 0 (not bracketed) | | | | | | | | |")
+            lines.append(f"| {s['method']} | 0 (not bracketed) | | | | | | | | | |")
             continue
+        drifts = " | ".join(_est(s[f"{d}_drift"]) for d in DRIFTS)
         lines.append(
             f"| {s['method']} | {s['seeds']} | {s['lr']:.2g} | {_est(s['retention'])} "
-            f"| {_ci(s['retention_vs_full'])} "
-            f"| {_est(s['first_final'])} | {_ci(s['first_final_vs_full'])} | {_est(s['text_drift'])} "
-            f"| {_est(s['code_drift'])} | {_est(s['replies_drift'])} |"
+            f"| {_ci(s['retention_vs_full'])} | {_est(s['first_final'])} | {_ci(s['first_final_vs_full'])} "
+            f"| {drifts} |"
         )
     return lines
 
@@ -257,7 +265,7 @@ def run_rows(runs: list) -> list[dict[str, Any]]:
                 },
                 **{f"{t}_final": r.metrics["accuracy"][-1][tasks.index(t)] for t in tasks},
                 "probes_kept": round(retention(r), 4),
-                **{f"{d}_nll": round(r.measures[f"{d}_nll"], 4) for d in DRIFTS},
+                **{f"{d}_nll": round(r.measures[f"{d}_nll"], 4) for d in DRIFTS if f"{d}_nll" in r.measures},
                 "wall_s": round(r.measures.get("wall_s", 0.0)),
             }
         )

@@ -1,5 +1,6 @@
 """The quality benchmark: its report from runs with known values (interpolation at matched learning,
-paired intervals, the claims it prints), and a tiny configuration end to end on the real model."""
+paired intervals, the claims it prints), and a tiny configuration end to end on the real model
+(`pytest -m slow`)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def _fake_run(tmp_path: Path, method: str, seed: int, lr: float, learned: float,
     metrics = {"tasks": TASKS, "stages": TASKS, "accuracy": accuracy}
     measures = {
         "probes": [int(rng.random() < kept) for _ in range(PROBES)],
+        "probes_nll": 2.5,
         "text_nll": 2.0,
         "code_nll": 1.0,
         "replies_nll": 1.5,
@@ -59,7 +61,7 @@ def _fake_runs(tmp_path: Path) -> list[quality.Run]:
 
 def test_the_report_compares_methods_at_matched_learning(tmp_path) -> None:
     runs = _fake_runs(tmp_path)
-    base = {"probes": [1] * PROBES, "text_nll": 1.9, "code_nll": 1.0, "replies_nll": 1.0}
+    base = {"probes": [1] * PROBES, "probes_nll": 2.0, "text_nll": 1.9, "code_nll": 1.0, "replies_nll": 1.0}
     rows = quality_report.matched_all(runs, (0.8, 0.9), base)
     assert len(rows) == 2 * 3 * 2  # every method, seed and level bracketed
     at = next(m for m in rows if m.method == "paca" and m.seed == 0 and m.level == 0.9)
@@ -67,6 +69,7 @@ def test_the_report_compares_methods_at_matched_learning(tmp_path) -> None:
         3e-3 * (1e-2 / 3e-3) ** 0.5
     )
     assert at.own["facts"] == pytest.approx(0.9) and at.drift["text"] == pytest.approx(0.1)
+    assert at.drift["probes"] == pytest.approx(0.5)
     summary = quality_report.summary(rows, ["full", "paca"], 0.9, "swap")
     paca = summary[1]
     assert paca["seeds"] == 3 and paca["retention_vs_full"].excludes_zero
@@ -80,7 +83,13 @@ def test_the_report_writes_every_file_and_names_unbracketed_methods(tmp_path) ->
     runs = _fake_runs(tmp_path)
     runs += [_fake_run(tmp_path, "lora", 0, lr, 0.4, 0.5) for lr in (1e-4, 3e-4)]  # never reaches 0.8
     info = {
-        "base": {"probes": [1] * PROBES, "text_nll": 1.9, "code_nll": 1.0, "replies_nll": 1.0},
+        "base": {
+            "probes": [1] * PROBES,
+            "probes_nll": 2.0,
+            "text_nll": 1.9,
+            "code_nll": 1.0,
+            "replies_nll": 1.0,
+        },
         "probes": {"kept": PROBES, "candidates": 200},
         "categories": ["a", "b", "c"] * (PROBES // 3),
     }
@@ -108,6 +117,7 @@ def test_the_report_writes_every_file_and_names_unbracketed_methods(tmp_path) ->
     assert len(list(csv.DictReader((tmp_path / "results" / "runs.csv").open()))) == len(runs)
 
 
+@pytest.mark.slow  # about 2 minutes; the report tests above are its short variant in the default run
 @pytest.mark.skipif(
     not slimtune.models.is_available("smollm2-135m"),
     reason=f"needs the built-in model: {slimtune.models.INSTALL}",
