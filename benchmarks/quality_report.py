@@ -21,6 +21,7 @@ from quality_search import Point, crossing, interpolate
 from quality_stats import Interval, mean_se, paired_interval
 
 REFERENCE = "full"
+MIN_SEEDS = 3  # paired seeds a claim needs
 DRIFTS = ("probes", "text", "code", "replies")  # NLL of the probes' answers, prose, code, the base's replies
 
 
@@ -129,6 +130,7 @@ def summary(rows: list[Matched], methods: list[str], level: float, first_task: s
         if not mine:
             out.append({"method": method, "level": level, "seeds": 0})
             continue
+        paired = {m.seed for m in mine} & {m.seed for m in rows if m.method == REFERENCE and m.level == level}
         kept = compare(rows, method, level, _probes)
         first = compare(rows, method, level, lambda m: m.finals[first_task])
         out.append(
@@ -136,6 +138,7 @@ def summary(rows: list[Matched], methods: list[str], level: float, first_task: s
                 "method": method,
                 "level": level,
                 "seeds": len(mine),
+                "paired_seeds": len(paired),
                 "lr": _geomean([m.lr for m in mine]),
                 "retention": mean_se([m.retention for m in mine]),
                 "retention_vs_full": kept,
@@ -167,10 +170,10 @@ def _est(e) -> str:
     return "-" if e is None else f"{e.mean:.3f}" + ("" if e.se is None else f" ± {e.se:.3f}")
 
 
-def _ci(i: Interval | None, signed: str = "+.3f") -> str:
+def _ci(i: Interval | None, claim: bool = True, signed: str = "+.3f") -> str:
     if i is None:
         return "-"
-    mark = " **" if i.excludes_zero else ""
+    mark = " **" if claim and i.excludes_zero else ""
     return f"{i.difference:{signed}} [{i.low:{signed}}, {i.high:{signed}}]{mark}"
 
 
@@ -185,9 +188,11 @@ def summary_table(summ: list[dict[str, Any]], first_task: str) -> list[str]:
             lines.append(f"| {s['method']} | 0 (not bracketed) | | | | | | | | | |")
             continue
         drifts = " | ".join(_est(s[f"{d}_drift"]) for d in DRIFTS)
+        claim = s["paired_seeds"] >= MIN_SEEDS  # ** marks a claim: an interval excluding 0, enough seeds
         lines.append(
             f"| {s['method']} | {s['seeds']} | {s['lr']:.2g} | {_est(s['retention'])} "
-            f"| {_ci(s['retention_vs_full'])} | {_est(s['first_final'])} | {_ci(s['first_final_vs_full'])} "
+            f"| {_ci(s['retention_vs_full'], claim)} | {_est(s['first_final'])} "
+            f"| {_ci(s['first_final_vs_full'], claim)} "
             f"| {drifts} |"
         )
     return lines
@@ -227,7 +232,9 @@ def task_table(rows: list[Matched], methods: list[str], level: float, tasks: lis
 
 
 def claims(summ: list[dict[str, Any]], first_task: str) -> list[str]:
-    """Sentences for the differences whose paired interval excludes 0, and for those that do not."""
+    """Sentences for the differences whose paired interval excludes 0, and for those that do not;
+    none from fewer than `MIN_SEEDS` paired seeds (with one seed the interval knows nothing of how
+    another draw of data and training would differ)."""
     out = []
     for s in summ:
         for key, what in (
@@ -236,6 +243,12 @@ def claims(summ: list[dict[str, Any]], first_task: str) -> list[str]:
         ):
             i = s.get(key)
             if i is None:
+                continue
+            if s["paired_seeds"] < MIN_SEEDS:
+                out.append(
+                    f"- at {s['level']:.0%} learned, {s['method']} vs full fine-tuning on {what}: "
+                    f"not claimed ({s['paired_seeds']} paired seeds; a claim needs {MIN_SEEDS})"
+                )
                 continue
             verdict = (
                 ("keeps more" if i.difference > 0 else "keeps less")
@@ -360,7 +373,7 @@ def _markdown(meta, summaries, rows, methods, categories, tasks, first) -> list[
             *task_table(rows, methods, level, tasks),
             "",
         ]
-    top = max(summaries)
+    top = max((level for level in summaries if any(m.level == level for m in rows)), default=max(summaries))
     lines += [
         f"## Probes kept by category at {top:.0%} learned",
         "",

@@ -1,17 +1,17 @@
 """`slimtune demo`: teach a real pretrained model one new task with each method, from the same base,
 and show what each learns and what each forgets of what the base knew.
 
-The model is the built-in SmolLM2-135M-Instruct (`slimtune.models`); the new task is `swap`
-("zq: w1 w2 w3" -> "w3 w1", which the base never answers). Every method trains from the base
-(`from: base`) on the same data. Full fine-tuning and PaCA take the learning rate at which the
-quality benchmark's search found them at 80% learned on its three tasks
-(benchmarks/results/quality-smollm2-135m-cpu); LoRA, S2FT and HFT keep the rates of the earlier,
+The model is the built-in SmolLM2-135M-Instruct (`slimtune.models`); the new task is `swap` ("zq: w1
+w2 w3" -> "w3 w1", which the base never answers). Every method trains from the base (`from: base`)
+on the same data. Full fine-tuning and PaCA take the rate nearest to where the quality benchmark's
+search found them at 80% learned on its three tasks (full: 2e-4, three seeds; PaCA: 2e-3, one seed;
+benchmarks/results/quality-smollm2-135m-cpu); LoRA, S2FT and HFT keep the rates of the earlier,
 superseded benchmark until the search has run for them. After each, the trainer measures the new
 task's held-out accuracy, the share of 64 general-knowledge questions the base answers that are
 still answered (whole-word match; ten categories), and the per-token NLL change on English prose
 (drift). The data ship with slimtune (`demo_data/`, made by the benchmark's preparation). About 4
-minutes on 2 idle CPU cores; it says so, and where its run goes, before it starts, and shows progress
-at least every 30 s.
+minutes on 2 idle CPU cores; it says so, and where its run goes, before it starts, and shows
+progress at least every 30 s.
 """
 
 from __future__ import annotations
