@@ -54,6 +54,7 @@ def _panel(ax, runs, rows, methods, levels, colors: dict[str, Any]) -> None:
 
 def tradeoff(runs, rows, methods, levels, path: Path) -> None:
     plt = _plt()
+    methods = [m for m in methods if any(r.method == m for r in runs)]  # a method without runs draws nothing
     groups = [("core methods", [m for m in methods if m in CORE])]
     extra = [m for m in methods if m not in CORE]
     if extra:  # full fine-tuning drawn again beside the toolbox, as the reference

@@ -332,7 +332,7 @@ def write(
         + "\n"
     )
     figures.tradeoff(runs, rows, methods, levels, results / "tradeoff.png")
-    figures.forgetting(rows, methods, max(levels), tasks, results / "forgetting.png")
+    figures.forgetting(rows, methods, _top(levels, rows), tasks, results / "forgetting.png")
     lines = _markdown(meta, summaries, rows, methods, categories, tasks, first)
     (results / "quality.md").write_text("\n".join(lines) + "\n")
 
@@ -373,7 +373,7 @@ def _markdown(meta, summaries, rows, methods, categories, tasks, first) -> list[
             *task_table(rows, methods, level, tasks),
             "",
         ]
-    top = max((level for level in summaries if any(m.level == level for m in rows)), default=max(summaries))
+    top = _top(tuple(summaries), rows)
     lines += [
         f"## Probes kept by category at {top:.0%} learned",
         "",
@@ -391,6 +391,11 @@ def _markdown(meta, summaries, rows, methods, categories, tasks, first) -> list[
         for m in rows
     ]
     return [*lines, "", "Every run: `runs.csv`; the interpolated values: `matched.csv`."]
+
+
+def _top(levels: tuple[float, ...], rows: list[Matched]) -> float:
+    """The highest level some method and seed reached (the highest level where none did)."""
+    return max((level for level in levels if any(m.level == level for m in rows)), default=max(levels))
 
 
 def _flat(m: Matched) -> dict[str, Any]:
