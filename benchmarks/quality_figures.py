@@ -6,6 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from quality_report import retention
+from quality_stats import mean_se
+
 CORE = ("full", "lora", "paca", "s2ft", "hft")
 CAPTION = (
     "Small dots: single runs (one seed, one learning rate). Large markers: mean over seeds at the matched "
@@ -27,21 +30,15 @@ def _panel(ax, runs, rows, methods, levels, colors: dict[str, Any]) -> None:
     for method in methods:
         color = colors[method]
         mine = [r for r in runs if r.method == method]
-        kept = [sum(r.measures["probes"]) / len(r.measures["probes"]) for r in mine]
-        ax.scatter([r.learned for r in mine], kept, color=color, alpha=0.3, s=12)
+        ax.scatter([r.learned for r in mine], [retention(r) for r in mine], color=color, alpha=0.3, s=12)
         xs, ys, es = [], [], []
         for level in levels:
             at = [m.retention for m in rows if m.method == method and m.level == level]
             if at:
-                mean = sum(at) / len(at)
-                se = (
-                    (sum((v - mean) ** 2 for v in at) / (len(at) - 1) / len(at)) ** 0.5
-                    if len(at) > 1
-                    else 0.0
-                )
+                estimate = mean_se(at)
                 xs.append(level)
-                ys.append(mean)
-                es.append(se)
+                ys.append(estimate.mean)
+                es.append(estimate.se or 0.0)
         if xs:
             ax.errorbar(xs, ys, yerr=es, color=color, marker="o", capsize=3, lw=1.5)
             ax.annotate(method, (xs[-1], ys[-1]), xytext=(6, 0), textcoords="offset points", color=color,

@@ -25,10 +25,14 @@ MIN_SEEDS = 3  # paired seeds a claim needs
 DRIFTS = ("probes", "text", "code", "replies")  # NLL of the probes' answers, prose, code, the base's replies
 
 
+def own_accuracy(metrics: dict[str, Any], task: str) -> float:
+    """A new task's held-out accuracy right after the stage that teaches it (named after the task)."""
+    return metrics["accuracy"][metrics["stages"].index(task)][metrics["tasks"].index(task)]
+
+
 def learned(metrics: dict[str, Any]) -> float:
     """The mean held-out accuracy of the new tasks, each right after the stage that teaches it."""
-    stages, tasks = metrics["stages"], metrics["tasks"]
-    return sum(metrics["accuracy"][stages.index(t)][tasks.index(t)] for t in tasks) / len(tasks)
+    return sum(own_accuracy(metrics, t) for t in metrics["tasks"]) / len(metrics["tasks"])
 
 
 def retention(run) -> float:
@@ -71,9 +75,6 @@ def match(runs: list, level: float, base: dict[str, Any]) -> Matched | None:
     answered = [i for i, x in enumerate(base["probes"]) if x]
     tasks = low.metrics["tasks"]
 
-    def own(run, task: str) -> float:
-        return run.metrics["accuracy"][run.metrics["stages"].index(task)][tasks.index(task)]
-
     return Matched(
         low.method,
         low.seed,
@@ -86,7 +87,7 @@ def match(runs: list, level: float, base: dict[str, Any]) -> Matched | None:
             t: [interpolate(a, b, w) for a, b in zip(_items(low, t), _items(high, t), strict=True)]
             for t in tasks
         },
-        {t: interpolate(own(low, t), own(high, t), w) for t in tasks},
+        {t: interpolate(own_accuracy(low.metrics, t), own_accuracy(high.metrics, t), w) for t in tasks},
         {
             d: interpolate(low.measures[f"{d}_nll"], high.measures[f"{d}_nll"], w) - base[f"{d}_nll"]
             for d in DRIFTS
@@ -272,10 +273,7 @@ def run_rows(runs: list) -> list[dict[str, Any]]:
                 "seed": r.seed,
                 "lr": r.lr,
                 "learned": round(r.learned, 4),
-                **{
-                    f"{t}_own": r.metrics["accuracy"][r.metrics["stages"].index(t)][tasks.index(t)]
-                    for t in tasks
-                },
+                **{f"{t}_own": own_accuracy(r.metrics, t) for t in tasks},
                 **{f"{t}_final": r.metrics["accuracy"][-1][tasks.index(t)] for t in tasks},
                 "probes_kept": round(retention(r), 4),
                 **{f"{d}_nll": round(r.measures[f"{d}_nll"], 4) for d in DRIFTS if f"{d}_nll" in r.measures},
