@@ -4,9 +4,10 @@ A method's learning `t(lr)` (the mean held-out accuracy of the new tasks, each a
 rises with the learning rate until it saturates or turns down (too high a rate for the steps
 given). For each level (0.8 and 0.9) the search first brackets it, a run below and a run at or
 above, stepping the rate by a factor of 3 from the method's starting rate, then bisects the bracket
-on log(lr). What a method keeps at a matched level is read by linear interpolation between the two
-runs that bracket it (the first crossing in rate order), so methods are compared at the same
-learning, not at their best runs.
+on log(lr). Where learning turns down before it reaches a level, the search looks once between the
+best run and its better neighbour, so a peak that one step of 3 jumped over is found. What a method
+keeps at a matched level is read by linear interpolation between the two runs that bracket it (the
+first crossing in rate order), so methods are compared at the same learning, not at their best runs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 STEP = 3.0  # the bracketing step (a factor on the rate)
+PEAK_WIDTH = 2.0  # around a peak below a level, neighbours further apart than this are bisected once
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,8 @@ def next_lr(
     `width` (the ratio of a bracket's ends) or the limits stop the search. Brackets first: above the
     highest run while some level is not reached yet and learning still rises there (past the rate
     where it turns down, a higher one will not learn more), below the lowest while some level is
-    already passed there; then the widest bracket is halved on log(lr)."""
+    already passed there; then the widest bracket is halved on log(lr); then, below a level learning
+    never reached, the best run's side toward the peak (once)."""
     if not points:
         return start
     ordered = sorted(points, key=lambda p: p.lr)
@@ -75,9 +78,21 @@ def next_lr(
         return down if down >= limits[0] else None
     brackets = [c for c in (crossing(points, level) for level in levels) if c is not None]
     widest = max(brackets, key=lambda c: c.ratio, default=None)
-    if widest is None or widest.ratio <= width:
+    if widest is not None and widest.ratio > width:
+        return math.sqrt(widest.low.lr * widest.high.lr)
+    return _toward_peak(ordered, levels)
+
+
+def _toward_peak(ordered: list[Point], levels: tuple[float, ...]) -> float | None:
+    """Where no run reaches a level and learning turns down above the best run: the rate between the
+    best run and its better neighbour (the peak lies on that side), unless they are close already."""
+    best = max(range(len(ordered)), key=lambda i: ordered[i].learned)
+    if ordered[best].learned >= max(levels) or best == len(ordered) - 1:
         return None
-    return math.sqrt(widest.low.lr * widest.high.lr)
+    neighbours = [i for i in (best - 1, best + 1) if 0 <= i < len(ordered)]
+    other = ordered[max(neighbours, key=lambda i: ordered[i].learned)]
+    low, high = sorted((ordered[best].lr, other.lr))
+    return math.sqrt(low * high) if high / low > PEAK_WIDTH else None
 
 
 def interpolate(values_low: float, values_high: float, weight: float) -> float:

@@ -86,3 +86,12 @@ def test_the_paired_interval_finds_a_real_difference_and_not_a_null_one() -> Non
 def test_the_paired_interval_refuses_unpaired_data() -> None:
     with pytest.raises(ValueError, match="same seeds and the same items"):
         paired_interval([[1.0, 0.0]], [[1.0]], shared_items=True)
+
+
+def test_a_peak_one_step_jumped_over_is_looked_for_once() -> None:
+    def curve(lr: float) -> float:  # peaks at 0.86 at 3.5e-4, between the search's steps 2e-4 and 6e-4
+        return 0.86 - 0.2 * math.log(lr / 3.5e-4) ** 2
+
+    points = _search(curve, 2e-4, width=3.0)
+    assert [p.lr for p in points] == pytest.approx([2e-4, 6e-4, 1.8e-3, math.sqrt(2e-4 * 6e-4)])
+    assert max(p.learned for p in points) > 0.85 and crossing(points, 0.8) is not None
