@@ -21,7 +21,7 @@
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --dry-run  # on a CPU: the same phases, files and boxes, tiny work
-# Knobs: BUDGET, METHODS, BATCH, SEQ, SAVE_EVERY, BENCH_STEPS (dry run).
+# Knobs: BUDGET, METHODS, BATCH, SEQ, SAVE_EVERY, BENCH_STEPS and BOX_SLACK_DRY (dry run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -30,6 +30,11 @@ PY=${PYTHON:-python3}
 PLANNED=470  # seconds: the phases' boxes add up to at most this (8 minutes less the device's start)
 BUDGET=${BUDGET:-$PLANNED}
 SAVE_EVERY=${SAVE_EVERY:-20}
+# A dry run's CPU work takes what a busy CI machine gives it, not what an H100 would: it keeps the boxes
+# in the plan and in phases.tsv but kills a phase only at BOX_SLACK times its box (one phase took 18 s
+# of its 20 s box on a 2-core machine running two other jobs).
+BOX_SLACK=1
+[ "$DRY" = 1 ] && BOX_SLACK=${BOX_SLACK_DRY:-6}
 export PY DRY PYTHONUNBUFFERED=1
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RUN=gpu-check-$STAMP
@@ -101,10 +106,10 @@ phase() {
   fi
   ( while sleep "$SAVE_EVERY"; do save; done ) &
   local saver=$! start=$SECONDS rc
-  timeout -s INT -k 10 "$limit" "$@" > >(tee "$RESULTS/$name.log") 2>&1
+  timeout -s INT -k 10 "$((limit * BOX_SLACK))" "$@" > >(tee "$RESULTS/$name.log") 2>&1
   rc=$?
   kill "$saver" 2>/dev/null; wait "$saver" 2>/dev/null
-  case $rc in 124|130|137) echo "--- $name hit its ${limit}s time box; what it wrote so far is kept";; esac
+  case $rc in 124|130|137) echo "--- $name hit its $((limit * BOX_SLACK))s time box; what it wrote so far is kept";; esac
   echo "--- $name: rc=$rc in $((SECONDS - start))s"
   printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" "$limit" "$predicted" >> "$RESULTS/phases.tsv"
   save
