@@ -416,7 +416,9 @@ def _plain(value: Any) -> Any:
 
 
 def _csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Every column any row has (runs from before a measure was added lack it: an empty cell)."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["none"])
+        writer = csv.DictWriter(f, fieldnames=columns or ["none"])
         writer.writeheader()
         writer.writerows(rows)

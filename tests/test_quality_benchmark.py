@@ -82,6 +82,7 @@ def test_the_report_compares_methods_at_matched_learning(tmp_path) -> None:
 def test_the_report_writes_every_file_and_names_unbracketed_methods(tmp_path) -> None:
     runs = _fake_runs(tmp_path)
     runs += [_fake_run(tmp_path, "lora", 0, lr, 0.4, 0.5) for lr in (1e-4, 3e-4)]  # never reaches 0.8
+    del runs[0].measures["probes_nll"]  # a run from before that measure was added
     info = {
         "base": {
             "probes": [1] * PROBES,
@@ -114,7 +115,9 @@ def test_the_report_writes_every_file_and_names_unbracketed_methods(tmp_path) ->
     }
     text = (tmp_path / "results" / "quality.md").read_text()
     assert "| lora | 0 (not bracketed) |" in text and "## Probes kept by category at 90% learned" in text
-    assert len(list(csv.DictReader((tmp_path / "results" / "runs.csv").open()))) == len(runs)
+    written = list(csv.DictReader((tmp_path / "results" / "runs.csv").open()))
+    assert len(written) == len(runs)
+    assert written[0]["probes_nll"] == "" and float(written[1]["probes_nll"]) == pytest.approx(2.5)
 
 
 @pytest.mark.slow  # about 2 minutes; the report tests above are its short variant in the default run
@@ -136,3 +139,17 @@ def test_the_tiny_quality_benchmark_runs_end_to_end(tmp_path) -> None:
     assert prepared["probes"]["kept"] >= 4 and len(prepared["categories"]) == prepared["probes"]["kept"]
     evaluated = json.loads((out / "data" / "seed0" / "base.json").read_text())
     assert set(evaluated) == set(TASKS)
+
+
+def test_a_work_folder_from_before_a_new_measure_measures_its_base_again(tmp_path, monkeypatch) -> None:
+    (tmp_path / "data").mkdir()
+    base = {"probes": [1, 1, 1], "text_nll": 2.0, "code_nll": 1.0, "replies_nll": 1.0}  # no probes_nll
+    old = {"probes": {"kept": 3}, "base": base}
+    (tmp_path / "data" / "prepared.json").write_text(json.dumps(old))
+    new = {**old["base"], "probes_nll": 0.5}
+    monkeypatch.setattr(slimtune.models, "load", lambda name: ("model", None))
+    monkeypatch.setattr(quality, "measure", lambda model, out, preset: new if model == "model" else None)
+    info = quality.prepare(tmp_path, quality.PRESETS["tiny"])
+    saved = json.loads((tmp_path / "data" / "prepared.json").read_text())
+    assert info["base"] == new and saved["base"] == new
+    assert quality.prepare(tmp_path, quality.PRESETS["tiny"]) == info  # complete now: read as it is
