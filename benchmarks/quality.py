@@ -258,8 +258,9 @@ def measure(model, out: Path, preset: Preset) -> dict[str, Any]:
     tok, folder = _tokenizer(), out / "data"
     probes, _ = read_records(folder / "probes.jsonl", form=Form((), True))
     found = evaluate(model, tok, probes, True, match=Match("word", max_new_tokens=preset.probe_tokens))
-    # the probes' answer NLL too: knowledge a model still holds though it no longer answers in words
-    # (after a stage that teaches one-digit replies, greedy answers every question with a digit)
+    # the NLL of the probes' short answers too. Not free of format: the base answers in sentences
+    # (6.9 nats a token on these bare answers) and a model taught one-word replies scores them far
+    # lower (PaCA 2.0 in the cpu runs) while it may know less; read it beside the word matches.
     result = {"probes": found["correct"], "probes_nll": found["loss"]}
     for name in ("text", "code", "replies"):
         examples, answers = read_records(folder / f"{name}.jsonl")

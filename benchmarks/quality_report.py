@@ -22,6 +22,11 @@ from quality_stats import Interval, mean_se, paired_interval
 
 REFERENCE = "full"
 MIN_SEEDS = 3  # paired seeds a claim needs
+DRIFT_NOTE = (
+    "Drifts: the change of the mean per-token NLL from the base's, in nats (+: less likely now). The "
+    "probes' answer NLL scores the bare answers, which the base does not give (it answers in sentences): "
+    "a model taught short replies lowers it without knowing more, so read it beside the word matches."
+)
 DRIFTS = ("probes", "text", "code", "replies")  # NLL of the probes' answers, prose, code, the base's replies
 
 
@@ -367,6 +372,8 @@ def _markdown(meta, summaries, rows, methods, categories, tasks, first) -> list[
             f"## At {level:.0%} learned",
             "",
             *summary_table(summ, first),
+            "",
+            DRIFT_NOTE,
             "",
             *task_table(rows, methods, level, tasks),
             "",
