@@ -40,6 +40,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import quality_choice as choice  # noqa: E402
 import quality_report as report  # noqa: E402
 from quality_data import tasks as data  # noqa: E402
 from quality_search import Point, next_lr  # noqa: E402
@@ -203,30 +204,61 @@ def prepare(out: Path, preset: Preset) -> dict[str, Any]:
 
 
 def _base_completed(info: dict[str, Any], out: Path, preset: Preset) -> dict[str, Any]:
-    """A work folder prepared before a measure was added: the base measured again (its data kept)."""
-    if all(f"{d}_nll" in info["base"] for d in report.DRIFTS):
+    """A work folder prepared before a measure was added: the base measured again (its data kept; its
+    probes given their frames where they lack them)."""
+    if all(f"{d}_nll" in info["base"] for d in report.DRIFTS) and "probes_chosen" in info["base"]:
         return info
     import slimtune
 
-    info["base"] = measure(slimtune.models.load(MODEL)[0], out, preset)
+    model = slimtune.models.load(MODEL)[0]
+    path = out / "data" / "probes.jsonl"
+    probes = _read(path)
+    if any("prefix" not in p for p in probes):
+        data.write_jsonl(path, _framed(model, probes, preset))
+    info["base"] = measure(model, out, preset)
     (out / "data" / "prepared.json").write_text(json.dumps(info, indent=1))
     return info
 
 
+def _framed(model, probes: list[dict], preset: Preset) -> list[dict]:
+    """Kept probes from before frames were kept, each given the frame of the base's reply."""
+    questions = [p["messages"][0]["content"] for p in probes]
+    replies = _replies(model, _tokenizer(), questions, preset.probe_tokens)
+    return [
+        _probe(q, p["messages"][-1]["content"], p["category"], r)
+        for q, p, r in zip(questions, probes, replies, strict=True)
+    ]
+
+
+def _replies(model, tok, questions: list[str], budget: int) -> list[str]:
+    """The model's greedy replies, in batches of 32."""
+    from slimtune.apps.train.tasks import chat, greedy
+
+    batches = [questions[i : i + 32] for i in range(0, len(questions), 32)]
+    return [reply for batch in batches for reply in greedy(model, tok, [chat(q, "") for q in batch], budget)]
+
+
 def _screen_probes(model, tok, preset: Preset) -> list[dict]:
-    """The candidates the base answers (whole-word match), as chat records with their category."""
-    from slimtune.apps.train.tasks import Match, chat, greedy
+    """The candidates the base answers (whole-word match), as chat records with their category and
+    the frame of the base's reply."""
+    from slimtune.apps.train.tasks import Match
 
     candidates = data.read_jsonl("probes.jsonl")[: preset.candidates]
     match = Match("word", max_new_tokens=preset.probe_tokens)
-    replies = []
-    for start in range(0, len(candidates), 32):
-        batch = [chat(c["question"], c["answer"]) for c in candidates[start : start + 32]]
-        replies += greedy(model, tok, batch, match.max_new_tokens)
-    kept = [c for c, reply in zip(candidates, replies, strict=True) if match(reply, c["answer"])]
+    replies = _replies(model, tok, [c["question"] for c in candidates], preset.probe_tokens)
+    kept = [(c, r) for c, r in zip(candidates, replies, strict=True) if match(r, c["answer"])]
     if len(kept) < preset.min_probes:
         raise SystemExit(f"the base answers only {len(kept)} probes; the preset needs {preset.min_probes}")
-    return [{**_chat(c["question"], c["answer"]), "category": c["category"]} for c in kept]
+    return [_probe(c["question"], c["answer"], c["category"], r) for c, r in kept]
+
+
+def _probe(question: str, answer: str, category: str, reply: str) -> dict:
+    """A kept probe: its chat, category and the frame of the base's reply (`quality_choice`)."""
+    return {**_chat(question, answer), "category": category, "prefix": choice.frame(reply, answer)}
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 def _base_replies(model, tok, preset: Preset) -> list[dict]:
@@ -262,6 +294,8 @@ def measure(model, out: Path, preset: Preset) -> dict[str, Any]:
     # (6.9 nats a token on these bare answers) and a model taught one-word replies scores them far
     # lower (PaCA 2.0 in the cpu runs) while it may know less; read it beside the word matches.
     result = {"probes": found["correct"], "probes_nll": found["loss"]}
+    # and which of four answers of its category the model finds likeliest: free of the reply format
+    result["probes_chosen"] = choice.chosen(model, tok, _read(folder / "probes.jsonl"))
     for name in ("text", "code", "replies"):
         examples, answers = read_records(folder / f"{name}.jsonl")
         # the mean per token does not depend on the order: batches of similar lengths pad little

@@ -64,6 +64,9 @@ class Matched:
     finals: dict[str, list[float]]  # each new task's held-out scores after the last stage
     own: dict[str, float]  # each new task's accuracy after its own stage
     drift: dict[str, float]  # per-token NLL change from the base
+    # each probe's 4-way choice (`quality_choice`; probes the base chose right), interpolated; None
+    # where a bracketing run predates the measure
+    chosen: list[float] | None = None
 
     @property
     def retention(self) -> float:
@@ -100,7 +103,20 @@ def match(runs: list, level: float, base: dict[str, Any]) -> Matched | None:
                 f"{d}_nll" in where for where in (low.measures, high.measures, base)
             )  # older runs lack one
         },
+        _chosen_between(low, high, w, base),
     )
+
+
+def _chosen_between(low, high, weight: float, base: dict[str, Any]) -> list[float] | None:
+    """The 4-way choices of the probes the base chose right, interpolated; None where a run or the
+    base lacks the measure (it was added after the first runs)."""
+    if not all("probes_chosen" in where for where in (low.measures, high.measures, base)):
+        return None
+    right = [i for i, x in enumerate(base["probes_chosen"]) if x]
+    return [
+        interpolate(low.measures["probes_chosen"][i], high.measures["probes_chosen"][i], weight)
+        for i in right
+    ]
 
 
 def matched_all(runs: list, levels: tuple[float, ...], base: dict[str, Any]) -> list[Matched]:
@@ -114,17 +130,28 @@ def matched_all(runs: list, levels: tuple[float, ...], base: dict[str, Any]) -> 
 def compare(rows: list[Matched], method: str, level: float, score) -> Interval | None:
     """`score(row)` (per-item lists) of `method` minus full fine-tuning's, paired on the seeds where
     both bracketed `level`."""
-    mine = {m.seed: m for m in rows if m.method == method and m.level == level}
-    ref = {m.seed: m for m in rows if m.method == REFERENCE and m.level == level}
+    mine = {m.seed: m for m in rows if m.method == method and m.level == level and score(m) is not None}
+    ref = {m.seed: m for m in rows if m.method == REFERENCE and m.level == level and score(m) is not None}
     seeds = sorted(mine.keys() & ref.keys())
     if method == REFERENCE or not seeds:
         return None
-    shared = score is _probes
+    shared = score in (_probes, _chosen)  # the same probes in every seed
     return paired_interval([score(mine[s]) for s in seeds], [score(ref[s]) for s in seeds], shared)
 
 
 def _probes(m: Matched) -> list[float]:
     return m.probes
+
+
+def _chosen(m: Matched) -> list[float] | None:
+    return m.chosen
+
+
+def _paired(rows: list[Matched], method: str, level: float, score) -> int:
+    """Seeds where `method` and full fine-tuning both have `score` at `level`."""
+    have = [{m.seed for m in rows if m.method == who and m.level == level and score(m) is not None}
+            for who in (method, REFERENCE)]  # fmt: skip
+    return len(have[0] & have[1])
 
 
 def summary(rows: list[Matched], methods: list[str], level: float, first_task: str) -> list[dict[str, Any]]:
@@ -148,12 +175,24 @@ def summary(rows: list[Matched], methods: list[str], level: float, first_task: s
                 "lr": _geomean([m.lr for m in mine]),
                 "retention": mean_se([m.retention for m in mine]),
                 "retention_vs_full": kept,
+                "chosen": _share([m.chosen for m in mine if m.chosen is not None]),
+                "chosen_vs_full": compare(rows, method, level, _chosen),
+                "chosen_seeds": _paired(rows, method, level, _chosen),
                 "first_final": mean_se([_mean(m.finals[first_task]) for m in mine]),
                 "first_final_vs_full": first,
                 **{f"{d}_drift": _drift(mine, d) for d in DRIFTS},
             }
         )
     return out
+
+
+def _rounded_share(values: list[float] | None) -> float | str:
+    return "" if values is None else round(_mean(values), 4)
+
+
+def _share(lists: list[list[float]]):
+    """Mean ± SE over seeds of each list's mean; None without any."""
+    return mean_se([_mean(x) for x in lists]) if lists else None
 
 
 def _drift(rows: list[Matched], name: str):
@@ -185,19 +224,21 @@ def _ci(i: Interval | None, claim: bool = True, signed: str = "+.3f") -> str:
 
 def summary_table(summ: list[dict[str, Any]], first_task: str) -> list[str]:
     lines = [
-        f"| method | seeds | lr (geo. mean) | probes kept | vs full [95% CI] | {first_task} at the end "
+        f"| method | seeds | lr (geo. mean) | probes kept | vs full [95% CI] | probes chosen (4-way) "
+        f"| vs full [95% CI] | {first_task} at the end "
         "| vs full [95% CI] | probe answer NLL drift | prose NLL drift | code NLL drift | reply NLL drift |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summ:
         if not s["seeds"]:
-            lines.append(f"| {s['method']} | 0 (not bracketed) | | | | | | | | | |")
+            lines.append(f"| {s['method']} | 0 (not bracketed) | | | | | | | | | | | |")
             continue
         drifts = " | ".join(_est(s[f"{d}_drift"]) for d in DRIFTS)
         claim = s["paired_seeds"] >= MIN_SEEDS  # ** marks a claim: an interval excluding 0, enough seeds
         lines.append(
             f"| {s['method']} | {s['seeds']} | {s['lr']:.2g} | {_est(s['retention'])} "
-            f"| {_ci(s['retention_vs_full'], claim)} | {_est(s['first_final'])} "
+            f"| {_ci(s['retention_vs_full'], claim)} | {_est(s['chosen'])} "
+            f"| {_ci(s['chosen_vs_full'], s['chosen_seeds'] >= MIN_SEEDS)} | {_est(s['first_final'])} "
             f"| {_ci(s['first_final_vs_full'], claim)} "
             f"| {drifts} |"
         )
@@ -243,17 +284,18 @@ def claims(summ: list[dict[str, Any]], first_task: str) -> list[str]:
     another draw of data and training would differ)."""
     out = []
     for s in summ:
-        for key, what in (
-            ("retention_vs_full", "general-knowledge probes"),
-            ("first_final_vs_full", first_task),
+        for key, what, seeds in (
+            ("retention_vs_full", "general-knowledge probes", "paired_seeds"),
+            ("chosen_vs_full", "the probes' 4-way choice", "chosen_seeds"),
+            ("first_final_vs_full", first_task, "paired_seeds"),
         ):
             i = s.get(key)
             if i is None:
                 continue
-            if s["paired_seeds"] < MIN_SEEDS:
+            if s[seeds] < MIN_SEEDS:
                 out.append(
                     f"- at {s['level']:.0%} learned, {s['method']} vs full fine-tuning on {what}: "
-                    f"not claimed ({s['paired_seeds']} paired seeds; a claim needs {MIN_SEEDS})"
+                    f"not claimed ({s[seeds]} paired seeds; a claim needs {MIN_SEEDS})"
                 )
                 continue
             verdict = (
@@ -281,6 +323,7 @@ def run_rows(runs: list) -> list[dict[str, Any]]:
                 **{f"{t}_own": own_accuracy(r.metrics, t) for t in tasks},
                 **{f"{t}_final": r.metrics["accuracy"][-1][tasks.index(t)] for t in tasks},
                 "probes_kept": round(retention(r), 4),
+                "probes_chosen": _rounded_share(r.measures.get("probes_chosen")),  # all probes, 4-way
                 **{f"{d}_nll": round(r.measures[f"{d}_nll"], 4) for d in DRIFTS if f"{d}_nll" in r.measures},
                 "wall_s": round(r.measures.get("wall_s", 0.0)),
             }
@@ -412,6 +455,7 @@ def _flat(m: Matched) -> dict[str, Any]:
         "low_lr": m.low_lr,
         "high_lr": m.high_lr,
         "probes_kept": round(m.retention, 4),
+        "probes_chosen_kept": _rounded_share(m.chosen),  # of those the base chose right
         **{f"{t}_own": round(v, 4) for t, v in m.own.items()},
         **{f"{t}_final": round(_mean(v), 4) for t, v in m.finals.items()},
         **{f"{d}_drift": round(v, 4) for d, v in m.drift.items()},

@@ -41,6 +41,7 @@ def _fake_run(tmp_path: Path, method: str, seed: int, lr: float, learned: float,
     metrics = {"tasks": TASKS, "stages": TASKS, "accuracy": accuracy}
     measures = {
         "probes": [int(rng.random() < kept) for _ in range(PROBES)],
+        "probes_chosen": [int(rng.random() < (1 + kept) / 2) for _ in range(PROBES)],
         "probes_nll": 2.5,
         "text_nll": 2.0,
         "code_nll": 1.0,
@@ -62,6 +63,7 @@ def _fake_runs(tmp_path: Path) -> list[quality.Run]:
 def test_the_report_compares_methods_at_matched_learning(tmp_path) -> None:
     runs = _fake_runs(tmp_path)
     base = {"probes": [1] * PROBES, "probes_nll": 2.0, "text_nll": 1.9, "code_nll": 1.0, "replies_nll": 1.0}
+    base["probes_chosen"] = [1] * (PROBES - 20) + [0] * 20  # the base chose 100 of 120 right
     rows = quality_report.matched_all(runs, (0.8, 0.9), base)
     assert len(rows) == 2 * 3 * 2  # every method, seed and level bracketed
     at = next(m for m in rows if m.method == "paca" and m.seed == 0 and m.level == 0.9)
@@ -69,13 +71,26 @@ def test_the_report_compares_methods_at_matched_learning(tmp_path) -> None:
         3e-3 * (1e-2 / 3e-3) ** 0.5
     )
     assert at.own["facts"] == pytest.approx(0.9) and at.drift["text"] == pytest.approx(0.1)
-    assert at.drift["probes"] == pytest.approx(0.5)
+    assert at.drift["probes"] == pytest.approx(0.5) and len(at.chosen) == PROBES - 20
     summary = quality_report.summary(rows, ["full", "paca"], 0.9, "swap")
     paca = summary[1]
     assert paca["seeds"] == 3 and paca["retention_vs_full"].excludes_zero
     assert 0.3 < paca["retention_vs_full"].difference < 0.5 and not paca["first_final_vs_full"].excludes_zero
+    assert paca["chosen_seeds"] == 3 and 0.1 < paca["chosen_vs_full"].difference < 0.3  # 0.85 vs 0.65
+    assert paca["chosen_vs_full"].excludes_zero and 0.75 < paca["chosen"].mean < 0.95
     claims = quality_report.claims(summary, "swap")
     assert any("paca vs full fine-tuning on general-knowledge probes: keeps more" in c for c in claims)
+    assert any("paca vs full fine-tuning on the probes' 4-way choice: keeps more" in c for c in claims)
+    del runs[0].measures["probes_chosen"]  # full seed 0's lowest run predates the measure
+    summary = quality_report.summary(
+        quality_report.matched_all(runs, (0.8, 0.9), base), ["full", "paca"], 0.9, "swap"
+    )
+    assert summary[1]["chosen_seeds"] == 3  # full's seed 0 at 90% is bracketed by its two higher runs
+    early = quality_report.summary(
+        quality_report.matched_all(runs, (0.8, 0.9), base), ["full", "paca"], 0.8, "swap"
+    )
+    assert early[1]["chosen_seeds"] == 2 and early[1]["paired_seeds"] == 3
+    assert any("4-way choice: not claimed (2 paired seeds" in c for c in quality_report.claims(early, "swap"))
     assert any("on swap: no difference resolved" in c for c in claims)
 
 
@@ -142,14 +157,70 @@ def test_the_tiny_quality_benchmark_runs_end_to_end(tmp_path) -> None:
 
 
 def test_a_work_folder_from_before_a_new_measure_measures_its_base_again(tmp_path, monkeypatch) -> None:
+    """Older work folders lack the probes' answer NLL and 4-way choice, and their probes the frames of
+    the base's replies: the base is measured again and the probes framed, the rest kept."""
     (tmp_path / "data").mkdir()
-    base = {"probes": [1, 1, 1], "text_nll": 2.0, "code_nll": 1.0, "replies_nll": 1.0}  # no probes_nll
-    old = {"probes": {"kept": 3}, "base": base}
-    (tmp_path / "data" / "prepared.json").write_text(json.dumps(old))
-    new = {**old["base"], "probes_nll": 0.5}
+    base = {"probes": [1, 1], "text_nll": 2.0, "code_nll": 1.0, "replies_nll": 1.0}
+    (tmp_path / "data" / "prepared.json").write_text(json.dumps({"probes": {"kept": 2}, "base": base}))
+    probes = [
+        {**quality._chat(f"Capital {c}?", a), "category": "capitals"} for c, a in (("A", "Ax"), ("B", "By"))
+    ]
+    quality.data.write_jsonl(tmp_path / "data" / "probes.jsonl", probes)
+    new = {**base, "probes_nll": 0.5, "probes_chosen": [1, 0]}
     monkeypatch.setattr(slimtune.models, "load", lambda name: ("model", None))
+    monkeypatch.setattr(quality, "_tokenizer", lambda: None)
+    monkeypatch.setattr(
+        quality, "_replies", lambda model, tok, questions, budget: ["It is Ax.", "By, I think."]
+    )
     monkeypatch.setattr(quality, "measure", lambda model, out, preset: new if model == "model" else None)
     info = quality.prepare(tmp_path, quality.PRESETS["tiny"])
     saved = json.loads((tmp_path / "data" / "prepared.json").read_text())
     assert info["base"] == new and saved["base"] == new
+    framed = quality._read(tmp_path / "data" / "probes.jsonl")
+    assert [p["prefix"] for p in framed] == ["It is ", ""] and framed[1]["messages"] == probes[1]["messages"]
     assert quality.prepare(tmp_path, quality.PRESETS["tiny"]) == info  # complete now: read as it is
+
+
+def test_each_probe_is_offered_its_answer_and_three_others_of_its_category() -> None:
+    import quality_choice
+
+    answers = {"capitals": ["Paris", "Rome", "Oslo", "Lima", "paris"], "numbers": ["seven", "two"]}
+    probes = [
+        {**quality._chat(f"q{i}", a), "category": c}
+        for c, group in answers.items()
+        for i, a in enumerate(group)
+    ]
+    sets = quality_choice.candidates(probes)
+    assert sets == quality_choice.candidates(probes)  # seeded: the base and every run see the same
+    for probe, options in zip(probes, sets, strict=True):
+        own = probe["messages"][-1]["content"]
+        others = {a.lower() for a in answers[probe["category"]]} - {own.lower()}
+        assert options[0] == own and len(options) == 1 + min(3, len(others))
+        assert {o.lower() for o in options[1:]} <= others and len({o.lower() for o in options}) == len(
+            options
+        )
+    assert quality_choice.frame("Well, the capital is Paris.", "paris") == "Well, the capital is "
+    assert quality_choice.frame("Parisian food", "Paris") == ""  # whole words only
+
+
+@pytest.mark.skipif(
+    not slimtune.models.is_available("smollm2-135m"),
+    reason=f"needs the built-in model: {slimtune.models.INSTALL}",
+)
+def test_the_base_chooses_the_answers_it_gives_in_its_own_sentences() -> None:
+    """In the frame of its own reply the base prefers its answer over others of the category; the
+    same candidates as bare replies do not show it (the reason for the frames)."""
+    import quality_choice
+
+    model, _ = slimtune.models.load("smollm2-135m")
+    questions = [f"What is the capital of {c}?" for c in ("France", "Japan", "Germany", "Egypt")]
+    answers = ["Paris", "Tokyo", "Berlin", "Cairo"]
+    tok = quality._tokenizer()
+    replies = quality._replies(model, tok, questions, 12)
+    probes = [
+        quality._probe(q, a, "capitals", r) for q, a, r in zip(questions, answers, replies, strict=True)
+    ]
+    assert all(p["prefix"] for p in probes), replies  # the base names each answer in its reply
+    assert quality_choice.chosen(model, tok, probes) == [1, 1, 1, 1]
+    bare = [{**p, "prefix": ""} for p in probes]
+    assert quality_choice.chosen(model, tok, bare) != [1, 1, 1, 1]
