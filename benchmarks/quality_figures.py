@@ -12,7 +12,7 @@ from quality_stats import mean_se
 CORE = ("full", "lora", "paca", "s2ft", "hft")
 CAPTION = (
     "Small dots: single runs (one seed, one learning rate). Large markers: mean over seeds at the matched "
-    "levels of learning (0.8, 0.9), interpolated between each seed's two bracketing runs; bars: ± 1 "
+    "levels of learning ({levels}), interpolated between each seed's two bracketing runs; bars: ± 1 "
     "standard error."
 )
 
@@ -66,7 +66,7 @@ def tradeoff(runs, rows, methods, levels, path: Path) -> None:
     fig.suptitle(
         "SmolLM2-135M-Instruct: learning three new tasks in sequence versus keeping what the base knew"
     )
-    fig.text(0.01, 0.005, CAPTION, fontsize=7, wrap=True)
+    fig.text(0.01, 0.005, CAPTION.format(levels=", ".join(f"{x:g}" for x in levels)), fontsize=7, wrap=True)
     fig.tight_layout(rect=(0, 0.05, 1, 0.95))
     fig.savefig(path, dpi=120)
     plt.close(fig)
