@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 STEP = 3.0  # the bracketing step (a factor on the rate)
+ROUNDING = 1.01  # runs keep 3 significant digits of their rate: 6.67e-5 / 2.22e-5 is 3.0045, one step
 PEAK_WIDTH = 2.0  # around a peak below a level, neighbours further apart than this are bisected once
 
 
@@ -78,7 +79,7 @@ def next_lr(
         return down if down >= limits[0] else None
     brackets = [c for c in (crossing(points, level) for level in levels) if c is not None]
     widest = max(brackets, key=lambda c: c.ratio, default=None)
-    if widest is not None and widest.ratio > width:
+    if widest is not None and widest.ratio > width * ROUNDING:
         return math.sqrt(widest.low.lr * widest.high.lr)
     return _toward_peak(ordered, levels)
 

@@ -95,3 +95,11 @@ def test_a_peak_one_step_jumped_over_is_looked_for_once() -> None:
     points = _search(curve, 2e-4, width=3.0)
     assert [p.lr for p in points] == pytest.approx([2e-4, 6e-4, 1.8e-3, math.sqrt(2e-4 * 6e-4)])
     assert max(p.learned for p in points) > 0.85 and crossing(points, 0.8) is not None
+
+
+def test_a_bracket_one_step_wide_between_rounded_rates_is_wide_enough() -> None:
+    """Runs keep their rate to 3 digits: one step of 3 down from 6.67e-5 is 2.22e-5, a ratio of 3.0045,
+    which must not count as wider than a width of 3 (it cost a bisection run once)."""
+    points = [Point(2.22e-5, 0.46), Point(6.67e-5, 0.724), Point(2e-4, 0.828), Point(6e-4, 0.787)]
+    assert next_lr(points, (0.7, 0.8), 2e-4, 3.0, (1e-6, 3e-2)) is None
+    assert next_lr(points, (0.7, 0.8), 2e-4, 2.9, (1e-6, 3e-2)) == pytest.approx(math.sqrt(2.22e-5 * 6.67e-5))
