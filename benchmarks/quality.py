@@ -405,16 +405,18 @@ class Chain:
 
 
 class Search:
-    """Runs every chain's next learning rate on `workers` processes, as results come in; a run with
-    results in its folder is read, not run again (with `launch` False, nothing else is run: a chain
-    ends at its first run without results)."""
+    """Runs every chain's next learning rate on `workers` processes, as results come in. A chain starts
+    from every finished run of its method and seed in the work folder (runs are never run again);
+    with `launch` False nothing is run: a chain ends at its first rate without results."""
 
     def __init__(
         self, out: Path, preset: Preset, preset_name: str, workers: int, launch: bool = True
     ) -> None:
         self.out, self.preset, self.preset_name, self.workers = out, preset, preset_name, workers
         self.launch = launch
-        self.chains = [Chain(METHODS[m], s) for m in preset.methods for s in preset.seeds]
+        self.chains = [
+            Chain(METHODS[m], s, self._finished(m, s)) for m in preset.methods for s in preset.seeds
+        ]
         self.started = time.perf_counter()
         self.finished = 0
 
@@ -436,10 +438,19 @@ class Search:
                         waiting.insert(0, chain)
         return [run for chain in self.chains for run in chain.runs]
 
+    def _finished(self, method: str, seed: int) -> list[Run]:
+        """Every finished run of a method and seed in the work folder, including those an earlier search
+        (other levels or rules) chose: each is a point on the same curve."""
+        folders = sorted((self.out / "runs").glob(f"{method}-seed{seed}-lr*"))
+        runs = [Run(method, seed, float(f.name.rsplit("-lr", 1)[1]), f) for f in folders]
+        return sorted((r.load() for r in runs if r.done), key=lambda r: r.lr)
+
     def _advance(self, chain: Chain, pool, pending: dict, waiting: list) -> None:
         """Read finished runs of the chain until one must be launched (or the chain is done)."""
         while (lr := chain.next(self.preset)) is not None:
             run = self._run(chain, lr)
+            if any(r.lr == run.lr for r in chain.runs):  # the search asks for a rate it has: it is done
+                return
             if not run.done:
                 if self.launch:
                     pending[pool.submit(_run_one, self._job(chain, run))] = (chain, run)

@@ -9,6 +9,7 @@ import json
 import random
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,21 @@ def test_the_base_chooses_the_answers_it_gives_in_its_own_sentences() -> None:
     assert quality_choice.chosen(model, tok, probes) == [1, 1, 1, 1]
     bare = [{**p, "prefix": ""} for p in probes]
     assert quality_choice.chosen(model, tok, bare) != [1, 1, 1, 1]
+
+
+def test_a_search_starts_from_every_finished_run_of_its_chains(tmp_path) -> None:
+    """Runs an earlier search chose (other levels, other rules) are points on the same curve: read,
+    never run again, and reported; a folder without results (a run in progress) is not read."""
+    preset = replace(quality.PRESETS["tiny"], levels=(0.7, 0.8), max_runs=10)
+    rates = {2e-4: 0.83, 6.67e-5: 0.72, 3.46e-4: 0.81, 6e-4: 0.79, 2.22e-5: 0.46}
+    for lr, learned in rates.items():
+        run = _fake_run(tmp_path, "full", 0, lr, learned, 0.3)
+        folder = tmp_path / "runs" / f"full-seed0-lr{lr:.3g}"
+        folder.parent.mkdir(exist_ok=True)
+        run.folder.rename(folder)
+        (folder / "metrics.json").write_text(json.dumps(run.metrics))
+        (folder / "measures.json").write_text(json.dumps(run.measures))
+    (tmp_path / "runs" / "full-seed0-lr1e-05").mkdir()  # started, unfinished
+    found = quality.Search(tmp_path, replace(preset, methods=("full",)), "tiny", 1, launch=False).run()
+    assert sorted(r.lr for r in found) == sorted(float(f"{lr:.3g}") for lr in rates)
+    assert {round(r.learned, 2) for r in found} == set(rates.values())
