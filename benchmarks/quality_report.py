@@ -130,13 +130,15 @@ def matched_all(runs: list, levels: tuple[float, ...], base: dict[str, Any]) -> 
 def compare(rows: list[Matched], method: str, level: float, score) -> Interval | None:
     """`score(row)` (per-item lists) of `method` minus full fine-tuning's, paired on the seeds where
     both bracketed `level`."""
-    mine = {m.seed: m for m in rows if m.method == method and m.level == level and score(m) is not None}
-    ref = {m.seed: m for m in rows if m.method == REFERENCE and m.level == level and score(m) is not None}
-    seeds = sorted(mine.keys() & ref.keys())
+    seeds = _paired_seeds(rows, method, level, score)
     if method == REFERENCE or not seeds:
         return None
+    mine, ref = (
+        {m.seed: score(m) for m in rows if m.method == who and m.level == level}
+        for who in (method, REFERENCE)
+    )
     shared = score in (_probes, _chosen)  # the same probes in every seed
-    return paired_interval([score(mine[s]) for s in seeds], [score(ref[s]) for s in seeds], shared)
+    return paired_interval([mine[s] for s in seeds], [ref[s] for s in seeds], shared)
 
 
 def _probes(m: Matched) -> list[float]:
@@ -147,11 +149,11 @@ def _chosen(m: Matched) -> list[float] | None:
     return m.chosen
 
 
-def _paired(rows: list[Matched], method: str, level: float, score) -> int:
+def _paired_seeds(rows: list[Matched], method: str, level: float, score) -> list[int]:
     """Seeds where `method` and full fine-tuning both have `score` at `level`."""
     have = [{m.seed for m in rows if m.method == who and m.level == level and score(m) is not None}
             for who in (method, REFERENCE)]  # fmt: skip
-    return len(have[0] & have[1])
+    return sorted(have[0] & have[1])
 
 
 def summary(rows: list[Matched], methods: list[str], level: float, first_task: str) -> list[dict[str, Any]]:
@@ -163,7 +165,6 @@ def summary(rows: list[Matched], methods: list[str], level: float, first_task: s
         if not mine:
             out.append({"method": method, "level": level, "seeds": 0})
             continue
-        paired = {m.seed for m in mine} & {m.seed for m in rows if m.method == REFERENCE and m.level == level}
         kept = compare(rows, method, level, _probes)
         first = compare(rows, method, level, lambda m: m.finals[first_task])
         out.append(
@@ -171,13 +172,13 @@ def summary(rows: list[Matched], methods: list[str], level: float, first_task: s
                 "method": method,
                 "level": level,
                 "seeds": len(mine),
-                "paired_seeds": len(paired),
+                "paired_seeds": len(_paired_seeds(rows, method, level, _probes)),
                 "lr": _geomean([m.lr for m in mine]),
                 "retention": mean_se([m.retention for m in mine]),
                 "retention_vs_full": kept,
                 "chosen": _share([m.chosen for m in mine if m.chosen is not None]),
                 "chosen_vs_full": compare(rows, method, level, _chosen),
-                "chosen_seeds": _paired(rows, method, level, _chosen),
+                "chosen_seeds": len(_paired_seeds(rows, method, level, _chosen)),
                 "first_final": mean_se([_mean(m.finals[first_task]) for m in mine]),
                 "first_final_vs_full": first,
                 **{f"{d}_drift": _drift(mine, d) for d in DRIFTS},
