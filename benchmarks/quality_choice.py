@@ -69,11 +69,9 @@ def chosen(model, tokenizer, probes: list[dict], batch_size: int = 32) -> list[i
 
 def summed_nll(model, encoded: list[tuple[list[int], list[int]]], pad_id: int) -> list[float]:
     """Each sequence's summed next-token NLL over its labelled positions (right-padded batch)."""
-    device = next(model.parameters()).device
-    width = max(len(ids) for ids, _ in encoded)
-    ids = torch.tensor([i + [pad_id] * (width - len(i)) for i, _ in encoded], device=device)
-    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in encoded], device=device)
-    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in encoded], device=device)
+    from slimtune.apps.train.tasks import right_padded
+
+    ids, labels, mask = right_padded(encoded, pad_id, next(model.parameters()).device)
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     loss = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
     return loss.sum(1).tolist()

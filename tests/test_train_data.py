@@ -137,3 +137,29 @@ def test_answer_matching():
     assert word("It is Rome, of course.", "rome") and word("Oslo", "Oslo") and word("(H2O)", "H2O")
     assert not word("Romeo and Juliet", "Rome") and not word("Oslo", "O") and not word("14", "4")
     assert word("New York City", "new york") and word("3.14 is pi", "3.14") and not word("3.145", "3.14")
+
+
+def test_evaluation_never_scores_padding():
+    """A batch of examples of different lengths is right-padded; its loss is the token-weighted mean of
+    each example scored alone (padding neither scored nor attended)."""
+    import transformers
+    from slimtune.apps.train.tasks import evaluate, right_padded
+
+    examples = [Example("rev ab=", "ba"), Example("rev abcdef=", "fedcba"), Example("", "plain text")]
+    encoded = [encode(e, TOKENIZER) for e in examples]
+    ids, labels, mask = right_padded(encoded, TOKENIZER.pad_id, "cpu")
+    assert ids.shape == labels.shape == mask.shape == (3, max(len(i) for i, _ in encoded))
+    first = len(encoded[0][0])
+    assert (ids[0, first:] == TOKENIZER.pad_id).all() and (labels[0, first:] == -100).all()
+    assert mask[0].tolist() == [1] * first + [0] * (ids.shape[1] - first)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=TOKENIZER.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, pad_token_id=TOKENIZER.pad_id,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).float()
+    together = evaluate(model, TOKENIZER, examples, answers=False)["loss"]
+    counts = [sum(x != -100 for x in lab[1:]) for _, lab in encoded]
+    alone = [evaluate(model, TOKENIZER, [e], answers=False)["loss"] for e in examples]
+    weighted_mean = sum(c * loss for c, loss in zip(counts, alone, strict=True)) / sum(counts)
+    assert together == pytest.approx(weighted_mean, rel=1e-5)

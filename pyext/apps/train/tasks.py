@@ -138,6 +138,18 @@ def prompt_ids(example: Example, tokenizer: Tokenizer) -> list[int]:
     return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(example.prompt)
 
 
+def right_padded(
+    encoded: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch of `encode`d examples, right-padded to the longest: ids (padded with `pad_id`), labels
+    (padded with -100, so padding is never scored) and the attention mask."""
+    width = max(len(ids) for ids, _ in encoded)
+    ids = torch.tensor([i + [pad_id] * (width - len(i)) for i, _ in encoded], device=device)
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in encoded], device=device)
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in encoded], device=device)
+    return ids, labels, mask
+
+
 def token_loss_sum(
     model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
@@ -169,12 +181,8 @@ def evaluate(
     total, count, correct = 0.0, 0, []
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
-        encoded = [encode(e, tokenizer) for e in batch]
-        width = max(len(ids) for ids, _ in encoded)
-        ids = torch.tensor([i + [tokenizer.pad_id] * (width - len(i)) for i, _ in encoded], device=device)
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in encoded], device=device)
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in encoded], device=device)
-        rows = max(1, LOGITS_BUDGET // (width * tokenizer.vocab_size))  # bounds the logits' memory
+        ids, labels, mask = right_padded([encode(e, tokenizer) for e in batch], tokenizer.pad_id, device)
+        rows = max(1, LOGITS_BUDGET // (ids.shape[1] * tokenizer.vocab_size))  # bounds the logits' memory
         for part in range(0, len(batch), rows):
             chunk = slice(part, part + rows)
             total += float(token_loss_sum(model, ids[chunk], labels[chunk], mask[chunk]))
