@@ -155,6 +155,41 @@ def test_the_tiny_quality_benchmark_runs_end_to_end(tmp_path) -> None:
     assert prepared["probes"]["kept"] >= 4 and len(prepared["categories"]) == prepared["probes"]["kept"]
     evaluated = json.loads((out / "data" / "seed0" / "base.json").read_text())
     assert set(evaluated) == set(TASKS)
+    _remeasured_runs_come_out_the_same(out)
+
+
+def _remeasured_runs_come_out_the_same(out: Path) -> None:
+    """A run from before a measure gets it from its restored model; a measure it had that the restored
+    model does not reproduce is refused, its measures left as they were."""
+    import quality_remeasure
+
+    folder = sorted((out / "runs").iterdir())[0]
+    path = folder / "measures.json"
+    measured = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in measured.items() if k != "probes_chosen"}))
+    assert quality_remeasure.lacking(out) == [folder]
+    assert quality_remeasure.remeasure(folder, out, quality.PRESETS["tiny"]) == measured
+    assert json.loads(path.read_text()) == measured and quality_remeasure.lacking(out) == []
+    wrong = {k: v for k, v in measured.items() if k != "probes_chosen"} | {
+        "text_nll": measured["text_nll"] + 1
+    }
+    path.write_text(json.dumps(wrong))
+    with pytest.raises(RuntimeError, match="text_nll"):
+        quality_remeasure.remeasure(folder, out, quality.PRESETS["tiny"])
+    assert json.loads(path.read_text()) == wrong
+
+
+def test_a_remeasure_compares_the_measures_a_run_had() -> None:
+    import quality_remeasure
+
+    old = {"probes": [1, 0, 1], "text_nll": 2.0, "wall_s": 9.0}
+    same = {"probes": [1, 0, 1], "text_nll": 2.0 + 1e-6, "probes_chosen": [1, 1, 0]}
+    assert quality_remeasure.differences(old, same) == []
+    flipped = {"probes": [1, 1, 1], "text_nll": 2.5}
+    assert quality_remeasure.differences(old, flipped) == [
+        "probes: 1 of 3 items",
+        "text_nll: 2.000000 then 2.500000",
+    ]
 
 
 def test_a_work_folder_from_before_a_new_measure_measures_its_base_again(tmp_path, monkeypatch) -> None:

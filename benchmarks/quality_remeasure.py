@@ -1,0 +1,88 @@
+"""Measure again the finished runs of a quality work folder that predate a measure.
+
+    python benchmarks/quality_remeasure.py --preset cpu --out /work/qrun/cpu
+
+A run that finished before a measure was added to `quality.measure` (the probes' answer NLL, their
+4-way choice) lacks it, and the report leaves it out of that column. Nothing trains again: the
+trainer's resume restores each stage from its checkpoint, and the final model is measured as a new run
+would be. The measures the run already has must come out the same (runs are deterministic, and this
+checks that the restored model is the one measured); the new ones are added, the old ones kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import quality  # noqa: E402
+
+NLL_TOLERANCE = 1e-4  # nats: the restored model's NLLs against those measured after training
+
+
+def lacking(out: Path) -> list[Path]:
+    """The finished run folders whose measures lack one the base has (the current `measure`'s keys)."""
+    wanted = set(json.loads((out / "data" / "prepared.json").read_text())["base"])
+    folders = sorted(f for f in (out / "runs").iterdir() if (f / "measures.json").exists())
+    return [f for f in folders if wanted - set(json.loads((f / "measures.json").read_text()))]
+
+
+def remeasure(folder: Path, out: Path, preset: quality.Preset) -> dict[str, Any]:
+    """The run's final model, restored from its stages, measured; its measures with the new ones added.
+    Raises RuntimeError (and writes nothing) where a measure it had comes out different."""
+    import slimtune
+    from slimtune.apps.train import run
+
+    old = json.loads((folder / "measures.json").read_text())
+    result = run(out / f"{folder.name}.yaml", folder, resume=True)
+    with slimtune.prompt.using(result.model, None):
+        new = quality.measure(result.model, out, preset)
+    changed = differences(old, new)
+    if changed:
+        raise RuntimeError(f"{folder}: the restored model measures differently ({'; '.join(changed)})")
+    merged = {**new, **old}
+    partial = folder / "measures.json.partial"
+    partial.write_text(json.dumps(merged))
+    partial.replace(folder / "measures.json")  # a search reading the folder sees the old or the new
+    return merged
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The measures both have that disagree: per-probe scores exactly, NLLs to NLL_TOLERANCE."""
+    out = []
+    for key in sorted(set(old) & set(new)):
+        if isinstance(old[key], list):
+            flips = sum(a != b for a, b in zip(old[key], new[key], strict=True))
+            if flips:
+                out.append(f"{key}: {flips} of {len(old[key])} items")
+        elif abs(old[key] - new[key]) > NLL_TOLERANCE:
+            out.append(f"{key}: {old[key]:.6f} then {new[key]:.6f}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=sorted(quality.PRESETS), required=True)
+    parser.add_argument("--out", type=Path, required=True, help="the work folder the runs are in")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (a search may run beside it)")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    folders = lacking(args.out)
+    print(f"quality: {len(folders)} runs lack a measure", flush=True)
+    for i, folder in enumerate(folders, 1):
+        merged = remeasure(folder, args.out, quality.PRESETS[args.preset])
+        print(f"quality: {i}/{len(folders)} {folder.name}: now {sorted(merged)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
