@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Collection
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -282,29 +283,56 @@ def _chat(question: str, answer: str) -> dict:
     return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
 
 
-def measure(model, out: Path, preset: Preset) -> dict[str, Any]:
+def measure(model, out: Path, preset: Preset, keys: Collection[str] | None = None) -> dict[str, Any]:
     """What the base knew, on `model` as it is: each probe's score (whole-word match), the mean NLL
-    of the probes' answers, and the mean per-token NLL of prose, code and the base's replies."""
+    of the probes' answers, their 4-way choice, and the mean per-token NLL of prose, code and the
+    base's replies. `keys`: only the parts that give one of these (all by default)."""
+    tok, folder = _tokenizer(), out / "data"
+    result: dict[str, Any] = {}
+    for gives, part in MEASURES:
+        if keys is None or not set(gives).isdisjoint(keys):
+            result |= part(model, tok, folder, preset)
+    return result
+
+
+def _word_probes(model, tok, folder: Path, preset: Preset) -> dict[str, Any]:
     from slimtune.apps.train.data import read_records
     from slimtune.apps.train.recipe import Form
     from slimtune.apps.train.tasks import Match, evaluate
 
-    tok, folder = _tokenizer(), out / "data"
     probes, _ = read_records(folder / "probes.jsonl", form=Form((), True))
     found = evaluate(model, tok, probes, True, match=Match("word", max_new_tokens=preset.probe_tokens))
     # the NLL of the probes' short answers too. Not free of format: the base answers in sentences
     # (6.9 nats a token on these bare answers) and a model taught one-word replies scores them far
     # lower (PaCA 2.0 in the cpu runs) while it may know less; read it beside the word matches.
-    result = {"probes": found["correct"], "probes_nll": found["loss"]}
-    # and which of four answers of its category the model finds likeliest: free of the reply format
-    result["probes_chosen"] = choice.chosen(model, tok, _read(folder / "probes.jsonl"))
-    for name in ("text", "code", "replies"):
+    return {"probes": found["correct"], "probes_nll": found["loss"]}
+
+
+def _chosen_probes(model, tok, folder: Path, preset: Preset) -> dict[str, Any]:
+    """Which of four answers of its category the model finds likeliest: free of the reply format."""
+    return {"probes_chosen": choice.chosen(model, tok, _read(folder / "probes.jsonl"))}
+
+
+def _drift(name: str) -> Callable[..., dict[str, Any]]:
+    def part(model, tok, folder: Path, preset: Preset) -> dict[str, Any]:
+        from slimtune.apps.train.data import read_records
+        from slimtune.apps.train.tasks import Match, evaluate
+
         examples, answers = read_records(folder / f"{name}.jsonl")
         # the mean per token does not depend on the order: batches of similar lengths pad little
         examples.sort(key=lambda e: len(e.prompt) + len(e.completion) + sum(len(t) for _, t in e.messages))
         loss = evaluate(model, tok, examples, answers, batch_size=8, match=Match("loss"))["loss"]
-        result[f"{name}_nll"] = loss
-    return result
+        return {f"{name}_nll": loss}
+
+    return part
+
+
+# Each part of `measure` and the measures it gives (a run measured again needs only the parts it lacks).
+MEASURES = (
+    (("probes", "probes_nll"), _word_probes),
+    (("probes_chosen",), _chosen_probes),
+    *(((f"{name}_nll",), _drift(name)) for name in ("text", "code", "replies")),
+)
 
 
 # ---- recipes ---------------------------------------------------------------------------------------
