@@ -1,6 +1,6 @@
 """Measure again the finished runs of a quality work folder that predate a measure.
 
-    python benchmarks/quality_remeasure.py --preset cpu --out /work/qrun/cpu
+    python benchmarks/quality_remeasure.py --preset cpu --out /work/qrun/cpu [RUN ...]
 
 A run that finished before a measure was added to `quality.measure` (the probes' answer NLL, their
 4-way choice) lacks it, and the report leaves it out of that column. Nothing trains again: the
@@ -82,11 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(quality.PRESETS), required=True)
     parser.add_argument("--out", type=Path, required=True, help="the work folder the runs are in")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a search may run beside it)")
+    parser.add_argument("runs", nargs="*", help="run folders, in this order (default: all lacking one)")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
     folders = lacking(args.out)
+    if args.runs:
+        unknown = sorted(set(args.runs) - {f.name for f in folders})
+        if unknown:
+            parser.error(f"{', '.join(unknown)}: no finished run of that name lacks a measure in {args.out}")
+        folders = [args.out / "runs" / name for name in args.runs]
     print(f"quality: {len(folders)} runs lack a measure", flush=True)
     for i, folder in enumerate(folders, 1):
         merged = remeasure(folder, args.out, quality.PRESETS[args.preset])
