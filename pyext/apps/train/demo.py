@@ -3,9 +3,10 @@ and show what each learns and what each forgets of what the base knew.
 
 The model is the built-in SmolLM2-135M-Instruct (`slimtune.models`); the new task is `swap` ("zq: w1
 w2 w3" -> "w3 w1", which the base never answers). Every method trains from the base (`from: base`)
-on the same data. Full fine-tuning and PaCA take the rate nearest to where the quality benchmark's
-search found them at 80% learned on its three tasks (full: 2e-4, three seeds; PaCA: 2e-3, one seed;
-benchmarks/results/quality-smollm2-135m-cpu); LoRA, S2FT and HFT keep the rates of the earlier,
+on the same data. Full fine-tuning, PaCA and LoRA take a round rate near where the quality
+benchmark's search found them at 80% learned on its three tasks (geometric mean over the seeds that
+reach 80%: full 2.6e-4 over two seeds, 2e-4 here; PaCA 2.2e-3, one seed, and LoRA 2.2e-3, two seeds:
+2e-3; benchmarks/results/quality-smollm2-135m-cpu); S2FT and HFT keep the rates of the earlier,
 superseded benchmark until the search has run for them. After each, the trainer measures the new
 task's held-out accuracy, the share of 64 general-knowledge questions the base answers that are
 still answered (whole-word match; ten categories), and the per-token NLL change on English prose
@@ -34,7 +35,7 @@ DATA = Path(__file__).resolve().parent / "demo_data"
 # Options and the learning rate each method gets (from the quality benchmark; see the module docstring).
 METHODS: dict[str, tuple[dict[str, Any], float]] = {
     "full": ({"name": "full"}, 2e-4),
-    "lora": ({"name": "lora", "r": 16, "alpha": 32}, 3e-3),
+    "lora": ({"name": "lora", "r": 16, "alpha": 32}, 2e-3),
     "paca": ({"name": "paca", "r": 32}, 2e-3),
     "s2ft": ({"name": "s2ft", "heads": 1, "channels": 64}, 3e-3),
     "hft": ({"name": "hft"}, 1e-4),
