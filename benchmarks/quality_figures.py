@@ -3,18 +3,35 @@ panels, labelled directly), and each new task's accuracy at the end (what the la
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quality_report import retention
+from quality_report import Matched, retention
 from quality_stats import mean_se
 
 CORE = ("full", "lora", "paca", "s2ft", "hft")
 CAPTION = (
     "Small dots: single runs (one seed, one learning rate). Large markers: mean over seeds at the matched "
     "levels of learning ({levels}), interpolated between each seed's two bracketing runs; bars: ± 1 "
-    "standard error."
+    "standard error; a hollow marker, with its n, stands for fewer seeds than the method has (the others "
+    "never bracketed that level). Top: probes answered in words (whole-word match). Bottom: probes whose "
+    "answer is still the likeliest of four of its category in the base's reply (4-way choice, of those the "
+    "base chose right; runs from before that measure are left out)."
 )
+
+
+TITLE = "SmolLM2-135M-Instruct: learning three new tasks in sequence\nversus keeping what the base knew"
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One row of panels: a run's value (None: not measured) and a matched row's."""
+
+    label: str
+    of_run: Callable[[Any], float | None]
+    of_row: Callable[[Matched], float | None]
 
 
 def _plt():
@@ -26,48 +43,84 @@ def _plt():
     return plt
 
 
-def _panel(ax, runs, rows, methods, levels, colors: dict[str, Any]) -> None:
+def _points(rows: list[Matched], method: str, levels, measure: Measure) -> list[tuple[float, Any, int]]:
+    """Per level the method's mean over seeds (with its standard error) and how many seeds."""
+    out = []
+    for level in levels:
+        values = [measure.of_row(m) for m in rows if m.method == method and m.level == level]
+        values = [v for v in values if v is not None]
+        if values:
+            out.append((level, mean_se(values), len(values)))
+    return out
+
+
+def _panel(ax, runs, rows, methods, levels, colors: dict[str, Any], measure: Measure) -> None:
     for method in methods:
         color = colors[method]
-        mine = [r for r in runs if r.method == method]
-        ax.scatter([r.learned for r in mine], [retention(r) for r in mine], color=color, alpha=0.3, s=12)
-        xs, ys, es = [], [], []
-        for level in levels:
-            at = [m.retention for m in rows if m.method == method and m.level == level]
-            if at:
-                estimate = mean_se(at)
-                xs.append(level)
-                ys.append(estimate.mean)
-                es.append(estimate.se or 0.0)
-        if xs:
-            ax.errorbar(xs, ys, yerr=es, color=color, marker="o", capsize=3, lw=1.5)
-            ax.annotate(method, (xs[-1], ys[-1]), xytext=(6, 0), textcoords="offset points", color=color,
-                        fontsize=8, va="center")  # fmt: skip
+        mine = [(r.learned, measure.of_run(r)) for r in runs if r.method == method]
+        mine = [(x, y) for x, y in mine if y is not None]
+        ax.scatter([x for x, _ in mine], [y for _, y in mine], color=color, alpha=0.3, s=12)
+        points = _points(rows, method, levels, measure)
+        if not points:
+            continue
+        seeds = len({r.seed for r in runs if r.method == method})
+        ax.errorbar([x for x, _, _ in points], [e.mean for _, e, _ in points],
+                    yerr=[e.se or 0.0 for _, e, _ in points], color=color, capsize=3, lw=1.5)  # fmt: skip
+        for x, e, n in points:
+            full = n >= seeds
+            ax.plot([x], [e.mean], "o", color=color, markerfacecolor=color if full else "white")
+            if not full:
+                ax.annotate(f"n={n}", (x, e.mean), xytext=(-6, -10), textcoords="offset points",
+                            color=color, fontsize=7, ha="right")  # fmt: skip
+        ax.annotate(method, (points[-1][0], points[-1][1].mean), xytext=(6, 0), textcoords="offset points",
+                    color=color, fontsize=8, va="center")  # fmt: skip
     ax.set_xlim(-0.02, 1.12)
     ax.set_ylim(-0.02, 1.05)
     ax.grid(alpha=0.3)
-    ax.set_xlabel("new tasks learned (mean held-out accuracy, each task after its own stage)")
+    ax.set_ylabel(measure.label, fontsize=8)
 
 
-def tradeoff(runs, rows, methods, levels, path: Path) -> None:
+def measures(base: dict[str, Any]) -> list[Measure]:
+    """The two rows: probes answered in words, and the 4-way choice (on the probes the base chose)."""
+    right = [i for i, x in enumerate(base.get("probes_chosen", [])) if x]
+
+    def chosen(run) -> float | None:
+        found = run.measures.get("probes_chosen")
+        return sum(found[i] for i in right) / len(right) if found and right else None
+
+    return [
+        Measure("probes still answered in words\n(share of the base's)", retention, lambda m: m.retention),
+        Measure(
+            "probes whose answer is still the likeliest of 4\n(share of the base's)",
+            chosen,
+            lambda m: None if m.chosen is None else sum(m.chosen) / len(m.chosen),
+        ),
+    ]
+
+
+def tradeoff(runs, rows, methods, levels, base: dict[str, Any], path: Path) -> None:
     plt = _plt()
     methods = [m for m in methods if any(r.method == m for r in runs)]  # a method without runs draws nothing
     groups = [("core methods", [m for m in methods if m in CORE])]
     extra = [m for m in methods if m not in CORE]
     if extra:  # full fine-tuning drawn again beside the toolbox, as the reference
         groups.append(("toolbox and combinations", [m for m in methods if m == "full"] + extra))
-    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 5.2), squeeze=False)
+    rows_of = measures(base)
+    fig, axes = plt.subplots(len(rows_of), len(groups), figsize=(6.5 * len(groups), 9.5), squeeze=False)
     palette = plt.get_cmap("tab20").colors  # one colour per method in both panels
     colors = {m: palette[(2 * i) % 20 + (2 * i) // 20] for i, m in enumerate(methods)}
-    for ax, (title, group) in zip(axes[0], groups, strict=True):
-        _panel(ax, runs, rows, group, levels, colors)
+    for row, measure in zip(axes, rows_of, strict=True):
+        for ax, (_, group) in zip(row, groups, strict=True):
+            _panel(ax, runs, rows, group, levels, colors, measure)
+    for ax, (title, _) in zip(axes[0], groups, strict=True):
         ax.set_title(title)
-    axes[0][0].set_ylabel("general-knowledge probes still answered (share of the base's)")
+    for ax in axes[-1]:
+        ax.set_xlabel("new tasks learned (mean held-out accuracy, each task after its own stage)", fontsize=8)
     fig.suptitle(
-        "SmolLM2-135M-Instruct: learning three new tasks in sequence versus keeping what the base knew"
+        "SmolLM2-135M-Instruct: learning three new tasks in sequence\nversus keeping what the base knew"
     )
     fig.text(0.01, 0.005, CAPTION.format(levels=", ".join(f"{x:g}" for x in levels)), fontsize=7, wrap=True)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -378,7 +378,7 @@ def write(
         )
         + "\n"
     )
-    figures.tradeoff(runs, rows, methods, levels, results / "tradeoff.png")
+    figures.tradeoff(runs, rows, methods, levels, base, results / "tradeoff.png")
     figures.forgetting(rows, methods, _top(levels, rows), tasks, results / "forgetting.png")
     lines = _markdown(meta, summaries, rows, methods, categories, tasks, first)
     (results / "quality.md").write_text("\n".join(lines) + "\n")
