@@ -40,6 +40,20 @@ def lacking(out: Path) -> list[Path]:
     return [f for f in folders if missing(f, out)]
 
 
+def unfinished_stages(folder: Path, out: Path) -> list[str]:
+    """The recipe's stages without a result in the run folder: the trainer's resume would train them,
+    which a remeasure must never do."""
+    import yaml
+    from slimtune.apps.train.run_folder import stage_folder
+
+    stages = yaml.safe_load((out / f"{folder.name}.yaml").read_text())["stages"]
+    return [
+        s["name"]
+        for i, s in enumerate(stages)
+        if not (stage_folder(folder, i, s["name"]) / "result.json").exists()
+    ]
+
+
 def remeasure(folder: Path, out: Path, preset: quality.Preset) -> dict[str, Any]:
     """The run's final model, restored from its stages, measured where it lacks a measure (and on
     CHECK); its measures with the new ones added. Raises RuntimeError (and writes nothing) where a
@@ -48,6 +62,11 @@ def remeasure(folder: Path, out: Path, preset: quality.Preset) -> dict[str, Any]
     from slimtune.apps.train import run
 
     old = json.loads((folder / "measures.json").read_text())
+    unfinished = unfinished_stages(folder, out)
+    if unfinished:
+        raise RuntimeError(
+            f"{folder}: stages {', '.join(unfinished)} have no result, so no checkpoint to restore"
+        )
     keys = missing(folder, out) | {CHECK}
     result = run(out / f"{folder.name}.yaml", folder, resume=True)
     with slimtune.prompt.using(result.model, None):
@@ -94,10 +113,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{', '.join(unknown)}: no finished run of that name lacks a measure in {args.out}")
         folders = [args.out / "runs" / name for name in args.runs]
     print(f"quality: {len(folders)} runs lack a measure", flush=True)
+    refused = []
     for i, folder in enumerate(folders, 1):
-        merged = remeasure(folder, args.out, quality.PRESETS[args.preset])
+        try:
+            merged = remeasure(folder, args.out, quality.PRESETS[args.preset])
+        except (RuntimeError, FileNotFoundError) as err:  # one run that cannot be restored stops no other
+            refused.append(folder.name)
+            print(f"quality: {i}/{len(folders)} {folder.name}: not measured: {err}", flush=True)
+            continue
         print(f"quality: {i}/{len(folders)} {folder.name}: now {sorted(merged)}", flush=True)
-    return 0
+    return 1 if refused else 0
 
 
 if __name__ == "__main__":

@@ -192,6 +192,25 @@ def test_a_remeasure_compares_the_measures_a_run_had() -> None:
     ]
 
 
+def test_a_remeasure_refuses_a_run_whose_stages_it_would_train(tmp_path) -> None:
+    """A run folder that lost a stage's result (the resume would train it again) is refused, untouched."""
+    import quality_remeasure
+    import yaml
+
+    stages = [{"name": n} for n in TASKS]
+    (tmp_path / "paca-seed0-lr0.002.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    folder = tmp_path / "runs" / "paca-seed0-lr0.002"
+    for i, name in enumerate(TASKS):
+        (folder / "stages" / f"{i + 1:02d}-{name}").mkdir(parents=True)
+        if name != "swap":
+            (folder / "stages" / f"{i + 1:02d}-{name}" / "result.json").write_text("{}")
+    (folder / "measures.json").write_text('{"probes": [1]}')
+    assert quality_remeasure.unfinished_stages(folder, tmp_path) == ["swap"]
+    with pytest.raises(RuntimeError, match="stages swap have no result"):
+        quality_remeasure.remeasure(folder, tmp_path, quality.PRESETS["tiny"])
+    assert not (folder / "train.log").exists() and (folder / "measures.json").read_text() == '{"probes": [1]}'
+
+
 def test_a_work_folder_from_before_a_new_measure_measures_its_base_again(tmp_path, monkeypatch) -> None:
     """Older work folders lack the probes' answer NLL and 4-way choice, and their probes the frames of
     the base's replies: the base is measured again and the probes framed, the rest kept."""
