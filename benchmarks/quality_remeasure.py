@@ -56,8 +56,9 @@ def unfinished_stages(folder: Path, out: Path) -> list[str]:
 
 def remeasure(folder: Path, out: Path, preset: quality.Preset) -> dict[str, Any]:
     """The run's final model, restored from its stages, measured where it lacks a measure (and on
-    CHECK); its measures with the new ones added. Raises RuntimeError (and writes nothing) where a
-    measure it had comes out different."""
+    CHECK); its measures with the new ones added. Raises RuntimeError, its measures.json left as it
+    was, where a stage has no result (before the trainer is called) or a measure it had comes out
+    different (the trainer's resume has by then appended to its log and rewritten its report)."""
     import slimtune
     from slimtune.apps.train import run
 
@@ -75,9 +76,7 @@ def remeasure(folder: Path, out: Path, preset: quality.Preset) -> dict[str, Any]
     if changed:
         raise RuntimeError(f"{folder}: the restored model measures differently ({'; '.join(changed)})")
     merged = {**new, **old}
-    partial = folder / "measures.json.partial"
-    partial.write_text(json.dumps(merged))
-    partial.replace(folder / "measures.json")  # a search reading the folder sees the old or the new
+    slimtune.files.write_text(folder / "measures.json", json.dumps(merged))  # atomic: old or new, never half
     return merged
 
 
