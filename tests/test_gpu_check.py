@@ -46,6 +46,15 @@ def phases(text: str) -> dict[str, dict[str, str]]:
     return {row["phase"]: row for row in csv.DictReader(io.StringIO(text), delimiter="\t")}
 
 
+def row_saved(out: Path) -> bool:
+    """The first benchmark row is in both the flat bench.md and the archive. One save writes the
+    archive before the flat copies, so a row can reach bench.md a save before it reaches the archive."""
+    bench = out / "bench.md"
+    if not (bench.exists() and (out / ARCHIVE).exists()) or "| floor |" not in bench.read_text():
+        return False
+    return any(name.startswith("bench-tiny-") and "| floor |" in text for name, text in archived(out).items())
+
+
 def test_dry_run_leaves_what_the_device_brings_back(tmp_path: Path) -> None:
     run = dry_run(tmp_path)
     assert run.returncode == 0, run.stdout[-3000:]
@@ -87,19 +96,18 @@ def test_a_run_killed_part_way_keeps_its_finished_rows(tmp_path: Path) -> None:
         env=environment(tmp_path, SAVE_EVERY="1", BENCH_STEPS="400"),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
-    bench = tmp_path / "out" / "bench.md"
+    out = tmp_path / "out"
     try:
         deadline = time.monotonic() + 300
-        while "| floor |" not in (bench.read_text() if bench.exists() else ""):
+        while not row_saved(out):
             assert time.monotonic() < deadline, "no benchmark row was saved in 300 s"
             assert process.poll() is None, "the dry run ended before its first benchmark row was saved"
             time.sleep(0.5)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    out = tmp_path / "out"
     assert len(list(out.iterdir())) <= 8
-    assert "| floor |" in bench.read_text()
+    assert "| floor |" in (out / "bench.md").read_text()
     inside = archived(out)
     done = phases(inside["phases.tsv"])
     assert done["gpu-tests"]["rc"] == "0" and "step-benchmark" not in done  # killed inside the benchmark
