@@ -19,7 +19,10 @@ the mean new-task accuracy (each task after its own stage) is bracketed at 0.8 a
 bracket it. Each seed draws its own task data. Differences to full fine-tuning are paired (same
 seeds, same items) with bootstrap intervals (`quality_stats.py`); `quality_report.py` writes the
 tables and figures. Every run is one `slimtune train` recipe in a fresh one-thread process, so an
-interrupted benchmark continues where it stopped.
+interrupted benchmark continues where it stopped. Each finished run is also kept whole in the results
+folder's `runs/` (`quality_ledger.py`): commit it, and the benchmark continues from a fresh clone
+without running again any run its results hold (the work folder's checkpoints are only needed to
+measure a run again).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import quality_choice as choice  # noqa: E402
+import quality_ledger as ledger  # noqa: E402
 import quality_report as report  # noqa: E402
 from quality_data import tasks as data  # noqa: E402
 from quality_search import Point, next_lr  # noqa: E402
@@ -147,6 +151,7 @@ class Run:
     folder: Path
     metrics: dict[str, Any] = field(default_factory=dict)
     measures: dict[str, Any] = field(default_factory=dict)
+    finals: dict[str, list[float]] = field(default_factory=dict)  # each task's held-out scores at the end
 
     @property
     def done(self) -> bool:
@@ -155,7 +160,16 @@ class Run:
     def load(self) -> Run:
         self.metrics = json.loads((self.folder / "metrics.json").read_text())
         self.measures = json.loads((self.folder / "measures.json").read_text())
+        last = sorted((self.folder / "stages").iterdir())[-1]
+        scores = json.loads((last / "result.json").read_text())["eval"]
+        self.finals = {t: [float(x) for x in scores[t]["correct"]] for t in self.metrics["tasks"]}
         return self
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], folder: Path) -> Run:
+        """A run kept in the ledger (`quality_ledger`); `folder` is where it would be run."""
+        fields = ("method", "seed", "lr", "metrics", "measures", "finals")
+        return cls(**{k: record[k] for k in fields}, folder=folder)
 
     @property
     def learned(self) -> float:
@@ -438,10 +452,16 @@ class Search:
     with `launch` False nothing is run: a chain ends at its first rate without results."""
 
     def __init__(
-        self, out: Path, preset: Preset, preset_name: str, workers: int, launch: bool = True
+        self,
+        out: Path,
+        preset: Preset,
+        preset_name: str,
+        workers: int,
+        launch: bool = True,
+        kept: Path | None = None,
     ) -> None:
         self.out, self.preset, self.preset_name, self.workers = out, preset, preset_name, workers
-        self.launch = launch
+        self.launch, self.kept = launch, kept  # kept: the ledger's folder (`quality_ledger`), if any
         self.chains = [
             Chain(METHODS[m], s, self._finished(m, s)) for m in preset.methods for s in preset.seeds
         ]
@@ -462,16 +482,43 @@ class Search:
                         chain, run = pending.pop(future)
                         future.result()
                         chain.runs.append(run.load())
+                        self._keep(chain, run)
                         self._report(chain, run)
                         waiting.insert(0, chain)
         return [run for chain in self.chains for run in chain.runs]
 
     def _finished(self, method: str, seed: int) -> list[Run]:
-        """Every finished run of a method and seed in the work folder, including those an earlier search
-        (other levels or rules) chose: each is a point on the same curve."""
-        folders = sorted((self.out / "runs").glob(f"{method}-seed{seed}-lr*"))
-        runs = [Run(method, seed, float(f.name.rsplit("-lr", 1)[1]), f) for f in folders]
-        return sorted((r.load() for r in runs if r.done), key=lambda r: r.lr)
+        """Every finished run of a method and seed in the work folder and the ledger, including those an
+        earlier search (other levels or rules) chose: each is a point on the same curve. A run in both
+        is read from the work folder (a remeasure adds to it there) and kept in the ledger as read."""
+        chain = Chain(METHODS[method], seed)
+        pattern = f"{method}-seed{seed}-lr*"
+        folders = sorted((self.out / "runs").glob(pattern))
+        tried = [Run(method, seed, float(f.name.rsplit("-lr", 1)[1]), f) for f in folders]
+        runs = {r.lr: r.load() for r in tried if r.done}
+        for run in runs.values():
+            self._keep(chain, run)
+        for path in sorted(self.kept.glob(f"{pattern}.json")) if self.kept else ():
+            lr = float(path.stem.rsplit("-lr", 1)[1])
+            if lr not in runs:
+                record = ledger.read(path, recipe(chain.spec, lr, seed, self.preset), self._digest(seed))
+                runs[lr] = Run.from_record(record, self.out / "runs" / path.stem)
+        return sorted(runs.values(), key=lambda r: r.lr)
+
+    def _digest(self, seed: int) -> str:
+        return ledger.data_digest(self.out, seed)
+
+    def _keep(self, chain: Chain, run: Run) -> None:
+        """A run finished in the work folder, into the ledger: refused (SystemExit) where the recipe it
+        was made with is not the one the search would use now."""
+        if self.kept is None:
+            return
+        made = self.out / f"{run.folder.name}.yaml"
+        made_with = yaml.safe_load(made.read_text()) if made.exists() else None
+        digest = self._digest(chain.seed)
+        record = ledger.entry(run, made_with, digest)
+        ledger.check(record, recipe(chain.spec, run.lr, chain.seed, self.preset), digest, made)
+        ledger.keep(self.kept / f"{run.folder.name}.json", record)
 
     def _advance(self, chain: Chain, pool, pending: dict, waiting: list) -> None:
         """Read finished runs of the chain until one must be launched (or the chain is done)."""
@@ -536,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(preset.methods)} methods x {len(preset.seeds)} seeds", flush=True)  # fmt: skip
     for seed in preset.seeds:
         base_eval(out, seed, preset)
-    runs = Search(out, preset, args.preset, args.workers, launch=not args.report_only).run()
+    runs = Search(out, preset, args.preset, args.workers, not args.report_only, results / "runs").run()
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     setup = {"preset": args.preset, **asdict(preset), "limits": LIMITS}
     setup["methods"] = {m: asdict(METHODS[m]) for m in preset.methods}

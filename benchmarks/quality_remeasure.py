@@ -8,7 +8,8 @@ trainer's resume restores each stage from its checkpoint, and the final model is
 would be, in the parts of `quality.measure` it lacks and the prose NLL as a check: a measure the run
 already has must come out the same (runs are deterministic, so this checks that the restored model is
 the one measured; a first check re-measured every part of two runs, full fine-tuning and PaCA, and
-found them identical); the new measures are added, the old ones kept.
+found them identical); the new measures are added, the old ones kept. The next search or report
+writes them into the ledger too (a run in the work folder is read from there).
 """
 
 from __future__ import annotations

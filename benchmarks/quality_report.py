@@ -44,12 +44,6 @@ def retention(run) -> float:
     return sum(run.measures["probes"]) / len(run.measures["probes"])
 
 
-def _items(run, task: str) -> list[float]:
-    """A new task's held-out scores after the last stage, item by item."""
-    folder = sorted((run.folder / "stages").iterdir())[-1]
-    return [float(x) for x in json.loads((folder / "result.json").read_text())["eval"][task]["correct"]]
-
-
 @dataclass
 class Matched:
     """One method and seed at one level: the values interpolated between the bracketing runs."""
@@ -92,7 +86,7 @@ def match(runs: list, level: float, base: dict[str, Any]) -> Matched | None:
         high.lr,
         [interpolate(low.measures["probes"][i], high.measures["probes"][i], w) for i in answered],
         {
-            t: [interpolate(a, b, w) for a, b in zip(_items(low, t), _items(high, t), strict=True)]
+            t: [interpolate(a, b, w) for a, b in zip(low.finals[t], high.finals[t], strict=True)]
             for t in tasks
         },
         {t: interpolate(own_accuracy(low.metrics, t), own_accuracy(high.metrics, t), w) for t in tasks},

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import slimtune
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -49,7 +51,9 @@ def _fake_run(tmp_path: Path, method: str, seed: int, lr: float, learned: float,
         "replies_nll": 1.5,
         "wall_s": 1.0,
     }
-    return quality.Run(method, seed, lr, folder, metrics, measures)
+    return quality.Run(
+        method, seed, lr, folder, metrics, measures, {t: [float(x) for x in c] for t, c in items.items()}
+    )
 
 
 def _fake_runs(tmp_path: Path) -> list[quality.Run]:
@@ -297,3 +301,74 @@ def test_a_search_starts_from_every_finished_run_of_its_chains(tmp_path) -> None
     found = quality.Search(tmp_path, replace(preset, methods=("full",)), "tiny", 1, launch=False).run()
     assert sorted(r.lr for r in found) == sorted(float(f"{lr:.3g}") for lr in rates)
     assert {round(r.learned, 2) for r in found} == set(rates.values())
+
+
+def _work_folder(tmp_path: Path, preset: quality.Preset, rates: dict[float, float]) -> Path:
+    """A work folder holding finished full fine-tuning runs of seed 0 (made with the preset's recipes)
+    and its prepared data."""
+    out = tmp_path / "work"
+    (out / "data" / "seed0").mkdir(parents=True)
+    for name in ("probes", "text", "swap-train"):
+        where = out / "data" / ("seed0" if "-" in name else "") / f"{name}.jsonl"
+        where.write_text(json.dumps({"name": name}) + "\n")
+    for lr, learned in rates.items():
+        run = _fake_run(tmp_path, "full", 0, lr, learned, 0.3)
+        tag = f"full-seed0-lr{lr:.3g}"
+        (out / "runs").mkdir(exist_ok=True)
+        run.folder.rename(out / "runs" / tag)
+        (out / "runs" / tag / "metrics.json").write_text(json.dumps(run.metrics))
+        (out / "runs" / tag / "measures.json").write_text(json.dumps(run.measures))
+        spec = quality.recipe(quality.METHODS["full"], float(f"{lr:.3g}"), 0, preset)
+        (out / f"{tag}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return out
+
+
+def _search(out: Path, preset: quality.Preset, kept: Path) -> list[quality.Run]:
+    return quality.Search(out, replace(preset, methods=("full",)), "tiny", 1, False, kept).run()
+
+
+def _as_records(runs: list[quality.Run]) -> list[tuple]:
+    return [(r.method, r.seed, r.lr, r.metrics, r.measures, r.finals) for r in runs]
+
+
+def test_the_ledger_keeps_every_finished_run_of_a_lost_work_folder(tmp_path) -> None:
+    """Finished runs go into the results folder's ledger; a search on a fresh work folder (the same
+    prepared data) reads them back whole and runs none of them again."""
+    preset = replace(quality.PRESETS["tiny"], levels=(0.7, 0.8), max_runs=10)
+    out = _work_folder(tmp_path, preset, {6.67e-5: 0.72, 2e-4: 0.83, 2.22e-5: 0.46})
+    kept = tmp_path / "results" / "runs"
+    first = _search(out, preset, kept)
+    assert sorted(p.name for p in kept.iterdir()) == sorted(f"{r.folder.name}.json" for r in first)
+    shutil.rmtree(out / "runs")
+    for recipe_file in out.glob("*.yaml"):
+        recipe_file.unlink()
+    again = _search(out, preset, kept)
+    assert _as_records(again) == _as_records(first) and all(not r.folder.exists() for r in again)
+    base = {"probes": [1] * PROBES}
+    matched = quality_report.matched_all(again, (0.7, 0.8), base)
+    assert len(matched) == 2 and matched == quality_report.matched_all(first, (0.7, 0.8), base)
+
+
+def test_the_ledger_refuses_a_record_of_another_recipe_or_data(tmp_path) -> None:
+    preset = replace(quality.PRESETS["tiny"], levels=(0.7, 0.8), max_runs=10)
+    out = _work_folder(tmp_path, preset, {6.67e-5: 0.72})
+    kept = tmp_path / "results" / "runs"
+    _search(out, preset, kept)
+    shutil.rmtree(out / "runs")
+    record = kept / "full-seed0-lr6.67e-05.json"
+    before = record.read_text()
+    with pytest.raises(SystemExit, match=r"full-seed0-lr6.67e-05.json: its recipe differ"):
+        _search(out, replace(preset, steps=preset.steps + 1), kept)
+    (out / "data" / "seed0" / "swap-train.jsonl").write_text("{}\n")  # the seed's data drawn otherwise
+    with pytest.raises(SystemExit, match=r"its prepared data differ"):
+        _search(out, preset, kept)
+    assert record.read_text() == before
+
+
+def test_a_finished_run_made_with_another_recipe_is_refused_before_it_reaches_the_ledger(tmp_path) -> None:
+    preset = replace(quality.PRESETS["tiny"], levels=(0.7, 0.8), max_runs=10)
+    out = _work_folder(tmp_path, preset, {6.67e-5: 0.72})
+    kept = tmp_path / "results" / "runs"
+    with pytest.raises(SystemExit, match=r"full-seed0-lr6.67e-05.yaml: its recipe differ"):
+        _search(out, replace(preset, batch_size=preset.batch_size + 1), kept)
+    assert not kept.exists()
