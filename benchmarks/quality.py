@@ -431,6 +431,11 @@ def _run_one(job: tuple[str, str, str, str, str]) -> str:
     return folder
 
 
+def _rate(name: str) -> float:
+    """The learning rate in a run's name (`<method>-seed<seed>-lr<rate>`)."""
+    return float(name.rsplit("-lr", 1)[1])
+
+
 @dataclass
 class Chain:
     """The learning-rate search of one method and seed: its runs so far."""
@@ -448,8 +453,9 @@ class Chain:
 
 class Search:
     """Runs every chain's next learning rate on `workers` processes, as results come in. A chain starts
-    from every finished run of its method and seed in the work folder (runs are never run again);
-    with `launch` False nothing is run: a chain ends at its first rate without results."""
+    from every finished run of its method and seed in the work folder and in the ledger `kept` (runs
+    are never run again), and every finished run is kept there; with `launch` False nothing is run: a
+    chain ends at its first rate without results."""
 
     def __init__(
         self,
@@ -462,6 +468,7 @@ class Search:
     ) -> None:
         self.out, self.preset, self.preset_name, self.workers = out, preset, preset_name, workers
         self.launch, self.kept = launch, kept  # kept: the ledger's folder (`quality_ledger`), if any
+        self.digests: dict[int, str] = {}  # per seed: its prepared data's (`ledger.data_digest`)
         self.chains = [
             Chain(METHODS[m], s, self._finished(m, s)) for m in preset.methods for s in preset.seeds
         ]
@@ -494,19 +501,21 @@ class Search:
         chain = Chain(METHODS[method], seed)
         pattern = f"{method}-seed{seed}-lr*"
         folders = sorted((self.out / "runs").glob(pattern))
-        tried = [Run(method, seed, float(f.name.rsplit("-lr", 1)[1]), f) for f in folders]
+        tried = [Run(method, seed, _rate(f.name), f) for f in folders]
         runs = {r.lr: r.load() for r in tried if r.done}
         for run in runs.values():
             self._keep(chain, run)
         for path in sorted(self.kept.glob(f"{pattern}.json")) if self.kept else ():
-            lr = float(path.stem.rsplit("-lr", 1)[1])
+            lr = _rate(path.stem)
             if lr not in runs:
                 record = ledger.read(path, recipe(chain.spec, lr, seed, self.preset), self._digest(seed))
                 runs[lr] = Run.from_record(record, self.out / "runs" / path.stem)
         return sorted(runs.values(), key=lambda r: r.lr)
 
     def _digest(self, seed: int) -> str:
-        return ledger.data_digest(self.out, seed)
+        if seed not in self.digests:
+            self.digests[seed] = ledger.data_digest(self.out, seed)
+        return self.digests[seed]
 
     def _keep(self, chain: Chain, run: Run) -> None:
         """A run finished in the work folder, into the ledger: refused (SystemExit) where the recipe it
