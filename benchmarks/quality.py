@@ -20,7 +20,7 @@ bracket it. Each seed draws its own task data. Differences to full fine-tuning a
 seeds, same items) with bootstrap intervals (`quality_stats.py`); `quality_report.py` writes the
 tables and figures. Every run is one `slimtune train` recipe in a fresh one-thread process, so an
 interrupted benchmark continues where it stopped. Each finished run is also kept whole in the results
-folder's `runs/` (`quality_ledger.py`): commit it, and the benchmark continues from a fresh clone
+folder's `ledger/` (`quality_ledger.py`): commit it, and the benchmark continues from a fresh clone
 without running again any run its results hold (the work folder's checkpoints are only needed to
 measure a run again).
 """
@@ -592,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(preset.methods)} methods x {len(preset.seeds)} seeds", flush=True)  # fmt: skip
     for seed in preset.seeds:
         base_eval(out, seed, preset)
-    runs = Search(out, preset, args.preset, args.workers, not args.report_only, results / "runs").run()
+    runs = Search(out, preset, args.preset, args.workers, not args.report_only, results / "ledger").run()
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     setup = {"preset": args.preset, **asdict(preset), "limits": LIMITS}
     setup["methods"] = {m: asdict(METHODS[m]) for m in preset.methods}

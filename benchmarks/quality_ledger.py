@@ -1,7 +1,7 @@
 """The quality benchmark's ledger: every finished run's complete record, kept with the results.
 
 A run takes a quarter of an hour on two CPU cores; its work folder (checkpoints, logs) is scratch and
-can be lost with the machine. The ledger, one JSON file a run in the results folder's `runs/`, holds
+can be lost with the machine. The ledger, one JSON file a run in the results folder's `ledger/`, holds
 everything the report reads of a run: the trainer's metrics, the measures of what the base knew, and
 each new task's held-out scores after the last stage. The search starts from it as from the work
 folder, so a benchmark continued on a fresh clone runs again none of the runs its results hold.

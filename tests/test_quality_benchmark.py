@@ -153,6 +153,7 @@ def test_the_tiny_quality_benchmark_runs_end_to_end(tmp_path) -> None:
     assert {r["method"] for r in rows} == {"full", "paca"} and {r["seed"] for r in rows} == {"0"}
     for row in rows:
         assert 0.0 <= float(row["probes_kept"]) <= 1.0 and 0.0 <= float(row["learned"]) <= 1.0
+    assert len(list((results / "ledger").glob("*.json"))) == len(rows)  # every run kept in the ledger
     meta = json.loads((results / "results.json").read_text())["meta"]
     assert meta["versions"]["slimtune"] == slimtune.__version__ and meta["setup"]["preset"] == "tiny"
     prepared = json.loads((out / "data" / "prepared.json").read_text())
@@ -336,7 +337,7 @@ def test_the_ledger_keeps_every_finished_run_of_a_lost_work_folder(tmp_path) -> 
     prepared data) reads them back whole and runs none of them again."""
     preset = replace(quality.PRESETS["tiny"], levels=(0.7, 0.8), max_runs=10)
     out = _work_folder(tmp_path, preset, {6.67e-5: 0.72, 2e-4: 0.83, 2.22e-5: 0.46})
-    kept = tmp_path / "results" / "runs"
+    kept = tmp_path / "results" / "ledger"
     first = _search(out, preset, kept)
     assert sorted(p.name for p in kept.iterdir()) == sorted(f"{r.folder.name}.json" for r in first)
     shutil.rmtree(out / "runs")
@@ -352,7 +353,7 @@ def test_the_ledger_keeps_every_finished_run_of_a_lost_work_folder(tmp_path) -> 
 def test_the_ledger_refuses_a_record_of_another_recipe_or_data(tmp_path) -> None:
     preset = replace(quality.PRESETS["tiny"], levels=(0.7, 0.8), max_runs=10)
     out = _work_folder(tmp_path, preset, {6.67e-5: 0.72})
-    kept = tmp_path / "results" / "runs"
+    kept = tmp_path / "results" / "ledger"
     _search(out, preset, kept)
     shutil.rmtree(out / "runs")
     record = kept / "full-seed0-lr6.67e-05.json"
@@ -368,7 +369,7 @@ def test_the_ledger_refuses_a_record_of_another_recipe_or_data(tmp_path) -> None
 def test_a_finished_run_made_with_another_recipe_is_refused_before_it_reaches_the_ledger(tmp_path) -> None:
     preset = replace(quality.PRESETS["tiny"], levels=(0.7, 0.8), max_runs=10)
     out = _work_folder(tmp_path, preset, {6.67e-5: 0.72})
-    kept = tmp_path / "results" / "runs"
+    kept = tmp_path / "results" / "ledger"
     with pytest.raises(SystemExit, match=r"full-seed0-lr6.67e-05.yaml: its recipe differ"):
         _search(out, replace(preset, batch_size=preset.batch_size + 1), kept)
     assert not kept.exists()
