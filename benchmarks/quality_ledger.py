@@ -85,8 +85,8 @@ def check(record: dict[str, Any], recipe: dict[str, Any], digest: str, where: Pa
     ]
     if differs:
         raise SystemExit(
-            f"{where}: its {' and '.join(differs)} differ from this benchmark's; it was made with another "
-            "preset, recipe or data and cannot be compared with runs made now. Move it out of the "
-            "results or work folder (or run the benchmark as it was made)."
+            f"{where}: not made with this benchmark's {' and '.join(differs)} (another preset, recipe "
+            "or data), so it cannot be compared with runs made now. Move it out of the results or work "
+            "folder (or run the benchmark as it was made)."
         )
     return record
