@@ -55,15 +55,14 @@ def entry(run: Any, recipe: dict[str, Any], digest: str) -> dict[str, Any]:
     }
 
 
-def keep(path: Path, record: dict[str, Any]) -> bool:
-    """Write `record` to `path` unless it holds it already; whether it wrote."""
+def keep(path: Path, record: dict[str, Any]) -> None:
+    """Write `record` to `path` unless it holds it already."""
     from slimtune.files import write_text
 
     if path.exists() and json.loads(path.read_text()) == record:
-        return False
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(record, separators=(",", ":")) + "\n")
-    return True
 
 
 def read(path: Path, recipe: dict[str, Any], digest: str) -> dict[str, Any]:
