@@ -3,9 +3,10 @@
 A method's learning `t(lr)` (the mean held-out accuracy of the new tasks, each after its own stage)
 rises with the learning rate until it saturates or turns down (too high a rate for the steps
 given). For each level (0.8 and 0.9) the search first brackets it, a run below and a run at or
-above, stepping the rate by a factor of 3 from the method's starting rate, then bisects the bracket
-on log(lr). Where learning turns down before it reaches a level, the search looks once between the
-best run and its better neighbour, so a peak that one step of 3 jumped over is found. What a method
+above, stepping the rate by a factor of 3 from the method's starting rate (a step past the
+search's limits runs the limit itself), then bisects the bracket on log(lr). Where learning turns
+down before it reaches a level, the search looks once between the best run and its better
+neighbour, so a peak that one step of 3 jumped over is found. What a method
 keeps at a matched level is read by linear interpolation between the two runs that bracket it (the
 first crossing in rate order), so methods are compared at the same learning, not at their best runs.
 """
@@ -72,16 +73,24 @@ def next_lr(
     lowest, highest = ordered[0], ordered[-1]
     rising = highest.learned >= max(p.learned for p in points)
     if rising and highest.learned < max(levels):
-        up = highest.lr * STEP
-        return up if up <= limits[1] else None
+        return _within(highest.lr * STEP, highest.lr, limits)
     if lowest.learned >= min(levels):
-        down = lowest.lr / STEP
-        return down if down >= limits[0] else None
+        return _within(lowest.lr / STEP, lowest.lr, limits)
     brackets = [c for c in (crossing(points, level) for level in levels) if c is not None]
     widest = max(brackets, key=lambda c: c.ratio, default=None)
     if widest is not None and widest.ratio > width * ROUNDING:
         return math.sqrt(widest.low.lr * widest.high.lr)
     return _toward_peak(ordered, levels)
+
+
+def _within(lr: float, last: float, limits: tuple[float, float]) -> float | None:
+    """A bracketing step, held to the limits: a step past one runs the limit itself (once), so a
+    method still learning more at the edge is read there, not cut off one step short of it."""
+    low, high = limits
+    if low <= lr <= high:
+        return lr
+    edge = high if lr > high else low
+    return edge if max(edge, last) / min(edge, last) > ROUNDING else None
 
 
 def _toward_peak(ordered: list[Point], levels: tuple[float, ...]) -> float | None:

@@ -45,8 +45,20 @@ def test_the_search_brackets_each_level_within_the_width(start) -> None:
 
 def test_the_search_stops_at_its_limits_when_a_method_cannot_learn() -> None:
     points = _search(lambda lr: 0.3, 1e-3)
-    assert all(p.learned == 0.3 for p in points) and max(p.lr for p in points) <= 1.0
+    assert all(p.learned == 0.3 for p in points) and max(p.lr for p in points) == 1.0
     assert crossing(points, 0.8) is None
+
+
+def test_a_method_still_learning_more_at_the_edge_is_run_at_the_limit_itself() -> None:
+    """S2FT's seed 2 learned 0.57, 0.59, 0.62 at 2e-3, 6e-3, 1.8e-2: one step more (5.4e-2) is past
+    the limit 3e-2, which is run instead; then the search ends there, and likewise at the low end."""
+    limits = (1e-6, 3e-2)
+    rising = [Point(2e-3, 0.57), Point(6e-3, 0.59), Point(1.8e-2, 0.62)]
+    assert next_lr(rising, (0.7, 0.8), 2e-3, 3.0, limits) == 3e-2
+    assert next_lr([*rising, Point(3e-2, 0.64)], (0.7, 0.8), 2e-3, 3.0, limits) is None
+    passed = [Point(2e-6, 0.95), Point(6e-6, 0.97)]
+    assert next_lr(passed, (0.7, 0.8), 6e-6, 3.0, limits) == 1e-6
+    assert next_lr([Point(1e-6, 0.9), *passed], (0.7, 0.8), 6e-6, 3.0, limits) is None
 
 
 def test_the_search_stops_climbing_where_learning_turns_down_and_keeps_the_reachable_level() -> None:
