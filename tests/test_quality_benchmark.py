@@ -358,7 +358,8 @@ def test_the_ledger_refuses_a_record_of_another_recipe_or_data(tmp_path) -> None
     shutil.rmtree(out / "runs")
     record = kept / "full-seed0-lr6.67e-05.json"
     before = record.read_text()
-    with pytest.raises(SystemExit, match=r"lr6.67e-05.json: not made with this benchmark's recipe"):
+    refused = r"full-seed0-lr6.67e-05.json: not made with this benchmark's recipe"
+    with pytest.raises(SystemExit, match=refused):
         _search(out, replace(preset, steps=preset.steps + 1), kept)
     (out / "data" / "seed0" / "swap-train.jsonl").write_text("{}\n")  # the seed's data drawn otherwise
     with pytest.raises(SystemExit, match=r"not made with this benchmark's prepared data"):
@@ -370,6 +371,7 @@ def test_a_finished_run_made_with_another_recipe_is_refused_before_it_reaches_th
     preset = replace(quality.PRESETS["tiny"], levels=(0.7, 0.8), max_runs=10)
     out = _work_folder(tmp_path, preset, {6.67e-5: 0.72})
     kept = tmp_path / "results" / "ledger"
-    with pytest.raises(SystemExit, match=r"lr6.67e-05.yaml: not made with this benchmark's recipe"):
+    refused = r"full-seed0-lr6.67e-05.yaml: not made with this benchmark's recipe"
+    with pytest.raises(SystemExit, match=refused):
         _search(out, replace(preset, batch_size=preset.batch_size + 1), kept)
     assert not kept.exists()
