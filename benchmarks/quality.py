@@ -572,7 +572,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=None, help="where the results go")
     parser.add_argument("--workers", type=int, default=2, help="parallel runs, one thread each")
     parser.add_argument("--methods", nargs="*", default=None, help=f"a subset of {', '.join(METHODS)}")
-    parser.add_argument("--seeds", nargs="*", type=int, default=None, help="a subset of the preset's seeds")
+    parser.add_argument(
+        "--seeds",
+        nargs="*",
+        type=int,
+        default=None,
+        help="seeds to run (default: the preset's); each draws its own task data",
+    )
     parser.add_argument(
         "--report-only", action="store_true", help="write the results of the runs finished so far; start none"
     )
