@@ -6,7 +6,7 @@ w2 w3" -> "w3 w1", which the base never answers). Every method trains from the b
 on the same data. Each method takes a round rate near where the quality benchmark's search found
 it at 80% learned on its three tasks (geometric mean over the seeds that reach 80%: full 2.4e-4 over
 three seeds of four, 2e-4 here; PaCA 2.2e-3, one seed of three, and LoRA 2.2e-3, two seeds: 2e-3;
-S2FT 1.1e-2, one seed of three: 1e-2; HFT 2.5e-4, two seeds of four;
+S2FT 1.1e-2, one seed of three: 1e-2; HFT 2.8e-4, three seeds of four: 2.5e-4;
 benchmarks/results/quality-smollm2-135m-cpu). After each, the trainer measures the new
 task's held-out accuracy, the share of 64 general-knowledge questions the base answers that are
 still answered (whole-word match; ten categories), and the per-token NLL change on English prose
