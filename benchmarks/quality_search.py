@@ -5,10 +5,11 @@ rises with the learning rate until it saturates or turns down (too high a rate f
 given). For each level (0.8 and 0.9) the search first brackets it, a run below and a run at or
 above, stepping the rate by a factor of 3 from the method's starting rate (a step past the
 search's limits runs the limit itself), then bisects the bracket on log(lr). Where learning turns
-down before it reaches a level, the search looks once between the best run and its better
-neighbour, so a peak that one step of 3 jumped over is found. What a method
-keeps at a matched level is read by linear interpolation between the two runs that bracket it (the
-first crossing in rate order), so methods are compared at the same learning, not at their best runs.
+down before it reaches a level, the search looks toward the peak: below the lowest run while
+learning falls from there on (a peak below the starting rate), else once between the best run and
+its better neighbour (a peak that one step of 3 jumped over). What a method keeps at a matched
+level is read by linear interpolation between the two runs that bracket it (the first crossing in
+rate order), so methods are compared at the same learning, not at their best runs.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def next_lr(
     highest run while some level is not reached yet and learning still rises there (past the rate
     where it turns down, a higher one will not learn more), below the lowest while some level is
     already passed there; then the widest bracket is halved on log(lr); then, below a level learning
-    never reached, the best run's side toward the peak (once)."""
+    never reached, toward the peak: below the lowest run while learning falls from there on, else the
+    best run's side toward it (once)."""
     if not points:
         return start
     ordered = sorted(points, key=lambda p: p.lr)
@@ -80,7 +82,7 @@ def next_lr(
     widest = max(brackets, key=lambda c: c.ratio, default=None)
     if widest is not None and widest.ratio > width * ROUNDING:
         return math.sqrt(widest.low.lr * widest.high.lr)
-    return _toward_peak(ordered, levels)
+    return _toward_peak(ordered, levels, limits)
 
 
 def _within(lr: float, last: float, limits: tuple[float, float]) -> float | None:
@@ -93,12 +95,19 @@ def _within(lr: float, last: float, limits: tuple[float, float]) -> float | None
     return edge if max(edge, last) / min(edge, last) > ROUNDING else None
 
 
-def _toward_peak(ordered: list[Point], levels: tuple[float, ...]) -> float | None:
-    """Where no run reaches a level and learning turns down above the best run: the rate between the
-    best run and its better neighbour (the peak lies on that side), unless they are close already."""
+def _toward_peak(
+    ordered: list[Point], levels: tuple[float, ...], limits: tuple[float, float]
+) -> float | None:
+    """Where no run reaches a level and learning turns down above the best run: one step below the
+    lowest run where that is the best (learning falls from there on, the peak lies lower), else the
+    rate between the best run and its better neighbour (the peak lies on that side), unless they are
+    close already."""
     best = max(range(len(ordered)), key=lambda i: ordered[i].learned)
     if ordered[best].learned >= max(levels) or best == len(ordered) - 1:
         return None
+    lowest = ordered[0].lr
+    if best == 0 and (lower := _within(lowest / STEP, lowest, limits)) is not None:
+        return lower
     neighbours = [i for i in (best - 1, best + 1) if 0 <= i < len(ordered)]
     other = ordered[max(neighbours, key=lambda i: ordered[i].learned)]
     low, high = sorted((ordered[best].lr, other.lr))

@@ -115,3 +115,20 @@ def test_a_bracket_one_step_wide_between_rounded_rates_is_wide_enough() -> None:
     points = [Point(2.22e-5, 0.46), Point(6.67e-5, 0.724), Point(2e-4, 0.828), Point(6e-4, 0.787)]
     assert next_lr(points, (0.7, 0.8), 2e-4, 3.0, (1e-6, 3e-2)) is None
     assert next_lr(points, (0.7, 0.8), 2e-4, 2.9, (1e-6, 3e-2)) == pytest.approx(math.sqrt(2.22e-5 * 6.67e-5))
+
+
+def test_a_peak_below_the_starting_rate_is_looked_for_below_the_lowest_run() -> None:
+    """ProMoT's seed 2 learned 0.677, 0.661, 0.651 at 1e-4, 1.73e-4, 3e-4: falling from its lowest run
+    on, so its peak lies lower; the search used to stop there. It steps down while learning falls."""
+    limits = (1e-6, 3e-2)
+    falling = [Point(1e-4, 0.677), Point(1.73e-4, 0.661), Point(3e-4, 0.651)]
+    assert next_lr(falling, (0.7, 0.8), 1e-4, 3.0, limits) == pytest.approx(1e-4 / 3)
+    at_the_limit = [Point(1e-6, 0.68), *falling]  # no lower step: between the best and its neighbour
+    assert next_lr(at_the_limit, (0.7, 0.8), 1e-4, 3.0, limits) == pytest.approx(1e-5)
+
+    def curve(lr: float) -> float:  # peaks at 0.86 at 2e-5, a decade below the start
+        return 0.86 - 0.05 * math.log(lr / 2e-5) ** 2
+
+    points = _search(curve, 2e-4, width=3.0)
+    assert min(p.lr for p in points) < 2e-5 < max(p.lr for p in points)
+    assert crossing(points, 0.8) is not None and crossing(points, 0.9) is None
