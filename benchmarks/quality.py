@@ -4,6 +4,7 @@ it learn as much as the others, over seeds that redraw the data.
     python benchmarks/quality.py                   # every method, 3 seeds (many CPU hours; a GPU is better)
     python benchmarks/quality.py --preset cpu      # 5 methods, 3 seeds, at 70%/80% learned (hours on 2 cores)
     python benchmarks/quality.py --preset tiny --out /tmp/q   # a minutes-long configuration (tests)
+    python benchmarks/quality.py --preset cpu --methods full --seeds 3 --lr 3.33e-5  # one run, by hand
 
 Model: the built-in SmolLM2-135M-Instruct (`slimtune.models`). Three new tasks of three kinds in
 sequence (`quality_data/tasks.py`): `swap` (a synthetic rule), `facts` (invented facts, asked with
@@ -121,6 +122,7 @@ class Preset:
     prompts: int | None = None  # generic prompts the base answers (None: all shipped)
     probe_tokens: int = 12  # a probe reply's budget
     levels: tuple[float, ...] = LEVELS
+    rates: tuple[float, ...] = ()  # rates to run in every chain instead of the search's choice (`--lr`)
 
 
 # Rows of 128 tokens hold about four examples, so 16 steps of 8 rows show a stage's 128 examples about
@@ -431,6 +433,11 @@ def _run_one(job: tuple[str, str, str, str, str]) -> str:
     return folder
 
 
+def rounded(lr: float) -> float:
+    """A run's rate as its name keeps it: 3 significant digits."""
+    return float(f"{lr:.3g}")
+
+
 def _rate(name: str) -> float:
     """The learning rate in a run's name (`<method>-seed<seed>-lr<rate>`)."""
     return float(name.rsplit("-lr", 1)[1])
@@ -445,6 +452,11 @@ class Chain:
     runs: list[Run] = field(default_factory=list)
 
     def next(self, preset: Preset) -> float | None:
+        """The search's next rate, or with `preset.rates` the first of those not run yet (in the order
+        given, past the run limit: a point a reader asks for, read with the search's runs)."""
+        if preset.rates:
+            done = {r.lr for r in self.runs}
+            return next((lr for lr in preset.rates if rounded(lr) not in done), None)
         if len(self.runs) >= preset.max_runs:
             return None
         points = [Point(r.lr, r.learned) for r in self.runs]
@@ -543,7 +555,7 @@ class Search:
 
     def _run(self, chain: Chain, lr: float) -> Run:
         tag = f"{chain.spec.name}-seed{chain.seed}-lr{lr:.3g}"
-        return Run(chain.spec.name, chain.seed, float(f"{lr:.3g}"), self.out / "runs" / tag)
+        return Run(chain.spec.name, chain.seed, rounded(lr), self.out / "runs" / tag)
 
     def _job(self, chain: Chain, run: Run) -> tuple[str, str, str, str, str]:
         path = self.out / f"{run.folder.name}.yaml"
@@ -580,6 +592,14 @@ def main(argv: list[str] | None = None) -> int:
         help="seeds to run (default: the preset's); each draws its own task data",
     )
     parser.add_argument(
+        "--lr",
+        nargs="+",
+        type=float,
+        default=None,
+        help="run these learning rates for every chosen method and seed instead of the search's "
+        "choice (runs already made are read, not run again); the report reads them with every other run",
+    )
+    parser.add_argument(
         "--report-only", action="store_true", help="write the results of the runs finished so far; start none"
     )
     args = parser.parse_args(argv)
@@ -587,8 +607,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in args.methods or () if m not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    if any(lr <= 0 for lr in args.lr or ()):
+        parser.error(f"--lr takes positive learning rates, not {args.lr}")
     preset = replace(
-        preset, methods=tuple(args.methods or preset.methods), seeds=tuple(args.seeds or preset.seeds)
+        preset,
+        methods=tuple(args.methods or preset.methods),
+        seeds=tuple(args.seeds or preset.seeds),
+        rates=tuple(args.lr or ()),
     )
     out = args.out or Path("runs") / f"quality-{args.preset}"
     results = args.results or HERE / "results" / f"quality-{MODEL}-{args.preset}"

@@ -304,6 +304,27 @@ def test_a_search_starts_from_every_finished_run_of_its_chains(tmp_path) -> None
     assert {round(r.learned, 2) for r in found} == set(rates.values())
 
 
+def test_rates_asked_for_are_run_in_their_order_past_the_search_and_its_run_limit(tmp_path) -> None:
+    """`--lr`: a point a reader wants (out of the search's order, or past its end) is run by command,
+    once; rates already run (as their names round them) are not run again."""
+    preset = replace(quality.PRESETS["cpu"], max_runs=2)
+    chain = quality.Chain(quality.METHODS["full"], 0)
+    chain.runs = [_fake_run(tmp_path, "full", 0, lr, 0.6, 0.3) for lr in (1e-4, 3e-4)]
+    assert chain.next(preset) is None  # the search is done: its run limit
+    asked = replace(preset, rates=(1.0001e-4, 3.333e-5, 5e-4))
+    assert chain.next(asked) == 3.333e-5
+    chain.runs.append(_fake_run(tmp_path, "full", 0, 3.33e-5, 0.5, 0.3))
+    assert chain.next(asked) == 5e-4
+    chain.runs.append(_fake_run(tmp_path, "full", 0, 5e-4, 0.5, 0.3))
+    assert chain.next(asked) is None
+
+
+def test_the_command_refuses_a_rate_that_is_not_positive(capsys) -> None:
+    with pytest.raises(SystemExit):
+        quality.main(["--preset", "tiny", "--lr", "1e-4", "0"])
+    assert "--lr takes positive learning rates" in capsys.readouterr().err
+
+
 def _work_folder(tmp_path: Path, preset: quality.Preset, rates: dict[float, float]) -> Path:
     """A work folder holding finished full fine-tuning runs of seed 0 (made with the preset's recipes)
     and its prepared data."""
