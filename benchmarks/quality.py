@@ -67,7 +67,7 @@ class MethodSpec:
     method: dict[str, Any]
     start: float  # the first learning rate tried
     # plain | lines (LiNeS after each stage) | replay (general prose mixed into each stage) | fpf |
-    # corda-kpm | promot (a soft prompt trained first in each stage) | lines+replay
+    # fpf-all | corda-kpm | promot (a soft prompt trained first in each stage) | lines+replay
     pattern: str = "plain"
 
 
@@ -85,6 +85,7 @@ METHODS = {
         MethodSpec("full+lines", {"name": "full"}, 2e-4, "lines"),
         MethodSpec("full+promot", {"name": "full"}, 1e-4, "promot"),
         MethodSpec("full+fpf", {"name": "full"}, 1e-4, "fpf"),
+        MethodSpec("full+fpf-all", {"name": "full"}, 1e-4, "fpf-all"),
         MethodSpec("corda-kpm", {**LORA, "init": "corda-kpm"}, 1e-3, "corda-kpm"),
         MethodSpec("full+replay", {"name": "full"}, 1e-4, "replay"),
         MethodSpec("paca+lines", PACA, 1e-3, "lines"),
@@ -100,6 +101,9 @@ PROMPT = {"name": "prompt", "tokens": 20}
 PROMPT_LR = 3e-2
 # FPF after the sequence: the 4 modules that drifted most, 8 steps at 1e-4 on a buffer of the tasks' data.
 FPF = {"buffer": 32, "modules": "auto", "top": 4, "steps": 8, "lr": 1e-4, "batch_size": 8}
+# FPF's control: the same buffer and steps over every module, so what FPF keeps can be told apart
+# into what seeing the tasks' data again gives and what choosing the modules that drifted most adds.
+POST_FPF = {"fpf": FPF, "fpf-all": {**FPF, "top": 10**6}}
 
 
 @dataclass(frozen=True)
@@ -368,8 +372,8 @@ def recipe(spec: MethodSpec, lr: float, seed: int, preset: Preset) -> dict[str, 
             entry["post"] = ["lines"]
         if spec.pattern == "corda-kpm":  # the covariance of what to keep: general prose
             entry["corda"] = {"data": [{"path": "data/replay.jsonl"}], "rows": 32}
-        if spec.pattern == "fpf" and name == NEW_TASKS[-1]:
-            entry["post"] = [{"fpf": FPF}]
+        if spec.pattern in POST_FPF and name == NEW_TASKS[-1]:
+            entry["post"] = [{"fpf": POST_FPF[spec.pattern]}]
         if spec.pattern == "promot":
             stages.append({**entry, "name": f"{name}-prompt", "method": PROMPT, "lr": PROMPT_LR})
         stages.append(entry)

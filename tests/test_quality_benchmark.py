@@ -319,6 +319,32 @@ def test_rates_asked_for_are_run_in_their_order_past_the_search_and_its_run_limi
     assert chain.next(asked) is None
 
 
+def _paths(spec: dict) -> list[str]:
+    """Every data file a benchmark recipe names."""
+    found = [t["path"] for t in spec["tasks"]]
+    for stage in spec["stages"]:
+        found += [s["path"] for s in stage["data"] + stage.get("corda", {}).get("data", [])]
+    return found
+
+
+@pytest.mark.parametrize("method", quality.METHODS)
+def test_every_method_of_the_benchmark_is_a_recipe_the_trainer_reads(tmp_path, method) -> None:
+    """Each row's recipe passes the trainer's checks; FPF's control runs FPF's step over every
+    module, FPF over the 4 that drifted most, both after the last stage only."""
+    from slimtune.apps.train.recipe import load_recipe
+
+    spec = quality.recipe(quality.METHODS[method], 1e-4, 0, quality.PRESETS["cpu"])
+    for path in _paths(spec):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).touch()
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    stages = load_recipe(tmp_path / "recipe.yaml").stages
+    tops = [[getattr(op, "top", None) for op in stage.post] for stage in stages]
+    expected = {"full+fpf": 4, "full+fpf-all": 10**6}.get(method)
+    if expected is not None:
+        assert tops == [[], [], [expected]]
+
+
 def test_the_command_refuses_a_rate_that_is_not_positive(capsys) -> None:
     with pytest.raises(SystemExit):
         quality.main(["--preset", "tiny", "--lr", "1e-4", "0"])
