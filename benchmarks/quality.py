@@ -5,6 +5,7 @@ it learn as much as the others, over seeds that redraw the data.
     python benchmarks/quality.py --preset cpu      # 5 methods, 3 seeds, at 70%/80% learned (hours on 2 cores)
     python benchmarks/quality.py --preset tiny --out /tmp/q   # a minutes-long configuration (tests)
     python benchmarks/quality.py --preset cpu --methods full --seeds 3 --lr 3.33e-5  # one run, by hand
+    python benchmarks/quality.py --preset cpu --report-only --pairs paca:lora  # also PaCA against LoRA
 
 Model: the built-in SmolLM2-135M-Instruct (`slimtune.models`). Three new tasks of three kinds in
 sequence (`quality_data/tasks.py`): `swap` (a synthetic rule), `facts` (invented facts, asked with
@@ -17,13 +18,14 @@ solutions) and on the base's own replies.
 Learning rates are searched, not gridded: per method and seed, runs bracket and bisect log(lr) until
 the mean new-task accuracy (each task after its own stage) is bracketed at 0.8 and at 0.9
 (`quality_search.py`); what a method keeps at each level is interpolated between the two runs that
-bracket it. Each seed draws its own task data. Differences to full fine-tuning are paired (same
-seeds, same items) with bootstrap intervals (`quality_stats.py`); `quality_report.py` writes the
-tables and figures. Every run is one `slimtune train` recipe in a fresh one-thread process, so an
-interrupted benchmark continues where it stopped. Each finished run is also kept whole in the results
-folder's `ledger/` (`quality_ledger.py`): commit it, and the benchmark continues from a fresh clone
-without running again any run its results hold (the work folder's checkpoints are only needed to
-measure a run again).
+bracket it. Each seed draws its own task data. Differences to full fine-tuning (and between the
+methods named by `--pairs A:B`) are paired (same seeds, same items), and claimed only where a
+bootstrap interval over seeds and items and a t interval over the seeds both exclude 0
+(`quality_stats.py`); `quality_report.py` writes the tables and figures. Every run is one `slimtune
+train` recipe in a fresh one-thread process, so an interrupted benchmark continues where it stopped.
+Each finished run is also kept whole in the results folder's `ledger/` (`quality_ledger.py`): commit
+it, and the benchmark continues from a fresh clone without running again any run its results hold
+(the work folder's checkpoints are only needed to measure a run again).
 """
 
 from __future__ import annotations
@@ -579,6 +581,16 @@ class Search:
         )  # fmt: skip
 
 
+def _pair(text: str) -> tuple[str, str]:
+    """`A:B`, two different methods of the benchmark."""
+    a, _, b = text.partition(":")
+    if a not in METHODS or b not in METHODS or a == b:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give two different methods as A:B, from {', '.join(METHODS)}"
+        )
+    return a, b
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -604,6 +616,15 @@ def main(argv: list[str] | None = None) -> int:
         "choice (runs already made are read, not run again); the report reads them with every other run",
     )
     parser.add_argument(
+        "--pairs",
+        nargs="+",
+        type=_pair,
+        default=(),
+        metavar="A:B",
+        help="also compare method A with method B (both among --methods), paired like every method "
+        "against full fine-tuning",
+    )
+    parser.add_argument(
         "--report-only", action="store_true", help="write the results of the runs finished so far; start none"
     )
     args = parser.parse_args(argv)
@@ -613,6 +634,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     if any(lr <= 0 for lr in args.lr or ()):
         parser.error(f"--lr takes positive learning rates, not {args.lr}")
+    chosen = args.methods or preset.methods
+    outside = [f"{a}:{b}" for a, b in args.pairs if a not in chosen or b not in chosen]
+    if outside:
+        parser.error(
+            f"--pairs {' '.join(outside)}: each method of a pair must be among --methods ({' '.join(chosen)})"
+        )
     preset = replace(
         preset,
         methods=tuple(args.methods or preset.methods),
@@ -631,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     setup = {"preset": args.preset, **asdict(preset), "limits": LIMITS}
     setup["methods"] = {m: asdict(METHODS[m]) for m in preset.methods}
+    setup["pairs"] = [list(pair) for pair in args.pairs]
     report.write(results, runs, info, setup, command.strip(), time.perf_counter() - started)
     print(f"quality: results in {results}")
     return 0

@@ -121,18 +121,32 @@ def matched_all(runs: list, levels: tuple[float, ...], base: dict[str, Any]) -> 
     return [m for m in found if m is not None]
 
 
-def compare(rows: list[Matched], method: str, level: float, score) -> Interval | None:
-    """`score(row)` (per-item lists) of `method` minus full fine-tuning's, paired on the seeds where
-    both bracketed `level`."""
-    seeds = _paired_seeds(rows, method, level, score)
-    if method == REFERENCE or not seeds:
+def compare(
+    rows: list[Matched], method: str, level: float, score, against: str = REFERENCE
+) -> Interval | None:
+    """`score(row)` (per-item lists) of `method` minus `against`'s, paired on the seeds where both
+    bracketed `level`."""
+    seeds = _paired_seeds(rows, method, level, score, against)
+    if method == against or not seeds:
         return None
     mine, ref = (
-        {m.seed: score(m) for m in rows if m.method == who and m.level == level}
-        for who in (method, REFERENCE)
+        {m.seed: score(m) for m in rows if m.method == who and m.level == level} for who in (method, against)
     )
     shared = score in (_probes, _chosen)  # the same probes in every seed
     return paired_interval([mine[s] for s in seeds], [ref[s] for s in seeds], shared)
+
+
+def paired(rows: list[Matched], method: str, against: str, level: float, first_task: str) -> dict[str, Any]:
+    """`method` against `against` at `level`: paired intervals for the probes kept in words, their
+    4-way choice and the first task at the end, with the seeds each pairs on."""
+    return {
+        "against": against,
+        "paired_seeds": len(_paired_seeds(rows, method, level, _probes, against)),
+        "retention_vs": compare(rows, method, level, _probes, against),
+        "chosen_vs": compare(rows, method, level, _chosen, against),
+        "chosen_seeds": len(_paired_seeds(rows, method, level, _chosen, against)),
+        "first_final_vs": compare(rows, method, level, lambda m: m.finals[first_task], against),
+    }
 
 
 def _probes(m: Matched) -> list[float]:
@@ -143,10 +157,12 @@ def _chosen(m: Matched) -> list[float] | None:
     return m.chosen
 
 
-def _paired_seeds(rows: list[Matched], method: str, level: float, score) -> list[int]:
-    """Seeds where `method` and full fine-tuning both have `score` at `level`."""
+def _paired_seeds(
+    rows: list[Matched], method: str, level: float, score, against: str = REFERENCE
+) -> list[int]:
+    """Seeds where `method` and `against` both have `score` at `level`."""
     have = [{m.seed for m in rows if m.method == who and m.level == level and score(m) is not None}
-            for who in (method, REFERENCE)]  # fmt: skip
+            for who in (method, against)]  # fmt: skip
     return sorted(have[0] & have[1])
 
 
@@ -157,24 +173,18 @@ def summary(rows: list[Matched], methods: list[str], level: float, first_task: s
     for method in methods:
         mine = [m for m in rows if m.method == method and m.level == level]
         if not mine:
-            out.append({"method": method, "level": level, "seeds": 0})
+            out.append({"method": method, "level": level, "seeds": 0, "against": REFERENCE})
             continue
-        kept = compare(rows, method, level, _probes)
-        first = compare(rows, method, level, lambda m: m.finals[first_task])
         out.append(
             {
                 "method": method,
                 "level": level,
                 "seeds": len(mine),
-                "paired_seeds": len(_paired_seeds(rows, method, level, _probes)),
                 "lr": _geomean([m.lr for m in mine]),
                 "retention": mean_se([m.retention for m in mine]),
-                "retention_vs_full": kept,
                 "chosen": _share([m.chosen for m in mine if m.chosen is not None]),
-                "chosen_vs_full": compare(rows, method, level, _chosen),
-                "chosen_seeds": len(_paired_seeds(rows, method, level, _chosen)),
                 "first_final": mean_se([_mean(m.finals[first_task]) for m in mine]),
-                "first_final_vs_full": first,
+                **paired(rows, method, REFERENCE, level, first_task),
                 **{f"{d}_drift": _drift(mine, d) for d in DRIFTS},
             }
         )
@@ -214,7 +224,12 @@ def _ci(i: Interval | None, claim: bool = True, signed: str = "+.3f") -> str:
     if i is None:
         return "-"
     mark = " **" if claim and i.excludes_zero else ""
-    return f"{i.difference:{signed}} [{i.low:{signed}}, {i.high:{signed}}]{mark}"
+    return f"{i.difference:{signed}} [{i.low:{signed}}, {i.high:{signed}}]{_over_seeds(i, signed)}{mark}"
+
+
+def _over_seeds(i: Interval, signed: str = "+.3f") -> str:
+    """The t interval over the seeds' differences, where there are two seeds or more."""
+    return "" if i.seed_low is None else f"; seeds (t) [{i.seed_low:{signed}}, {i.seed_high:{signed}}]"
 
 
 def summary_table(summ: list[dict[str, Any]], first_task: str) -> list[str]:
@@ -232,9 +247,9 @@ def summary_table(summ: list[dict[str, Any]], first_task: str) -> list[str]:
         claim = s["paired_seeds"] >= MIN_SEEDS  # ** marks a claim: an interval excluding 0, enough seeds
         lines.append(
             f"| {s['method']} | {s['seeds']} | {s['lr']:.2g} | {_est(s['retention'])} "
-            f"| {_ci(s['retention_vs_full'], claim)} | {_est(s['chosen'])} "
-            f"| {_ci(s['chosen_vs_full'], s['chosen_seeds'] >= MIN_SEEDS)} | {_est(s['first_final'])} "
-            f"| {_ci(s['first_final_vs_full'], claim)} "
+            f"| {_ci(s['retention_vs'], claim)} | {_est(s['chosen'])} "
+            f"| {_ci(s['chosen_vs'], s['chosen_seeds'] >= MIN_SEEDS)} | {_est(s['first_final'])} "
+            f"| {_ci(s['first_final_vs'], claim)} "
             f"| {drifts} |"
         )
     return lines
@@ -276,22 +291,21 @@ def task_table(rows: list[Matched], methods: list[str], level: float, tasks: lis
 def claims(summ: list[dict[str, Any]], first_task: str) -> list[str]:
     """Sentences for the differences whose paired interval excludes 0, and for those that do not;
     none from fewer than `MIN_SEEDS` paired seeds (with one seed the interval knows nothing of how
-    another draw of data and training would differ)."""
+    another draw of data and training would differ). Rows are `summary`'s or `pairs`'."""
     out = []
     for s in summ:
+        against = "full fine-tuning" if s["against"] == REFERENCE else s["against"]
         for key, what, seeds in (
-            ("retention_vs_full", "general-knowledge probes", "paired_seeds"),
-            ("chosen_vs_full", "the probes' 4-way choice", "chosen_seeds"),
-            ("first_final_vs_full", first_task, "paired_seeds"),
+            ("retention_vs", "general-knowledge probes", "paired_seeds"),
+            ("chosen_vs", "the probes' 4-way choice", "chosen_seeds"),
+            ("first_final_vs", first_task, "paired_seeds"),
         ):
             i = s.get(key)
             if i is None:
                 continue
+            head = f"- at {s['level']:.0%} learned, {s['method']} vs {against} on {what}"
             if s[seeds] < MIN_SEEDS:
-                out.append(
-                    f"- at {s['level']:.0%} learned, {s['method']} vs full fine-tuning on {what}: "
-                    f"not claimed ({s[seeds]} paired seeds; a claim needs {MIN_SEEDS})"
-                )
+                out.append(f"{head}: not claimed ({s[seeds]} paired seeds; a claim needs {MIN_SEEDS})")
                 continue
             verdict = (
                 ("keeps more" if i.difference > 0 else "keeps less")
@@ -299,10 +313,33 @@ def claims(summ: list[dict[str, Any]], first_task: str) -> list[str]:
                 else "no difference resolved"
             )
             out.append(
-                f"- at {s['level']:.0%} learned, {s['method']} vs full fine-tuning on {what}: {verdict} "
-                f"({i.difference:+.3f}, 95% CI [{i.low:+.3f}, {i.high:+.3f}], {s['seeds']} seeds)"
+                f"{head}: {verdict} ({i.difference:+.3f}, 95% CI [{i.low:+.3f}, {i.high:+.3f}]"
+                f"{_over_seeds(i)}, {s[seeds]} paired seeds)"
             )
     return out
+
+
+def pairs(
+    rows: list[Matched], asked: list[tuple[str, str]], level: float, first_task: str
+) -> list[dict[str, Any]]:
+    """The comparisons asked for beside those against full fine-tuning (`--pairs A:B`): A minus B,
+    paired on the seeds where both bracketed `level`."""
+    return [{"method": a, "level": level, **paired(rows, a, b, level, first_task)} for a, b in asked]
+
+
+def pairs_table(found: list[dict[str, Any]], first_task: str) -> list[str]:
+    lines = [
+        f"| A vs B | paired seeds | probes kept, A - B [95% CI] | probes chosen (4-way), A - B "
+        f"| {first_task} at the end, A - B |",
+        "|---|---|---|---|---|",
+    ]
+    for s in found:
+        claim = s["paired_seeds"] >= MIN_SEEDS
+        lines.append(
+            f"| {s['method']} vs {s['against']} | {s['paired_seeds']} | {_ci(s['retention_vs'], claim)} "
+            f"| {_ci(s['chosen_vs'], s['chosen_seeds'] >= MIN_SEEDS)} | {_ci(s['first_final_vs'], claim)} |"
+        )
+    return lines
 
 
 def run_rows(runs: list) -> list[dict[str, Any]]:
@@ -355,6 +392,8 @@ def write(
     _csv(results / "runs.csv", run_rows(runs))
     _csv(results / "matched.csv", [_flat(m) for m in rows])
     summaries = {level: summary(rows, methods, level, first) for level in levels}
+    asked = [tuple(pair) for pair in setup.get("pairs", ())]
+    compared = {level: pairs(rows, asked, level, first) for level in levels}
     categories = [c for c, x in zip(info["categories"], base["probes"], strict=True) if x]
     meta = {
         "command": command,
@@ -368,17 +407,23 @@ def write(
     }
     (results / "results.json").write_text(
         json.dumps(
-            {"meta": meta, "summary": {str(k): v for k, v in summaries.items()}}, indent=1, default=_plain
+            {
+                "meta": meta,
+                "summary": {str(k): v for k, v in summaries.items()},
+                "pairs": {str(k): v for k, v in compared.items()},
+            },
+            indent=1,
+            default=_plain,
         )
         + "\n"
     )
     figures.tradeoff(runs, rows, methods, levels, base, results / "tradeoff.png")
     figures.forgetting(rows, methods, _top(levels, rows), tasks, results / "forgetting.png")
-    lines = _markdown(meta, summaries, rows, methods, categories, tasks, first)
+    lines = _markdown(meta, summaries, compared, rows, methods, categories, tasks, first)
     (results / "quality.md").write_text("\n".join(lines) + "\n")
 
 
-def _markdown(meta, summaries, rows, methods, categories, tasks, first) -> list[str]:
+def _markdown(meta, summaries, compared, rows, methods, categories, tasks, first) -> list[str]:
     setup = meta["setup"]
     lines = [
         f"# Quality benchmark: SmolLM2-135M-Instruct, preset `{setup['preset']}`",
@@ -399,11 +444,13 @@ def _markdown(meta, summaries, rows, methods, categories, tasks, first) -> list[
         "",
         "## What the intervals support",
         "",
-        "A difference is claimed only where its paired 95% interval (bootstrap over seeds and items) "
-        "excludes 0.",
+        "A difference is claimed only where two paired 95% intervals exclude 0: the bootstrap over "
+        "seeds and items, and the t interval over the seeds' differences (`seeds (t)`; with 3 seeds "
+        "the bootstrap alone excludes 0 whenever the seeds agree in sign). `**` marks a claim.",
         "",
         *claims([s for summ in summaries.values() for s in summ], first),
         "",
+        *_pair_claims(compared, first),
     ]
     for level, summ in summaries.items():
         lines += [
@@ -415,6 +462,16 @@ def _markdown(meta, summaries, rows, methods, categories, tasks, first) -> list[
             "",
             *task_table(rows, methods, level, tasks),
             "",
+            *(
+                [
+                    f"Pairs asked for (`--pairs`) at {level:.0%} learned:",
+                    "",
+                    *pairs_table(compared[level], first),
+                    "",
+                ]
+                if compared[level]
+                else []
+            ),
         ]
     top = _top(tuple(summaries), rows)
     lines += [
@@ -434,6 +491,18 @@ def _markdown(meta, summaries, rows, methods, categories, tasks, first) -> list[
         for m in rows
     ]
     return [*lines, "", "Every run: `runs.csv`; the interpolated values: `matched.csv`."]
+
+
+def _pair_claims(compared: dict[float, list[dict[str, Any]]], first: str) -> list[str]:
+    found = [s for level in compared.values() for s in level]
+    if not found:
+        return []
+    return [
+        "Pairs asked for with `--pairs` (the same paired interval, A minus B, on the seeds both have):",
+        "",
+        *claims(found, first),
+        "",
+    ]
 
 
 def _top(levels: tuple[float, ...], rows: list[Matched]) -> float:

@@ -79,10 +79,10 @@ def test_the_report_compares_methods_at_matched_learning(tmp_path) -> None:
     assert at.drift["probes"] == pytest.approx(0.5) and len(at.chosen) == PROBES - 20
     summary = quality_report.summary(rows, ["full", "paca"], 0.9, "swap")
     paca = summary[1]
-    assert paca["seeds"] == 3 and paca["retention_vs_full"].excludes_zero
-    assert 0.3 < paca["retention_vs_full"].difference < 0.5 and not paca["first_final_vs_full"].excludes_zero
-    assert paca["chosen_seeds"] == 3 and 0.1 < paca["chosen_vs_full"].difference < 0.3  # 0.85 vs 0.65
-    assert paca["chosen_vs_full"].excludes_zero and 0.75 < paca["chosen"].mean < 0.95
+    assert paca["seeds"] == 3 and paca["retention_vs"].excludes_zero
+    assert 0.3 < paca["retention_vs"].difference < 0.5 and not paca["first_final_vs"].excludes_zero
+    assert paca["chosen_seeds"] == 3 and 0.1 < paca["chosen_vs"].difference < 0.3  # 0.85 vs 0.65
+    assert paca["chosen_vs"].excludes_zero and 0.75 < paca["chosen"].mean < 0.95
     claims = quality_report.claims(summary, "swap")
     assert any("paca vs full fine-tuning on general-knowledge probes: keeps more" in c for c in claims)
     assert any("paca vs full fine-tuning on the probes' 4-way choice: keeps more" in c for c in claims)
@@ -97,6 +97,43 @@ def test_the_report_compares_methods_at_matched_learning(tmp_path) -> None:
     assert early[1]["chosen_seeds"] == 2 and early[1]["paired_seeds"] == 3
     assert any("4-way choice: not claimed (2 paired seeds" in c for c in quality_report.claims(early, "swap"))
     assert any("on swap: no difference resolved" in c for c in claims)
+
+
+def test_a_pair_asked_for_is_compared_like_a_method_against_full_fine_tuning(tmp_path) -> None:
+    runs = _fake_runs(tmp_path)
+    runs += [
+        _fake_run(tmp_path, "lora", s, lr, x, 0.5) for s in range(3) for lr, x in ((1e-3, 0.6), (3e-3, 0.95))
+    ]
+    base = {"probes": [1] * PROBES, "probes_chosen": [1] * PROBES}
+    rows = quality_report.matched_all(runs, (0.9,), base)
+    against_full = quality_report.summary(rows, ["paca"], 0.9, "swap")[0]
+    paca_full, paca_lora, lora_paca = quality_report.pairs(
+        rows, [("paca", "full"), ("paca", "lora"), ("lora", "paca")], 0.9, "swap"
+    )
+    for key in ("retention_vs", "chosen_vs", "first_final_vs", "paired_seeds", "chosen_seeds"):
+        assert paca_full[key] == against_full[key]  # the same comparison as the summary's
+    assert paca_lora["against"] == "lora" and paca_lora["paired_seeds"] == 3
+    assert 0.1 < paca_lora["retention_vs"].difference < 0.3  # kept 0.7 against 0.5
+    assert lora_paca["retention_vs"].difference == pytest.approx(-paca_lora["retention_vs"].difference)
+    said = quality_report.claims([paca_lora], "swap")
+    assert any(
+        "paca vs lora on general-knowledge probes: keeps more" in c and "3 paired seeds" in c for c in said
+    )
+    one_seed = quality_report.pairs(
+        quality_report.matched_all([r for r in runs if r.seed == 0], (0.9,), base),
+        [("paca", "lora")],
+        0.9,
+        "swap",
+    )
+    assert any("not claimed (1 paired seeds" in c for c in quality_report.claims(one_seed, "swap"))
+
+
+def test_the_command_refuses_a_pair_outside_its_methods(capsys) -> None:
+    for pair, message in (("paca:nope", "give two different methods"), ("paca:paca", "give two different"),
+                          ("paca:lora", "must be among --methods")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            quality.main(["--preset", "tiny", "--methods", "full", "paca", "--pairs", pair])
+        assert message in capsys.readouterr().err
 
 
 def test_the_report_writes_every_file_and_names_unbracketed_methods(tmp_path) -> None:
@@ -123,6 +160,7 @@ def test_the_report_writes_every_file_and_names_unbracketed_methods(tmp_path) ->
         "seq_len": 64,
         "seeds": (0, 1, 2),
     }
+    setup["pairs"] = [["paca", "lora"]]  # lora never reaches 0.8: the pair has no seeds
     quality_report.write(tmp_path / "results", runs, info, setup, "python benchmarks/quality.py", 60.0)
     files = {p.name for p in (tmp_path / "results").iterdir()}
     assert files == {
@@ -135,6 +173,9 @@ def test_the_report_writes_every_file_and_names_unbracketed_methods(tmp_path) ->
     }
     text = (tmp_path / "results" / "quality.md").read_text()
     assert "| lora | 0 (not bracketed) |" in text and "## Probes kept by category at 90% learned" in text
+    assert "| paca vs lora | 0 | - | - | - |" in text and "Pairs asked for (`--pairs`) at 80% learned" in text
+    saved = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert saved["pairs"]["0.8"][0]["against"] == "lora" and saved["pairs"]["0.8"][0]["paired_seeds"] == 0
     written = list(csv.DictReader((tmp_path / "results" / "runs.csv").open()))
     assert len(written) == len(runs)
     assert written[0]["probes_nll"] == "" and float(written[1]["probes_nll"]) == pytest.approx(2.5)

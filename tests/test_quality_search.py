@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from quality_search import Point, crossing, next_lr
-from quality_stats import mean_se, paired_interval
+from quality_stats import mean_se, paired_interval, t_quantile
 
 LEVELS = (0.8, 0.9)
 
@@ -93,6 +93,26 @@ def test_the_paired_interval_finds_a_real_difference_and_not_a_null_one() -> Non
     assert same.difference == 0 and not same.excludes_zero
     noise = [[float(rng.random() < 0.6) for _ in range(200)] for _ in range(3)]
     assert not paired_interval(noise, base, shared_items=False).excludes_zero
+
+
+def test_three_seeds_that_agree_in_sign_but_spread_are_no_claim() -> None:
+    """FPF's first-task reading: +0.03, +0.47, +0.05 by seed. The bootstrap over 3 seeds spans about
+    [min, max] of them and excludes 0; the t interval over the seeds does not, so nothing is claimed."""
+    base = [[0.0] * 100 for _ in range(3)]
+    ahead = [[1.0] * k + [0.0] * (100 - k) for k in (3, 47, 5)]
+    found = paired_interval(ahead, base, shared_items=False)
+    assert found.difference == pytest.approx(0.55 / 3) and 0 < found.low <= 0.03 and 0.45 < found.high <= 0.47
+    spread = math.sqrt(sum((x - 0.55 / 3) ** 2 for x in (0.03, 0.47, 0.05)) / 2 / 3)
+    assert found.seed_low == pytest.approx(0.55 / 3 - 4.302653 * spread, abs=1e-4) and found.seed_low < 0
+    assert not found.excludes_zero
+    steady = [[1.0] * k + [0.0] * (100 - k) for k in (20, 24, 22)]
+    assert paired_interval(steady, base, shared_items=False).excludes_zero  # both intervals exclude 0
+
+
+def test_the_t_quantiles_are_the_tabled_ones() -> None:
+    for df, tabled in ((1, 12.706205), (2, 4.302653), (3, 3.182446), (9, 2.262157), (60, 2.000298)):
+        assert t_quantile(0.975, df) == pytest.approx(tabled, abs=2e-5)
+    assert t_quantile(0.95, 4) == pytest.approx(2.131847, abs=2e-5)
 
 
 def test_the_paired_interval_refuses_unpaired_data() -> None:
