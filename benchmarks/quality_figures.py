@@ -12,13 +12,15 @@ from quality_report import Matched, retention
 from quality_stats import mean_se
 
 CORE = ("full", "lora", "paca", "s2ft", "hft")
+LEFT = 0.3  # runs that learned less are drawn at the left edge (◁)
 CAPTION = (
-    "Small dots: single runs (one seed, one learning rate). Large markers: mean over seeds at the matched "
-    "levels of learning ({levels}), interpolated between each seed's two bracketing runs; bars: ± 1 "
-    "standard error; a hollow marker, with its n, stands for fewer seeds than the method has (the others "
-    "never bracketed that level). Top: probes answered in words (whole-word match). Bottom: probes whose "
-    "answer is still the likeliest of four of its category in the base's reply (4-way choice, of those the "
-    "base chose right; runs from before that measure are left out)."
+    "Small dots: single runs (one seed, one learning rate); ◁ at the left edge: runs that learned less than "
+    f"{LEFT} (the rate broke the model). Large markers: mean over seeds at the matched levels of learning "
+    "({levels}), interpolated between each seed's two bracketing runs, the methods set slightly apart; "
+    "bars: ± 1 standard error; a hollow marker stands for fewer seeds than the method has (the others never "
+    "bracketed that level); after each name, its seeds at each level. Top: probes answered in words "
+    "(whole-word match). Bottom: probes whose answer is still the likeliest of four of its category in the "
+    "base's reply (4-way choice, of those the base chose right; runs from before that measure are left out)."
 )
 
 
@@ -54,27 +56,54 @@ def _points(rows: list[Matched], method: str, levels, measure: Measure) -> list[
     return out
 
 
+def _spread(heights: list[float], gap: float) -> list[float]:
+    """`heights` (sorted) moved apart to at least `gap` each, as little as possible, within [0, 1]."""
+    out: list[float] = []
+    for h in heights:
+        out.append(max(h, out[-1] + gap) if out else h)
+    overflow = out[-1] - 1.0 if out else 0.0
+    if overflow > 0:  # shift the top back down, pushing the others down as needed
+        out[-1] -= overflow
+        for i in range(len(out) - 2, -1, -1):
+            out[i] = min(out[i], out[i + 1] - gap)
+    return out
+
+
+def _label_ends(ax, ends: list[tuple[float, float, str, Any]], right: float) -> None:
+    """Each method's name in a column right of the last level, moved apart so none overlap, with a thin
+    line to its last point."""
+    ends = sorted(ends, key=lambda e: e[1])
+    for (x, y, method, color), placed in zip(ends, _spread([e[1] for e in ends], 0.05), strict=True):
+        line = {"arrowstyle": "-", "color": color, "lw": 0.5, "alpha": 0.6}
+        ax.annotate(
+            method, (x, y), xytext=(right, placed), color=color, fontsize=8, va="center", arrowprops=line
+        )
+
+
 def _panel(ax, runs, rows, methods, levels, colors: dict[str, Any], measure: Measure) -> None:
-    for method in methods:
+    ends: list[tuple[float, float, str, Any]] = []
+    for i, method in enumerate(methods):
         color = colors[method]
         mine = [(r.learned, measure.of_run(r)) for r in runs if r.method == method]
         mine = [(x, y) for x, y in mine if y is not None]
-        ax.scatter([x for x, _ in mine], [y for _, y in mine], color=color, alpha=0.3, s=12)
+        inside = [(x, y) for x, y in mine if x >= LEFT]
+        ax.scatter([x for x, _ in inside], [y for _, y in inside], color=color, alpha=0.3, s=12)
+        edge = [y for x, y in mine if x < LEFT]  # runs that learned almost nothing: at the left edge
+        ax.scatter([LEFT + 0.008] * len(edge), edge, color=color, alpha=0.5, s=18, marker="<")
         points = _points(rows, method, levels, measure)
         if not points:
             continue
+        shift = (i - (len(methods) - 1) / 2) * 0.006  # methods side by side at each level
         seeds = len({r.seed for r in runs if r.method == method})
-        ax.errorbar([x for x, _, _ in points], [e.mean for _, e, _ in points],
+        ax.errorbar([x + shift for x, _, _ in points], [e.mean for _, e, _ in points],
                     yerr=[e.se or 0.0 for _, e, _ in points], color=color, capsize=3, lw=1.5)  # fmt: skip
         for x, e, n in points:
-            full = n >= seeds
-            ax.plot([x], [e.mean], "o", color=color, markerfacecolor=color if full else "white")
-            if not full:
-                ax.annotate(f"n={n}", (x, e.mean), xytext=(-6, -10), textcoords="offset points",
-                            color=color, fontsize=7, ha="right")  # fmt: skip
-        ax.annotate(method, (points[-1][0], points[-1][1].mean), xytext=(6, 0), textcoords="offset points",
-                    color=color, fontsize=8, va="center")  # fmt: skip
-    ax.set_xlim(-0.02, 1.12)
+            ax.plot([x + shift], [e.mean], "o", color=color, markerfacecolor=color if n >= seeds else "white")
+        counts = {level: n for level, _, n in points}
+        name = f"{method} ({'/'.join(str(counts.get(level, 0)) for level in levels)})"
+        ends.append((points[-1][0] + shift, points[-1][1].mean, name, color))
+    _label_ends(ax, ends, right=max(levels) + 0.05)
+    ax.set_xlim(LEFT, 1.02)
     ax.set_ylim(-0.02, 1.05)
     ax.grid(alpha=0.3)
     ax.set_ylabel(measure.label, fontsize=8)
@@ -125,34 +154,41 @@ def tradeoff(runs, rows, methods, levels, base: dict[str, Any], path: Path) -> N
     plt.close(fig)
 
 
+FORGETTING_CAPTION = (
+    "Per method, the mean over the seeds that reach {level:.0%} learned (n under its name), interpolated "
+    "between each seed's two bracketing runs. Pale hatched bars: each task's held-out accuracy right after "
+    "the stage that teaches it; solid bars: the same task after the last stage; bars on the solid ones: "
+    "± 1 standard error over seeds. Methods are compared at the same learning, not the same rate."
+)
+
+
 def forgetting(rows, methods, level, tasks, path: Path) -> None:
-    """Grouped bars: each task's accuracy after its own stage (hatched) and at the end, at `level`."""
+    """Grouped bars: each task's accuracy after its own stage (hatched) and at the end (with ± 1 SE over
+    seeds), at `level`; each method named with its number of seeds."""
     plt = _plt()
     shown = [m for m in methods if any(r.method == m and r.level == level for r in rows)]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(shown) + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(shown) + 2), 5.0))
     width = 0.8 / len(tasks)
     colors = plt.get_cmap("tab10").colors
-    for k, task in enumerate(tasks):
-        for j, method in enumerate(shown):
-            mine = [r for r in rows if r.method == method and r.level == level]
-            own = sum(r.own[task] for r in mine) / len(mine)
-            end = sum(sum(r.finals[task]) / len(r.finals[task]) for r in mine) / len(mine)
+    names = []
+    for j, method in enumerate(shown):
+        mine = [r for r in rows if r.method == method and r.level == level]
+        names.append(f"{method}\nn={len(mine)}")
+        for k, task in enumerate(tasks):
+            own = mean_se([r.own[task] for r in mine]).mean
+            end = mean_se([sum(r.finals[task]) / len(r.finals[task]) for r in mine])
             x = j + (k - (len(tasks) - 1) / 2) * width
-            ax.bar(
-                x,
-                own,
-                width,
-                color=colors[k],
-                alpha=0.25,
-                hatch="//",
-                label=f"{task} after its stage" if j == 0 else None,
-            )
-            ax.bar(x, end, width * 0.6, color=colors[k], label=f"{task} at the end" if j == 0 else None)
-    ax.set_xticks(range(len(shown)), shown, rotation=20)
+            first = j == 0
+            ax.bar(x, own, width, color=colors[k], alpha=0.25, hatch="//",
+                   label=f"{task} after its stage" if first else None)  # fmt: skip
+            ax.bar(x, end.mean, width * 0.6, color=colors[k], yerr=end.se or 0.0, capsize=2,
+                   error_kw={"lw": 0.8}, label=f"{task} at the end" if first else None)  # fmt: skip
+    ax.set_xticks(range(len(shown)), names, fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("held-out accuracy (mean over seeds)")
     ax.set_title(f"What the later stages took, at {level:.0%} learned")
-    ax.legend(fontsize=7, ncol=len(tasks), loc="upper center", bbox_to_anchor=(0.5, -0.18))
-    fig.tight_layout()
+    ax.legend(fontsize=7, ncol=len(tasks), loc="upper center", bbox_to_anchor=(0.5, -0.16))
+    fig.text(0.01, 0.01, FORGETTING_CAPTION.format(level=level), fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)

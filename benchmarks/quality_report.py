@@ -418,7 +418,7 @@ def write(
         + "\n"
     )
     figures.tradeoff(runs, rows, methods, levels, base, results / "tradeoff.png")
-    figures.forgetting(rows, methods, _top(levels, rows), tasks, results / "forgetting.png")
+    figures.forgetting(rows, methods, _widest(levels, rows), tasks, results / "forgetting.png")
     lines = _markdown(meta, summaries, compared, rows, methods, categories, tasks, first)
     (results / "quality.md").write_text("\n".join(lines) + "\n")
 
@@ -473,7 +473,7 @@ def _markdown(meta, summaries, compared, rows, methods, categories, tasks, first
                 else []
             ),
         ]
-    top = _top(tuple(summaries), rows)
+    top = _widest(tuple(summaries), rows)
     lines += [
         f"## Probes kept by category at {top:.0%} learned",
         "",
@@ -505,9 +505,10 @@ def _pair_claims(compared: dict[float, list[dict[str, Any]]], first: str) -> lis
     ]
 
 
-def _top(levels: tuple[float, ...], rows: list[Matched]) -> float:
-    """The highest level some method and seed reached (the highest level where none did)."""
-    return max((level for level in levels if any(m.level == level for m in rows)), default=max(levels))
+def _widest(levels: tuple[float, ...], rows: list[Matched]) -> float:
+    """The level most methods and seeds reached (the higher one on a tie): the one whose means hold the
+    most seeds."""
+    return max(levels, key=lambda level: (sum(m.level == level for m in rows), level))
 
 
 def _flat(m: Matched) -> dict[str, Any]:

@@ -5,6 +5,7 @@ paired intervals, the claims it prints), and a tiny configuration end to end on 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import random
 import shutil
@@ -126,6 +127,24 @@ def test_a_pair_asked_for_is_compared_like_a_method_against_full_fine_tuning(tmp
         "swap",
     )
     assert any("not claimed (1 paired seeds" in c for c in quality_report.claims(one_seed, "swap"))
+
+
+def test_figure_labels_are_moved_apart_within_the_axis() -> None:
+    import quality_figures
+
+    for heights in ([0.0, 0.01, 0.02, 0.5], [0.9, 0.97, 0.99, 1.0], [0.3]):
+        placed = quality_figures._spread(heights, 0.05)
+        assert all(b - a >= 0.05 - 1e-12 for a, b in itertools.pairwise(placed))
+        assert placed[-1] <= 1.0 and all(abs(p - h) <= 0.15 for p, h in zip(placed, heights, strict=True))
+    assert quality_figures._spread([0.1, 0.5], 0.05) == [0.1, 0.5]  # apart already: not moved
+
+
+def test_the_forgetting_figure_and_category_table_use_the_level_with_most_seeds(tmp_path) -> None:
+    runs = _fake_runs(tmp_path)
+    runs += [_fake_run(tmp_path, "paca", 0, 3e-2, 0.99, 0.1)]  # one more seed-level point does not matter
+    rows = quality_report.matched_all(runs, (0.8, 0.9, 0.97), {"probes": [1] * PROBES})
+    assert quality_report._widest((0.8, 0.9, 0.97), rows) == 0.9  # 0.8 and 0.9 tie (6 rows): the higher
+    assert quality_report._widest((0.8, 0.9, 0.97), [m for m in rows if m.level != 0.9]) == 0.8
 
 
 def test_the_command_refuses_a_pair_outside_its_methods(capsys) -> None:
