@@ -90,10 +90,11 @@ METHODS = {
         MethodSpec("full+fpf-all", {"name": "full"}, 1e-4, "fpf-all"),
         MethodSpec("corda-kpm", {**LORA, "init": "corda-kpm"}, 1e-3, "corda-kpm"),
         MethodSpec("full+replay", {"name": "full"}, 1e-4, "replay"),
-        MethodSpec("paca+lines", PACA, 1e-3, "lines"),
-        MethodSpec("s2ft+lines", S2FT, 1e-3, "lines"),
-        MethodSpec("paca+replay", PACA, 1e-3, "replay"),
-        MethodSpec("s2ft+replay", S2FT, 1e-3, "replay"),
+        # the combinations start where their method's own search does
+        MethodSpec("paca+lines", PACA, 2e-3, "lines"),
+        MethodSpec("s2ft+lines", S2FT, 2e-3, "lines"),
+        MethodSpec("paca+replay", PACA, 2e-3, "replay"),
+        MethodSpec("s2ft+replay", S2FT, 2e-3, "replay"),
     )
 }
 CORE = ("full", "lora", "paca", "s2ft", "hft")
