@@ -15,6 +15,7 @@ import torch
 import yaml
 from slimtune.apps.cli import main
 from slimtune.apps.train import RecipeError, load_recipe, loop, run, step_log
+from slimtune.apps.train.models import ModelSpec, build
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -503,3 +504,35 @@ def test_a_full_disk_mid_run_is_one_message_and_the_run_resumes_exactly(tmp_path
     assert resumed.metrics["accuracy"] == whole.metrics["accuracy"]
     for name, parameter in whole.model.named_parameters():
         assert torch.equal(parameter, resumed.model.get_parameter(name)), name
+
+
+@pytest.mark.parametrize("method", [{"name": "paca", "r": 4}, {"name": "s2ft", "heads": 1, "channels": 4}])
+def test_lines_after_a_partial_method_scales_exactly_its_change(tmp_path, method):
+    """LiNeS after PaCA or S2FT (the benchmark's paca+lines, s2ft+lines): each weight ends at
+    start + factor * (trained - start), the trained entries' change only, the rest untouched."""
+    stage = {"name": "a", "data": [{"task": "copy", "n": 32}], "batch_size": 4, "steps": 2, "lr": 1.0e-2}
+    task = {"name": "copy", "task": "copy", "n": 8, "stage": "a"}
+    recipe = {"seed": 3, "seq_len": 32, "model": {"builtin": "tiny-llama"}, "method": method}
+    recipe |= {"tasks": [task], "stages": [stage]}
+    plain = run(_write(tmp_path, recipe, "plain.yaml"), tmp_path / "plain")
+    scaled_stage = {**stage, "post": [{"lines": {"alpha": 0.2, "beta": 0.6}}]}
+    scaled = run(_write(tmp_path, {**recipe, "stages": [scaled_stage]}, "lines.yaml"), tmp_path / "lines")
+    start, _ = build(ModelSpec(builtin="tiny-llama"), seed=3)
+    factors = slimtune.toolbox.lines.scales(plain.model, 0.2, 0.6)
+    assert sorted(set(factors.values())) == pytest.approx([0.2, 0.8])  # block 0 (and outside), block 1
+    changed = set()
+    for name, before in start.named_parameters():
+        trained, got = plain.model.get_parameter(name).detach(), scaled.model.get_parameter(name).detach()
+        delta = trained - before.detach()
+        torch.testing.assert_close(got, before.detach() + factors[name] * delta, rtol=0, atol=1e-6)
+        if delta.abs().sum() > 0:
+            changed.add(name.rsplit(".", 2)[-2])
+    assert changed and changed <= {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
