@@ -88,7 +88,9 @@ METHODS = {
         MethodSpec("full+promot", {"name": "full"}, 1e-4, "promot"),
         MethodSpec("full+fpf", {"name": "full"}, 1e-4, "fpf"),
         MethodSpec("full+fpf-all", {"name": "full"}, 1e-4, "fpf-all"),
-        MethodSpec("corda-kpm", {**LORA, "init": "corda-kpm"}, 1e-3, "corda-kpm"),
+        # CorDA-KPM started at 1e-3 in seeds 0 and 1, which broke the model (prose NLL +3.3 and +4.8
+        # nats) where 3.33e-4 learned most; seed 2 starts there (only the first run of a chain reads it)
+        MethodSpec("corda-kpm", {**LORA, "init": "corda-kpm"}, 3.33e-4, "corda-kpm"),
         MethodSpec("full+replay", {"name": "full"}, 1e-4, "replay"),
         # the combinations start where their method's own search does
         MethodSpec("paca+lines", PACA, 2e-3, "lines"),
