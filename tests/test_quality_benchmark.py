@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import slimtune
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -321,6 +322,27 @@ def test_each_probe_is_offered_its_answer_and_three_others_of_its_category() -> 
         )
     assert quality_choice.frame("Well, the capital is Paris.", "paris") == "Well, the capital is "
     assert quality_choice.frame("Parisian food", "Paris") == ""  # whole words only
+
+
+def test_candidates_sharing_a_prefix_score_as_when_run_whole() -> None:
+    """The prefix run once with its cache repeated gives each sequence's summed NLL as a plain padded
+    batch does: own parts of different lengths, one a prefix of another, labels starting inside the
+    shared part or after it, and the shortest shared part (one token)."""
+    import quality_choice
+    from slimtune.apps.train.models import ModelSpec, build
+
+    model, _ = build(ModelSpec(builtin="tiny-llama"), seed=5)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(3, 60, (9,), generator=g).tolist()
+    for shared, starts in ((prefix, 4), (prefix, 9), (prefix[:1], 0)):
+        owns = [[7, 8], [7, 8, 9, 10, 11], [12], [7]]
+        encoded = [(shared + own, [-100] * starts + (shared + own)[starts:]) for own in owns]
+        with torch.no_grad():
+            cached = quality_choice.shared_nll(model, encoded, pad_id=0)
+            whole = quality_choice.summed_nll(model, encoded, pad_id=0)
+        assert cached == pytest.approx(whole, rel=1e-5, abs=1e-5)
+        assert len(set(round(x, 4) for x in whole)) == len(owns)  # distinct: a wrong offset would show
 
 
 @pytest.mark.skipif(
