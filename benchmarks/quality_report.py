@@ -227,6 +227,10 @@ def _ci(i: Interval | None, claim: bool = True, signed: str = "+.3f") -> str:
     return f"{i.difference:{signed}} [{i.low:{signed}}, {i.high:{signed}}]{_over_seeds(i, signed)}{mark}"
 
 
+def _p(i: Interval) -> str:
+    return "" if i.seed_p is None else f", p {i.seed_p:.3f}"
+
+
 def _over_seeds(i: Interval, signed: str = "+.3f") -> str:
     """The t interval over the seeds' differences, where there are two seeds or more."""
     return "" if i.seed_low is None else f"; seeds (t) [{i.seed_low:{signed}}, {i.seed_high:{signed}}]"
@@ -314,7 +318,7 @@ def claims(summ: list[dict[str, Any]], first_task: str) -> list[str]:
             )
             out.append(
                 f"{head}: {verdict} ({i.difference:+.3f}, 95% CI [{i.low:+.3f}, {i.high:+.3f}]"
-                f"{_over_seeds(i)}, {s[seeds]} paired seeds)"
+                f"{_over_seeds(i)}{_p(i)}, {s[seeds]} paired seeds)"
             )
     return out
 
@@ -448,6 +452,8 @@ def _markdown(meta, summaries, compared, rows, methods, categories, tasks, first
         "seeds and items, and the t interval over the seeds' differences (`seeds (t)`; with 3 seeds "
         "the bootstrap alone excludes 0 whenever the seeds agree in sign). `**` marks a claim.",
         "",
+        _multiplicity([s for group in (*summaries.values(), *compared.values()) for s in group]),
+        "",
         *claims([s for summ in summaries.values() for s in summ], first),
         "",
         *_pair_claims(compared, first),
@@ -491,6 +497,21 @@ def _markdown(meta, summaries, compared, rows, methods, categories, tasks, first
         for m in rows
     ]
     return [*lines, "", "Every run: `runs.csv`; the interpolated values: `matched.csv`."]
+
+
+def _multiplicity(found: list[dict[str, Any]]) -> str:
+    """How many comparisons could be claims, and how many of those chance alone would make."""
+    keys = (
+        ("retention_vs", "paired_seeds"),
+        ("chosen_vs", "chosen_seeds"),
+        ("first_final_vs", "paired_seeds"),
+    )
+    n = sum(1 for s in found for key, seeds in keys if s.get(key) is not None and s[seeds] >= MIN_SEEDS)
+    return (
+        f"{n} comparisons below have the seeds for a claim. Where nothing differs, about {0.05 * n:.1f} of "
+        "them would exclude 0 by chance at 95%; each gives its p (the seeds' t test) for a reader's own "
+        "correction, which the marks do not make."
+    )
 
 
 def _pair_claims(compared: dict[float, list[dict[str, Any]]], first: str) -> list[str]:

@@ -37,6 +37,7 @@ class Interval:
     high: float
     seed_low: float | None = None  # the t interval over the seeds' differences (None with one seed)
     seed_high: float | None = None
+    seed_p: float | None = None  # the t test's two-sided p over the seeds (for a reader's own correction)
 
     @property
     def excludes_zero(self) -> bool:
@@ -81,41 +82,52 @@ def paired_interval(
         draws.append(total / len(seeds))
     draws.sort()
     tail = (1 - level) / 2
-    seed_low, seed_high = _t_interval([sum(d) / len(d) for d in diffs], level)
+    seed_low, seed_high, seed_p = _t_interval([sum(d) / len(d) for d in diffs], level)
     return Interval(
-        point, draws[int(tail * reps)], draws[min(reps - 1, int((1 - tail) * reps))], seed_low, seed_high
+        point,
+        draws[int(tail * reps)],
+        draws[min(reps - 1, int((1 - tail) * reps))],
+        seed_low,
+        seed_high,
+        seed_p,
     )
 
 
-def _t_interval(values: list[float], level: float) -> tuple[float | None, float | None]:
-    """mean ± t(n - 1) · SE over `values` (the seeds' mean differences); (None, None) for one value."""
+def _t_interval(values: list[float], level: float) -> tuple[float | None, float | None, float | None]:
+    """mean ± t(n - 1) · SE over `values` (the seeds' mean differences), and the two-sided p of the
+    mean being 0; all None for one value."""
     estimate = mean_se(values)
     if estimate.se is None:
-        return None, None
-    half = t_quantile(1 - (1 - level) / 2, len(values) - 1) * estimate.se
-    return estimate.mean - half, estimate.mean + half
+        return None, None, None
+    df = len(values) - 1
+    half = t_quantile(1 - (1 - level) / 2, df) * estimate.se
+    if estimate.se == 0:  # every seed differs by the same amount
+        p = 1.0 if estimate.mean == 0 else 0.0
+    else:
+        p = max(0.0, 2 * (0.5 - _t_half(abs(estimate.mean) / estimate.se, df)))
+    return estimate.mean - half, estimate.mean + half, p
+
+
+def _t_half(x: float, df: int, steps: int = 2000) -> float:
+    """P(0 < T < x) for Student's t with `df` degrees of freedom (the standard library has no t): with
+    t = sqrt(df) tan(u) its density becomes c sqrt(df) cos(u)^(df - 1) on [0, pi/2), smooth and
+    bounded for any x (infinite included), integrated by Simpson's rule."""
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    end = math.atan(x / math.sqrt(df))
+    h = end / steps
+    inner = sum((4 if i % 2 else 2) * math.cos(i * h) ** (df - 1) for i in range(1, steps))
+    return math.exp(log_norm) * math.sqrt(df) * h / 3 * (1.0 + inner + math.cos(end) ** (df - 1))
 
 
 @lru_cache
 def t_quantile(p: float, df: int) -> float:
-    """The `p` quantile (p > 0.5) of Student's t with `df` degrees of freedom, by bisection on its
-    distribution function, integrated by Simpson's rule (the standard library has no t)."""
-    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-
-    def density(t: float) -> float:
-        return math.exp(log_norm - (df + 1) / 2 * math.log1p(t * t / df))
-
-    def upper_half(x: float, steps: int = 2000) -> float:  # P(0 < T < x)
-        h = x / steps
-        inner = sum((4 if i % 2 else 2) * density(i * h) for i in range(1, steps))
-        return h / 3 * (density(0.0) + inner + density(x))
-
+    """The `p` quantile (p > 0.5) of Student's t with `df` degrees of freedom, by bisection."""
     low, high = 0.0, 1.0
-    while 0.5 + upper_half(high) < p:
+    while 0.5 + _t_half(high, df) < p:
         high *= 2
     for _ in range(60):
         mid = (low + high) / 2
-        low, high = (mid, high) if 0.5 + upper_half(mid) < p else (low, mid)
+        low, high = (mid, high) if 0.5 + _t_half(mid, df) < p else (low, mid)
     return (low + high) / 2
 
 

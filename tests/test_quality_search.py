@@ -104,7 +104,7 @@ def test_three_seeds_that_agree_in_sign_but_spread_are_no_claim() -> None:
     assert found.difference == pytest.approx(0.55 / 3) and 0 < found.low <= 0.03 and 0.45 < found.high <= 0.47
     spread = math.sqrt(sum((x - 0.55 / 3) ** 2 for x in (0.03, 0.47, 0.05)) / 2 / 3)
     assert found.seed_low == pytest.approx(0.55 / 3 - 4.302653 * spread, abs=1e-4) and found.seed_low < 0
-    assert not found.excludes_zero
+    assert not found.excludes_zero and 0.05 < found.seed_p < 0.5
     steady = [[1.0] * k + [0.0] * (100 - k) for k in (20, 24, 22)]
     assert paired_interval(steady, base, shared_items=False).excludes_zero  # both intervals exclude 0
 
@@ -113,6 +113,17 @@ def test_the_t_quantiles_are_the_tabled_ones() -> None:
     for df, tabled in ((1, 12.706205), (2, 4.302653), (3, 3.182446), (9, 2.262157), (60, 2.000298)):
         assert t_quantile(0.975, df) == pytest.approx(tabled, abs=2e-5)
     assert t_quantile(0.95, 4) == pytest.approx(2.131847, abs=2e-5)
+
+
+def test_the_seeds_p_is_0_05_where_their_interval_touches_0() -> None:
+    import quality_stats
+
+    m = 4.302653 / math.sqrt(3)  # three seeds m - 1, m, m + 1: t = m / (1 / sqrt(3)) = t(2, 0.975)
+    low, high, p = quality_stats._t_interval([m - 1, m, m + 1], 0.95)
+    assert low == pytest.approx(0, abs=1e-5) and high == pytest.approx(2 * m, abs=1e-5)
+    assert p == pytest.approx(0.05, abs=1e-5)
+    assert quality_stats._t_interval([0.2, 0.2, 0.2], 0.95)[2] == pytest.approx(0.0, abs=1e-9)  # no spread
+    assert quality_stats._t_interval([0.2], 0.95) == (None, None, None)
 
 
 def test_the_paired_interval_refuses_unpaired_data() -> None:
