@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quality_report import Matched, retention
+from quality_report import REFERENCE, Matched, retention
 from quality_stats import mean_se
 
 CORE = ("full", "lora", "paca", "s2ft", "hft")
@@ -127,6 +127,16 @@ def measures(base: dict[str, Any]) -> list[Measure]:
     ]
 
 
+def _colors(groups: list[tuple[str, list[str]]], palette) -> dict[str, Any]:
+    """Strong colours only: each panel takes them in turn from the start (panels may share one,
+    their names are written beside them), and full fine-tuning keeps the first in every panel."""
+    colors = {REFERENCE: palette[0]}
+    for _, group in groups:
+        others = [m for m in group if m != REFERENCE]
+        colors.update({m: palette[1 + i % (len(palette) - 1)] for i, m in enumerate(others)})
+    return colors
+
+
 def tradeoff(runs, rows, methods, levels, base: dict[str, Any], path: Path) -> None:
     plt = _plt()
     methods = [m for m in methods if any(r.method == m for r in runs)]  # a method without runs draws nothing
@@ -136,8 +146,7 @@ def tradeoff(runs, rows, methods, levels, base: dict[str, Any], path: Path) -> N
         groups.append(("toolbox and combinations", [m for m in methods if m == "full"] + extra))
     rows_of = measures(base)
     fig, axes = plt.subplots(len(rows_of), len(groups), figsize=(6.5 * len(groups), 9.5), squeeze=False)
-    palette = plt.get_cmap("tab20").colors  # one colour per method in both panels
-    colors = {m: palette[(2 * i) % 20 + (2 * i) // 20] for i, m in enumerate(methods)}
+    colors = _colors(groups, plt.get_cmap("tab10").colors)
     for row, measure in zip(axes, rows_of, strict=True):
         for ax, (_, group) in zip(row, groups, strict=True):
             _panel(ax, runs, rows, group, levels, colors, measure)
