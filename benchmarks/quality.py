@@ -646,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     preset = replace(
         preset,
-        methods=tuple(args.methods or preset.methods),
+        methods=tuple(chosen),
         seeds=tuple(args.seeds or preset.seeds),
         rates=tuple(args.lr or ()),
     )

@@ -61,8 +61,9 @@ def chosen(model, tokenizer, probes: list[dict]) -> list[int]:
 
 
 def shared_nll(model, encoded: list[tuple[list[int], list[int]]], pad_id: int) -> list[float]:
-    """`summed_nll` of sequences that share a token prefix, with that prefix run once: its key-value
-    cache is repeated for every sequence's own tokens. About four times fewer tokens for a probe's
+    """Each sequence's summed next-token NLL over its labelled positions, for sequences that share a
+    token prefix, with that prefix run once: its key-value cache is repeated for every sequence's own
+    tokens. About four times fewer tokens for a probe's
     four candidates (system prompt, question and frame are most of each), and the shared part's NLL is
     the same number for every candidate, so only their own tokens decide between them."""
     from slimtune.apps.train.tasks import cache_keyword, right_padded
@@ -94,14 +95,3 @@ def _common(sequences: list[list[int]]) -> int:
             break
         n += 1
     return n
-
-
-def summed_nll(model, encoded: list[tuple[list[int], list[int]]], pad_id: int) -> list[float]:
-    """Each sequence's summed next-token NLL over its labelled positions (right-padded batch): the
-    plain reference `shared_nll` is tested against."""
-    from slimtune.apps.train.tasks import right_padded
-
-    ids, labels, mask = right_padded(encoded, pad_id, next(model.parameters()).device)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    loss = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
-    return loss.sum(1).tolist()

@@ -149,6 +149,14 @@ def paired(rows: list[Matched], method: str, against: str, level: float, first_t
     }
 
 
+# the intervals every summary or pair row holds, each with the count of seeds it pairs on
+COMPARISONS = (
+    ("retention_vs", "paired_seeds"),
+    ("chosen_vs", "chosen_seeds"),
+    ("first_final_vs", "paired_seeds"),
+)
+
+
 def _probes(m: Matched) -> list[float]:
     return m.probes
 
@@ -248,13 +256,10 @@ def summary_table(summ: list[dict[str, Any]], first_task: str) -> list[str]:
             lines.append(f"| {s['method']} | 0 (not bracketed) | | | | | | | | | | | |")
             continue
         drifts = " | ".join(_est(s[f"{d}_drift"]) for d in DRIFTS)
-        claim = s["paired_seeds"] >= MIN_SEEDS  # ** marks a claim: an interval excluding 0, enough seeds
+        kept, chosen, first = _cells(s)
         lines.append(
-            f"| {s['method']} | {s['seeds']} | {s['lr']:.2g} | {_est(s['retention'])} "
-            f"| {_ci(s['retention_vs'], claim)} | {_est(s['chosen'])} "
-            f"| {_ci(s['chosen_vs'], s['chosen_seeds'] >= MIN_SEEDS)} | {_est(s['first_final'])} "
-            f"| {_ci(s['first_final_vs'], claim)} "
-            f"| {drifts} |"
+            f"| {s['method']} | {s['seeds']} | {s['lr']:.2g} | {_est(s['retention'])} | {kept} "
+            f"| {_est(s['chosen'])} | {chosen} | {_est(s['first_final'])} | {first} | {drifts} |"
         )
     return lines
 
@@ -299,11 +304,8 @@ def claims(summ: list[dict[str, Any]], first_task: str) -> list[str]:
     out = []
     for s in summ:
         against = "full fine-tuning" if s["against"] == REFERENCE else s["against"]
-        for key, what, seeds in (
-            ("retention_vs", "general-knowledge probes", "paired_seeds"),
-            ("chosen_vs", "the probes' 4-way choice", "chosen_seeds"),
-            ("first_final_vs", first_task, "paired_seeds"),
-        ):
+        whats = ("general-knowledge probes", "the probes' 4-way choice", first_task)
+        for (key, seeds), what in zip(COMPARISONS, whats, strict=True):
             i = s.get(key)
             if i is None:
                 continue
@@ -338,12 +340,13 @@ def pairs_table(found: list[dict[str, Any]], first_task: str) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for s in found:
-        claim = s["paired_seeds"] >= MIN_SEEDS
-        lines.append(
-            f"| {s['method']} vs {s['against']} | {s['paired_seeds']} | {_ci(s['retention_vs'], claim)} "
-            f"| {_ci(s['chosen_vs'], s['chosen_seeds'] >= MIN_SEEDS)} | {_ci(s['first_final_vs'], claim)} |"
-        )
+        lines.append(f"| {s['method']} vs {s['against']} | {s['paired_seeds']} | {' | '.join(_cells(s))} |")
     return lines
+
+
+def _cells(s: dict[str, Any]) -> list[str]:
+    """The row's intervals (`COMPARISONS`), `**` on those that are claims: excluding 0 on enough seeds."""
+    return [_ci(s[key], s[seeds] >= MIN_SEEDS) for key, seeds in COMPARISONS]
 
 
 def run_rows(runs: list) -> list[dict[str, Any]]:
@@ -501,12 +504,9 @@ def _markdown(meta, summaries, compared, rows, methods, categories, tasks, first
 
 def _multiplicity(found: list[dict[str, Any]]) -> str:
     """How many comparisons could be claims, and how many of those chance alone would make."""
-    keys = (
-        ("retention_vs", "paired_seeds"),
-        ("chosen_vs", "chosen_seeds"),
-        ("first_final_vs", "paired_seeds"),
+    n = sum(
+        1 for s in found for key, seeds in COMPARISONS if s.get(key) is not None and s[seeds] >= MIN_SEEDS
     )
-    n = sum(1 for s in found for key, seeds in keys if s.get(key) is not None and s[seeds] >= MIN_SEEDS)
     return (
         f"{n} comparisons below have the seeds for a claim. Where nothing differs, about {0.05 * n:.1f} of "
         "them would exclude 0 by chance at 95%; each gives its p (the seeds' t test) for a reader's own "

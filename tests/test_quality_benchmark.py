@@ -324,6 +324,19 @@ def test_each_probe_is_offered_its_answer_and_three_others_of_its_category() -> 
     assert quality_choice.frame("Parisian food", "Paris") == ""  # whole words only
 
 
+def _summed_nll(model, encoded: list[tuple[list[int], list[int]]], pad_id: int) -> list[float]:
+    """The plain reference: each sequence's summed next-token NLL over its labelled positions, from one
+    right-padded batch."""
+    from slimtune.apps.train.tasks import right_padded
+
+    ids, labels, mask = right_padded(encoded, pad_id, "cpu")
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    loss = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
+    )
+    return loss.sum(1).tolist()
+
+
 def test_candidates_sharing_a_prefix_score_as_when_run_whole() -> None:
     """The prefix run once with its cache repeated gives each sequence's summed NLL as a plain padded
     batch does: own parts of different lengths, one a prefix of another, labels starting inside the
@@ -340,7 +353,7 @@ def test_candidates_sharing_a_prefix_score_as_when_run_whole() -> None:
         encoded = [(shared + own, [-100] * starts + (shared + own)[starts:]) for own in owns]
         with torch.no_grad():
             cached = quality_choice.shared_nll(model, encoded, pad_id=0)
-            whole = quality_choice.summed_nll(model, encoded, pad_id=0)
+            whole = _summed_nll(model, encoded, pad_id=0)
         assert cached == pytest.approx(whole, rel=1e-5, abs=1e-5)
         assert len(set(round(x, 4) for x in whole)) == len(owns)  # distinct: a wrong offset would show
 
