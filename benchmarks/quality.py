@@ -15,12 +15,18 @@ stage the benchmark measures what the base knew: general-knowledge probes the ba
 match, in ten categories), and the per-token NLL change on prose, on code (HumanEval's canonical
 solutions) and on the base's own replies.
 
+Methods: the core ones (full fine-tuning, LoRA, PaCA, S2FT, HFT), the toolbox after full fine-tuning
+(LiNeS, ProMoT, FPF and its control, CorDA-KPM's LoRA) and combinations. `replay` mixes general prose
+into each stage's fixed steps; `rehearsal` mixes in the base's own chat replies to other prompts than
+the reply drift's, each stage's steps raised so that its task rows are seen as often
+(`quality_replies.py`).
+
 Learning rates are searched, not gridded: per method and seed, runs bracket and bisect log(lr) until
-the mean new-task accuracy (each task after its own stage) is bracketed at 0.8 and at 0.9
-(`quality_search.py`); what a method keeps at each level is interpolated between the two runs that
-bracket it. Each seed draws its own task data. Differences to full fine-tuning (and between the
-methods named by `--pairs A:B`) are paired (same seeds, same items), and claimed only where a
-bootstrap interval over seeds and items and a t interval over the seeds both exclude 0
+the mean new-task accuracy (each task after its own stage) is bracketed at 0.8 and at 0.9 (the `cpu`
+preset: 0.7 and 0.8; `quality_search.py`); what a method keeps at each level is interpolated between
+the two runs that bracket it. Each seed draws its own task data. Differences to full fine-tuning
+(and between the methods named by `--pairs A:B`) are paired (same seeds, same items), and claimed
+only where a bootstrap interval over seeds and items and a t interval over the seeds both exclude 0
 (`quality_stats.py`); `quality_report.py` writes the tables and figures. Every run is one `slimtune
 train` recipe in a fresh one-thread process, so an interrupted benchmark continues where it stopped.
 Each finished run is also kept whole in the results folder's `ledger/` (`quality_ledger.py`): commit
@@ -37,7 +43,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -49,6 +55,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import quality_choice as choice  # noqa: E402
 import quality_ledger as ledger  # noqa: E402
+import quality_replies as replies  # noqa: E402
 import quality_report as report  # noqa: E402
 from quality_data import tasks as data  # noqa: E402
 from quality_search import Point, next_lr  # noqa: E402
@@ -57,7 +64,6 @@ MODEL = "smollm2-135m"
 NEW_TASKS = tuple(data.TASKS)  # taught in this order, one stage each
 LEVELS = (0.8, 0.9)  # the mean new-task accuracies at which methods are compared (presets may lower them)
 LIMITS = (1e-6, 3e-2)  # the search's bounds on the learning rate
-REPLY_TOKENS = 160  # the budget of the base's replies (those it ends within it are kept)
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,8 @@ class MethodSpec:
     method: dict[str, Any]
     start: float  # the first learning rate tried
     # plain | lines (LiNeS after each stage) | replay (general prose mixed into each stage) | fpf |
-    # fpf-all | corda-kpm | promot (a soft prompt trained first in each stage) | lines+replay
+    # fpf-all | corda-kpm | promot (a soft prompt trained first in each stage) | rehearsal (the base's
+    # own chat replies mixed into each stage, its steps raised to keep the task rows seen)
     pattern: str = "plain"
 
 
@@ -92,11 +99,12 @@ METHODS = {
         # nats) where 3.33e-4 learned most; seed 2 starts there (only the first run of a chain reads it)
         MethodSpec("corda-kpm", {**LORA, "init": "corda-kpm"}, 3.33e-4, "corda-kpm"),
         MethodSpec("full+replay", {"name": "full"}, 1e-4, "replay"),
+        MethodSpec("full+rehearsal", {"name": "full"}, 1e-4, "rehearsal"),
         # the combinations start where their method's own search does
         MethodSpec("paca+lines", PACA, 2e-3, "lines"),
         MethodSpec("s2ft+lines", S2FT, 2e-3, "lines"),
-        MethodSpec("paca+replay", PACA, 2e-3, "replay"),
-        MethodSpec("s2ft+replay", S2FT, 2e-3, "replay"),
+        MethodSpec("paca+rehearsal", PACA, 2e-3, "rehearsal"),
+        MethodSpec("s2ft+rehearsal", S2FT, 2e-3, "rehearsal"),
     )
 }
 CORE = ("full", "lora", "paca", "s2ft", "hft")
@@ -123,6 +131,7 @@ class Preset:
     code: int | None  # HumanEval problems for the code drift (None: all 164)
     replies: int  # the base's replies for the reply drift
     replay: int  # prose examples mixed into each stage (replay patterns)
+    rehearsal: int  # the base's chat replies mixed into each stage (rehearsal patterns)
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = tuple(METHODS)
     width: float = 1.8  # each level's bracket is narrowed to this ratio of its rates
@@ -143,15 +152,16 @@ class Preset:
 # the t interval over seeds to exclude 0 (t = 4.30 with 3 seeds, 2.78 with 5), so `full` runs 5 seeds.
 PRESETS = {
     "full": Preset(steps=32, batch_size=8, seq_len=128, train_n=256, eval_n=64, min_probes=150, text=16,
-                   code=None, replies=16, replay=32, seeds=(0, 1, 2, 3, 4)),
+                   code=None, replies=16, replay=32, rehearsal=16, seeds=(0, 1, 2, 3, 4)),
     # the core methods and LiNeS, brackets of one search step (ratio 3): hours on 2 CPU cores
     # (code drift on the first 48 HumanEval problems: all 164 cost a run minutes of forward passes)
     "cpu": Preset(steps=16, batch_size=8, seq_len=128, train_n=128, eval_n=64, min_probes=150, text=16,
-                  code=48, replies=16, replay=32, methods=("full", "paca", "lora", "s2ft", "full+lines"),
-                  width=3.0, max_runs=6, levels=(0.7, 0.8)),
+                  code=48, replies=16, replay=32, rehearsal=16,
+                  methods=("full", "paca", "lora", "s2ft", "full+lines"), width=3.0, max_runs=6,
+                  levels=(0.7, 0.8)),
     "tiny": Preset(steps=2, batch_size=4, seq_len=128, train_n=16, eval_n=4, min_probes=4, text=2, code=2,
-                   replies=2, replay=4, seeds=(0,), methods=("full", "paca"), width=100.0, max_runs=1,
-                   candidates=16, prompts=4, probe_tokens=8),
+                   replies=2, replay=4, rehearsal=2, seeds=(0,), methods=("full", "paca", "full+rehearsal"),
+                   width=100.0, max_runs=1, candidates=16, prompts=4, probe_tokens=8),
 }  # fmt: skip
 
 
@@ -221,10 +231,12 @@ def prepare(out: Path, preset: Preset) -> dict[str, Any]:
         folder / "replay.jsonl", [{"text": t["text"]} for t in text[preset.text :]][: preset.replay]
     )
     data.write_jsonl(folder / "code.jsonl", data.human_eval()[: preset.code])
-    replies = _base_replies(model, tok, preset)
-    if not replies:
-        raise SystemExit(f"none of the base's replies ended within {REPLY_TOKENS} tokens: give more prompts")
-    data.write_jsonl(folder / "replies.jsonl", replies)
+    drift = replies.drift_set(model, tok, preset.prompts, preset.replies)
+    if not drift:
+        raise SystemExit(
+            f"none of the base's replies ended within {replies.REPLY_TOKENS} tokens: give more prompts"
+        )
+    data.write_jsonl(folder / "replies.jsonl", drift)
     shipped = len(data.read_jsonl("probes.jsonl")[: preset.candidates])
     info = {"probes": {"kept": len(kept), "candidates": shipped}, "categories": [c["category"] for c in kept]}
     info["base"] = measure(model, out, preset)
@@ -283,30 +295,30 @@ def _screen_probes(model, tok, preset: Preset) -> list[dict]:
 
 def _probe(question: str, answer: str, category: str, reply: str) -> dict:
     """A kept probe: its chat, category and the frame of the base's reply (`quality_choice`)."""
-    return {**_chat(question, answer), "category": category, "prefix": choice.frame(reply, answer)}
+    return {**replies.chat(question, answer), "category": category, "prefix": choice.frame(reply, answer)}
 
 
 def _read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def _base_replies(model, tok, preset: Preset) -> list[dict]:
-    """The base's greedy replies to generic instructions that end at its end of turn within
-    `REPLY_TOKENS` (greedy stops at eos, the chat template's end-of-turn token; a reply the budget
-    cut would teach the measure a false end), as chats."""
-    from slimtune.apps.train.tasks import chat, greedy
+def rehearsal_data(out: Path, preset: Preset) -> Path:
+    """The rehearsal set (`quality_replies.rehearsal_set`), made once for a work folder and kept in
+    `out/data/rehearsal.jsonl` (only the rehearsal patterns read it, and only their runs digest it)."""
+    path = out / "data" / "rehearsal.jsonl"
+    if not path.exists():
+        import slimtune
 
-    prompts = [p["prompt"] for p in data.read_jsonl("prompts.jsonl")][: preset.prompts]
-    answers = []
-    for start in range(0, len(prompts), 16):
-        answers += greedy(model, tok, [chat(p, "") for p in prompts[start : start + 16]], REPLY_TOKENS)
-    ended = [(p, a.strip()) for p, a in zip(prompts, answers, strict=True) if a.strip()]
-    ended = [(p, a) for p, a in ended if len(tok.encode(a)) < REPLY_TOKENS - 2]  # margin: re-encoding
-    return [_chat(p, a) for p, a in ended][: preset.replies]
-
-
-def _chat(question: str, answer: str) -> dict:
-    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+        model, tok = slimtune.models.load(MODEL)[0], _tokenizer()
+        drift = _read(out / "data" / "replies.jsonl")
+        chats = replies.rehearsal_set(model, tok, drift, preset.rehearsal, preset.seq_len)
+        if len(chats) < preset.rehearsal:
+            raise SystemExit(
+                f"the base's replies give {len(chats)} rehearsal chats of the {preset.rehearsal} the preset "
+                f"mixes in: add prompts to quality_data/prompts.jsonl"
+            )
+        data.write_jsonl(path, chats)
+    return path
 
 
 def measure(model, out: Path, preset: Preset, keys: Collection[str] | None = None) -> dict[str, Any]:
@@ -364,22 +376,20 @@ MEASURES = (
 # ---- recipes ---------------------------------------------------------------------------------------
 
 
-def recipe(spec: MethodSpec, lr: float, seed: int, preset: Preset) -> dict[str, Any]:
-    """One `slimtune train` recipe: the new tasks in sequence, with the method's pattern."""
-    stage = {"steps": preset.steps, "batch_size": preset.batch_size, "lr": lr, "schedule": "cosine",
-             "warmup_steps": max(1, preset.steps // 8), "weight_decay": 0.0}  # fmt: skip
+# The data files a pattern mixes into every stage beside the stage's task (`data/<name>.jsonl`).
+MIXED = {"replay": "replay", "rehearsal": "rehearsal"}
+
+
+def recipe(
+    spec: MethodSpec, lr: float, seed: int, preset: Preset, steps: Mapping[str, int] | None = None
+) -> dict[str, Any]:
+    """One `slimtune train` recipe: the new tasks in sequence, with the method's pattern. `steps`:
+    each stage's steps, where not the preset's (rehearsal patterns need them: `Search.stage_steps`)."""
+    if spec.pattern == "rehearsal" and steps is None:
+        raise ValueError(f"{spec.name}: a rehearsal recipe needs each stage's steps (Search.stage_steps)")
     stages = []
     for name in NEW_TASKS:
-        sources = [{"path": f"data/seed{seed}/{name}-train.jsonl"}]
-        if "replay" in spec.pattern:  # general prose in every stage
-            sources.append({"path": "data/replay.jsonl"})
-        entry = {"name": name, "data": sources, **stage}
-        if "lines" in spec.pattern:
-            entry["post"] = ["lines"]
-        if spec.pattern == "corda-kpm":  # the covariance of what to keep: general prose
-            entry["corda"] = {"data": [{"path": "data/replay.jsonl"}], "rows": 32}
-        if spec.pattern in POST_FPF and name == NEW_TASKS[-1]:
-            entry["post"] = [{"fpf": POST_FPF[spec.pattern]}]
+        entry = _stage(spec, name, lr, seed, preset, (steps or {}).get(name, preset.steps))
         if spec.pattern == "promot":
             stages.append({**entry, "name": f"{name}-prompt", "method": PROMPT, "lr": PROMPT_LR})
         stages.append(entry)
@@ -395,6 +405,22 @@ def recipe(spec: MethodSpec, lr: float, seed: int, preset: Preset) -> dict[str, 
         "tasks": tasks,
         "stages": stages,
     }
+
+
+def _stage(spec: MethodSpec, name: str, lr: float, seed: int, preset: Preset, steps: int) -> dict[str, Any]:
+    """The stage teaching task `name`, with what the method's pattern adds to it."""
+    sources = [{"path": f"data/seed{seed}/{name}-train.jsonl"}]
+    if spec.pattern in MIXED:  # general data in every stage
+        sources.append({"path": f"data/{MIXED[spec.pattern]}.jsonl"})
+    entry = {"name": name, "data": sources, "steps": steps, "batch_size": preset.batch_size, "lr": lr,
+             "schedule": "cosine", "warmup_steps": max(1, steps // 8), "weight_decay": 0.0}  # fmt: skip
+    if "lines" in spec.pattern:
+        entry["post"] = ["lines"]
+    if spec.pattern == "corda-kpm":  # the covariance of what to keep: general prose
+        entry["corda"] = {"data": [{"path": "data/replay.jsonl"}], "rows": 32}
+    if spec.pattern in POST_FPF and name == NEW_TASKS[-1]:
+        entry["post"] = [{"fpf": POST_FPF[spec.pattern]}]
+    return entry
 
 
 def base_eval(out: Path, seed: int, preset: Preset) -> Path:
@@ -490,7 +516,8 @@ class Search:
     ) -> None:
         self.out, self.preset, self.preset_name, self.workers = out, preset, preset_name, workers
         self.launch, self.kept = launch, kept  # kept: the ledger's folder (`quality_ledger`), if any
-        self.digests: dict[int, str] = {}  # per seed: its prepared data's (`ledger.data_digest`)
+        self.digests: dict[tuple[int, str], str] = {}  # per seed and pattern (`ledger.data_digest`)
+        self.steps: dict[int, dict[str, int]] = {}  # per seed: each rehearsal stage's (`stage_steps`)
         self.chains = [
             Chain(METHODS[m], s, self._finished(m, s)) for m in preset.methods for s in preset.seeds
         ]
@@ -530,14 +557,39 @@ class Search:
         for path in sorted(self.kept.glob(f"{pattern}.json")) if self.kept else ():
             lr = _rate(path.stem)
             if lr not in runs:
-                record = ledger.read(path, recipe(chain.spec, lr, seed, self.preset), self._digest(seed))
+                record = ledger.read(path, self.recipe(chain.spec, lr, seed), self._digest(seed, chain.spec))
                 runs[lr] = Run.from_record(record, self.out / "runs" / path.stem)
         return sorted(runs.values(), key=lambda r: r.lr)
 
-    def _digest(self, seed: int) -> str:
-        if seed not in self.digests:
-            self.digests[seed] = ledger.data_digest(self.out, seed)
-        return self.digests[seed]
+    def _digest(self, seed: int, spec: MethodSpec) -> str:
+        """The digest of what a run of `spec` and `seed` reads: the shared data and the seed's, and the
+        data its pattern mixes in beyond those (the rehearsal set)."""
+        also = (MIXED[spec.pattern],) if spec.pattern == "rehearsal" else ()
+        key = (seed, spec.pattern if also else "")
+        if key not in self.digests:
+            self.digests[key] = ledger.data_digest(self.out, seed, also)
+        return self.digests[key]
+
+    def recipe(self, spec: MethodSpec, lr: float, seed: int) -> dict[str, Any]:
+        """`recipe`, with each stage's steps where the pattern needs them (`stage_steps`)."""
+        steps = self.stage_steps(seed) if spec.pattern == "rehearsal" else None
+        return recipe(spec, lr, seed, self.preset, steps)
+
+    def stage_steps(self, seed: int) -> dict[str, int]:
+        """Each stage's steps with the rehearsal set mixed in: raised by the rows it adds to the rows
+        the stage's task data packs into (`quality_replies.stage_steps`)."""
+        if seed not in self.steps:
+            tok, folder, seq_len = _tokenizer(), self.out / "data", self.preset.seq_len
+            added = replies.rows(folder / "rehearsal.jsonl", tok, seq_len)
+            self.steps[seed] = {
+                name: replies.stage_steps(
+                    replies.rows(folder / f"seed{seed}" / f"{name}-train.jsonl", tok, seq_len),
+                    added,
+                    self.preset.steps,
+                )
+                for name in NEW_TASKS
+            }
+        return self.steps[seed]
 
     def _keep(self, chain: Chain, run: Run) -> None:
         """A run finished in the work folder, into the ledger: refused (SystemExit) where the recipe it
@@ -546,9 +598,9 @@ class Search:
             return
         made = self.out / f"{run.folder.name}.yaml"
         made_with = yaml.safe_load(made.read_text()) if made.exists() else None
-        digest = self._digest(chain.seed)
+        digest = self._digest(chain.seed, chain.spec)
         record = ledger.entry(run, made_with, digest)
-        ledger.check(record, recipe(chain.spec, run.lr, chain.seed, self.preset), digest, made)
+        ledger.check(record, self.recipe(chain.spec, run.lr, chain.seed), digest, made)
         ledger.keep(self.kept / f"{run.folder.name}.json", record)
 
     def _advance(self, chain: Chain, pool, pending: dict, waiting: list) -> None:
@@ -569,7 +621,7 @@ class Search:
 
     def _job(self, chain: Chain, run: Run) -> tuple[str, str, str, str, str]:
         path = self.out / f"{run.folder.name}.yaml"
-        spec = recipe(chain.spec, run.lr, chain.seed, self.preset)
+        spec = self.recipe(chain.spec, run.lr, chain.seed)
         path.write_text(yaml.safe_dump(spec, sort_keys=False))
         shutil.rmtree(run.folder, ignore_errors=True)
         base = base_eval(self.out, chain.seed, self.preset)
@@ -658,6 +710,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(preset.methods)} methods x {len(preset.seeds)} seeds", flush=True)  # fmt: skip
     for seed in preset.seeds:
         base_eval(out, seed, preset)
+    if any(METHODS[m].pattern == "rehearsal" for m in preset.methods):
+        rehearsal_data(out, preset)
     runs = Search(out, preset, args.preset, args.workers, not args.report_only, results / "ledger").run()
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     setup = {"preset": args.preset, **asdict(preset), "limits": LIMITS}

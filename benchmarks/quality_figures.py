@@ -1,8 +1,10 @@
-"""The quality benchmark's figures: learning versus keeping (core methods and the toolbox in separate
-panels, labelled directly), and each new task's accuracy at the end (what the later stages took)."""
+"""The quality benchmark's figures: learning versus keeping (core methods, the toolbox after full
+fine-tuning and the combinations in separate panels, labelled directly), and each new task's accuracy at
+the end (what the later stages took)."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,30 +129,46 @@ def measures(base: dict[str, Any]) -> list[Measure]:
     ]
 
 
-def _colors(groups: list[tuple[str, list[str]]], palette) -> dict[str, Any]:
-    """Strong colours only: each panel takes them in turn from the start (panels may share one,
-    their names are written beside them), and full fine-tuning keeps the first in every panel."""
-    colors = {REFERENCE: palette[0]}
+def _colors(groups: list[tuple[str, list[str]]], palette) -> list[dict[str, Any]]:
+    """Each panel's colours, strong ones only: full fine-tuning the first everywhere, a method drawn in
+    an earlier panel the colour it had there, the others the colours still free in the panel in turn
+    (again from the start when they run out; the names are written beside the lines)."""
+    first = {REFERENCE: palette[0]}
+    panels = []
     for _, group in groups:
-        others = [m for m in group if m != REFERENCE]
-        colors.update({m: palette[1 + i % (len(palette) - 1)] for i, m in enumerate(others)})
-    return colors
+        mine = {m: first[m] for m in group if m in first}
+        free = [c for c in palette if c not in mine.values()] or list(palette[1:])
+        mine.update(zip([m for m in group if m not in mine], itertools.cycle(free)))
+        panels.append(mine)
+        first = {**mine, **first}
+    return panels
+
+
+def groups(methods: list[str]) -> list[tuple[str, list[str]]]:
+    """The panels: the core methods; the toolbox after full fine-tuning (and CorDA-KPM's LoRA) beside
+    full fine-tuning; each combination beside the method it adds to."""
+    combined = [m for m in methods if "+" in m and not m.startswith(f"{REFERENCE}+")]
+    toolbox = [m for m in methods if m not in CORE and m not in combined]
+    own = {m.partition("+")[0] for m in combined}
+    panels = [("core methods", [m for m in methods if m in CORE])]
+    if toolbox:
+        panels.append(("toolbox", [REFERENCE, *toolbox]))
+    if combined:
+        panels.append(("combinations", [m for m in methods if m in own] + combined))
+    return panels
 
 
 def tradeoff(runs, rows, methods, levels, base: dict[str, Any], path: Path) -> None:
     plt = _plt()
     methods = [m for m in methods if any(r.method == m for r in runs)]  # a method without runs draws nothing
-    groups = [("core methods", [m for m in methods if m in CORE])]
-    extra = [m for m in methods if m not in CORE]
-    if extra:  # full fine-tuning drawn again beside the toolbox, as the reference
-        groups.append(("toolbox and combinations", [m for m in methods if m == "full"] + extra))
+    panels = groups(methods)
     rows_of = measures(base)
-    fig, axes = plt.subplots(len(rows_of), len(groups), figsize=(6.5 * len(groups), 9.5), squeeze=False)
-    colors = _colors(groups, plt.get_cmap("tab10").colors)
+    fig, axes = plt.subplots(len(rows_of), len(panels), figsize=(6.5 * len(panels), 9.5), squeeze=False)
+    colors = _colors(panels, plt.get_cmap("tab10").colors)
     for row, measure in zip(axes, rows_of, strict=True):
-        for ax, (_, group) in zip(row, groups, strict=True):
-            _panel(ax, runs, rows, group, levels, colors, measure)
-    for ax, (title, _) in zip(axes[0], groups, strict=True):
+        for ax, (_, group), panel_colors in zip(row, panels, colors, strict=True):
+            _panel(ax, runs, rows, group, levels, panel_colors, measure)
+    for ax, (title, _) in zip(axes[0], panels, strict=True):
         ax.set_title(title)
     for ax in axes[-1]:
         ax.set_xlabel("new tasks learned (mean held-out accuracy, each task after its own stage)", fontsize=8)

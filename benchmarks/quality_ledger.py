@@ -22,14 +22,16 @@ FORMAT = 1
 DATA_FILES = ("probes", "text", "code", "replies", "replay")  # data/<name>.jsonl, shared by every seed
 
 
-def data_digest(out: Path, seed: int) -> str:
+def data_digest(out: Path, seed: int, also: tuple[str, ...] = ()) -> str:
     """SHA-256 over the prepared data a run of `seed` is trained and measured on (a missing file
-    counts as absent)."""
+    counts as absent): `DATA_FILES`, the seed's files, then `also` (`data/<name>.jsonl` files only some
+    patterns read, hashed last so that the digest of the runs that do not read them stays as it was)."""
     from slimtune.files import hash_file
 
     folder = out / "data"
     paths = [folder / f"{name}.jsonl" for name in DATA_FILES]
     paths += sorted((folder / f"seed{seed}").glob("*.jsonl"))
+    paths += [folder / f"{name}.jsonl" for name in also]
     hasher = hashlib.sha256()
     for path in paths:
         hasher.update(f"{path.relative_to(folder)}|".encode())

@@ -140,6 +140,26 @@ def test_figure_labels_are_moved_apart_within_the_axis() -> None:
     assert quality_figures._spread([0.1, 0.5], 0.05) == [0.1, 0.5]  # apart already: not moved
 
 
+def test_each_combination_is_drawn_beside_its_own_method_in_distinct_colours() -> None:
+    import quality_figures
+
+    plain = ["full", "lora", "paca", "s2ft", "hft"]
+    panels = quality_figures.groups([*plain, "full+lines", "corda-kpm", "paca+lines", "s2ft+rehearsal"])
+    assert panels == [
+        ("core methods", ["full", "lora", "paca", "s2ft", "hft"]),
+        ("toolbox", ["full", "full+lines", "corda-kpm"]),
+        ("combinations", ["paca", "s2ft", "paca+lines", "s2ft+rehearsal"]),
+    ]
+    palette = [f"c{i}" for i in range(10)]
+    colors = quality_figures._colors(panels, palette)
+    for (_, group), mine in zip(panels, colors, strict=True):
+        assert set(mine) == set(group) and len(set(mine.values())) == len(group)
+    core, _, combined = colors
+    assert core["full"] == "c0" and combined["paca"] == core["paca"] and combined["s2ft"] == core["s2ft"]
+    many = quality_figures._colors([("all", [f"m{i}" for i in range(12)])], palette)[0]
+    assert len(many) == 12 and set(many.values()) == set(palette)  # past ten, colours are taken again
+
+
 def test_the_forgetting_figure_and_category_table_use_the_level_with_most_seeds(tmp_path) -> None:
     runs = _fake_runs(tmp_path)
     runs += [_fake_run(tmp_path, "paca", 0, 3e-2, 0.99, 0.1)]  # one more seed-level point does not matter
@@ -201,7 +221,7 @@ def test_the_report_writes_every_file_and_names_unbracketed_methods(tmp_path) ->
     assert written[0]["probes_nll"] == "" and float(written[1]["probes_nll"]) == pytest.approx(2.5)
 
 
-@pytest.mark.slow  # about 2 minutes; the report tests above are its short variant in the default run
+@pytest.mark.slow  # about 3 minutes idle; the report tests above are its short variant in the default run
 @pytest.mark.skipif(
     not slimtune.models.is_available("smollm2-135m"),
     reason=f"needs the built-in model: {slimtune.models.INSTALL}",
@@ -211,7 +231,8 @@ def test_the_tiny_quality_benchmark_runs_end_to_end(tmp_path) -> None:
     command = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--preset", "tiny", "--workers", "1"]
     subprocess.run([*command, "--out", str(out), "--results", str(results)], check=True, timeout=900)
     rows = list(csv.DictReader((results / "runs.csv").open()))
-    assert {r["method"] for r in rows} == {"full", "paca"} and {r["seed"] for r in rows} == {"0"}
+    assert {r["method"] for r in rows} == {"full", "paca", "full+rehearsal"}
+    assert {r["seed"] for r in rows} == {"0"}
     for row in rows:
         assert 0.0 <= float(row["probes_kept"]) <= 1.0 and 0.0 <= float(row["learned"]) <= 1.0
     assert len(list((results / "ledger").glob("*.json"))) == len(rows)  # every run kept in the ledger
@@ -284,7 +305,8 @@ def test_a_work_folder_from_before_a_new_measure_measures_its_base_again(tmp_pat
     base = {"probes": [1, 1], "text_nll": 2.0, "code_nll": 1.0, "replies_nll": 1.0}
     (tmp_path / "data" / "prepared.json").write_text(json.dumps({"probes": {"kept": 2}, "base": base}))
     probes = [
-        {**quality._chat(f"Capital {c}?", a), "category": "capitals"} for c, a in (("A", "Ax"), ("B", "By"))
+        {**quality.replies.chat(f"Capital {c}?", a), "category": "capitals"}
+        for c, a in (("A", "Ax"), ("B", "By"))
     ]
     quality.data.write_jsonl(tmp_path / "data" / "probes.jsonl", probes)
     new = {**base, "probes_nll": 0.5, "probes_chosen": [1, 0]}
@@ -307,7 +329,7 @@ def test_each_probe_is_offered_its_answer_and_three_others_of_its_category() -> 
 
     answers = {"capitals": ["Paris", "Rome", "Oslo", "Lima", "paris"], "numbers": ["seven", "two"]}
     probes = [
-        {**quality._chat(f"q{i}", a), "category": c}
+        {**quality.replies.chat(f"q{i}", a), "category": c}
         for c, group in answers.items()
         for i, a in enumerate(group)
     ]
@@ -428,7 +450,9 @@ def test_every_method_of_the_benchmark_is_a_recipe_the_trainer_reads(tmp_path, m
     module, FPF over the 4 that drifted most, both after the last stage only."""
     from slimtune.apps.train.recipe import load_recipe
 
-    spec = quality.recipe(quality.METHODS[method], 1e-4, 0, quality.PRESETS["cpu"])
+    rehearsal = quality.METHODS[method].pattern == "rehearsal"
+    steps = dict(zip(quality.NEW_TASKS, (23, 30, 22), strict=True)) if rehearsal else None
+    spec = quality.recipe(quality.METHODS[method], 1e-4, 0, quality.PRESETS["cpu"], steps)
     for path in _paths(spec):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).touch()
