@@ -130,14 +130,14 @@ def measures(base: dict[str, Any]) -> list[Measure]:
 
 
 def _colors(groups: list[tuple[str, list[str]]], palette) -> list[dict[str, Any]]:
-    """Each panel's colours, strong ones only: full fine-tuning the first everywhere, a method drawn in
-    an earlier panel the colour it had there, the others the colours still free in the panel in turn
-    (again from the start when they run out; the names are written beside the lines)."""
+    """Each panel's colours, strong ones only: the first is full fine-tuning's alone, a method drawn in
+    an earlier panel keeps the colour it had there, the others take the colours still free in the panel
+    in turn (again from the second when they run out; the names are written beside the lines)."""
     first = {REFERENCE: palette[0]}
     panels = []
     for _, group in groups:
         mine = {m: first[m] for m in group if m in first}
-        free = [c for c in palette if c not in mine.values()] or list(palette[1:])
+        free = [c for c in palette[1:] if c not in mine.values()] or list(palette[1:])
         mine.update(zip([m for m in group if m not in mine], itertools.cycle(free)))
         panels.append(mine)
         first = {**mine, **first}

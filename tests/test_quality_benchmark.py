@@ -157,7 +157,8 @@ def test_each_combination_is_drawn_beside_its_own_method_in_distinct_colours() -
     core, _, combined = colors
     assert core["full"] == "c0" and combined["paca"] == core["paca"] and combined["s2ft"] == core["s2ft"]
     many = quality_figures._colors([("all", [f"m{i}" for i in range(12)])], palette)[0]
-    assert len(many) == 12 and set(many.values()) == set(palette)  # past ten, colours are taken again
+    assert len(many) == 12 and set(many.values()) == set(palette[1:])  # past nine, colours are taken again
+    assert "c0" not in combined.values()  # full fine-tuning's colour, though it is not in that panel
 
 
 def test_the_forgetting_figure_and_category_table_use_the_level_with_most_seeds(tmp_path) -> None:
