@@ -25,13 +25,14 @@ Learning rates are searched, not gridded: per method and seed, runs bracket and 
 the mean new-task accuracy (each task after its own stage) is bracketed at 0.8 and at 0.9 (the `cpu`
 preset: 0.7 and 0.8; `quality_search.py`); what a method keeps at each level is interpolated between
 the two runs that bracket it. Each seed draws its own task data. Differences to full fine-tuning
-(and between the methods named by `--pairs A:B`) are paired (same seeds, same items), and claimed
-only where a bootstrap interval over seeds and items and a t interval over the seeds both exclude 0
-(`quality_stats.py`); `quality_report.py` writes the tables and figures. Every run is one `slimtune
-train` recipe in a fresh one-thread process, so an interrupted benchmark continues where it stopped.
-Each finished run is also kept whole in the results folder's `ledger/` (`quality_ledger.py`): commit
-it, and the benchmark continues from a fresh clone without running again any run its results hold
-(the work folder's checkpoints are only needed to measure a run again).
+(and between the methods named by `--pairs A:B`, and each combination and its method) are paired
+(same seeds, same items), and claimed only where a bootstrap interval over seeds and items and a t
+interval over the seeds both exclude 0 (`quality_stats.py`); `quality_report.py` writes the tables
+and figures. Every run is one `slimtune train` recipe in a fresh one-thread process, so an
+interrupted benchmark continues where it stopped. Each finished run is also kept whole in the
+results folder's `ledger/` (`quality_ledger.py`): commit it, and the benchmark continues from a
+fresh clone without running again any run its results hold (the work folder's checkpoints are only
+needed to measure a run again).
 """
 
 from __future__ import annotations
@@ -637,6 +638,17 @@ class Search:
         )  # fmt: skip
 
 
+def own_pairs(methods: Collection[str], asked: Collection[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+    """Each combination paired with the method it adds to (`paca+lines` with `paca`), where both are
+    among `methods` and the pair was not asked for already: what the addition changes."""
+    return [
+        (m, m.partition("+")[0])
+        for m in methods
+        if "+" in m and m.partition("+")[0] in methods and m.partition("+")[0] != report.REFERENCE
+        and (m, m.partition("+")[0]) not in asked
+    ]  # fmt: skip
+
+
 def _pair(text: str) -> tuple[str, str]:
     """`A:B`, two different methods of the benchmark."""
     a, _, b = text.partition(":")
@@ -716,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     setup = {"preset": args.preset, **asdict(preset), "limits": LIMITS}
     setup["methods"] = {m: asdict(METHODS[m]) for m in preset.methods}
-    setup["pairs"] = [list(pair) for pair in args.pairs]
+    setup["pairs"] = [list(pair) for pair in (*args.pairs, *own_pairs(chosen, args.pairs))]
     report.write(results, runs, info, setup, command.strip(), time.perf_counter() - started)
     print(f"quality: results in {results}")
     return 0

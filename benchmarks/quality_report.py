@@ -328,7 +328,7 @@ def claims(summ: list[dict[str, Any]], first_task: str) -> list[str]:
 def pairs(
     rows: list[Matched], asked: list[tuple[str, str]], level: float, first_task: str
 ) -> list[dict[str, Any]]:
-    """The comparisons asked for beside those against full fine-tuning (`--pairs A:B`): A minus B,
+    """The comparisons beside those against full fine-tuning (`--pairs A:B`, `quality.own_pairs`): A minus B,
     paired on the seeds where both bracketed `level`."""
     return [{"method": a, "level": level, **paired(rows, a, b, level, first_task)} for a, b in asked]
 
@@ -473,7 +473,7 @@ def _markdown(meta, summaries, compared, rows, methods, categories, tasks, first
             "",
             *(
                 [
-                    f"Pairs asked for (`--pairs`) at {level:.0%} learned:",
+                    f"Pairs (`--pairs`, and each combination against its method) at {level:.0%} learned:",
                     "",
                     *pairs_table(compared[level], first),
                     "",
@@ -519,7 +519,8 @@ def _pair_claims(compared: dict[float, list[dict[str, Any]]], first: str) -> lis
     if not found:
         return []
     return [
-        "Pairs asked for with `--pairs` (the same paired interval, A minus B, on the seeds both have):",
+        "Pairs (`--pairs`, and each combination against its method; the same paired interval, A minus B, "
+        "on the seeds both have):",
         "",
         *claims(found, first),
         "",

@@ -130,6 +130,13 @@ def test_a_pair_asked_for_is_compared_like_a_method_against_full_fine_tuning(tmp
     assert any("not claimed (1 paired seeds" in c for c in quality_report.claims(one_seed, "swap"))
 
 
+def test_each_combination_is_paired_with_the_method_it_adds_to() -> None:
+    methods = ["full", "paca", "lora", "full+lines", "paca+lines", "s2ft+lines", "paca+rehearsal"]
+    assert quality.own_pairs(methods) == [("paca+lines", "paca"), ("paca+rehearsal", "paca")]
+    asked = [("paca+lines", "paca")]  # asked for already: not twice
+    assert quality.own_pairs(methods, asked) == [("paca+rehearsal", "paca")]
+
+
 def test_figure_labels_are_moved_apart_within_the_axis() -> None:
     import quality_figures
 
@@ -214,7 +221,10 @@ def test_the_report_writes_every_file_and_names_unbracketed_methods(tmp_path) ->
     }
     text = (tmp_path / "results" / "quality.md").read_text()
     assert "| lora | 0 (not bracketed) |" in text and "## Probes kept by category at 90% learned" in text
-    assert "| paca vs lora | 0 | - | - | - |" in text and "Pairs asked for (`--pairs`) at 80% learned" in text
+    assert (
+        "| paca vs lora | 0 | - | - | - |" in text
+        and "Pairs (`--pairs`, and each combination against its method) at 80% learned" in text
+    )
     saved = json.loads((tmp_path / "results" / "results.json").read_text())
     assert saved["pairs"]["0.8"][0]["against"] == "lora" and saved["pairs"]["0.8"][0]["paired_seeds"] == 0
     written = list(csv.DictReader((tmp_path / "results" / "runs.csv").open()))
