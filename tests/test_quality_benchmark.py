@@ -232,7 +232,7 @@ def test_the_report_writes_every_file_and_names_unbracketed_methods(tmp_path) ->
     assert written[0]["probes_nll"] == "" and float(written[1]["probes_nll"]) == pytest.approx(2.5)
 
 
-@pytest.mark.slow  # about 3 minutes idle; the report tests above are its short variant in the default run
+@pytest.mark.slow  # about 4 minutes idle; the report tests above are its short variant in the default run
 @pytest.mark.skipif(
     not slimtune.models.is_available("smollm2-135m"),
     reason=f"needs the built-in model: {slimtune.models.INSTALL}",
