@@ -641,12 +641,8 @@ class Search:
 def own_pairs(methods: Collection[str], asked: Collection[tuple[str, str]] = ()) -> list[tuple[str, str]]:
     """Each combination paired with the method it adds to (`paca+lines` with `paca`), where both are
     among `methods` and the pair was not asked for already: what the addition changes."""
-    return [
-        (m, m.partition("+")[0])
-        for m in methods
-        if "+" in m and m.partition("+")[0] in methods and m.partition("+")[0] != report.REFERENCE
-        and (m, m.partition("+")[0]) not in asked
-    ]  # fmt: skip
+    pairs = [(m, report.adds_to(m)) for m in methods]
+    return [(m, own) for m, own in pairs if own in methods and (m, own) not in asked]
 
 
 def _pair(text: str) -> tuple[str, str]:

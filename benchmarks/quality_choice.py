@@ -63,9 +63,9 @@ def chosen(model, tokenizer, probes: list[dict]) -> list[int]:
 def shared_nll(model, encoded: list[tuple[list[int], list[int]]], pad_id: int) -> list[float]:
     """Each sequence's summed next-token NLL over its labelled positions, for sequences that share a
     token prefix, with that prefix run once: its key-value cache is repeated for every sequence's own
-    tokens. About four times fewer tokens for a probe's
-    four candidates (system prompt, question and frame are most of each), and the shared part's NLL is
-    the same number for every candidate, so only their own tokens decide between them."""
+    tokens. About four times fewer tokens for a probe's four candidates (system prompt, question and
+    frame are most of each), and the shared part's NLL is the same number for every candidate, so only
+    their own tokens decide between them."""
     from slimtune.apps.train.tasks import cache_keyword, right_padded
 
     ids, device = [i for i, _ in encoded], next(model.parameters()).device

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quality_report import REFERENCE, Matched, retention
+from quality_report import REFERENCE, Matched, adds_to, retention
 from quality_stats import mean_se
 
 CORE = ("full", "lora", "paca", "s2ft", "hft")
@@ -147,9 +147,9 @@ def _colors(groups: list[tuple[str, list[str]]], palette) -> list[dict[str, Any]
 def groups(methods: list[str]) -> list[tuple[str, list[str]]]:
     """The panels: the core methods; the toolbox after full fine-tuning (and CorDA-KPM's LoRA) beside
     full fine-tuning; each combination beside the method it adds to."""
-    combined = [m for m in methods if "+" in m and not m.startswith(f"{REFERENCE}+")]
+    combined = [m for m in methods if adds_to(m)]
     toolbox = [m for m in methods if m not in CORE and m not in combined]
-    own = {m.partition("+")[0] for m in combined}
+    own = {adds_to(m) for m in combined}
     panels = [("core methods", [m for m in methods if m in CORE])]
     if toolbox:
         panels.append(("toolbox", [REFERENCE, *toolbox]))

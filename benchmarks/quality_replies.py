@@ -39,9 +39,10 @@ def ended(model, tok, prompts: list[str], want: int, fits: Callable[[dict], bool
         answers = greedy(model, tok, [as_example(p, "") for p in batch], REPLY_TOKENS)
         for prompt, answer in zip(batch, answers, strict=True):
             answer = answer.strip()
+            record = chat(prompt, answer)
             # a margin of 2: the reply re-encoded can take a token more than it was generated in
-            if answer and len(tok.encode(answer)) < REPLY_TOKENS - 2 and fits(chat(prompt, answer)):
-                kept.append(chat(prompt, answer))
+            if answer and len(tok.encode(answer)) < REPLY_TOKENS - 2 and fits(record):
+                kept.append(record)
     return kept[:want]
 
 

@@ -157,6 +157,13 @@ COMPARISONS = (
 )
 
 
+def adds_to(method: str) -> str | None:
+    """The method a combination adds to (`paca` for `paca+lines`); None for a method of its own and for
+    the toolbox after full fine-tuning (`full+lines`: compared with full fine-tuning already)."""
+    own, plus, _ = method.partition("+")
+    return own if plus and own != REFERENCE else None
+
+
 def _probes(m: Matched) -> list[float]:
     return m.probes
 
