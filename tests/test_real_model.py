@@ -24,6 +24,14 @@ CONFIGS = {
     "hydra": slimtune.HydraConfig(r_parallel=4, r_sequential=4, alpha=8),
 }
 LRS = {"paca": 1e-3, "s2ft": 1e-3, "lora": 1e-3, "hydra": 1e-3}
+# The adapters (LoRA, Hydra) train under every precision and checkpointing setting on tiny models in the
+# default run (test_training_matrix, test_lora); on the real model they run in `-m slow`, the partial
+# methods in both.
+ADAPTERS_SLOW = pytest.mark.slow
+
+
+def _methods(*names: str) -> list:
+    return [pytest.param(n, marks=ADAPTERS_SLOW) if n in ("lora", "hydra") else n for n in names]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +62,7 @@ def test_a_missing_wheel_is_named_with_its_pip_command(monkeypatch) -> None:
         slimtune.models.gguf_file(NAME)
 
 
-@pytest.mark.parametrize("method", sorted(CONFIGS))
+@pytest.mark.parametrize("method", _methods(*sorted(CONFIGS)))
 def test_every_method_keeps_the_logits_then_lowers_the_loss_and_round_trips(method, base, tmp_path) -> None:
     model, tokenizer = base
     ids = _ids(tokenizer)
@@ -208,7 +216,7 @@ def test_concurrent_first_loads_build_the_cache_once(tmp_path, monkeypatch) -> N
     assert len(calls) == 1 and len(set(results)) == 1 and (results[0] / "config.json").is_file()
 
 
-@pytest.mark.parametrize("method", ["paca", "lora"])
+@pytest.mark.parametrize("method", _methods("paca", "lora"))
 def test_trainer_bf16_with_checkpointing_on_the_real_model(base, method: str, tmp_path) -> None:
     """HF Trainer with bf16 autocast and gradient checkpointing on the built-in model: after training,
     the model's own forward (accelerate's autocast wrapper removed), its merged copy and a save ->
