@@ -24,14 +24,14 @@ CONFIGS = {
     "hydra": slimtune.HydraConfig(r_parallel=4, r_sequential=4, alpha=8),
 }
 LRS = {"paca": 1e-3, "s2ft": 1e-3, "lora": 1e-3, "hydra": 1e-3}
-# The adapters (LoRA, Hydra) train under every precision and checkpointing setting on tiny models in the
-# default run (test_training_matrix, test_lora); on the real model they run in `-m slow`, the partial
-# methods in both.
-ADAPTERS_SLOW = pytest.mark.slow
+# The adapters train under every precision and checkpointing setting on tiny models in the default run
+# (test_training_matrix, test_lora); on the real model they run in `-m slow`, the partial methods in both.
+ADAPTERS = {"lora", "hydra"}
 
 
 def _methods(*names: str) -> list:
-    return [pytest.param(n, marks=ADAPTERS_SLOW) if n in ("lora", "hydra") else n for n in names]
+    """`names` as test parameters, the adapters marked slow."""
+    return [pytest.param(n, marks=pytest.mark.slow) if n in ADAPTERS else n for n in names]
 
 
 @pytest.fixture(scope="module")
