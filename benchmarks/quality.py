@@ -19,7 +19,7 @@ Methods: the core ones (full fine-tuning, LoRA, PaCA, S2FT, HFT), the toolbox af
 (LiNeS, ProMoT, FPF and its control, CorDA-KPM's LoRA) and combinations. `replay` mixes general prose
 into each stage's fixed steps; `rehearsal` mixes in the base's own chat replies to other prompts than
 the reply drift's, each stage's steps raised so that its task rows are seen as often
-(`quality_replies.py`).
+(`quality_replies.py`); `longer`, its control, runs those steps on the task's rows alone.
 
 Learning rates are searched, not gridded: per method and seed, runs bracket and bisect log(lr) until
 the mean new-task accuracy (each task after its own stage) is bracketed at 0.8 and at 0.9 (the `cpu`
@@ -77,7 +77,8 @@ class MethodSpec:
     start: float  # the first learning rate tried
     # plain | lines (LiNeS after each stage) | replay (general prose mixed into each stage) | fpf |
     # fpf-all | corda-kpm | promot (a soft prompt trained first in each stage) | rehearsal (the base's
-    # own chat replies mixed into each stage, its steps raised to keep the task rows seen)
+    # own chat replies mixed into each stage, its steps raised to keep the task rows seen) | longer
+    # (rehearsal's control: each stage as many steps as with the rehearsal set, on its task's rows alone)
     pattern: str = "plain"
 
 
@@ -101,6 +102,7 @@ METHODS = {
         MethodSpec("corda-kpm", {**LORA, "init": "corda-kpm"}, 3.33e-4, "corda-kpm"),
         MethodSpec("full+replay", {"name": "full"}, 1e-4, "replay"),
         MethodSpec("full+rehearsal", {"name": "full"}, 1e-4, "rehearsal"),
+        MethodSpec("full+longer", {"name": "full"}, 1e-4, "longer"),
         # the combinations start where their method's own search does
         MethodSpec("paca+lines", PACA, 2e-3, "lines"),
         MethodSpec("s2ft+lines", S2FT, 2e-3, "lines"),
@@ -379,15 +381,19 @@ MEASURES = (
 
 # The data files a pattern mixes into every stage beside the stage's task (`data/<name>.jsonl`).
 MIXED = {"replay": "replay", "rehearsal": "rehearsal"}
+# The patterns whose stages run the steps the rehearsal set raises them to (`Search.stage_steps`):
+# rehearsal, and its control spending those steps on the task's rows alone.
+RAISED = ("rehearsal", "longer")
 
 
 def recipe(
     spec: MethodSpec, lr: float, seed: int, preset: Preset, steps: Mapping[str, int] | None = None
 ) -> dict[str, Any]:
     """One `slimtune train` recipe: the new tasks in sequence, with the method's pattern. `steps`:
-    each stage's steps, where not the preset's (rehearsal patterns need them: `Search.stage_steps`)."""
-    if spec.pattern == "rehearsal" and steps is None:
-        raise ValueError(f"{spec.name}: a rehearsal recipe needs each stage's steps (Search.stage_steps)")
+    each stage's steps, where not the preset's (the `RAISED` patterns need them: `Search.stage_steps`)."""
+    if spec.pattern in RAISED and steps is None:
+        need = f"a {spec.pattern} recipe needs each stage's steps"
+        raise ValueError(f"{spec.name}: {need} (Search.stage_steps)")
     stages = []
     for name in NEW_TASKS:
         entry = _stage(spec, name, lr, seed, preset, (steps or {}).get(name, preset.steps))
@@ -573,7 +579,7 @@ class Search:
 
     def recipe(self, spec: MethodSpec, lr: float, seed: int) -> dict[str, Any]:
         """`recipe`, with each stage's steps where the pattern needs them (`stage_steps`)."""
-        steps = self.stage_steps(seed) if spec.pattern == "rehearsal" else None
+        steps = self.stage_steps(seed) if spec.pattern in RAISED else None
         return recipe(spec, lr, seed, self.preset, steps)
 
     def stage_steps(self, seed: int) -> dict[str, int]:
@@ -718,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(preset.methods)} methods x {len(preset.seeds)} seeds", flush=True)  # fmt: skip
     for seed in preset.seeds:
         base_eval(out, seed, preset)
-    if any(METHODS[m].pattern == "rehearsal" for m in preset.methods):
+    if any(METHODS[m].pattern in RAISED for m in preset.methods):
         rehearsal_data(out, preset)
     runs = Search(out, preset, args.preset, args.workers, not args.report_only, results / "ledger").run()
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])

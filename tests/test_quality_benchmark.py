@@ -461,8 +461,8 @@ def test_every_method_of_the_benchmark_is_a_recipe_the_trainer_reads(tmp_path, m
     module, FPF over the 4 that drifted most, both after the last stage only."""
     from slimtune.apps.train.recipe import load_recipe
 
-    rehearsal = quality.METHODS[method].pattern == "rehearsal"
-    steps = dict(zip(quality.NEW_TASKS, (23, 30, 22), strict=True)) if rehearsal else None
+    raised = quality.METHODS[method].pattern in quality.RAISED
+    steps = dict(zip(quality.NEW_TASKS, (23, 30, 22), strict=True)) if raised else None
     spec = quality.recipe(quality.METHODS[method], 1e-4, 0, quality.PRESETS["cpu"], steps)
     for path in _paths(spec):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """The quality benchmark's rehearsal patterns: the base's own chat replies mixed into each stage, kept
-apart from the reply-drift set, each stage's steps raised so its task rows are seen as often, and the
-ledger digest that covers the set only for the runs that read it."""
+apart from the reply-drift set, each stage's steps raised so its task rows are seen as often, the
+control that spends those steps on the task rows alone, and the ledger digest that covers the set only
+for the runs that read it."""
 
 from __future__ import annotations
 
@@ -49,6 +50,20 @@ def test_a_rehearsal_recipe_mixes_the_set_into_every_stage_with_its_own_steps() 
     assert [s["steps"] for s in plain["stages"]] == [preset.steps] * 3
     with pytest.raises(ValueError, match="paca\\+rehearsal: a rehearsal recipe needs each stage's steps"):
         quality.recipe(quality.METHODS["paca+rehearsal"], 1e-4, 2, preset)
+
+
+def test_the_control_spends_the_same_steps_on_the_task_rows_alone() -> None:
+    """`full+longer` differs from `full+rehearsal` only in the rehearsal set: the same steps, warmup
+    and schedule in every stage, on its task's rows alone."""
+    preset, steps = quality.PRESETS["cpu"], {"swap": 23, "facts": 30, "place": 22}
+    control = quality.recipe(quality.METHODS["full+longer"], 1e-4, 2, preset, steps)
+    rehearsal = quality.recipe(quality.METHODS["full+rehearsal"], 1e-4, 2, preset, steps)
+    for own, mixed in zip(control["stages"], rehearsal["stages"], strict=True):
+        assert own["data"] == [{"path": f"data/seed2/{own['name']}-train.jsonl"}]
+        assert own == {**mixed, "data": own["data"]}
+        assert own["steps"] == steps[own["name"]]
+    with pytest.raises(ValueError, match="full\\+longer: a longer recipe needs each stage's steps"):
+        quality.recipe(quality.METHODS["full+longer"], 1e-4, 2, preset)
 
 
 class _WordTokenizer:
@@ -136,7 +151,8 @@ def test_each_stage_steps_come_from_the_rows_its_data_packs_into(tmp_path) -> No
         rows = len(pack(read_records(out / "data" / "seed0" / f"{task}-train.jsonl")[0], tok, preset.seq_len))
         assert steps[task] == -(-preset.steps * (rows + added) // rows) > preset.steps
     assert len(set(steps.values())) == 3
-    spec = search.recipe(quality.METHODS["full+rehearsal"], 1e-4, 0)
-    (out / "recipe.json").write_text(json.dumps(spec))
-    stages = load_recipe(out / "recipe.json").stages
-    assert [s.steps for s in stages] == [steps[t] for t in quality.NEW_TASKS]
+    for method in ("full+rehearsal", "full+longer"):  # the control runs the same steps
+        spec = search.recipe(quality.METHODS[method], 1e-4, 0)
+        (out / "recipe.json").write_text(json.dumps(spec))
+        stages = load_recipe(out / "recipe.json").stages
+        assert [s.steps for s in stages] == [steps[t] for t in quality.NEW_TASKS]
