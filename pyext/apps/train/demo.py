@@ -4,9 +4,9 @@ and show what each learns and what each forgets of what the base knew.
 The model is the built-in SmolLM2-135M-Instruct (`slimtune.models`); the new task is `swap` ("zq: w1
 w2 w3" -> "w3 w1", which the base never answers). Every method trains from the base (`from: base`)
 on the same data. Each method takes a round rate near where the quality benchmark's search found
-it at 80% learned on its three tasks (geometric mean over the seeds that reach 80%: full 2.4e-4 over
-three seeds of four, 2e-4 here; PaCA 2.2e-3, one seed of three, and LoRA 2.2e-3, two seeds: 2e-3;
-S2FT 1.1e-2, one seed of three: 1e-2; HFT 2.8e-4, three seeds of four: 2.5e-4;
+it at 80% learned on its three tasks (geometric mean over the seeds that reach 80%: full 2.6e-4,
+four seeds of four, and HFT 2.8e-4, three of four: 2.5e-4; PaCA 3.3e-3, two of four: 3e-3; LoRA
+2.2e-3, two of three: 2e-3; S2FT 1.1e-2, one of three: 1e-2;
 benchmarks/results/quality-smollm2-135m-cpu). After each, the trainer measures the new
 task's held-out accuracy, the share of 64 general-knowledge questions the base answers that are
 still answered (whole-word match; ten categories), and the per-token NLL change on English prose
@@ -34,9 +34,9 @@ MODEL = "smollm2-135m"
 DATA = Path(__file__).resolve().parent / "demo_data"
 # Options and the learning rate each method gets (from the quality benchmark; see the module docstring).
 METHODS: dict[str, tuple[dict[str, Any], float]] = {
-    "full": ({"name": "full"}, 2e-4),
+    "full": ({"name": "full"}, 2.5e-4),
     "lora": ({"name": "lora", "r": 16, "alpha": 32}, 2e-3),
-    "paca": ({"name": "paca", "r": 32}, 2e-3),
+    "paca": ({"name": "paca", "r": 32}, 3e-3),
     "s2ft": ({"name": "s2ft", "heads": 1, "channels": 64}, 1e-2),
     "hft": ({"name": "hft"}, 2.5e-4),
 }
@@ -93,7 +93,7 @@ def table(metrics: dict[str, Any], memory: str) -> str:
         kept = acc[row][probes] / base_acc[probes] if base_acc[probes] else float("nan")
         drift = loss[row][prose] - base_loss[prose]
         lines.append(
-            f"{name:<8}{METHODS[name][1]:>8.0e}{acc[row][swap]:>10.3f}{kept:>16.3f}{drift:>+17.3f}"
+            f"{name:<8}{METHODS[name][1]:>8.1e}{acc[row][swap]:>10.3f}{kept:>16.3f}{drift:>+17.3f}"
             f"{figures['ms_per_step']:>9.0f}{figures['memory_mib']:>11.0f}"
         )
     return "\n".join(lines)
