@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from quality_search import Point, crossing, interpolate
-from quality_stats import Interval, mean_se, paired_interval
+from quality_stats import Interval, holm, mean_se, paired_interval
 
 REFERENCE = "full"
 MIN_SEEDS = 3  # paired seeds a claim needs
@@ -439,6 +439,7 @@ def write(
 
 def _markdown(meta, summaries, compared, rows, methods, categories, tasks, first) -> list[str]:
     setup = meta["setup"]
+    found = [s for group in (*summaries.values(), *compared.values()) for s in group]
     lines = [
         f"# Quality benchmark: SmolLM2-135M-Instruct, preset `{setup['preset']}`",
         "",
@@ -462,7 +463,13 @@ def _markdown(meta, summaries, compared, rows, methods, categories, tasks, first
         "seeds and items, and the t interval over the seeds' differences (`seeds (t)`; with 3 seeds "
         "the bootstrap alone excludes 0 whenever the seeds agree in sign). `**` marks a claim.",
         "",
-        _multiplicity([s for group in (*summaries.values(), *compared.values()) for s in group]),
+        _multiplicity(found),
+        "",
+        "The claims, smallest p first:",
+        "",
+        *claims_table(found, first),
+        "",
+        "Every comparison:",
         "",
         *claims([s for summ in summaries.values() for s in summ], first),
         "",
@@ -509,16 +516,56 @@ def _markdown(meta, summaries, compared, rows, methods, categories, tasks, first
     return [*lines, "", "Every run: `runs.csv`; the interpolated values: `matched.csv`."]
 
 
+def _readable(found: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:
+    """The comparisons with the seeds for a claim, as (summary or pair row, interval key)."""
+    return [
+        (s, key)
+        for s in found
+        for key, seeds in COMPARISONS
+        if s.get(key) is not None and s[seeds] >= MIN_SEEDS
+    ]
+
+
 def _multiplicity(found: list[dict[str, Any]]) -> str:
     """How many comparisons could be claims, and how many of those chance alone would make."""
-    n = sum(
-        1 for s in found for key, seeds in COMPARISONS if s.get(key) is not None and s[seeds] >= MIN_SEEDS
-    )
+    n = len(_readable(found))
     return (
         f"{n} comparisons below have the seeds for a claim. Where nothing differs, about {0.05 * n:.1f} of "
-        "them would exclude 0 by chance at 95%; each gives its p (the seeds' t test) for a reader's own "
-        "correction, which the marks do not make."
+        "them would exclude 0 by chance at 95%; each gives its p (the seeds' t test). The `**` marks make "
+        "no correction for their number; the table of claims says which survive Holm's."
     )
+
+
+def claims_table(found: list[dict[str, Any]], first_task: str) -> list[str]:
+    """The claims, smallest p first, each marked where it survives Holm's correction for every
+    comparison with the seeds for a claim (family-wise 5%): the few a reader can take as established."""
+    readable = _readable(found)
+    survives = holm([1.0 if s[key].seed_p is None else s[key].seed_p for s, key in readable])
+    held = [(s, key, kept) for (s, key), kept in zip(readable, survives, strict=True) if s[key].excludes_zero]
+    held.sort(key=lambda c: c[0][c[1]].seed_p)
+    return [
+        f"| level | A vs B | on | A - B | 95% CI | seeds (t) | p | seeds | Holm (of {len(readable)}) |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *(_claim_row(s, key, kept, first_task) for s, key, kept in held),
+    ]
+
+
+def _claim_row(s: dict[str, Any], key: str, kept: bool, first_task: str) -> str:
+    i, seeds = s[key], dict(COMPARISONS)[key]
+    against = "full" if s["against"] == REFERENCE else s["against"]
+    on = {"retention_vs": "probes in words", "chosen_vs": "probes, 4-way choice"}
+    cells = (
+        f"{s['level']:.0%}",
+        f"{s['method']} vs {against}",
+        on.get(key, f"{first_task} at the end"),
+        f"{i.difference:+.3f}",
+        f"[{i.low:+.3f}, {i.high:+.3f}]",
+        f"[{i.seed_low:+.3f}, {i.seed_high:+.3f}]",
+        f"{i.seed_p:.2g}",
+        str(s[seeds]),
+        "survives" if kept else "-",
+    )
+    return "| " + " | ".join(cells) + " |"
 
 
 def _pair_claims(compared: dict[float, list[dict[str, Any]]], first: str) -> list[str]:

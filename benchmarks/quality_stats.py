@@ -93,6 +93,18 @@ def paired_interval(
     )
 
 
+def holm(pvalues: list[float], alpha: float = 0.05) -> list[bool]:
+    """Which of `pvalues` Holm's step-down procedure rejects at family-wise error `alpha`: the k-th
+    smallest (from 0) is compared with alpha / (n - k), and the first that fails stops the rest."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    rejected = [False] * len(pvalues)
+    for k, i in enumerate(order):
+        if pvalues[i] > alpha / (len(pvalues) - k):
+            break
+        rejected[i] = True
+    return rejected
+
+
 def _t_interval(values: list[float], level: float) -> tuple[float | None, float | None, float | None]:
     """mean ± t(n - 1) · SE over `values` (the seeds' mean differences), and the two-sided p of the
     mean being 0; all None for one value."""

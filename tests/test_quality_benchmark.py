@@ -130,6 +130,39 @@ def test_a_pair_asked_for_is_compared_like_a_method_against_full_fine_tuning(tmp
     assert any("not claimed (1 paired seeds" in c for c in quality_report.claims(one_seed, "swap"))
 
 
+def test_the_claims_table_lists_the_claims_by_p_and_marks_those_holm_keeps() -> None:
+    from quality_stats import Interval
+
+    def row(method: str, seeds: int, probes: Interval, chosen: Interval | None = None) -> dict:
+        return {
+            "method": method,
+            "against": "full",
+            "level": 0.7,
+            "paired_seeds": seeds,
+            "chosen_seeds": seeds,
+            "retention_vs": probes,
+            "chosen_vs": chosen,
+            "first_final_vs": Interval(0.01, -0.1, 0.1, -0.2, 0.2, 0.9),
+        }
+
+    strong = Interval(0.3, 0.2, 0.4, 0.25, 0.35, 0.0004)
+    found = [
+        row("paca", 4, strong, Interval(-0.1, -0.2, -0.05, -0.19, -0.01, 0.03)),  # a claim Holm drops
+        row("lora", 3, Interval(0.1, -0.1, 0.3, -0.2, 0.4, 0.3)),  # no claim
+        row("s2ft", 2, strong, strong),  # too few seeds: neither a claim nor counted
+        {**row("hft", 3, Interval(0.2, 0.1, 0.3, -0.1, 0.5, 0.06)), "against": "lora"},  # the bootstrap only
+    ]
+    lines = quality_report.claims_table(found, "swap")
+    assert lines[0].endswith("| Holm (of 7) |") and len(lines) == 4  # paca's 3, lora's and hft's 2 each
+    assert lines[2] == (
+        "| 70% | paca vs full | probes in words | +0.300 | [+0.200, +0.400] | [+0.250, +0.350] | 0.0004 | 4 "
+        "| survives |"
+    )
+    assert lines[3].startswith("| 70% | paca vs full | probes, 4-way choice | -0.100 |")
+    assert lines[3].endswith("| 0.03 | 4 | - |")  # 0.03 > 0.05 / 6 after the first
+    assert "Holm (of 0)" in quality_report.claims_table(found[2:3], "swap")[0]
+
+
 def test_each_combination_is_paired_with_the_method_it_adds_to() -> None:
     methods = ["full", "paca", "lora", "full+lines", "paca+lines", "s2ft+lines", "paca+rehearsal"]
     assert quality.own_pairs(methods) == [("paca+lines", "paca"), ("paca+rehearsal", "paca")]
@@ -221,6 +254,8 @@ def test_the_report_writes_every_file_and_names_unbracketed_methods(tmp_path) ->
     }
     text = (tmp_path / "results" / "quality.md").read_text()
     assert "| lora | 0 (not bracketed) |" in text and "## Probes kept by category at 90% learned" in text
+    assert "The claims, smallest p first:\n\n| level | A vs B | on |" in text
+    assert "| 90% | paca vs full | probes in words | +0." in text  # fake paca keeps 0.7 against 0.3
     assert (
         "| paca vs lora | 0 | - | - | - |" in text
         and "Pairs (`--pairs`, and each combination against its method) at 80% learned" in text

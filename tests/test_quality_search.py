@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from quality_search import Point, crossing, next_lr
-from quality_stats import mean_se, paired_interval, t_quantile
+from quality_stats import holm, mean_se, paired_interval, t_quantile
 
 LEVELS = (0.8, 0.9)
 
@@ -124,6 +124,15 @@ def test_the_seeds_p_is_0_05_where_their_interval_touches_0() -> None:
     assert p == pytest.approx(0.05, abs=1e-5)
     assert quality_stats._t_interval([0.2, 0.2, 0.2], 0.95)[2] == pytest.approx(0.0, abs=1e-9)  # no spread
     assert quality_stats._t_interval([0.2], 0.95) == (None, None, None)
+
+
+def test_holm_steps_down_from_the_smallest_p_and_stops_at_the_first_it_keeps() -> None:
+    # sorted: 0.005 <= 0.05/4, 0.01 <= 0.05/3, then 0.03 > 0.05/2 stops; 0.04 is not reached
+    assert holm([0.01, 0.04, 0.03, 0.005]) == [True, False, False, True]
+    assert holm([0.02, 0.001, 0.04]) == [True, True, True]  # 0.001, 0.02 <= 0.025, 0.04 <= 0.05
+    assert holm([0.03, 0.03]) == [False, False] and holm([0.03, 0.03], alpha=0.1) == [True, True]
+    assert holm([0.0005, 0.00061] + [0.5] * 82) == [True, False] + [False] * 82  # 0.00061 > 0.05 / 83
+    assert holm([]) == []
 
 
 def test_the_paired_interval_refuses_unpaired_data() -> None:
